@@ -1,0 +1,1 @@
+//! trail-checkpoints: (skeleton, filled in by its issue).

@@ -1,0 +1,1 @@
+//! trail-datasets: (skeleton, filled in by its issue).

@@ -1,0 +1,1 @@
+//! trail-eval: (skeleton, filled in by its issue).

@@ -1,0 +1,1 @@
+//! trail-llm: (skeleton, filled in by its issue).

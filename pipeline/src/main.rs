@@ -1,0 +1,55 @@
+//! `trail`: the staged command-line tool.
+//!
+//! A thin main in the style of ripgrep and uv: parse the arguments, call [`run`], map the
+//! result to an exit code. Every subcommand lives in its own file under `stages/`, exposing a
+//! `clap::Args` struct and a `run(args) -> anyhow::Result<()>`.
+
+mod stages;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Train, evaluate and serve TRAIL-style output-length predictors for LLM scheduling.
+#[derive(Debug, Parser)]
+#[command(name = "trail", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Fetch the default model (and other assets) into the cache.
+    Fetch(stages::fetch::Args),
+    /// Chat with the target model, streaming the answer and printing tok/s.
+    Chat(stages::chat::Args),
+    /// Benchmarks (runner, generate, serve).
+    #[command(subcommand)]
+    Bench(stages::bench::Bench),
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Fetch(args) => stages::fetch::run(args),
+        Command::Chat(args) => stages::chat::run(args),
+        Command::Bench(bench) => stages::bench::run(bench),
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TRAIL_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! trail-serving-shim: (skeleton, filled in by its issue).

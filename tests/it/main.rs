@@ -1,0 +1,1 @@
+//! trail's one integration-test binary.
