@@ -1,1 +1,3 @@
 //! trail-llm: (skeleton, filled in by its issue).
+
+pub mod hub;
