@@ -4,6 +4,7 @@
 //! result to an exit code. Every subcommand lives in its own file under `stages/`, exposing a
 //! `clap::Args` struct and a `run(args) -> anyhow::Result<()>`.
 
+mod manifest;
 mod stages;
 
 use std::process::ExitCode;

@@ -1,0 +1,112 @@
+//! The manifest every stage writes beside its outputs: config, seed, git commit, numerics,
+//! and the sha256 of every input and output, so a run can be audited and replayed.
+
+use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use serde::Serialize;
+use serde_json::Value;
+
+/// The commit this binary was built from (`-dirty` when the work tree had changes).
+pub const GIT_COMMIT: &str = env!("TRAIL_GIT_COMMIT");
+
+/// A file named in a manifest.
+#[derive(Debug, Clone, Serialize)]
+pub struct FileEntry {
+    pub path: String,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+impl FileEntry {
+    /// Hashes `path`; it is recorded relative to `base` when it lies below it.
+    pub fn of(path: &Path, base: &Path) -> anyhow::Result<Self> {
+        let sha256 = trail_llm::hub::sha256_file(path)?;
+        let bytes = std::fs::metadata(path)
+            .with_context(|| format!("{}: cannot stat", path.display()))?
+            .len();
+        let shown = path.strip_prefix(base).unwrap_or(path);
+        Ok(Self {
+            path: shown.display().to_string(),
+            bytes,
+            sha256,
+        })
+    }
+}
+
+/// A manifest under construction.
+#[derive(Debug, Serialize)]
+pub struct Manifest {
+    pub stage: String,
+    pub trail_version: &'static str,
+    pub git_commit: &'static str,
+    pub config: Value,
+    pub seed: Option<u64>,
+    /// The runner's numerics, where the stage ran or depends on the model.
+    pub kernel_id: Option<String>,
+    pub inputs: Vec<FileEntry>,
+    pub outputs: Vec<FileEntry>,
+    /// Stage-specific figures (counts, throughput, skipped records...).
+    pub results: Value,
+    pub started_unix_s: u64,
+    pub wall_s: f64,
+    #[serde(skip)]
+    clock: Instant,
+}
+
+impl Manifest {
+    /// Starts a manifest; `config` is the stage's full, serialised configuration.
+    pub fn start(stage: &str, config: impl Serialize, seed: Option<u64>) -> anyhow::Result<Self> {
+        Ok(Self {
+            stage: stage.into(),
+            trail_version: env!("CARGO_PKG_VERSION"),
+            git_commit: GIT_COMMIT,
+            config: serde_json::to_value(config)?,
+            seed,
+            kernel_id: None,
+            inputs: Vec::new(),
+            outputs: Vec::new(),
+            results: Value::Object(Default::default()),
+            started_unix_s: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            wall_s: 0.0,
+            clock: Instant::now(),
+        })
+    }
+
+    pub fn input(&mut self, path: &Path, base: &Path) -> anyhow::Result<()> {
+        self.inputs.push(FileEntry::of(path, base)?);
+        Ok(())
+    }
+
+    pub fn output(&mut self, path: &Path, base: &Path) -> anyhow::Result<()> {
+        self.outputs.push(FileEntry::of(path, base)?);
+        Ok(())
+    }
+
+    /// Writes `manifest.json` into `dir` atomically and returns its path.
+    pub fn finish(mut self, dir: &Path) -> anyhow::Result<PathBuf> {
+        self.wall_s = self.clock.elapsed().as_secs_f64();
+        self.outputs.sort_by(|a, b| a.path.cmp(&b.path));
+        let path = dir.join("manifest.json");
+        write_atomic(&path, serde_json::to_string_pretty(&self)?.as_bytes())?;
+        Ok(path)
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same directory and a rename, so a
+/// reader never sees a half-written file and a crash never destroys the previous version.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("{}: cannot create a temporary file", dir.display()))?;
+    std::io::Write::write_all(&mut tmp, bytes)
+        .with_context(|| format!("{}: write failed", path.display()))?;
+    tmp.persist(path)
+        .with_context(|| format!("{}: rename failed", path.display()))?;
+    Ok(())
+}
