@@ -5,13 +5,20 @@ use std::path::PathBuf;
 /// The real SmolLM2-135M-Instruct Q4_1 GGUF, fetched once into the trail cache
 /// (`$TRAIL_HOME`, default `~/.cache/trail`) and reused by every test.
 pub fn smollm2_gguf() -> PathBuf {
-    let home = std::env::var_os("TRAIL_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/trail"));
-    home.join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
+    trail_llm::hub::SMOLLM2
+        .ensure()
+        .unwrap_or_else(|e| panic!("the integration tests need the real model: {e}"))
 }
 
-/// `../shared/fixtures` beside the checkout (CI clones with `shared/` beside it).
+/// all-MiniLM-L6-v2's directory in the trail cache (fetched on first use).
+pub fn minilm_dir() -> PathBuf {
+    let main = trail_llm::hub::MINILM
+        .ensure()
+        .unwrap_or_else(|e| panic!("the integration tests need all-MiniLM-L6-v2: {e}"));
+    main.parent().expect("a file in a directory").to_path_buf()
+}
+
+/// `../shared` beside the checkout (CI clones with `shared/` beside it).
 pub fn shared_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared")
 }
