@@ -285,6 +285,13 @@ impl PipAsset {
                     actual,
                 });
             }
+            // NamedTempFile is created 0600; a cache file is an ordinary readable file.
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                let perms = std::fs::Permissions::from_mode(0o644);
+                tmp.as_file().set_permissions(perms).map_err(io)?;
+            }
             tmp.persist(&dest).map_err(|e| io(e.error))?;
             write_sidecar(&dest, &actual)?;
         }
