@@ -1,1 +1,46 @@
-//! trail-eval: (skeleton, filled in by its issue).
+//! trail-eval: queueing theory and simulation for size-based LLM scheduling, and the plots the
+//! pipeline's stages share.
+//!
+//! * [`dist`]: size laws ([`Sizes`], including the capped mixture of length-capped generations)
+//!   and the joint law of (size, prediction) ([`Joint`]).
+//! * [`policy`]: FCFS, SRPT, SPRPT, SPRPT with limited preemption (TRAIL), predicted SJF.
+//! * [`theory`]: M/G/1 mean response times by SOAP, with atoms (ties) handled exactly; the
+//!   derivation is in that module's docs.
+//! * [`des`]: a single-server discrete-event simulator with batch-means confidence intervals.
+//! * [`plot`]: PNG line, CDF, bar, heatmap and reliability charts.
+
+pub mod des;
+pub mod dist;
+pub mod plot;
+pub mod policy;
+mod quad;
+pub mod theory;
+
+pub use des::{SimConfig, SimResult, simulate};
+pub use dist::{CappedMixture, Empirical, Joint, Predictions, Sizes};
+pub use policy::Policy;
+pub use theory::{Options, mean_response, mean_response_with};
+
+use std::path::PathBuf;
+
+/// Errors of this crate.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("load must be in (0, 1), got {0}")]
+    BadLoad(f64),
+    #[error("{0} must be a finite number")]
+    NotFinite(String),
+    #[error("empty sample: at least one job is needed")]
+    EmptySample,
+    #[error("bad parameter: {0}")]
+    BadParameter(String),
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("font {}: {reason} (on Debian/Ubuntu: apt-get install fonts-dejavu-core)", path.display())]
+    Font { path: PathBuf, reason: String },
+    #[error("plot {}: {reason}", path.display())]
+    Plot { path: PathBuf, reason: String },
+}
