@@ -7,10 +7,12 @@
 //! * [`theory`]: M/G/1 mean response times by SOAP, with atoms (ties) handled exactly; the
 //!   derivation is in that module's docs.
 //! * [`des`]: a single-server discrete-event simulator with batch-means confidence intervals.
+//! * [`loadgen`]: arrival processes, traces, and backends (HTTP, fixed-delay) for latency runs.
 //! * [`plot`]: PNG line, CDF, bar, heatmap and reliability charts.
 
 pub mod des;
 pub mod dist;
+pub mod loadgen;
 pub mod plot;
 pub mod policy;
 mod quad;

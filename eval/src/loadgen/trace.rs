@@ -1,0 +1,192 @@
+//! `trace.jsonl`: one request a line (`arrival_s`, `prompt`, optional `output_tokens` and
+//! `request_id`), written by `trail eval latency` and replayed by the simulator; and the seeded
+//! arrival processes that make traces.
+
+use std::io::{BufRead, Write};
+use std::path::Path;
+
+use rand::SeedableRng;
+use rand_distr::{Distribution, Exp};
+use serde::{Deserialize, Serialize};
+
+use crate::Error;
+
+/// One request of a trace.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TraceRequest {
+    /// Seconds from the start of the run.
+    pub arrival_s: f64,
+    pub prompt: String,
+    /// Fixed output length (sent as `max_tokens` with `ignore_eos`), when the run fixes lengths.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_tokens: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+}
+
+impl TraceRequest {
+    pub fn new(arrival_s: f64, prompt: String, output_tokens: Option<u32>) -> Self {
+        Self {
+            arrival_s,
+            prompt,
+            output_tokens,
+            request_id: None,
+        }
+    }
+}
+
+/// An arrival process.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Arrivals {
+    /// Poisson arrivals: exponential gaps with mean `1 / rate` (requests per second).
+    Poisson { rate: f64 },
+    /// Evenly spaced arrivals, `rate` per second.
+    Constant { rate: f64 },
+}
+
+impl Arrivals {
+    /// The first `n` arrival times, starting at the first gap after 0. Same seed, same times on
+    /// any machine (ChaCha8, a portable generator).
+    pub fn times(&self, n: usize, seed: u64) -> Result<Vec<f64>, Error> {
+        let rate = match *self {
+            Arrivals::Poisson { rate } | Arrivals::Constant { rate } => rate,
+        };
+        if !rate.is_finite() || rate <= 0.0 {
+            return Err(Error::BadParameter(format!(
+                "arrival rate must be a positive number of requests per second, got {rate}"
+            )));
+        }
+        Ok(match *self {
+            Arrivals::Poisson { rate } => {
+                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+                let exp = Exp::new(rate).expect("checked positive");
+                let mut t = 0.0;
+                (0..n)
+                    .map(|_| {
+                        t += exp.sample(&mut rng);
+                        t
+                    })
+                    .collect()
+            }
+            Arrivals::Constant { rate } => (1..=n).map(|i| i as f64 / rate).collect(),
+        })
+    }
+}
+
+/// Writes a trace atomically (temporary file + rename).
+pub fn write_trace(path: &Path, trace: &[TraceRequest]) -> Result<(), Error> {
+    let io = |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
+    {
+        let mut w = std::io::BufWriter::new(tmp.as_file_mut());
+        for r in trace {
+            serde_json::to_writer(&mut w, r).map_err(|e| io(e.into()))?;
+            w.write_all(b"\n").map_err(io)?;
+        }
+        w.flush().map_err(io)?;
+    }
+    tmp.persist(path).map_err(|e| io(e.error))?;
+    Ok(())
+}
+
+/// Reads a trace; a bad line is an error naming the file and line.
+pub fn read_trace(path: &Path) -> Result<Vec<TraceRequest>, Error> {
+    let file = std::fs::File::open(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut out = Vec::new();
+    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let line = line.map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let req: TraceRequest = serde_json::from_str(&line)
+            .map_err(|e| Error::BadParameter(format!("{}:{}: {e}", path.display(), i + 1)))?;
+        if !req.arrival_s.is_finite() || req.arrival_s < 0.0 {
+            return Err(Error::BadParameter(format!(
+                "{}:{}: arrival_s must be a finite number ≥ 0",
+                path.display(),
+                i + 1
+            )));
+        }
+        out.push(req);
+    }
+    if out.is_empty() {
+        return Err(Error::BadParameter(format!(
+            "{}: empty trace",
+            path.display()
+        )));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn poisson_times_follow_the_exponential_law() {
+        let n = 20_000;
+        let rate = 4.0;
+        let t = Arrivals::Poisson { rate }.times(n, 1).unwrap();
+        assert!(t.windows(2).all(|w| w[1] > w[0]));
+        let mut gaps: Vec<f64> = std::iter::once(t[0])
+            .chain(t.windows(2).map(|w| w[1] - w[0]))
+            .collect();
+        let mean = gaps.iter().sum::<f64>() / n as f64;
+        assert!((mean * rate - 1.0).abs() < 0.03, "mean gap {mean}");
+        // Kolmogorov–Smirnov against Exp(rate), 1 % critical value.
+        gaps.sort_by(f64::total_cmp);
+        let d = gaps
+            .iter()
+            .enumerate()
+            .map(|(i, g)| {
+                let f = 1.0 - (-rate * g).exp();
+                (f - i as f64 / n as f64)
+                    .abs()
+                    .max(((i + 1) as f64 / n as f64 - f).abs())
+            })
+            .fold(0.0, f64::max);
+        assert!(d < 1.63 / (n as f64).sqrt(), "KS distance {d}");
+        // Same seed, same times; another seed, other times.
+        assert_eq!(t, Arrivals::Poisson { rate }.times(n, 1).unwrap());
+        assert_ne!(t, Arrivals::Poisson { rate }.times(n, 2).unwrap());
+    }
+
+    #[test]
+    fn bad_rates_and_bad_lines_are_named() {
+        assert!(Arrivals::Poisson { rate: 0.0 }.times(3, 0).is_err());
+        assert!(Arrivals::Constant { rate: f64::NAN }.times(3, 0).is_err());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("trace.jsonl");
+        std::fs::write(&path, "{\"arrival_s\": 0.5, \"prompt\": \"a\"}\nnot json\n").unwrap();
+        let err = read_trace(&path).unwrap_err().to_string();
+        assert!(err.contains("trace.jsonl:2"), "{err}");
+        std::fs::write(&path, "").unwrap();
+        assert!(read_trace(&path).unwrap_err().to_string().contains("empty"));
+    }
+
+    #[test]
+    fn traces_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t/trace.jsonl");
+        let trace = vec![
+            TraceRequest::new(0.25, "hello".into(), Some(12)),
+            TraceRequest::new(1.5, "wörld \"quoted\"".into(), None),
+        ];
+        write_trace(&path, &trace).unwrap();
+        assert_eq!(read_trace(&path).unwrap(), trace);
+    }
+}
