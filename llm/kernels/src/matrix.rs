@@ -1,0 +1,228 @@
+//! `QMatrix`: a quantized `out_features × in_features` weight repacked into tiles of 16 outputs,
+//! and the batched, multi-threaded matmul over it.
+
+use crate::format::{QK, TILE, decode_gguf_block, set_tile_quant, tile_quant};
+use crate::kernel::{self, SimdPath};
+use crate::{BlockFormat, KernelError, QActivations};
+use half::f16;
+use rayon::prelude::*;
+
+/// A quantized weight matrix (`out_features × in_features`), repacked at load for the kernels.
+#[derive(Debug, Clone)]
+pub struct QMatrix {
+    format: BlockFormat,
+    out_features: usize,
+    in_features: usize,
+    /// `tiles × nb × tile_block_bytes`; outputs past `out_features` are zero.
+    data: Vec<u8>,
+}
+
+/// Block-dot work (rows × blocks × tiles) below which a matmul runs on the calling thread.
+const SERIAL_WORK: usize = 1 << 10;
+/// Block-dot work per rayon job at least.
+const JOB_WORK: usize = 1 << 9;
+
+impl QMatrix {
+    /// Builds the matrix from the raw bytes of a GGUF tensor whose ggml shape is
+    /// `[in_features, out_features]` (rows of `in_features` weights, one per output).
+    pub fn from_gguf_bytes(
+        format: BlockFormat,
+        out_features: usize,
+        in_features: usize,
+        bytes: &[u8],
+    ) -> Result<Self, KernelError> {
+        if in_features == 0 || !in_features.is_multiple_of(QK) {
+            return Err(KernelError::BadInFeatures { in_features });
+        }
+        if out_features == 0 {
+            return Err(KernelError::EmptyOutput);
+        }
+        let nb = in_features / QK;
+        let gb = format.gguf_block_bytes();
+        let expected = out_features * nb * gb;
+        if bytes.len() != expected {
+            return Err(KernelError::BadLength {
+                format,
+                out_features,
+                in_features,
+                expected,
+                got: bytes.len(),
+            });
+        }
+        let tiles = out_features.div_ceil(TILE);
+        let bb = format.tile_block_bytes();
+        let qb = format.tile_quant_bytes();
+        let mut data = vec![0u8; tiles * nb * bb];
+        if format == BlockFormat::Q8_0 {
+            // Padding outputs hold q = 0, stored as 0x80.
+            for blk in data.chunks_exact_mut(bb) {
+                blk[..qb].fill(0x80);
+            }
+        }
+        for o in 0..out_features {
+            let (t, ot) = (o / TILE, o % TILE);
+            for b in 0..nb {
+                let src = &bytes[(o * nb + b) * gb..(o * nb + b + 1) * gb];
+                let (q, d, m) = decode_gguf_block(format, src);
+                let blk = &mut data[(t * nb + b) * bb..(t * nb + b + 1) * bb];
+                for (e, &qe) in q.iter().enumerate() {
+                    set_tile_quant(format, blk, ot, e, qe);
+                }
+                blk[qb + 2 * ot..qb + 2 * ot + 2].copy_from_slice(&d.to_le_bytes());
+                if format == BlockFormat::Q4_1 {
+                    let mo = qb + 2 * TILE + 2 * ot;
+                    blk[mo..mo + 2].copy_from_slice(&m.to_le_bytes());
+                }
+            }
+        }
+        Ok(QMatrix {
+            format,
+            out_features,
+            in_features,
+            data,
+        })
+    }
+
+    /// Block layout of the weights.
+    pub fn format(&self) -> BlockFormat {
+        self.format
+    }
+
+    /// Number of outputs (rows of the weight).
+    pub fn out_features(&self) -> usize {
+        self.out_features
+    }
+
+    /// Number of inputs (columns of the weight).
+    pub fn in_features(&self) -> usize {
+        self.in_features
+    }
+
+    /// Bytes of weights (quants, scales, minimums) streamed per matmul, padding included.
+    pub fn weight_bytes(&self) -> usize {
+        self.data.len()
+    }
+
+    /// The weights as f32 (`out_features × in_features`, row-major), decoded exactly as ggml
+    /// does: `d·(q−8)`, `d·q + m`, `d·q`.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.out_features * self.in_features];
+        for o in 0..self.out_features {
+            self.dequantize_row_into(
+                o,
+                &mut out[o * self.in_features..(o + 1) * self.in_features],
+            );
+        }
+        out
+    }
+
+    /// Decodes one output row (e.g. an embedding lookup) into `out` (`in_features` values).
+    pub fn dequantize_row_into(&self, row: usize, out: &mut [f32]) {
+        assert!(row < self.out_features && out.len() == self.in_features);
+        let nb = self.in_features / QK;
+        let bb = self.format.tile_block_bytes();
+        let qb = self.format.tile_quant_bytes();
+        let (t, ot) = (row / TILE, row % TILE);
+        for b in 0..nb {
+            let blk = &self.data[(t * nb + b) * bb..(t * nb + b + 1) * bb];
+            let d = f16::from_bits(u16::from_le_bytes([blk[qb + 2 * ot], blk[qb + 2 * ot + 1]]))
+                .to_f32();
+            let mo = qb + 2 * TILE + 2 * ot;
+            for e in 0..QK {
+                let q = tile_quant(self.format, blk, ot, e);
+                out[b * QK + e] = match self.format {
+                    BlockFormat::Q4_0 => (q as i32 - 8) as f32 * d,
+                    BlockFormat::Q4_1 => {
+                        let m = f16::from_bits(u16::from_le_bytes([blk[mo], blk[mo + 1]])).to_f32();
+                        q as f32 * d + m
+                    }
+                    BlockFormat::Q8_0 => (q as i32 - 128) as f32 * d,
+                };
+            }
+        }
+    }
+
+    /// `y = x · Wᵀ`: `x` is `n × in_features`, `y` is `n × out_features` (overwritten).
+    /// Quantizes `x` to Q8 blocks first; use [`QActivations::quantize`] + [`Self::matmul_q`] to
+    /// share that work between matrices with the same input.
+    pub fn matmul(&self, x: &[f32], n: usize, y: &mut [f32]) {
+        let act = QActivations::quantize(x, n, self.in_features);
+        self.matmul_q(&act, y);
+    }
+
+    /// `y = act · Wᵀ` on the fastest compiled SIMD path.
+    pub fn matmul_q(&self, act: &QActivations, y: &mut [f32]) {
+        self.matmul_q_on(SimdPath::best(), act, y);
+    }
+
+    /// `y = act · Wᵀ` on a given SIMD path (for tests and benchmarks). Every path gives the same
+    /// bits. Panics if the path is not compiled in or the shapes disagree.
+    pub fn matmul_q_on(&self, path: SimdPath, act: &QActivations, y: &mut [f32]) {
+        assert_eq!(
+            act.k, self.in_features,
+            "activation width differs from in_features"
+        );
+        let n = act.n;
+        let out = self.out_features;
+        assert!(
+            y.len() >= n * out,
+            "y holds fewer than n × out_features values"
+        );
+        if n == 0 {
+            return;
+        }
+        let nb = self.in_features / QK;
+        let tile_bytes = nb * self.format.tile_block_bytes();
+        let tiles = out.div_ceil(TILE);
+        let run = |t: usize, buf: &mut Vec<f32>| {
+            buf.resize(n * TILE, 0.0);
+            let w = &self.data[t * tile_bytes..(t + 1) * tile_bytes];
+            kernel::tile(path, self.format, w, act, 0, n, buf);
+        };
+        let work_per_tile = n * nb;
+        if tiles * work_per_tile <= SERIAL_WORK || rayon::current_num_threads() == 1 {
+            let mut buf = Vec::new();
+            for t in 0..tiles {
+                run(t, &mut buf);
+                scatter(&buf, t, n, out, y);
+            }
+            return;
+        }
+        let min_len = JOB_WORK.div_ceil(work_per_tile).max(1);
+        let yp = SendPtr(y.as_mut_ptr());
+        (0..tiles)
+            .into_par_iter()
+            .with_min_len(min_len)
+            .for_each_init(Vec::new, |buf, t| {
+                run(t, buf);
+                let yp = &yp;
+                let cols = TILE.min(out - t * TILE);
+                for r in 0..n {
+                    // SAFETY: `y` has at least `n × out` elements (asserted above); tile `t`
+                    // writes only columns `t*16 .. t*16+cols` of each row, and each tile index
+                    // is visited by exactly one job, so writes never overlap and stay in bounds.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            buf.as_ptr().add(r * TILE),
+                            yp.0.add(r * out + t * TILE),
+                            cols,
+                        );
+                    }
+                }
+            });
+    }
+}
+
+fn scatter(buf: &[f32], t: usize, n: usize, out: usize, y: &mut [f32]) {
+    let cols = TILE.min(out - t * TILE);
+    for r in 0..n {
+        y[r * out + t * TILE..r * out + t * TILE + cols]
+            .copy_from_slice(&buf[r * TILE..r * TILE + cols]);
+    }
+}
+
+struct SendPtr(*mut f32);
+// SAFETY: the pointer is only used for disjoint writes (see `matmul_q_on`).
+unsafe impl Sync for SendPtr {}
+// SAFETY: as above.
+unsafe impl Send for SendPtr {}
