@@ -105,7 +105,9 @@ pub fn simulate(
     let inter = Exp::new(lambda).map_err(|e| Error::BadParameter(e.to_string()))?;
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     let n = cfg.warmup + cfg.jobs;
-    let mut response = vec![f64::NAN; cfg.jobs as usize];
+    // Streaming batch means: jobs beyond batches × batch_size are simulated but not measured.
+    let batch_size = cfg.jobs / cfg.batches as u64;
+    let mut batch_sums = vec![0.0; cfg.batches];
     let mut measured_done = 0u64;
     let mut outstanding = n; // jobs with id < n not yet finished
 
@@ -124,7 +126,10 @@ pub fn simulate(
                 if job.id < n {
                     outstanding -= 1;
                     if job.id >= cfg.warmup {
-                        response[(job.id - cfg.warmup) as usize] = t - job.arrival;
+                        let b = ((job.id - cfg.warmup) / batch_size) as usize;
+                        if b < cfg.batches {
+                            batch_sums[b] += t - job.arrival;
+                        }
                         measured_done += 1;
                         if measured_done.is_multiple_of(1 << 16) {
                             progress(measured_done);
@@ -172,21 +177,19 @@ pub fn simulate(
         }
     }
     progress(measured_done);
-    Ok(batch_means(&response, cfg.batches))
+    let means: Vec<f64> = batch_sums.iter().map(|s| s / batch_size as f64).collect();
+    Ok(batch_means(&means, batch_size))
 }
 
-/// Mean and 95 % half-width from `b` equal consecutive batches (a remainder is dropped).
-pub fn batch_means(values: &[f64], b: usize) -> SimResult {
-    let size = values.len() / b;
-    let means: Vec<f64> = (0..b)
-        .map(|i| values[i * size..(i + 1) * size].iter().sum::<f64>() / size as f64)
-        .collect();
+/// Mean and 95 % half-width from the means of equal consecutive batches of `size` jobs.
+pub fn batch_means(means: &[f64], size: u64) -> SimResult {
+    let b = means.len();
     let mean = means.iter().sum::<f64>() / b as f64;
     let var = means.iter().map(|m| (m - mean).powi(2)).sum::<f64>() / (b - 1) as f64;
     SimResult {
         mean,
         ci95: t975(b - 1) * (var / b as f64).sqrt(),
-        jobs: (size * b) as u64,
+        jobs: size * b as u64,
         batches: b,
     }
 }

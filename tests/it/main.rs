@@ -1,1 +1,3 @@
 //! trail's one integration-test binary.
+
+mod sim;
