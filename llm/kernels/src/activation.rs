@@ -1,6 +1,7 @@
 //! Activations quantized once per step into Q8 blocks of 32 (ggml `Q8_1`-like: f32 scale, the
 //! integer block sum, and `d · sum` for formats with a minimum).
 
+use crate::SimdPath;
 use crate::format::QK;
 
 /// `n × in_features` activations quantized to int8 blocks of 32, reusable across every matrix
@@ -20,9 +21,15 @@ pub struct QActivations {
 }
 
 impl QActivations {
-    /// Quantizes `x` (`n × in_features`, row-major). Panics if `in_features` is not a multiple
-    /// of 32 or `x` is too short.
+    /// Quantizes `x` (`n × in_features`, row-major) on the fastest compiled path. Panics if
+    /// `in_features` is not a multiple of 32 or `x` is too short.
     pub fn quantize(x: &[f32], n: usize, in_features: usize) -> Self {
+        Self::quantize_on(SimdPath::best(), x, n, in_features)
+    }
+
+    /// Quantizes on a given path (every path gives the same bits; AVX2 uses the scalar code).
+    /// Per block: `d = amax / 127`, `q = round_ties_even(x · (1/d))`, as ggml's SIMD code does.
+    pub fn quantize_on(path: SimdPath, x: &[f32], n: usize, in_features: usize) -> Self {
         assert!(
             in_features.is_multiple_of(QK),
             "in_features must be a multiple of 32"
@@ -41,15 +48,12 @@ impl QActivations {
             .zip(qs.chunks_exact_mut(QK))
             .enumerate()
         {
-            let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let db = amax / 127.0;
-            let id = if db != 0.0 { 1.0 / db } else { 0.0 };
-            let mut sum = 0i32;
-            for (q, &v) in qb.iter_mut().zip(xb) {
-                let r = (v * id).round().clamp(-127.0, 127.0) as i8;
-                *q = r;
-                sum += r as i32;
-            }
+            let (db, sum) = match path {
+                #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+                // SAFETY: AVX-512F is enabled at compile time; both blocks hold 32 values.
+                SimdPath::Avx512Vnni => unsafe { block_avx512(xb, qb) },
+                _ => block_scalar(xb, qb),
+            };
             d[bi] = db;
             isum[bi] = sum;
             s[bi] = db * sum as f32;
@@ -81,5 +85,52 @@ impl QActivations {
     /// Input features per row.
     pub fn in_features(&self) -> usize {
         self.k
+    }
+}
+
+/// One block: returns `(d, Σq)` and writes the quants.
+fn block_scalar(xb: &[f32], qb: &mut [i8]) -> (f32, i32) {
+    let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let mut sum = 0i32;
+    for (q, &v) in qb.iter_mut().zip(xb) {
+        let r = (v * id).round_ties_even().clamp(-127.0, 127.0) as i8;
+        *q = r;
+        sum += r as i32;
+    }
+    (d, sum)
+}
+
+/// AVX-512 version of [`block_scalar`] (same operations, so the same bits).
+///
+/// # Safety
+/// AVX-512F must be enabled at compile time; `xb` and `qb` hold 32 values.
+#[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+unsafe fn block_avx512(xb: &[f32], qb: &mut [i8]) -> (f32, i32) {
+    use std::arch::x86_64::*;
+    debug_assert!(xb.len() == QK && qb.len() == QK);
+    // SAFETY: 32 f32 are read from `xb` and 32 i8 written to `qb` (lengths per the contract).
+    unsafe {
+        let x0 = _mm512_loadu_ps(xb.as_ptr());
+        let x1 = _mm512_loadu_ps(xb.as_ptr().add(16));
+        // max is exact and order-free, so this equals the scalar fold (for non-NaN input).
+        let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let idv = _mm512_set1_ps(id);
+        let lo = _mm512_set1_ps(-127.0);
+        let hi = _mm512_set1_ps(127.0);
+        const RNE: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+        let r0 = _mm512_roundscale_ps::<RNE>(_mm512_mul_ps(x0, idv));
+        let r1 = _mm512_roundscale_ps::<RNE>(_mm512_mul_ps(x1, idv));
+        let q0 = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(r0, lo), hi));
+        let q1 = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(r1, lo), hi));
+        _mm_storeu_si128(qb.as_mut_ptr() as *mut __m128i, _mm512_cvtepi32_epi8(q0));
+        _mm_storeu_si128(
+            qb.as_mut_ptr().add(16) as *mut __m128i,
+            _mm512_cvtepi32_epi8(q1),
+        );
+        (d, _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)))
     }
 }

@@ -19,8 +19,10 @@ pub struct QMatrix {
 
 /// Block-dot work (rows × blocks × tiles) below which a matmul runs on the calling thread.
 const SERIAL_WORK: usize = 1 << 10;
-/// Block-dot work per rayon job at least.
-const JOB_WORK: usize = 1 << 9;
+/// Weight bytes per job at most (kept in L2 while the job's row blocks reuse them).
+const CHUNK_BYTES: usize = 640 << 10;
+/// Rows computed together per weight pass (the AVX-512 kernel keeps 8 rows in registers).
+const ROW_BLOCK: usize = 8;
 
 impl QMatrix {
     /// Builds the matrix from the raw bytes of a GGUF tensor whose ggml shape is
@@ -174,54 +176,56 @@ impl QMatrix {
         let nb = self.in_features / QK;
         let tile_bytes = nb * self.format.tile_block_bytes();
         let tiles = out.div_ceil(TILE);
-        let run = |t: usize, buf: &mut Vec<f32>| {
-            buf.resize(n * TILE, 0.0);
-            let w = &self.data[t * tile_bytes..(t + 1) * tile_bytes];
-            kernel::tile(path, self.format, w, act, 0, n, buf);
-        };
-        let work_per_tile = n * nb;
-        if tiles * work_per_tile <= SERIAL_WORK || rayon::current_num_threads() == 1 {
-            let mut buf = Vec::new();
-            for t in 0..tiles {
-                run(t, &mut buf);
-                scatter(&buf, t, n, out, y);
-            }
-            return;
-        }
-        let min_len = JOB_WORK.div_ceil(work_per_tile).max(1);
+        let threads = rayon::current_num_threads();
+        // Tiles per job: small enough that a job's weights stay in L2 while its row blocks
+        // reuse them, and enough jobs to balance the threads.
+        let chunk_tiles = (CHUNK_BYTES / tile_bytes)
+            .min(tiles.div_ceil(4 * threads))
+            .max(1);
+        let chunks = tiles.div_ceil(chunk_tiles);
         let yp = SendPtr(y.as_mut_ptr());
-        (0..tiles)
-            .into_par_iter()
-            .with_min_len(min_len)
-            .for_each_init(Vec::new, |buf, t| {
-                run(t, buf);
-                let yp = &yp;
-                let cols = TILE.min(out - t * TILE);
-                for r in 0..n {
-                    // SAFETY: `y` has at least `n × out` elements (asserted above); tile `t`
-                    // writes only columns `t*16 .. t*16+cols` of each row, and each tile index
-                    // is visited by exactly one job, so writes never overlap and stay in bounds.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            buf.as_ptr().add(r * TILE),
-                            yp.0.add(r * out + t * TILE),
-                            cols,
-                        );
+        let job = |c: usize| {
+            let t0 = c * chunk_tiles;
+            let t1 = (t0 + chunk_tiles).min(tiles);
+            let mut buf = [0f32; ROW_BLOCK * TILE];
+            let mut row0 = 0;
+            while row0 < n {
+                let nr = ROW_BLOCK.min(n - row0);
+                for t in t0..t1 {
+                    let w = &self.data[t * tile_bytes..(t + 1) * tile_bytes];
+                    kernel::tile(path, self.format, w, act, row0, nr, &mut buf);
+                    let cols = TILE.min(out - t * TILE);
+                    for r in 0..nr {
+                        // SAFETY: `y` has at least `n × out` elements (asserted above); this
+                        // writes columns `t*16 .. t*16+cols < out` of row `row0 + r < n`, and
+                        // each tile belongs to exactly one job, so writes never overlap.
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(
+                                buf.as_ptr().add(r * TILE),
+                                yp.get().add((row0 + r) * out + t * TILE),
+                                cols,
+                            );
+                        }
                     }
                 }
-            });
-    }
-}
-
-fn scatter(buf: &[f32], t: usize, n: usize, out: usize, y: &mut [f32]) {
-    let cols = TILE.min(out - t * TILE);
-    for r in 0..n {
-        y[r * out + t * TILE..r * out + t * TILE + cols]
-            .copy_from_slice(&buf[r * TILE..r * TILE + cols]);
+                row0 += nr;
+            }
+        };
+        if tiles * n * nb <= SERIAL_WORK || threads == 1 || chunks == 1 {
+            (0..chunks).for_each(job);
+        } else {
+            (0..chunks).into_par_iter().for_each(job);
+        }
     }
 }
 
 struct SendPtr(*mut f32);
+impl SendPtr {
+    /// A method (not field access) so closures capture the `Sync` wrapper, not the raw pointer.
+    fn get(&self) -> *mut f32 {
+        self.0
+    }
+}
 // SAFETY: the pointer is only used for disjoint writes (see `matmul_q_on`).
 unsafe impl Sync for SendPtr {}
 // SAFETY: as above.

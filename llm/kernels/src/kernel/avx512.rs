@@ -56,6 +56,27 @@ unsafe fn rows<const R: usize>(
     }
 }
 
+/// Runs `$body` with `$r` bound to each constant `0..$R` (`$R ≤ 8`), fully unrolled so that
+/// per-row accumulators indexed by `$r` stay in registers.
+macro_rules! unroll_rows {
+    ($R:expr, $r:ident, $body:block) => {{
+        unroll_rows!(@one $R, $r, $body, 0);
+        unroll_rows!(@one $R, $r, $body, 1);
+        unroll_rows!(@one $R, $r, $body, 2);
+        unroll_rows!(@one $R, $r, $body, 3);
+        unroll_rows!(@one $R, $r, $body, 4);
+        unroll_rows!(@one $R, $r, $body, 5);
+        unroll_rows!(@one $R, $r, $body, 6);
+        unroll_rows!(@one $R, $r, $body, 7);
+    }};
+    (@one $R:expr, $r:ident, $body:block, $i:literal) => {
+        if $i < $R {
+            let $r: usize = $i;
+            $body
+        }
+    };
+}
+
 /// Integer dot of 8 weight step vectors with the 32 activations at `a` (exact).
 #[inline(always)]
 unsafe fn dot8(v: &[__m512i; 8], a: *const i8) -> __m512i {
@@ -112,7 +133,7 @@ unsafe fn q4<const R: usize, const MIN: bool>(
             } else {
                 _mm512_setzero_ps()
             };
-            for (r, acc) in acc.iter_mut().enumerate() {
+            unroll_rows!(R, r, {
                 let row = row0 + r;
                 let ab = row * nb + b;
                 let mut s = dot8(&v, ap.add(row * act.k + b * QK));
@@ -120,11 +141,11 @@ unsafe fn q4<const R: usize, const MIN: bool>(
                     s = _mm512_sub_epi32(s, _mm512_set1_epi32(8 * *act.isum.get_unchecked(ab)));
                 }
                 let t = _mm512_mul_ps(dw, _mm512_set1_ps(*act.d.get_unchecked(ab)));
-                *acc = _mm512_fmadd_ps(t, _mm512_cvtepi32_ps(s), *acc);
+                acc[r] = _mm512_fmadd_ps(t, _mm512_cvtepi32_ps(s), acc[r]);
                 if MIN {
-                    *acc = _mm512_fmadd_ps(mw, _mm512_set1_ps(*act.s.get_unchecked(ab)), *acc);
+                    acc[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(*act.s.get_unchecked(ab)), acc[r]);
                 }
-            }
+            });
         }
         for (r, acc) in acc.iter().enumerate() {
             _mm512_storeu_ps(out.as_mut_ptr().add(r * TILE), *acc);
@@ -150,15 +171,15 @@ unsafe fn q8<const R: usize>(w: &[u8], act: &QActivations, row0: usize, out: &mu
                 *v = _mm512_loadu_si512(blk.add(64 * c) as *const _);
             }
             let dw = _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(qb) as *const __m256i));
-            for (r, acc) in acc.iter_mut().enumerate() {
+            unroll_rows!(R, r, {
                 let row = row0 + r;
                 let ab = row * nb + b;
                 let s = dot8(&v, ap.add(row * act.k + b * QK));
                 // Weights are stored as q + 128: remove 128 · Σa (exact).
                 let s = _mm512_sub_epi32(s, _mm512_set1_epi32(128 * *act.isum.get_unchecked(ab)));
                 let t = _mm512_mul_ps(dw, _mm512_set1_ps(*act.d.get_unchecked(ab)));
-                *acc = _mm512_fmadd_ps(t, _mm512_cvtepi32_ps(s), *acc);
-            }
+                acc[r] = _mm512_fmadd_ps(t, _mm512_cvtepi32_ps(s), acc[r]);
+            });
         }
         for (r, acc) in acc.iter().enumerate() {
             _mm512_storeu_ps(out.as_mut_ptr().add(r * TILE), *acc);

@@ -274,3 +274,55 @@ fn kernel_id_names_version_and_path() {
     #[cfg(target_feature = "avx2")]
     assert!(SimdPath::available().contains(&SimdPath::Avx2));
 }
+
+/// Activation quantization gives the same quants, scales and sums on every path, including
+/// ties, zeros and tiny/huge magnitudes.
+#[test]
+fn quantization_is_identical_on_every_path() {
+    let mut rng = Rng(4);
+    let k = 256;
+    let mut x = random_x(&mut rng, 40 * k);
+    x[..32].fill(0.0);
+    // amax 127 gives d = 1 exactly, so the halves are exact ties for the rounding.
+    for (i, v) in x[32..64].iter_mut().enumerate() {
+        *v = i as f32 - 16.5;
+    }
+    x[32] = 127.0;
+    for (i, v) in x[64..96].iter_mut().enumerate() {
+        *v = (i as f32 - 7.0) * 1e-30;
+    }
+    for v in &mut x[96..128] {
+        *v *= 1e30;
+    }
+    let base = QActivations::quantize_on(SimdPath::Scalar, &x, 40, k);
+    let bd = base.dequantize();
+    for p in SimdPath::available() {
+        let q = QActivations::quantize_on(p, &x, 40, k);
+        let qd = q.dequantize();
+        assert!(
+            bd.iter().zip(&qd).all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{p:?}"
+        );
+        // Sums enter results through the Q4_0 correction: compare via a Q4_0 matmul.
+        let bytes = random_gguf(&mut rng, BlockFormat::Q4_0, 16, k);
+        let m = QMatrix::from_gguf_bytes(BlockFormat::Q4_0, 16, k, &bytes).unwrap();
+        let (a, b) = (
+            run(&m, SimdPath::Scalar, &base),
+            run(&m, SimdPath::Scalar, &q),
+        );
+        assert!(
+            a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{p:?}"
+        );
+    }
+    // Quantization error is at most half a step.
+    for (blk, (xb, qb)) in x.chunks(32).zip(bd.chunks(32)).enumerate() {
+        let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+        for (a, b) in xb.iter().zip(qb) {
+            assert!(
+                (a - b).abs() <= amax / 127.0 * 0.5001 + 1e-37,
+                "block {blk}: {a} vs {b}"
+            );
+        }
+    }
+}
