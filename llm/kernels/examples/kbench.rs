@@ -8,7 +8,7 @@
 
 use std::hint::black_box;
 use std::time::Instant;
-use trail_kernels::{BlockFormat, QActivations, QMatrix, SimdPath};
+use trail_kernels::{BlockFormat, QActivations, QMatrix, SimdPath, matmul_group_on};
 
 fn rng_bytes(seed: u64, len: usize) -> Vec<u8> {
     let mut s = seed;
@@ -87,14 +87,19 @@ fn time(mut f: impl FnMut()) -> (f64, f64) {
     (wall, cpu)
 }
 
-fn mem_read_gbs() -> f64 {
+fn mem_read_gbs(threads: usize) -> f64 {
     use rayon::prelude::*;
     let buf = vec![1u64; 1 << 27]; // 1 GiB
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .expect("pool");
     let (secs, _) = time(|| {
-        let s: u64 = buf
-            .par_chunks(1 << 16)
-            .map(|c| c.iter().fold(0u64, |a, &v| a.wrapping_add(v)))
-            .sum();
+        let s: u64 = pool.install(|| {
+            buf.par_chunks(1 << 16)
+                .map(|c| c.iter().fold(0u64, |a, &v| a.wrapping_add(v)))
+                .sum()
+        });
         black_box(s);
     });
     (buf.len() * 8) as f64 / secs / 1e9
@@ -121,8 +126,9 @@ fn main() {
         rayon::current_num_threads()
     );
     println!(
-        "memory read (1 GiB, all threads): {:.1} GB/s",
-        mem_read_gbs()
+        "memory read (1 GiB): {:.1} GB/s on 1 thread, {:.1} GB/s on 2 threads",
+        mem_read_gbs(1),
+        mem_read_gbs(2)
     );
 
     let shapes = [
@@ -210,14 +216,12 @@ fn main() {
         let (wall, cpu) = time(|| {
             for l in &layers {
                 let a = QActivations::quantize(&x576, n, 576);
-                l[0].matmul_q_on(path, &a, &mut ya);
-                l[1].matmul_q_on(path, &a, &mut yb);
-                l[2].matmul_q_on(path, &a, &mut yb);
+                let (yk, yv) = (&mut yb.clone(), &mut yb);
+                matmul_group_on(path, &a, &mut [(&l[0], &mut ya), (&l[1], yk), (&l[2], yv)]);
                 let a = QActivations::quantize(&x576, n, 576);
                 l[3].matmul_q_on(path, &a, &mut ya);
                 let a = QActivations::quantize(&x576, n, 576);
-                l[4].matmul_q_on(path, &a, &mut yc);
-                l[5].matmul_q_on(path, &a, &mut yd);
+                matmul_group_on(path, &a, &mut [(&l[4], &mut yc), (&l[5], &mut yd)]);
                 let a = QActivations::quantize(&x1536, n, 1536);
                 l[6].matmul_q_on(path, &a, &mut ya);
             }

@@ -17,7 +17,7 @@ pub use activation::QActivations;
 pub use error::KernelError;
 pub use format::BlockFormat;
 pub use kernel::SimdPath;
-pub use matrix::QMatrix;
+pub use matrix::{QMatrix, matmul_group, matmul_group_on};
 
 /// Names the numerics of this build: crate version, activation quantization, SIMD path.
 /// Bits only change when this string changes.

@@ -160,62 +160,115 @@ impl QMatrix {
     /// `y = act · Wᵀ` on a given SIMD path (for tests and benchmarks). Every path gives the same
     /// bits. Panics if the path is not compiled in or the shapes disagree.
     pub fn matmul_q_on(&self, path: SimdPath, act: &QActivations, y: &mut [f32]) {
-        assert_eq!(
-            act.k, self.in_features,
-            "activation width differs from in_features"
-        );
+        matmul_group_on(path, act, &mut [(self, y)]);
+    }
+
+    /// Tiles per job for `n` rows on `threads` threads: small enough that a job's weights stay
+    /// in L2 while its row blocks reuse them, and enough jobs to balance the threads.
+    fn chunk_tiles(&self, threads: usize) -> usize {
+        let tile_bytes = self.tile_bytes();
+        let tiles = self.out_features.div_ceil(TILE);
+        (CHUNK_BYTES / tile_bytes)
+            .min(tiles.div_ceil(4 * threads))
+            .max(1)
+    }
+
+    fn tile_bytes(&self) -> usize {
+        self.in_features / QK * self.format.tile_block_bytes()
+    }
+
+    /// Computes tiles `t0..t1` for every row of `act` into `y` (`n × out_features`).
+    ///
+    /// # Safety
+    /// `y` points at `act.n × out_features` writable floats, and no other thread writes
+    /// columns of tiles `t0..t1` concurrently.
+    unsafe fn run_tiles(
+        &self,
+        path: SimdPath,
+        act: &QActivations,
+        t0: usize,
+        t1: usize,
+        y: *mut f32,
+    ) {
         let n = act.n;
         let out = self.out_features;
-        assert!(
-            y.len() >= n * out,
-            "y holds fewer than n × out_features values"
-        );
-        if n == 0 {
-            return;
-        }
-        let nb = self.in_features / QK;
-        let tile_bytes = nb * self.format.tile_block_bytes();
-        let tiles = out.div_ceil(TILE);
-        let threads = rayon::current_num_threads();
-        // Tiles per job: small enough that a job's weights stay in L2 while its row blocks
-        // reuse them, and enough jobs to balance the threads.
-        let chunk_tiles = (CHUNK_BYTES / tile_bytes)
-            .min(tiles.div_ceil(4 * threads))
-            .max(1);
-        let chunks = tiles.div_ceil(chunk_tiles);
-        let yp = SendPtr(y.as_mut_ptr());
-        let job = |c: usize| {
-            let t0 = c * chunk_tiles;
-            let t1 = (t0 + chunk_tiles).min(tiles);
-            let mut buf = [0f32; ROW_BLOCK * TILE];
-            let mut row0 = 0;
-            while row0 < n {
-                let nr = ROW_BLOCK.min(n - row0);
-                for t in t0..t1 {
-                    let w = &self.data[t * tile_bytes..(t + 1) * tile_bytes];
-                    kernel::tile(path, self.format, w, act, row0, nr, &mut buf);
-                    let cols = TILE.min(out - t * TILE);
-                    for r in 0..nr {
-                        // SAFETY: `y` has at least `n × out` elements (asserted above); this
-                        // writes columns `t*16 .. t*16+cols < out` of row `row0 + r < n`, and
-                        // each tile belongs to exactly one job, so writes never overlap.
-                        unsafe {
-                            std::ptr::copy_nonoverlapping(
-                                buf.as_ptr().add(r * TILE),
-                                yp.get().add((row0 + r) * out + t * TILE),
-                                cols,
-                            );
-                        }
+        let tile_bytes = self.tile_bytes();
+        let mut buf = [0f32; ROW_BLOCK * TILE];
+        let mut row0 = 0;
+        while row0 < n {
+            let nr = ROW_BLOCK.min(n - row0);
+            for t in t0..t1 {
+                let w = &self.data[t * tile_bytes..(t + 1) * tile_bytes];
+                kernel::tile(path, self.format, w, act, row0, nr, &mut buf);
+                let cols = TILE.min(out - t * TILE);
+                for r in 0..nr {
+                    // SAFETY: columns `t*16 .. t*16+cols <= out` of row `row0 + r < n` lie in
+                    // `y`, and tile `t` is ours alone (the function's contract).
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            buf.as_ptr().add(r * TILE),
+                            y.add((row0 + r) * out + t * TILE),
+                            cols,
+                        );
                     }
                 }
-                row0 += nr;
             }
-        };
-        if tiles * n * nb <= SERIAL_WORK || threads == 1 || chunks == 1 {
-            (0..chunks).for_each(job);
-        } else {
-            (0..chunks).into_par_iter().for_each(job);
+            row0 += nr;
         }
+    }
+}
+
+/// Several matrices with the same input (q/k/v, gate/up) in one parallel region:
+/// `ys[i].1 = act · ys[i].0ᵀ`, each `n × out_features`. Same bits as separate
+/// [`QMatrix::matmul_q`] calls, with one fork-join instead of one per matrix.
+pub fn matmul_group(act: &QActivations, ys: &mut [(&QMatrix, &mut [f32])]) {
+    matmul_group_on(SimdPath::best(), act, ys);
+}
+
+/// [`matmul_group`] on a given SIMD path.
+pub fn matmul_group_on(path: SimdPath, act: &QActivations, ys: &mut [(&QMatrix, &mut [f32])]) {
+    let n = act.n;
+    for (m, y) in ys.iter() {
+        assert_eq!(
+            act.k, m.in_features,
+            "activation width differs from in_features"
+        );
+        assert!(
+            y.len() >= n * m.out_features,
+            "y holds fewer than n × out_features values"
+        );
+    }
+    if n == 0 || ys.is_empty() {
+        return;
+    }
+    let threads = rayon::current_num_threads();
+    // (matrix, first tile, end tile) per job, and the total block-dot work.
+    let mut jobs = Vec::new();
+    let mut work = 0;
+    for (i, (m, _)) in ys.iter().enumerate() {
+        let tiles = m.out_features.div_ceil(TILE);
+        let ct = m.chunk_tiles(threads);
+        jobs.extend(
+            (0..tiles)
+                .step_by(ct)
+                .map(|t0| (i, t0, (t0 + ct).min(tiles))),
+        );
+        work += tiles * n * (m.in_features / QK);
+    }
+    let outs: Vec<(&QMatrix, SendPtr)> = ys
+        .iter_mut()
+        .map(|(m, y)| (*m, SendPtr(y.as_mut_ptr())))
+        .collect();
+    let job = |&(i, t0, t1): &(usize, usize, usize)| {
+        let (m, y) = &outs[i];
+        // SAFETY: `y` holds `n × out_features` floats (asserted above) and every
+        // (matrix, tile) pair belongs to exactly one job, so writes never overlap.
+        unsafe { m.run_tiles(path, act, t0, t1, y.get()) };
+    };
+    if work <= SERIAL_WORK || threads == 1 || jobs.len() == 1 {
+        jobs.iter().for_each(job);
+    } else {
+        jobs.par_iter().for_each(job);
     }
 }
 

@@ -326,3 +326,46 @@ fn quantization_is_identical_on_every_path() {
         }
     }
 }
+
+/// A group call (q/k/v sharing one input) gives the same bits as separate calls.
+#[test]
+fn group_matmul_matches_separate_calls() {
+    let mut rng = Rng(5);
+    let inp = 576;
+    let mats: Vec<QMatrix> = [
+        (576, BlockFormat::Q4_1),
+        (192, BlockFormat::Q4_0),
+        (40, BlockFormat::Q8_0),
+    ]
+    .iter()
+    .map(|&(out, f)| {
+        QMatrix::from_gguf_bytes(f, out, inp, &random_gguf(&mut rng, f, out, inp)).unwrap()
+    })
+    .collect();
+    for n in [1, 3, 9] {
+        let act = QActivations::quantize(&random_x(&mut rng, n * inp), n, inp);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        for p in SimdPath::available() {
+            let separate: Vec<Vec<f32>> = mats.iter().map(|m| run(m, p, &act)).collect();
+            let mut ys: Vec<Vec<f32>> = mats
+                .iter()
+                .map(|m| vec![f32::NAN; n * m.out_features()])
+                .collect();
+            let mut pairs: Vec<(&QMatrix, &mut [f32])> = mats
+                .iter()
+                .zip(ys.iter_mut())
+                .map(|(m, y)| (m, y.as_mut_slice()))
+                .collect();
+            pool.install(|| trail_kernels::matmul_group_on(p, &act, &mut pairs));
+            for (a, b) in ys.iter().zip(&separate) {
+                assert!(
+                    a.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{p:?} n {n}"
+                );
+            }
+        }
+    }
+}
