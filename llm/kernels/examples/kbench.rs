@@ -121,7 +121,7 @@ fn mem_read_gbs(threads: usize) -> f64 {
         .build()
         .expect("pool");
     let (secs, _) = time(|| {
-        let s: u64 = pool.install(|| buf.par_chunks(1 << 16).map(|c| read_sum(c)).sum());
+        let s: u64 = pool.install(|| buf.par_chunks(1 << 16).map(read_sum).sum());
         black_box(s);
     });
     (buf.len() * 8) as f64 / secs / 1e9
