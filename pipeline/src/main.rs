@@ -28,6 +28,8 @@ enum Command {
     /// Benchmarks (runner, generate, serve).
     #[command(subcommand)]
     Bench(stages::bench::Bench),
+    /// Queueing theory and simulation of size-based scheduling.
+    Sim(stages::sim::Args),
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -35,6 +37,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Fetch(args) => stages::fetch::run(args),
         Command::Chat(args) => stages::chat::run(args),
         Command::Bench(bench) => stages::bench::run(bench),
+        Command::Sim(args) => stages::sim::run(args),
     }
 }
 
