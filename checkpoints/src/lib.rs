@@ -1,1 +1,27 @@
-//! trail-checkpoints: (skeleton, filled in by its issue).
+//! trail-checkpoints: the length predictors of TRAIL and everything around them.
+//!
+//! - [`bins`]: equal-width remaining-length bins, labels and the expectation readout.
+//! - [`probe`]: the MLP probe (standardize → Linear(d,512) → ReLU → Linear(512,k) → softmax)
+//!   and its batched inference.
+//! - [`train`]: seeded training (AdamW, cosine schedule, early stop on validation MAE).
+//! - [`refine`]: the Bayesian filter of the paper (§2.3 of the digest) and a per-request state.
+//! - [`baseline`]: readouts of total-length predictors and constant baselines.
+//! - [`checkpoint`]: the safetensors checkpoint format with its metadata.
+
+pub mod baseline;
+pub mod bins;
+pub mod checkpoint;
+pub mod error;
+pub mod probe;
+pub mod refine;
+pub mod train;
+
+pub use bins::Bins;
+pub use checkpoint::{Checkpoint, CheckpointMeta};
+pub use error::Error;
+pub use probe::{Probe, Standardizer};
+pub use refine::{Between, Filter, RefineState};
+pub use train::{Dataset, EpochRecord, TrainConfig, TrainReport, split_by_group, train_probe};
+
+/// Result with this crate's [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;

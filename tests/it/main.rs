@@ -1,3 +1,4 @@
 //! trail's one integration-test binary.
 
+mod checkpoints;
 mod sim;

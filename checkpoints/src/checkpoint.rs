@@ -1,0 +1,312 @@
+//! The checkpoint file: one safetensors file with the decode probe, the optional prompt
+//! predictor and their standardizations, plus metadata in the safetensors string map.
+//!
+//! Tensors (f32): `probe.{w1,b1,w2,b2,mean,std}` and, when present, `prompt.{…}`. `w1` is
+//! h×d and `w2` k×h (PyTorch `Linear` layout). Metadata keys: see [`CheckpointMeta`]; lists are
+//! JSON arrays, numbers decimal strings. `format` is `"trail-checkpoint"`, `format_version`
+//! [`FORMAT_VERSION`].
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+
+use crate::bins::Bins;
+use crate::probe::{Probe, Standardizer};
+use crate::{Error, Result};
+
+pub const FORMAT: &str = "trail-checkpoint";
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Everything about a checkpoint besides its weights.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckpointMeta {
+    /// sha256 of the LLM weights file the probe reads.
+    pub model_sha256: String,
+    /// The runner's kernel id (numerics of the hidden states).
+    pub kernel_id: String,
+    /// Decoder layers the decode probe reads (concatenated in this order).
+    pub probe_layers: Vec<usize>,
+    /// Layers the prompt predictor reads (mean over prompt tokens); empty without one.
+    pub prompt_layers: Vec<usize>,
+    /// The LLM's hidden size (per layer).
+    pub hidden_size: usize,
+    pub bins: Bins,
+    pub refine_interval: u32,
+    /// sha256 of the training data ([`crate::Dataset::sha256`] or the dataset's own hash).
+    pub train_data_sha256: String,
+    pub val_mae: f64,
+    pub prompt_val_mae: Option<f64>,
+    pub git_commit: String,
+}
+
+/// A decode probe, an optional prompt predictor, and their metadata.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    pub meta: CheckpointMeta,
+    pub probe: Probe,
+    pub prompt: Option<Probe>,
+}
+
+fn f32_bytes(t: &Tensor) -> Result<Vec<u8>> {
+    let v: Vec<f32> = t
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1()?;
+    Ok(v.iter().flat_map(|x| x.to_le_bytes()).collect())
+}
+
+fn vec_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+impl Checkpoint {
+    fn check(&self) -> Result<()> {
+        let m = &self.meta;
+        let want = m.hidden_size * m.probe_layers.len();
+        if self.probe.dim() != want || self.probe.k() != m.bins.k() {
+            return Err(Error::Invalid(format!(
+                "probe is {}→{} but metadata says {} layers × {} hidden → {} bins",
+                self.probe.dim(),
+                self.probe.k(),
+                m.probe_layers.len(),
+                m.hidden_size,
+                m.bins.k()
+            )));
+        }
+        if let Some(p) = &self.prompt
+            && (p.dim() != m.hidden_size * m.prompt_layers.len() || p.k() != m.bins.k())
+        {
+            return Err(Error::Invalid(format!(
+                "prompt predictor is {}→{} but metadata says {} layers × {} hidden → {} bins",
+                p.dim(),
+                p.k(),
+                m.prompt_layers.len(),
+                m.hidden_size,
+                m.bins.k()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Write the checkpoint (via a temporary file renamed into place).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        self.check()?;
+        let m = &self.meta;
+        let mut meta: HashMap<String, String> = HashMap::new();
+        let json = |v: &[usize]| serde_json::to_string(v).expect("usize list serializes");
+        meta.insert("format".into(), FORMAT.into());
+        meta.insert("format_version".into(), FORMAT_VERSION.to_string());
+        meta.insert("model_sha256".into(), m.model_sha256.clone());
+        meta.insert("kernel_id".into(), m.kernel_id.clone());
+        meta.insert("probe_layers".into(), json(&m.probe_layers));
+        meta.insert("prompt_layers".into(), json(&m.prompt_layers));
+        meta.insert("hidden_size".into(), m.hidden_size.to_string());
+        meta.insert("bins_k".into(), m.bins.k().to_string());
+        meta.insert("bins_max".into(), m.bins.max().to_string());
+        meta.insert("refine_interval".into(), m.refine_interval.to_string());
+        meta.insert("train_data_sha256".into(), m.train_data_sha256.clone());
+        meta.insert("val_mae".into(), m.val_mae.to_string());
+        if let Some(v) = m.prompt_val_mae {
+            meta.insert("prompt_val_mae".into(), v.to_string());
+        }
+        meta.insert("git_commit".into(), m.git_commit.clone());
+
+        let mut owned: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+        let mut push = |prefix: &str, p: &Probe| -> Result<()> {
+            owned.push((
+                format!("{prefix}.w1"),
+                p.w1.dims().to_vec(),
+                f32_bytes(&p.w1)?,
+            ));
+            owned.push((
+                format!("{prefix}.b1"),
+                p.b1.dims().to_vec(),
+                f32_bytes(&p.b1)?,
+            ));
+            owned.push((
+                format!("{prefix}.w2"),
+                p.w2.dims().to_vec(),
+                f32_bytes(&p.w2)?,
+            ));
+            owned.push((
+                format!("{prefix}.b2"),
+                p.b2.dims().to_vec(),
+                f32_bytes(&p.b2)?,
+            ));
+            let d = p.dim();
+            owned.push((
+                format!("{prefix}.mean"),
+                vec![d],
+                vec_bytes(&p.standardizer.mean),
+            ));
+            owned.push((
+                format!("{prefix}.std"),
+                vec![d],
+                vec_bytes(&p.standardizer.std),
+            ));
+            Ok(())
+        };
+        push("probe", &self.probe)?;
+        if let Some(p) = &self.prompt {
+            push("prompt", p)?;
+        }
+        let views = owned
+            .iter()
+            .map(|(n, s, b)| {
+                Ok((
+                    n.clone(),
+                    TensorView::new(Dtype::F32, s.clone(), b).map_err(|e| format_err(path, e))?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| format_err(path, e))?;
+        let tmp = tmp_path(path);
+        std::fs::write(&tmp, &bytes).map_err(|source| Error::Io {
+            path: tmp.clone(),
+            source,
+        })?;
+        std::fs::rename(&tmp, path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    /// Read a checkpoint; any damage is a [`Error::Format`] naming the file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let st = SafeTensors::deserialize(&bytes).map_err(|e| format_err(path, e))?;
+        let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| format_err(path, e))?;
+        let meta = header.metadata().clone().unwrap_or_default();
+        let get = |k: &str| -> Result<&String> {
+            meta.get(k)
+                .ok_or_else(|| format_err(path, format!("metadata lacks `{k}`")))
+        };
+        let num = |k: &str| -> Result<u64> {
+            get(k)?
+                .parse()
+                .map_err(|_| format_err(path, format!("metadata `{k}` is not a number")))
+        };
+        let list = |k: &str| -> Result<Vec<usize>> {
+            serde_json::from_str(get(k)?)
+                .map_err(|_| format_err(path, format!("metadata `{k}` is not a list")))
+        };
+        if get("format")? != FORMAT {
+            return Err(format_err(
+                path,
+                "metadata `format` is not trail-checkpoint",
+            ));
+        }
+        let version = num("format_version")?;
+        if version != FORMAT_VERSION as u64 {
+            return Err(format_err(
+                path,
+                format!("format version {version}, this build reads {FORMAT_VERSION}"),
+            ));
+        }
+        let bins = Bins::new(num("bins_k")? as usize, num("bins_max")? as u32)
+            .map_err(|e| format_err(path, e))?;
+        let float = |k: &str| -> Result<f64> {
+            get(k)?
+                .parse()
+                .map_err(|_| format_err(path, format!("metadata `{k}` is not a number")))
+        };
+        let m = CheckpointMeta {
+            model_sha256: get("model_sha256")?.clone(),
+            kernel_id: get("kernel_id")?.clone(),
+            probe_layers: list("probe_layers")?,
+            prompt_layers: list("prompt_layers")?,
+            hidden_size: num("hidden_size")? as usize,
+            bins,
+            refine_interval: num("refine_interval")? as u32,
+            train_data_sha256: get("train_data_sha256")?.clone(),
+            val_mae: float("val_mae")?,
+            prompt_val_mae: match meta.get("prompt_val_mae") {
+                Some(_) => Some(float("prompt_val_mae")?),
+                None => None,
+            },
+            git_commit: get("git_commit")?.clone(),
+        };
+        let tensor = |name: &str| -> Result<Tensor> {
+            let v = st
+                .tensor(name)
+                .map_err(|e| format_err(path, format!("{name}: {e}")))?;
+            if v.dtype() != Dtype::F32 {
+                return Err(format_err(
+                    path,
+                    format!("{name} is {:?}, expected F32", v.dtype()),
+                ));
+            }
+            let data: Vec<f32> = v
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+                .collect();
+            Ok(Tensor::from_vec(data, v.shape(), &Device::Cpu)?)
+        };
+        let vec = |name: &str| -> Result<Vec<f32>> { Ok(tensor(name)?.to_vec1()?) };
+        let probe = |prefix: &str| -> Result<Probe> {
+            let st = Standardizer {
+                mean: vec(&format!("{prefix}.mean"))?,
+                std: vec(&format!("{prefix}.std"))?,
+            };
+            Probe::new(
+                st,
+                tensor(&format!("{prefix}.w1"))?,
+                tensor(&format!("{prefix}.b1"))?,
+                tensor(&format!("{prefix}.w2"))?,
+                tensor(&format!("{prefix}.b2"))?,
+            )
+            .map_err(|e| format_err(path, e))
+        };
+        let has_prompt = st.names().iter().any(|n| n.starts_with("prompt."));
+        let ckpt = Self {
+            meta: m,
+            probe: probe("probe")?,
+            prompt: if has_prompt {
+                Some(probe("prompt")?)
+            } else {
+                None
+            },
+        };
+        ckpt.check().map_err(|e| format_err(path, e))?;
+        Ok(ckpt)
+    }
+
+    /// [`Checkpoint::load`], then refuse a checkpoint made for another model or hidden size.
+    pub fn load_for(path: &Path, model_sha256: &str, hidden_size: usize) -> Result<Self> {
+        let c = Self::load(path)?;
+        if c.meta.model_sha256 != model_sha256 {
+            return Err(Error::ModelMismatch {
+                path: path.to_path_buf(),
+                expected: model_sha256.to_string(),
+                found: c.meta.model_sha256,
+            });
+        }
+        if c.meta.hidden_size != hidden_size {
+            return Err(Error::HiddenMismatch {
+                path: path.to_path_buf(),
+                expected: hidden_size,
+                found: c.meta.hidden_size,
+            });
+        }
+        Ok(c)
+    }
+}
+
+fn tmp_path(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(".tmp");
+    PathBuf::from(s)
+}
+
+fn format_err(path: &Path, msg: impl std::fmt::Display) -> Error {
+    Error::Format {
+        path: path.to_path_buf(),
+        msg: msg.to_string(),
+    }
+}
