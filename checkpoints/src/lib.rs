@@ -7,8 +7,10 @@
 //! - [`refine`]: the Bayesian filter of the paper (§2.3 of the digest) and a per-request state.
 //! - [`baseline`]: readouts of total-length predictors and constant baselines.
 //! - [`checkpoint`]: the safetensors checkpoint format with its metadata.
+//! - [`bert`]: the BERT baseline's sentence encoder (all-MiniLM-L6-v2, frozen).
 
 pub mod baseline;
+pub mod bert;
 pub mod bins;
 pub mod checkpoint;
 pub mod error;
