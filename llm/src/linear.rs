@@ -1,0 +1,237 @@
+//! The matmul seam: every weight matrix of the model is a [`QLinear`].
+//!
+//! Weights stay in their GGUF block format (read straight from the file into typed block
+//! vectors) and `forward` multiplies a row-major `n × in` f32 activation by the transposed
+//! weight into `n × out`, with candle's CPU kernel `k_quants::matmul`. That kernel quantizes
+//! each activation row on its own and computes every output element with the same dot routine
+//! whatever `n` is (column quads, then a 0..=3 tail fixed by `out` alone), so a row's output is
+//! bit-identical whatever other rows share the call. candle's `QMatMul::forward` is not used
+//! because it can route some formats (x86 Q4K/Q6K/Q8_0, aarch64 repacks) to repacked kernels
+//! chosen by `n`, which would break that property.
+//!
+//! `trail_kernels::QMatrix` (same raw bytes, same `x: n × in`, `y: n × out` layout) is meant to
+//! replace the candle call inside `forward`; nothing else needs to change.
+
+use candle_core::quantized::GgmlDType;
+use candle_core::quantized::k_quants::{
+    self, BlockQ2K, BlockQ3K, BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K,
+    BlockQ6K, BlockQ8_0, GgmlType,
+};
+use half::{bf16, f16};
+
+use crate::error::Result;
+use crate::gguf::{GgufFile, storage_bytes};
+
+/// Typed weight blocks, one variant per GGUF format the CPU kernels handle.
+enum Blocks {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+    Bf16(Vec<bf16>),
+    Q4_0(Vec<BlockQ4_0>),
+    Q4_1(Vec<BlockQ4_1>),
+    Q5_0(Vec<BlockQ5_0>),
+    Q5_1(Vec<BlockQ5_1>),
+    Q8_0(Vec<BlockQ8_0>),
+    Q2K(Vec<BlockQ2K>),
+    Q3K(Vec<BlockQ3K>),
+    Q4K(Vec<BlockQ4K>),
+    Q5K(Vec<BlockQ5K>),
+    Q6K(Vec<BlockQ6K>),
+}
+
+macro_rules! dispatch {
+    ($blocks:expr, $v:ident => $e:expr) => {
+        match $blocks {
+            Blocks::F32($v) => $e,
+            Blocks::F16($v) => $e,
+            Blocks::Bf16($v) => $e,
+            Blocks::Q4_0($v) => $e,
+            Blocks::Q4_1($v) => $e,
+            Blocks::Q5_0($v) => $e,
+            Blocks::Q5_1($v) => $e,
+            Blocks::Q8_0($v) => $e,
+            Blocks::Q2K($v) => $e,
+            Blocks::Q3K($v) => $e,
+            Blocks::Q4K($v) => $e,
+            Blocks::Q5K($v) => $e,
+            Blocks::Q6K($v) => $e,
+        }
+    };
+}
+
+/// A weight matrix `out × in` in its GGUF block format; `y = x · Wᵀ`.
+pub struct QLinear {
+    out_features: usize,
+    in_features: usize,
+    blocks: Blocks,
+}
+
+impl std::fmt::Debug for QLinear {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "QLinear({:?}, {}×{})",
+            self.dtype(),
+            self.out_features,
+            self.in_features
+        )
+    }
+}
+
+fn read_blocks<T: GgmlType>(gguf: &mut GgufFile, name: &str, elems: usize) -> Result<Vec<T>> {
+    let n_blocks = elems / T::BLCK_SIZE;
+    let bytes =
+        storage_bytes(T::DTYPE, elems).ok_or_else(|| gguf.bad_tensor(name, "not whole blocks"))?;
+    assert_eq!(
+        std::mem::size_of::<T>() * n_blocks,
+        bytes,
+        "{:?} block layout",
+        T::DTYPE
+    );
+    let mut blocks = vec![T::zeros(); n_blocks];
+    // SAFETY: the block types are `repr(C)` plain data (integers, f16 and arrays of them) for
+    // which every bit pattern is valid, and the byte view covers exactly the vector's storage.
+    let view = unsafe { std::slice::from_raw_parts_mut(blocks.as_mut_ptr() as *mut u8, bytes) };
+    gguf.read_tensor_bytes(name, view)?;
+    Ok(blocks)
+}
+
+impl QLinear {
+    /// Reads matrix `name` (candle shape `[out, in]`) from `gguf`.
+    pub fn load(gguf: &mut GgufFile, name: &str) -> Result<Self> {
+        let info = gguf.tensor_info(name)?;
+        let dtype = info.ggml_dtype;
+        let (out_features, in_features) = match info.shape.dims() {
+            &[out, inp] => (out, inp),
+            &[n] => (1, n),
+            dims => return Err(gguf.bad_tensor(name, format!("expected a matrix, got {dims:?}"))),
+        };
+        if !in_features.is_multiple_of(dtype.block_size()) {
+            return Err(gguf.bad_tensor(
+                name,
+                format!(
+                    "rows of {in_features} are not whole {dtype:?} blocks of {}",
+                    dtype.block_size()
+                ),
+            ));
+        }
+        let elems = out_features * in_features;
+        let blocks = match dtype {
+            GgmlDType::F32 => Blocks::F32(read_blocks(gguf, name, elems)?),
+            GgmlDType::F16 => Blocks::F16(read_blocks(gguf, name, elems)?),
+            GgmlDType::BF16 => Blocks::Bf16(read_blocks(gguf, name, elems)?),
+            GgmlDType::Q4_0 => Blocks::Q4_0(read_blocks(gguf, name, elems)?),
+            GgmlDType::Q4_1 => Blocks::Q4_1(read_blocks(gguf, name, elems)?),
+            GgmlDType::Q5_0 => Blocks::Q5_0(read_blocks(gguf, name, elems)?),
+            GgmlDType::Q5_1 => Blocks::Q5_1(read_blocks(gguf, name, elems)?),
+            GgmlDType::Q8_0 => Blocks::Q8_0(read_blocks(gguf, name, elems)?),
+            GgmlDType::Q2K => Blocks::Q2K(read_blocks(gguf, name, elems)?),
+            GgmlDType::Q3K => Blocks::Q3K(read_blocks(gguf, name, elems)?),
+            GgmlDType::Q4K => Blocks::Q4K(read_blocks(gguf, name, elems)?),
+            GgmlDType::Q5K => Blocks::Q5K(read_blocks(gguf, name, elems)?),
+            GgmlDType::Q6K => Blocks::Q6K(read_blocks(gguf, name, elems)?),
+            other => {
+                return Err(gguf.bad_tensor(name, format!("format {other:?} is not supported")));
+            }
+        };
+        Ok(Self {
+            out_features,
+            in_features,
+            blocks,
+        })
+    }
+
+    /// Reads a vector (a norm weight) as f32.
+    pub fn load_vector(gguf: &mut GgufFile, name: &str, len: usize) -> Result<Vec<f32>> {
+        let lin = Self::load(gguf, name)?;
+        if lin.out_features * lin.in_features != len {
+            return Err(gguf.bad_tensor(
+                name,
+                format!(
+                    "expected {len} values, found {}",
+                    lin.out_features * lin.in_features
+                ),
+            ));
+        }
+        let mut v = vec![0f32; len];
+        dispatch!(&lin.blocks, b => GgmlType::to_float(b, &mut v));
+        Ok(v)
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.out_features
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.in_features
+    }
+
+    pub fn dtype(&self) -> GgmlDType {
+        fn of<T: GgmlType>(_: &[T]) -> GgmlDType {
+            T::DTYPE
+        }
+        dispatch!(&self.blocks, b => of(b))
+    }
+
+    /// The weights' raw GGUF bytes (`out` rows of `in / block_size` blocks).
+    pub fn raw_bytes(&self) -> &[u8] {
+        fn bytes<T>(b: &[T]) -> &[u8] {
+            // SAFETY: plain-data blocks viewed as the bytes they were read from.
+            unsafe { std::slice::from_raw_parts(b.as_ptr() as *const u8, std::mem::size_of_val(b)) }
+        }
+        dispatch!(&self.blocks, b => bytes(b))
+    }
+
+    /// `y[n × out] = x[n × in] · Wᵀ`, each row computed independently of the others.
+    pub fn forward(&self, x: &[f32], n: usize, y: &mut [f32]) {
+        assert_eq!(x.len(), n * self.in_features, "QLinear input");
+        assert_eq!(y.len(), n * self.out_features, "QLinear output");
+        if n == 0 {
+            return;
+        }
+        let mkn = (n, self.in_features, self.out_features);
+        dispatch!(&self.blocks, b => k_quants::matmul(mkn, x, b, y))
+            .expect("QLinear sizes are checked above");
+    }
+
+    /// Dequantizes row `r` (an embedding lookup) into `out` (`in` values).
+    pub fn row(&self, r: usize, out: &mut [f32]) {
+        assert!(r < self.out_features, "row {r} of {}", self.out_features);
+        fn deq<T: GgmlType>(b: &[T], r: usize, k: usize, out: &mut [f32]) {
+            let per_row = k / T::BLCK_SIZE;
+            T::to_float(&b[r * per_row..(r + 1) * per_row], out)
+        }
+        dispatch!(&self.blocks, b => deq(b, r, self.in_features, out))
+    }
+}
+
+/// The SIMD paths the CPU kernels can take in this build: target features fixed at compile
+/// time, plus the ones candle detects at run time (its Q8_0/K-quant dots branch on avx2+fma).
+pub fn simd_path() -> String {
+    let mut parts: Vec<&str> = vec![std::env::consts::ARCH];
+    macro_rules! feat {
+        ($($f:literal),*) => {$( if cfg!(target_feature = $f) { parts.push($f); } )*};
+    }
+    feat!(
+        "sse4.2",
+        "avx",
+        "avx2",
+        "fma",
+        "f16c",
+        "avx512f",
+        "avx512bw",
+        "avx512vnni",
+        "avxvnni",
+        "neon",
+        "dotprod",
+        "i8mm",
+        "simd128"
+    );
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    {
+        let rt = std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma");
+        parts.push(if rt { "rt-avx2fma" } else { "rt-noavx2fma" });
+    }
+    parts.join("+")
+}

@@ -1,0 +1,279 @@
+//! [`Runner`]: a loaded target model with its tokenizer and chat template, plus generation.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use tokenizers::Tokenizer;
+
+use crate::device::Device;
+use crate::error::{LlmError, Result};
+use crate::gguf::GgufFile;
+use crate::layers::LayerSet;
+use crate::linear::simd_path;
+use crate::model::{Config, KvCache, Llama, StepOutput};
+use crate::sampler::{Sampler, Sampling};
+use crate::tokenizer::{self, ChatTemplate, Message};
+
+/// The candle-core release whose CPU kernels compute the matmuls (checked against Cargo.lock
+/// by a unit test, so a dependency bump changes the kernel id).
+pub const CANDLE_VERSION: &str = "0.11.1";
+
+/// A GGUF llama model ready to run: weights, tokenizer, chat template, stop tokens.
+#[derive(Debug)]
+pub struct Runner {
+    path: PathBuf,
+    model: Llama,
+    tokenizer: Tokenizer,
+    template: ChatTemplate,
+    stop_tokens: Vec<u32>,
+    kernel_id: String,
+}
+
+/// Options of [`Runner::generate`].
+#[derive(Clone, Debug)]
+pub struct GenerateOptions {
+    pub max_new_tokens: usize,
+    pub sampling: Sampling,
+    /// Keep the last `context − 1` prompt tokens (with a warning) instead of failing when the
+    /// prompt does not fit.
+    pub truncate_prompt: bool,
+    /// Layers whose hidden states the prefill captures (last prompt token and prompt mean).
+    pub layers: LayerSet,
+    /// Prefill in chunks of this many tokens (`None`: one chunk).
+    pub prefill_chunk: Option<usize>,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        Self {
+            max_new_tokens: 256,
+            sampling: Sampling::Greedy,
+            truncate_prompt: false,
+            layers: LayerSet::NONE,
+            prefill_chunk: None,
+        }
+    }
+}
+
+/// Why generation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// A stop token (`<|im_end|>`, eos) was produced; it is the last of `tokens`.
+    StopToken(u32),
+    MaxNewTokens,
+    /// The sequence reached the context length.
+    ContextFull,
+}
+
+/// The result of [`Runner::generate`].
+#[derive(Clone, Debug)]
+pub struct Generation {
+    /// Prompt tokens actually used (after truncation).
+    pub prompt_tokens: usize,
+    /// Generated tokens, the stop token included when there was one.
+    pub tokens: Vec<u32>,
+    pub stop: StopReason,
+    /// The last prefill step: first-token logits and the last prompt token's hidden states.
+    pub prefill: StepOutput,
+    /// The cache after generation: prompt mean of the captured layers, KV for continuing.
+    pub cache: KvCache,
+    pub prefill_secs: f64,
+    /// Time of the decode steps (`tokens.len() − 1` of them: the first token comes from the
+    /// prefill).
+    pub decode_secs: f64,
+}
+
+impl Runner {
+    /// Loads a llama GGUF for the CPU.
+    pub fn load(path: &Path) -> Result<Self> {
+        Self::load_on(path, Device::Cpu)
+    }
+
+    pub fn load_on(path: &Path, device: Device) -> Result<Self> {
+        device.check()?;
+        let mut gguf = GgufFile::open(path)?;
+        let model = Llama::load(&mut gguf)?;
+        let tokenizer = tokenizer::from_gguf(&gguf)?;
+        let template = ChatTemplate::from_gguf(&gguf)?;
+        let tokens = gguf.strings("tokenizer.ggml.tokens")?;
+        let mut stop_tokens: Vec<u32> = ["<|im_end|>", "<|endoftext|>", "<|eot_id|>"]
+            .iter()
+            .filter_map(|s| tokens.iter().position(|t| t == s).map(|i| i as u32))
+            .collect();
+        if let Ok(eos) = gguf.uint("tokenizer.ggml.eos_token_id") {
+            stop_tokens.push(eos as u32);
+        }
+        stop_tokens.sort_unstable();
+        stop_tokens.dedup();
+        let kernel_id = format!(
+            "trail-llm-{}/candle-core-{CANDLE_VERSION}-k_quants/{}/{}/attn-f32-lanes8",
+            env!("CARGO_PKG_VERSION"),
+            model.weight_formats().join("+"),
+            simd_path(),
+        );
+        Ok(Self {
+            path: path.to_path_buf(),
+            model,
+            tokenizer,
+            template,
+            stop_tokens,
+            kernel_id,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn model(&self) -> &Llama {
+        &self.model
+    }
+
+    pub fn config(&self) -> &Config {
+        self.model.config()
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    pub fn template(&self) -> &ChatTemplate {
+        &self.template
+    }
+
+    /// Tokens that end generation: `<|im_end|>`, `<|endoftext|>`, `<|eot_id|>` when in the
+    /// vocabulary, and the GGUF eos.
+    pub fn stop_tokens(&self) -> &[u32] {
+        &self.stop_tokens
+    }
+
+    pub fn is_stop(&self, token: u32) -> bool {
+        self.stop_tokens.contains(&token)
+    }
+
+    /// Names the numerics: crate versions, weight formats, SIMD path, attention kernel. Two
+    /// runs with the same id produce the same bits.
+    pub fn kernel_id(&self) -> &str {
+        &self.kernel_id
+    }
+
+    /// The chat text for one user message (the template's default system prompt included,
+    /// generation prompt added).
+    pub fn render_chat(&self, user: &str) -> Result<String> {
+        self.render_chat_with_system(None, user)
+    }
+
+    /// As [`Runner::render_chat`] with an explicit system message.
+    pub fn render_chat_with_system(&self, system: Option<&str>, user: &str) -> Result<String> {
+        let mut messages = Vec::with_capacity(2);
+        if let Some(content) = system {
+            if !self.template.supports_system() {
+                return Err(LlmError::Template(
+                    "this template has no system role".into(),
+                ));
+            }
+            messages.push(Message {
+                role: "system",
+                content,
+            });
+        }
+        messages.push(Message {
+            role: "user",
+            content: user,
+        });
+        self.template.render(&messages)
+    }
+
+    /// Token ids of [`Runner::render_chat`].
+    pub fn encode_chat(&self, user: &str) -> Result<Vec<u32>> {
+        self.encode(&self.render_chat(user)?)
+    }
+
+    /// Token ids of `text`; special tokens written in the text become their ids.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        self.tokenizer
+            .encode_fast(text, false)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| LlmError::Tokenizer(e.to_string()))
+    }
+
+    /// Text of `ids`, special tokens skipped.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.tokenizer
+            .decode(ids, true)
+            .map_err(|e| LlmError::Tokenizer(e.to_string()))
+    }
+
+    /// Prefills `prompt` into a fresh cache and generates until a stop token, `max_new_tokens`
+    /// or the context end, calling `on_token` with each token as it is chosen.
+    pub fn generate(
+        &self,
+        prompt: &[u32],
+        opts: &GenerateOptions,
+        mut on_token: impl FnMut(u32),
+    ) -> Result<Generation> {
+        let ctx = self.config().max_position_embeddings;
+        if prompt.is_empty() {
+            return Err(LlmError::Step("empty prompt".into()));
+        }
+        let mut prompt = prompt;
+        if prompt.len() >= ctx {
+            if !opts.truncate_prompt {
+                return Err(LlmError::PromptTooLong {
+                    len: prompt.len(),
+                    max: ctx - 1,
+                });
+            }
+            tracing::warn!(
+                "prompt of {} tokens truncated to its last {} to fit the context",
+                prompt.len(),
+                ctx - 1
+            );
+            prompt = &prompt[prompt.len() - (ctx - 1)..];
+        }
+        let mut cache = self.model.new_cache();
+        let t0 = Instant::now();
+        let mut last = None;
+        for chunk in prompt.chunks(opts.prefill_chunk.unwrap_or(usize::MAX).max(1)) {
+            last = Some(self.model.prefill(&mut cache, chunk, opts.layers)?);
+        }
+        let prefill = last.expect("a non-empty prompt has a chunk");
+        let prefill_secs = t0.elapsed().as_secs_f64();
+
+        let t1 = Instant::now();
+        let mut sampler = Sampler::new(opts.sampling);
+        let mut tokens = Vec::new();
+        let mut step = None;
+        let stop = loop {
+            if tokens.len() >= opts.max_new_tokens {
+                break StopReason::MaxNewTokens;
+            }
+            let out: &StepOutput = step.as_ref().unwrap_or(&prefill);
+            let tok = sampler.sample(out.logits(0));
+            tokens.push(tok);
+            on_token(tok);
+            if self.is_stop(tok) {
+                break StopReason::StopToken(tok);
+            }
+            if tokens.len() >= opts.max_new_tokens {
+                break StopReason::MaxNewTokens;
+            }
+            if cache.len() >= ctx {
+                break StopReason::ContextFull;
+            }
+            step = Some(
+                self.model
+                    .decode(&mut [&mut cache], &[tok], LayerSet::NONE)?,
+            );
+        };
+        Ok(Generation {
+            prompt_tokens: prompt.len(),
+            tokens,
+            stop,
+            prefill,
+            cache,
+            prefill_secs,
+            decode_secs: t1.elapsed().as_secs_f64(),
+        })
+    }
+}
