@@ -1,1 +1,27 @@
-//! trail-serving-shim: (skeleton, filled in by its issue).
+//! trail-serving-shim: a continuous-batching serving engine with pluggable schedulers and the
+//! TRAIL length predictor in the loop.
+//!
+//! The model-free part, usable by a simulator as is:
+//! - [`clock`]: the [`Clock`] the scheduler reads time from ([`SystemClock`], [`ManualClock`]).
+//! - [`sequence`]: a request as the scheduler sees it ([`Sequence`]): lengths, generated
+//!   tokens, predictions, counters, timestamps.
+//! - [`block`]: the KV budget in blocks of tokens ([`BlockManager`]).
+//! - [`policy`]: the [`Policy`] trait and `fcfs`, `sjf-bert`, `sprpt`, `trail`, `oracle`.
+//! - [`scheduler`]: iteration-level batching, chunked prefill, policy and memory preemption by
+//!   recompute ([`Scheduler`]).
+
+pub mod block;
+pub mod clock;
+pub mod error;
+pub mod policy;
+pub mod scheduler;
+pub mod sequence;
+
+pub use block::{AllocStatus, BlockManager};
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use error::{BlockError, SchedulerError};
+pub use policy::{Fcfs, Oracle, Policy, PolicyKind, SjfBert, Sprpt, Trail};
+pub use scheduler::{
+    Chunk, Counters, PreemptKind, PreemptionMode, Scheduler, SchedulerConfig, StepPlan, StepResult,
+};
+pub use sequence::{FinishReason, SeqId, SeqState, Sequence, Timestamps};
