@@ -1,16 +1,16 @@
 //! The matmul seam: every weight matrix of the model is a [`QLinear`].
 //!
-//! Weights stay in their GGUF block format (read straight from the file into typed block
-//! vectors) and `forward` multiplies a row-major `n × in` f32 activation by the transposed
-//! weight into `n × out`, with candle's CPU kernel `k_quants::matmul`. That kernel quantizes
-//! each activation row on its own and computes every output element with the same dot routine
-//! whatever `n` is (column quads, then a 0..=3 tail fixed by `out` alone), so a row's output is
-//! bit-identical whatever other rows share the call. candle's `QMatMul::forward` is not used
-//! because it can route some formats (x86 Q4K/Q6K/Q8_0, aarch64 repacks) to repacked kernels
-//! chosen by `n`, which would break that property.
-//!
-//! `trail_kernels::QMatrix` (same raw bytes, same `x: n × in`, `y: n × out` layout) is meant to
-//! replace the candle call inside `forward`; nothing else needs to change.
+//! `forward` multiplies a row-major `n × in` f32 activation by the transposed weight into
+//! `n × out`. Two engines, both bit-identical per row whatever other rows share the call:
+//! - `Q4_0`, `Q4_1` and `Q8_0` (the default model's formats) go to [`trail_kernels::QMatrix`]:
+//!   weights repacked at load into 16-output tiles, activations quantized once per step and
+//!   shared by the matrices that read the same input ([`QLinear::forward_group`]), each weight
+//!   block loaded once for up to 8 rows, tiles spread over rayon's threads.
+//! - Every other GGUF format stays in its block vectors and runs candle's CPU kernel
+//!   `k_quants::matmul`, which quantizes each activation row on its own and computes every
+//!   output with the same dot routine whatever `n` is. candle's `QMatMul::forward` is not used:
+//!   it routes some formats (x86 Q4K/Q6K/Q8_0, aarch64 repacks) to kernels chosen by `n`,
+//!   which would break batch invariance.
 
 use candle_core::quantized::GgmlDType;
 use candle_core::quantized::k_quants::{
@@ -18,6 +18,7 @@ use candle_core::quantized::k_quants::{
     BlockQ6K, BlockQ8_0, GgmlType,
 };
 use half::{bf16, f16};
+use trail_kernels::{BlockFormat, QActivations, QMatrix};
 
 use crate::error::Result;
 use crate::gguf::{GgufFile, storage_bytes};
@@ -59,11 +60,18 @@ macro_rules! dispatch {
     };
 }
 
+/// Where a matrix's weights live: repacked for trail's kernels, or candle's block vectors.
+enum Weights {
+    Fast(QMatrix),
+    Candle(Blocks),
+}
+
 /// A weight matrix `out × in` in its GGUF block format; `y = x · Wᵀ`.
 pub struct QLinear {
     out_features: usize,
     in_features: usize,
-    blocks: Blocks,
+    dtype: GgmlDType,
+    weights: Weights,
 }
 
 impl std::fmt::Debug for QLinear {
@@ -116,6 +124,28 @@ impl QLinear {
             ));
         }
         let elems = out_features * in_features;
+        let fast = match dtype {
+            GgmlDType::Q4_0 => Some(BlockFormat::Q4_0),
+            GgmlDType::Q4_1 => Some(BlockFormat::Q4_1),
+            GgmlDType::Q8_0 => Some(BlockFormat::Q8_0),
+            _ => None,
+        };
+        if let Some(format) = fast
+            && in_features.is_multiple_of(32)
+        {
+            let bytes = storage_bytes(dtype, elems)
+                .ok_or_else(|| gguf.bad_tensor(name, "not whole blocks"))?;
+            let mut raw = vec![0u8; bytes];
+            gguf.read_tensor_bytes(name, &mut raw)?;
+            let m = QMatrix::from_gguf_bytes(format, out_features, in_features, &raw)
+                .map_err(|e| gguf.bad_tensor(name, e.to_string()))?;
+            return Ok(Self {
+                out_features,
+                in_features,
+                dtype,
+                weights: Weights::Fast(m),
+            });
+        }
         let blocks = match dtype {
             GgmlDType::F32 => Blocks::F32(read_blocks(gguf, name, elems)?),
             GgmlDType::F16 => Blocks::F16(read_blocks(gguf, name, elems)?),
@@ -137,7 +167,8 @@ impl QLinear {
         Ok(Self {
             out_features,
             in_features,
-            blocks,
+            dtype,
+            weights: Weights::Candle(blocks),
         })
     }
 
@@ -154,7 +185,13 @@ impl QLinear {
             ));
         }
         let mut v = vec![0f32; len];
-        dispatch!(&lin.blocks, b => GgmlType::to_float(b, &mut v));
+        lin.row(0, &mut v[..lin.in_features]);
+        if lin.out_features > 1 {
+            for r in 1..lin.out_features {
+                let s = r * lin.in_features;
+                lin.row(r, &mut v[s..s + lin.in_features]);
+            }
+        }
         Ok(v)
     }
 
@@ -167,19 +204,12 @@ impl QLinear {
     }
 
     pub fn dtype(&self) -> GgmlDType {
-        fn of<T: GgmlType>(_: &[T]) -> GgmlDType {
-            T::DTYPE
-        }
-        dispatch!(&self.blocks, b => of(b))
+        self.dtype
     }
 
-    /// The weights' raw GGUF bytes (`out` rows of `in / block_size` blocks).
-    pub fn raw_bytes(&self) -> &[u8] {
-        fn bytes<T>(b: &[T]) -> &[u8] {
-            // SAFETY: plain-data blocks viewed as the bytes they were read from.
-            unsafe { std::slice::from_raw_parts(b.as_ptr() as *const u8, std::mem::size_of_val(b)) }
-        }
-        dispatch!(&self.blocks, b => bytes(b))
+    /// Whether the matmul runs on trail's kernels (else candle's).
+    pub fn is_fast(&self) -> bool {
+        matches!(self.weights, Weights::Fast(_))
     }
 
     /// `y[n × out] = x[n × in] · Wᵀ`, each row computed independently of the others.
@@ -189,9 +219,49 @@ impl QLinear {
         if n == 0 {
             return;
         }
-        let mkn = (n, self.in_features, self.out_features);
-        dispatch!(&self.blocks, b => k_quants::matmul(mkn, x, b, y))
-            .expect("QLinear sizes are checked above");
+        match &self.weights {
+            Weights::Fast(m) => m.matmul(x, n, y),
+            Weights::Candle(blocks) => {
+                let mkn = (n, self.in_features, self.out_features);
+                dispatch!(blocks, b => k_quants::matmul(mkn, x, b, y))
+                    .expect("QLinear sizes are checked above");
+            }
+        }
+    }
+
+    /// Several matrices reading the same input (q/k/v, gate/up): `ys[i].1 = x · ys[i].0ᵀ`.
+    /// When all run on trail's kernels the input is quantized once and the matmuls share one
+    /// parallel region; the bits equal separate [`Self::forward`] calls either way.
+    pub fn forward_group(x: &[f32], n: usize, ys: &mut [(&QLinear, &mut [f32])]) {
+        if n == 0 || ys.is_empty() {
+            return;
+        }
+        let fast: Option<Vec<&QMatrix>> = ys
+            .iter()
+            .map(|(l, _)| match &l.weights {
+                Weights::Fast(m) if l.in_features == ys[0].0.in_features => Some(m),
+                _ => None,
+            })
+            .collect();
+        match fast {
+            Some(ms) => {
+                for (l, y) in ys.iter() {
+                    assert_eq!(y.len(), n * l.out_features, "QLinear output");
+                }
+                let act = QActivations::quantize(x, n, ys[0].0.in_features);
+                let mut group: Vec<(&QMatrix, &mut [f32])> = ms
+                    .into_iter()
+                    .zip(ys.iter_mut())
+                    .map(|(m, (_, y))| (m, &mut **y))
+                    .collect();
+                trail_kernels::matmul_group(&act, &mut group);
+            }
+            None => {
+                for (l, y) in ys.iter_mut() {
+                    l.forward(x, n, y);
+                }
+            }
+        }
     }
 
     /// Dequantizes row `r` (an embedding lookup) into `out` (`in` values).
@@ -201,7 +271,10 @@ impl QLinear {
             let per_row = k / T::BLCK_SIZE;
             T::to_float(&b[r * per_row..(r + 1) * per_row], out)
         }
-        dispatch!(&self.blocks, b => deq(b, r, self.in_features, out))
+        match &self.weights {
+            Weights::Fast(m) => m.dequantize_row_into(r, out),
+            Weights::Candle(blocks) => dispatch!(blocks, b => deq(b, r, self.in_features, out)),
+        }
     }
 }
 

@@ -388,9 +388,15 @@ impl Llama {
 
         for (l, b) in self.blocks.iter().enumerate() {
             rms_norm(&x, &b.attn_norm, eps, &mut xn);
-            b.attn_q.forward(&xn, n, &mut q);
-            b.attn_k.forward(&xn, n, &mut k);
-            b.attn_v.forward(&xn, n, &mut v);
+            QLinear::forward_group(
+                &xn,
+                n,
+                &mut [
+                    (&b.attn_q, &mut q),
+                    (&b.attn_k, &mut k),
+                    (&b.attn_v, &mut v),
+                ],
+            );
             rope(&mut q, hd, &cos, &sin);
             rope(&mut k, hd, &cos, &sin);
             for (r, row) in rows.iter_mut().enumerate() {
@@ -426,8 +432,11 @@ impl Llama {
             b.attn_output.forward(&att, n, &mut o);
             add(&mut x, &o);
             rms_norm(&x, &b.ffn_norm, eps, &mut xn);
-            b.ffn_gate.forward(&xn, n, &mut gate);
-            b.ffn_up.forward(&xn, n, &mut up);
+            QLinear::forward_group(
+                &xn,
+                n,
+                &mut [(&b.ffn_gate, &mut gate), (&b.ffn_up, &mut up)],
+            );
             for (g, u) in gate.iter_mut().zip(&up) {
                 *g = silu(*g) * u;
             }

@@ -106,9 +106,10 @@ impl Runner {
         stop_tokens.sort_unstable();
         stop_tokens.dedup();
         let kernel_id = format!(
-            "trail-llm-{}/candle-core-{CANDLE_VERSION}-k_quants/{}/{}/attn-f32-lanes8",
+            "trail-llm-{}/{}/{}/candle-core-{CANDLE_VERSION}-k_quants({})/attn-f32-lanes8",
             env!("CARGO_PKG_VERSION"),
             model.weight_formats().join("+"),
+            trail_kernels::kernel_id(),
             simd_path(),
         );
         Ok(Self {
