@@ -49,7 +49,11 @@ pub enum LlmError {
     Tokenizer(String),
     #[error("chat template: {0}")]
     Template(String),
-    #[error("prompt of {len} tokens does not fit the context of {max} tokens")]
+    /// `max` is the longest prompt that fits: the context less the room kept for generation.
+    #[error(
+        "prompt of {len} tokens is too long: at most {max} prompt tokens fit the context with \
+         room left to generate"
+    )]
     PromptTooLong { len: usize, max: usize },
     #[error("sequence would reach position {pos}, past the context of {max} tokens")]
     ContextOverflow { pos: usize, max: usize },

@@ -193,8 +193,9 @@ impl GgufFile {
         if want != dst.len() {
             return Err(self.bad_tensor(name, format!("holds {want} bytes, not {}", dst.len())));
         }
-        let start = self.content.tensor_data_offset + info.offset;
-        let end = start + want as u64;
+        // A corrupt offset must not wrap around (and read the wrong bytes) or panic.
+        let start = self.content.tensor_data_offset.saturating_add(info.offset);
+        let end = start.saturating_add(want as u64);
         if end > self.len {
             return Err(LlmError::Truncated {
                 path: self.path.clone(),

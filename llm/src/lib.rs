@@ -5,7 +5,8 @@
 //! serving engine drives: rows of different lengths (prefill chunks and decode tokens) in one
 //! step, each with its own [`KvCache`], returning logits and the hidden states of the layers in
 //! a [`LayerSet`]. Results are bit-identical per row whatever the batch, and prefill ≡ decode;
-//! [`Runner::kernel_id`] names the numerics that make them so. [`hub`] fetches models.
+//! [`Runner::kernel_id`] names the numerics that make them so. [`hub`] fetches models. The
+//! `testing` module (unit tests, or the `testing` feature) writes tiny random GGUF models.
 
 pub mod batch;
 pub mod device;
@@ -17,6 +18,8 @@ pub mod linear;
 pub mod model;
 pub mod runner;
 pub mod sampler;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod tokenizer;
 
 pub use device::Device;

@@ -331,14 +331,20 @@ impl Llama {
                     cfg.vocab_size
                 )));
             }
-            if row.prompt_tokens > 0
-                && !layers.is_empty()
-                && let Some(p) = &row.cache.prompt
-                && p.layers != layers
-            {
-                return Err(LlmError::Step(
-                    "prompt chunks of one sequence asked for different layer sets".into(),
-                ));
+            // The prompt mean covers every prompt token, so all chunks capture the same layers
+            // (a chunk without them would count its tokens but add none of their states).
+            let captured = row
+                .cache
+                .prompt
+                .as_ref()
+                .map_or(LayerSet::NONE, |p| p.layers);
+            if row.prompt_tokens > 0 && row.cache.len > 0 && captured != layers {
+                return Err(LlmError::Step(format!(
+                    "prompt chunks of one sequence asked for different layer sets ({} layers \
+                     after {}): the prompt mean would miss tokens",
+                    layers.len(),
+                    captured.len()
+                )));
             }
         }
 
