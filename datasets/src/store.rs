@@ -605,10 +605,13 @@ pub fn list_layers(run_dir: &Path) -> Result<Vec<u32>> {
     let mut layers = Vec::new();
     for entry in entries {
         let entry = entry.map_err(|e| StoreError::io(&dir, e))?;
-        if let Some(l) = entry.file_name().to_string_lossy().strip_prefix("layer=") {
-            if let Ok(l) = l.parse() {
-                layers.push(l);
-            }
+        let name = entry.file_name();
+        if let Some(Ok(l)) = name
+            .to_string_lossy()
+            .strip_prefix("layer=")
+            .map(str::parse)
+        {
+            layers.push(l);
         }
     }
     layers.sort_unstable();

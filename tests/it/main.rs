@@ -1,5 +1,6 @@
 //! trail's one integration-test binary.
 
 mod checkpoints;
+mod datasets;
 mod runner;
 mod sim;
