@@ -77,3 +77,38 @@ pub enum SchedulerError {
     #[error("schedule called while a step is in flight")]
     StepInFlight,
 }
+
+/// Errors of the [`Engine`](crate::engine::Engine).
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The scheduler refused or failed.
+    #[error(transparent)]
+    Scheduler(#[from] SchedulerError),
+    /// The model failed.
+    #[error("model: {0}")]
+    Llm(#[from] trail_llm::LlmError),
+    /// The predictor's checkpoint failed.
+    #[error("predictor: {0}")]
+    Checkpoint(#[from] trail_checkpoints::Error),
+    /// The predictor does not fit the model.
+    #[error("predictor: {0}")]
+    Predictor(String),
+    /// Prompt plus `max_tokens` beyond the model's context.
+    #[error(
+        "prompt of {prompt} tokens + max_tokens {max_new} exceeds the context of {context} tokens"
+    )]
+    ContextExceeded {
+        /// Prompt tokens.
+        prompt: usize,
+        /// Requested new tokens.
+        max_new: usize,
+        /// The model's context length.
+        context: usize,
+    },
+    /// The engine is shutting down and admits nothing.
+    #[error("the engine is shutting down")]
+    ShuttingDown,
+    /// The engine thread is gone.
+    #[error("the engine stopped: {0}")]
+    Stopped(String),
+}

@@ -9,18 +9,33 @@
 //! - [`policy`]: the [`Policy`] trait and `fcfs`, `sjf-bert`, `sprpt`, `trail`, `oracle`.
 //! - [`scheduler`]: iteration-level batching, chunked prefill, policy and memory preemption by
 //!   recompute ([`Scheduler`]).
+//!
+//! Over the real model:
+//! - [`predictor`]: the TRAIL probe and Bayesian filter in the loop ([`Predictor`]).
+//! - [`engine`]: the engine thread over the `trail-llm` runner ([`Engine`]).
+//! - [`metrics`]: statistics and their Prometheus exposition ([`EngineStats`]).
+//! - [`http`]: the OpenAI-compatible HTTP front end (axum).
 
 pub mod block;
 pub mod clock;
+pub mod engine;
 pub mod error;
+pub mod http;
+pub mod metrics;
 pub mod policy;
+pub mod predictor;
 pub mod scheduler;
 pub mod sequence;
 
 pub use block::{AllocStatus, BlockManager};
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use error::{BlockError, SchedulerError};
+pub use engine::{
+    Engine, EngineConfig, EngineReport, Event, GenRequest, RequestHandle, StepRecord, Summary,
+};
+pub use error::{BlockError, EngineError, SchedulerError};
+pub use metrics::{EngineStats, Histogram};
 pub use policy::{Fcfs, Oracle, Policy, PolicyKind, SjfBert, Sprpt, Trail};
+pub use predictor::Predictor;
 pub use scheduler::{
     Chunk, Counters, PreemptKind, PreemptionMode, Scheduler, SchedulerConfig, StepPlan, StepResult,
 };

@@ -3,4 +3,5 @@
 mod checkpoints;
 mod datasets;
 mod runner;
+mod serving;
 mod sim;

@@ -1,0 +1,796 @@
+//! [`Engine`]: the serving loop on its own thread. It owns the model's KV caches and the
+//! [`Scheduler`]; each iteration drains commands (add, abort, shutdown), plans a step, runs one
+//! batched forward over prefill chunks and decodes (capturing only the predictor's layers),
+//! samples, runs the predictor batched over the rows that produced a token, reports tokens to
+//! per-request channels and records a [`StepRecord`].
+//!
+//! Callers talk to it through [`Engine::submit`] (async) or [`Engine::submit_blocking`], which
+//! answer admission errors (overload, too long) at once and otherwise return a
+//! [`RequestHandle`] whose channel yields [`Event::Token`]s and one [`Event::Done`]. Dropping
+//! the handle cancels the request and frees its blocks.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+use trail_checkpoints::{Checkpoint, RefineState};
+use trail_llm::{KvCache, LayerSet, Row, Runner, Sampler, Sampling};
+
+use crate::clock::{Clock, SystemClock};
+use crate::error::EngineError;
+use crate::metrics::EngineStats;
+use crate::policy::PolicyKind;
+use crate::predictor::Predictor;
+use crate::scheduler::{PreemptKind, Scheduler, SchedulerConfig, StepResult};
+use crate::sequence::{FinishReason, SeqId, Sequence, Timestamps};
+
+/// Engine settings.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Scheduler settings.
+    pub scheduler: SchedulerConfig,
+    /// `--policy`.
+    pub policy: PolicyKind,
+    /// TRAIL's preemption limit (`--c`).
+    pub c: f64,
+    /// Refresh the refined prediction every N tokens (`--refine-every`); the checkpoint's
+    /// interval when `None`.
+    pub refine_every: Option<u32>,
+}
+
+impl EngineConfig {
+    /// Defaults with a KV budget and a policy.
+    pub fn new(kv_budget_tokens: usize, policy: PolicyKind) -> Self {
+        Self {
+            scheduler: SchedulerConfig::new(kv_budget_tokens),
+            policy,
+            c: 0.8,
+            refine_every: None,
+        }
+    }
+}
+
+/// A generation request, already tokenized.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenRequest {
+    /// Prompt tokens (chat template applied).
+    pub prompt: Vec<u32>,
+    /// Most tokens to generate.
+    pub max_new_tokens: usize,
+    /// Greedy or seeded top-p.
+    pub sampling: Sampling,
+    /// Keep generating past stop tokens (benchmarks).
+    pub ignore_eos: bool,
+    /// Total-length prediction made before admission (BERT), if any.
+    pub initial_prediction: Option<f64>,
+    /// True output length for the oracle policy (`max_new_tokens` with `ignore_eos`).
+    pub true_len: Option<usize>,
+}
+
+impl GenRequest {
+    /// Greedy generation of up to `max_new_tokens` after `prompt`.
+    pub fn greedy(prompt: Vec<u32>, max_new_tokens: usize) -> Self {
+        Self {
+            prompt,
+            max_new_tokens,
+            sampling: Sampling::Greedy,
+            ignore_eos: false,
+            initial_prediction: None,
+            true_len: None,
+        }
+    }
+}
+
+/// What a request's channel yields.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A generated token (stop tokens included).
+    Token(u32),
+    /// The request ended; the last event.
+    Done(Box<Summary>),
+}
+
+/// A finished request.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Summary {
+    /// Request id.
+    pub id: SeqId,
+    /// Why it ended.
+    #[serde(serialize_with = "ser_reason")]
+    pub finish: FinishReason,
+    /// Prompt tokens.
+    pub prompt_tokens: usize,
+    /// Generated tokens (a stop token included).
+    pub tokens: Vec<u32>,
+    /// Timestamps (engine clock, seconds).
+    #[serde(skip)]
+    pub times: Timestamps,
+    /// Policy preemptions.
+    pub preemptions_policy: u32,
+    /// Memory preemptions.
+    pub preemptions_memory: u32,
+    /// KV tokens recomputed.
+    pub recomputed_tokens: usize,
+    /// The first length prediction (total tokens).
+    pub initial_prediction: Option<f64>,
+    /// `(generated, predicted remaining)` after each token that got a prediction.
+    pub predictions: Vec<(u32, f64)>,
+}
+
+fn ser_reason<S: serde::Serializer>(r: &FinishReason, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(r.as_str())
+}
+
+/// One step of the engine, for the simulator's step-time model.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct StepRecord {
+    /// Engine clock at the start of the step (seconds).
+    pub t: f64,
+    /// Rows in the step.
+    pub rows: usize,
+    /// Decode rows.
+    pub decode_rows: usize,
+    /// Prefill tokens.
+    pub prefill_tokens: usize,
+    /// KV tokens of running requests after the step.
+    pub kv_tokens: usize,
+    /// KV blocks held after the step.
+    pub kv_blocks: usize,
+    /// Seconds of the whole step (forward, sampling, predictor, bookkeeping).
+    pub step_secs: f64,
+    /// Seconds of the forward pass.
+    pub forward_secs: f64,
+    /// Seconds of the predictor (probe + filter).
+    pub predictor_secs: f64,
+    /// Policy preemptions planned with this step.
+    pub preempted_policy: usize,
+    /// Memory preemptions planned with this step.
+    pub preempted_memory: usize,
+}
+
+/// What [`Engine::shutdown`] returns.
+#[derive(Debug, Clone)]
+pub struct EngineReport {
+    /// Every step.
+    pub steps: Vec<StepRecord>,
+    /// Final statistics.
+    pub stats: EngineStats,
+}
+
+/// A submitted request: its id and its event channel. Dropping it cancels the request.
+#[derive(Debug)]
+pub struct RequestHandle {
+    /// Request id.
+    pub id: SeqId,
+    /// Tokens, then one [`Event::Done`].
+    pub events: mpsc::UnboundedReceiver<Event>,
+}
+
+impl RequestHandle {
+    /// Waits for the end (blocking; not from inside an async runtime) and returns the summary.
+    pub fn wait(mut self) -> Result<Summary, EngineError> {
+        while let Some(ev) = self.events.blocking_recv() {
+            if let Event::Done(s) = ev {
+                return Ok(*s);
+            }
+        }
+        Err(EngineError::Stopped(
+            "the request's channel closed without an end".into(),
+        ))
+    }
+}
+
+enum Command {
+    Add {
+        id: SeqId,
+        req: GenRequest,
+        reply: oneshot::Sender<Result<mpsc::UnboundedReceiver<Event>, EngineError>>,
+    },
+    Abort(SeqId),
+    Shutdown,
+}
+
+/// A handle on the engine thread.
+pub struct Engine {
+    tx: std_mpsc::Sender<Command>,
+    stats: Arc<Mutex<EngineStats>>,
+    thread: Option<JoinHandle<Result<Vec<StepRecord>, EngineError>>>,
+    next_id: AtomicU64,
+    runner: Arc<Runner>,
+    warnings: Vec<String>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("warnings", &self.warnings)
+            .finish()
+    }
+}
+
+impl Engine {
+    /// Starts the engine thread over `runner`, with the TRAIL predictor of `checkpoint` when
+    /// given. A checkpoint made with other kernels than the runner's is a warning (kept in
+    /// [`warnings`](Self::warnings)); one made for another hidden size is an error.
+    pub fn start(
+        runner: Arc<Runner>,
+        checkpoint: Option<Checkpoint>,
+        cfg: EngineConfig,
+    ) -> Result<Self, EngineError> {
+        let mut warnings = Vec::new();
+        let predictor = match checkpoint {
+            Some(ck) => {
+                let hidden = runner.config().hidden_size;
+                let layers = runner.config().num_hidden_layers;
+                if ck.meta.hidden_size != hidden {
+                    return Err(EngineError::Predictor(format!(
+                        "checkpoint for hidden size {}, model has {hidden}",
+                        ck.meta.hidden_size
+                    )));
+                }
+                if let Some(l) = ck
+                    .meta
+                    .probe_layers
+                    .iter()
+                    .chain(&ck.meta.prompt_layers)
+                    .find(|&&l| l >= layers)
+                {
+                    return Err(EngineError::Predictor(format!(
+                        "checkpoint reads layer {l}, model has {layers}"
+                    )));
+                }
+                if ck.meta.kernel_id != runner.kernel_id() {
+                    let w = format!(
+                        "the predictor was trained on hidden states of kernels {:?}, the runner uses {:?}",
+                        ck.meta.kernel_id,
+                        runner.kernel_id()
+                    );
+                    tracing::warn!("{w}");
+                    warnings.push(w);
+                }
+                Some(Predictor::new(ck, cfg.refine_every))
+            }
+            None => None,
+        };
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
+        let policy = cfg.policy.build(cfg.c);
+        let sched = Scheduler::new(cfg.scheduler.clone(), policy, clock.clone())?;
+        let stats = Arc::new(Mutex::new(EngineStats::new(
+            cfg.policy.as_str(),
+            sched.blocks().total_blocks(),
+        )));
+        let (tx, rx) = std_mpsc::channel();
+        let mut worker = Worker {
+            runner: runner.clone(),
+            sched,
+            predictor,
+            clock,
+            rx,
+            ctxs: HashMap::new(),
+            stats: stats.clone(),
+            steps: Vec::new(),
+            draining: false,
+        };
+        let thread = std::thread::Builder::new()
+            .name("trail-engine".into())
+            .spawn(move || worker.run())
+            .map_err(|e| EngineError::Stopped(format!("cannot start the engine thread: {e}")))?;
+        Ok(Self {
+            tx,
+            stats,
+            thread: Some(thread),
+            next_id: AtomicU64::new(0),
+            runner,
+            warnings,
+        })
+    }
+
+    /// The runner (tokenizer, chat template).
+    pub fn runner(&self) -> &Arc<Runner> {
+        &self.runner
+    }
+
+    /// Warnings raised at start (kernel-id mismatch).
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+
+    /// A snapshot of the statistics.
+    pub fn stats(&self) -> EngineStats {
+        self.stats.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn send_add(
+        &self,
+        req: GenRequest,
+    ) -> Result<(SeqId, oneshot::Receiver<AddReply>), EngineError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Add { id, req, reply })
+            .map_err(|_| EngineError::Stopped("the engine thread is gone".into()))?;
+        Ok((id, rx))
+    }
+
+    /// Submits a request; admission errors come back at once.
+    pub async fn submit(&self, req: GenRequest) -> Result<RequestHandle, EngineError> {
+        let (id, rx) = self.send_add(req)?;
+        let events = rx
+            .await
+            .map_err(|_| EngineError::Stopped("the engine thread is gone".into()))??;
+        Ok(RequestHandle { id, events })
+    }
+
+    /// [`submit`](Self::submit) for callers outside an async runtime.
+    pub fn submit_blocking(&self, req: GenRequest) -> Result<RequestHandle, EngineError> {
+        let (id, rx) = self.send_add(req)?;
+        let events = rx
+            .blocking_recv()
+            .map_err(|_| EngineError::Stopped("the engine thread is gone".into()))??;
+        Ok(RequestHandle { id, events })
+    }
+
+    /// Cancels a request (also done by dropping its handle).
+    pub fn abort(&self, id: SeqId) {
+        let _ = self.tx.send(Command::Abort(id));
+    }
+
+    /// Stops admitting, lets every admitted request finish, joins the thread.
+    pub fn shutdown(mut self) -> Result<EngineReport, EngineError> {
+        let _ = self.tx.send(Command::Shutdown);
+        let steps = self.join()?;
+        Ok(EngineReport {
+            steps,
+            stats: self.stats(),
+        })
+    }
+
+    fn join(&mut self) -> Result<Vec<StepRecord>, EngineError> {
+        match self.thread.take() {
+            Some(t) => t
+                .join()
+                .map_err(|_| EngineError::Stopped("the engine thread panicked".into()))?,
+            None => Ok(Vec::new()),
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            let _ = self.tx.send(Command::Shutdown);
+            let _ = self.join();
+        }
+    }
+}
+
+type AddReply = Result<mpsc::UnboundedReceiver<Event>, EngineError>;
+
+/// Per-request state the scheduler does not know: tokens, cache, sampler, channel, filter.
+struct Ctx {
+    prompt: Vec<u32>,
+    cache: KvCache,
+    sampler: Sampler,
+    ignore_eos: bool,
+    tx: mpsc::UnboundedSender<Event>,
+    refine: Option<RefineState>,
+    predictions: Vec<(u32, f64)>,
+}
+
+struct Worker {
+    runner: Arc<Runner>,
+    sched: Scheduler,
+    predictor: Option<Predictor>,
+    clock: Arc<dyn Clock>,
+    rx: std_mpsc::Receiver<Command>,
+    ctxs: HashMap<SeqId, Ctx>,
+    stats: Arc<Mutex<EngineStats>>,
+    steps: Vec<StepRecord>,
+    draining: bool,
+}
+
+/// One row of a step, before the caches are lent to the model.
+struct RowSpec {
+    id: SeqId,
+    tokens: Vec<u32>,
+    prompt_tokens: usize,
+    start: usize,
+    produces: bool,
+}
+
+impl Worker {
+    fn run(&mut self) -> Result<Vec<StepRecord>, EngineError> {
+        loop {
+            // Commands: block when there is nothing to do.
+            if self.sched.is_idle() {
+                if self.draining {
+                    break;
+                }
+                match self.rx.recv() {
+                    Ok(cmd) => self.command(cmd),
+                    Err(_) => break,
+                }
+            }
+            while let Ok(cmd) = self.rx.try_recv() {
+                self.command(cmd);
+            }
+            self.cancel_disconnected();
+            if self.sched.is_idle() {
+                continue;
+            }
+            if let Err(e) = self.step() {
+                tracing::error!("engine step failed: {e}");
+                self.fail_all(&e);
+                return Err(e);
+            }
+        }
+        Ok(std::mem::take(&mut self.steps))
+    }
+
+    fn command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Add { id, req, reply } => {
+                let res = self.add(id, req);
+                if let Err(Ok(events)) = reply.send(res) {
+                    // The caller went away before the answer: cancel.
+                    drop(events);
+                    self.abort(id);
+                }
+            }
+            Command::Abort(id) => self.abort(id),
+            Command::Shutdown => self.draining = true,
+        }
+    }
+
+    fn add(&mut self, id: SeqId, req: GenRequest) -> AddReply {
+        if self.draining {
+            return Err(EngineError::ShuttingDown);
+        }
+        let context = self.runner.config().max_position_embeddings;
+        if req.prompt.len() + req.max_new_tokens > context {
+            return Err(EngineError::ContextExceeded {
+                prompt: req.prompt.len(),
+                max_new: req.max_new_tokens,
+                context,
+            });
+        }
+        let mut seq = Sequence::new(id, req.prompt.len(), req.max_new_tokens, self.clock.now());
+        seq.initial_prediction = req.initial_prediction;
+        seq.true_len = req.true_len;
+        self.sched.add(seq)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.ctxs.insert(
+            id,
+            Ctx {
+                prompt: req.prompt,
+                cache: self.runner.model().new_cache(),
+                sampler: Sampler::new(req.sampling),
+                ignore_eos: req.ignore_eos,
+                tx,
+                refine: None,
+                predictions: Vec::new(),
+            },
+        );
+        Ok(rx)
+    }
+
+    fn abort(&mut self, id: SeqId) {
+        if let Some(seq) = self.sched.abort(id)
+            && let Some(ctx) = self.ctxs.remove(&id)
+        {
+            let _ = ctx
+                .tx
+                .send(Event::Done(Box::new(summary(seq, ctx.predictions))));
+        }
+    }
+
+    fn cancel_disconnected(&mut self) {
+        let gone: Vec<SeqId> = self
+            .ctxs
+            .iter()
+            .filter(|(_, c)| c.tx.is_closed())
+            .map(|(&id, _)| id)
+            .collect();
+        for id in gone {
+            self.abort(id);
+        }
+    }
+
+    fn fail_all(&mut self, e: &EngineError) {
+        let ids: Vec<SeqId> = self.ctxs.keys().copied().collect();
+        for id in ids {
+            tracing::warn!("request {id} aborted: {e}");
+            self.abort(id);
+        }
+    }
+
+    fn step(&mut self) -> Result<(), EngineError> {
+        let t0 = Instant::now();
+        let t = self.clock.now();
+        let plan = self.sched.schedule()?;
+        for &(id, _) in &plan.preempted {
+            if let Some(c) = self.ctxs.get_mut(&id) {
+                c.cache.clear();
+            }
+        }
+        if plan.is_empty() {
+            self.sched.on_step_done(&[])?;
+            return Ok(());
+        }
+
+        // Rows: decodes, then prefill chunks of prompt + generated.
+        let mut specs = Vec::with_capacity(plan.num_rows());
+        for &id in &plan.decode {
+            let seq = self.sched.get(id).expect("planned sequences are live");
+            specs.push(RowSpec {
+                id,
+                tokens: vec![
+                    *seq.generated
+                        .last()
+                        .expect("a decoding sequence has a token"),
+                ],
+                prompt_tokens: 0,
+                start: seq.computed,
+                produces: true,
+            });
+        }
+        for c in &plan.prefill {
+            let seq = self.sched.get(c.id).expect("planned sequences are live");
+            let ctx = &self.ctxs[&c.id];
+            let end = c.start + c.len;
+            let tokens: Vec<u32> = ctx
+                .prompt
+                .iter()
+                .chain(&seq.generated)
+                .skip(c.start)
+                .take(c.len)
+                .copied()
+                .collect();
+            specs.push(RowSpec {
+                id: c.id,
+                tokens,
+                prompt_tokens: end.min(seq.prompt_len).saturating_sub(c.start),
+                start: c.start,
+                produces: end == seq.total_len(),
+            });
+        }
+
+        // Lend the caches to one forward step.
+        let model = self.runner.model();
+        let mut caches: Vec<KvCache> = Vec::with_capacity(specs.len());
+        for s in &specs {
+            let ctx = self
+                .ctxs
+                .get_mut(&s.id)
+                .expect("planned requests have a context");
+            if ctx.cache.len() != s.start {
+                return Err(EngineError::Stopped(format!(
+                    "request {}: cache holds {} tokens, the plan starts at {}",
+                    s.id,
+                    ctx.cache.len(),
+                    s.start
+                )));
+            }
+            caches.push(std::mem::replace(&mut ctx.cache, model.new_cache()));
+        }
+        let layers = self
+            .predictor
+            .as_ref()
+            .map_or(LayerSet::NONE, Predictor::layers);
+        let tf = Instant::now();
+        let out = {
+            let mut rows: Vec<Row<'_>> = specs
+                .iter()
+                .zip(caches.iter_mut())
+                .map(|(s, c)| Row::new(c, &s.tokens, s.prompt_tokens))
+                .collect();
+            model.step(&mut rows, layers)
+        };
+        let forward_secs = tf.elapsed().as_secs_f64();
+        for (s, c) in specs.iter().zip(caches) {
+            self.ctxs.get_mut(&s.id).expect("present").cache = c;
+        }
+        let out = out?;
+
+        // Sample.
+        let mut results: Vec<StepResult> = Vec::new();
+        let mut produced_rows: Vec<usize> = Vec::new();
+        for (r, s) in specs.iter().enumerate() {
+            if !s.produces {
+                continue;
+            }
+            let ctx = self.ctxs.get_mut(&s.id).expect("present");
+            let token = ctx.sampler.sample(out.logits(r));
+            let stop = !ctx.ignore_eos && self.runner.is_stop(token);
+            results.push(StepResult {
+                id: s.id,
+                token: Some(token),
+                stop,
+                prediction: None,
+            });
+            produced_rows.push(r);
+        }
+
+        // Predict, batched over the rows that produced a token.
+        let tp = Instant::now();
+        if let Some(pred) = &self.predictor {
+            predict(
+                pred,
+                &self.sched,
+                &mut self.ctxs,
+                &specs,
+                &produced_rows,
+                &out,
+                &mut results,
+            )?;
+        }
+        let predictor_secs = tp.elapsed().as_secs_f64();
+
+        self.sched.on_step_done(&results)?;
+        for r in &results {
+            let ctx = self.ctxs.get_mut(&r.id).expect("present");
+            if let (Some(p), Some(st)) = (r.prediction, &ctx.refine) {
+                ctx.predictions.push((st.generated(), p));
+            }
+            // A closed channel is noticed by `cancel_disconnected` next iteration.
+            let _ = ctx
+                .tx
+                .send(Event::Token(r.token.expect("results carry tokens")));
+        }
+        let finished = self.sched.take_finished();
+        let mut st = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+        for seq in finished {
+            let ctx = self
+                .ctxs
+                .remove(&seq.id)
+                .expect("finished requests have a context");
+            let sum = summary(seq, ctx.predictions);
+            score(&mut st, &sum);
+            let _ = ctx.tx.send(Event::Done(Box::new(sum)));
+        }
+        let step_secs = t0.elapsed().as_secs_f64();
+        st.waiting = self.sched.num_waiting();
+        st.running = self.sched.num_running();
+        st.kv_blocks_used = self.sched.blocks().used_blocks();
+        st.counters = self.sched.counters();
+        st.step_secs += step_secs;
+        st.predictor_secs += predictor_secs;
+        drop(st);
+        let count = |k| plan.preempted.iter().filter(|p| p.1 == k).count();
+        self.steps.push(StepRecord {
+            t,
+            rows: plan.num_rows(),
+            decode_rows: plan.decode.len(),
+            prefill_tokens: plan.prefill_tokens(),
+            kv_tokens: self.sched.kv_tokens(),
+            kv_blocks: self.sched.blocks().used_blocks(),
+            step_secs,
+            forward_secs,
+            predictor_secs,
+            preempted_policy: count(PreemptKind::Policy),
+            preempted_memory: count(PreemptKind::Memory),
+        });
+        Ok(())
+    }
+}
+
+/// Runs the predictor for the rows that produced a token: first predictions (prompt
+/// predictor, or the decode probe on the last prompt token) and due refreshes, each kind in
+/// one batched call; then every such row reports its current remaining estimate.
+fn predict(
+    pred: &Predictor,
+    sched: &Scheduler,
+    ctxs: &mut HashMap<SeqId, Ctx>,
+    specs: &[RowSpec],
+    produced_rows: &[usize],
+    out: &trail_llm::StepOutput,
+    results: &mut [StepResult],
+) -> Result<(), EngineError> {
+    let k = pred.k();
+    let mut start_prompt: Vec<(usize, Vec<f32>)> = Vec::new();
+    let mut decode_feats: Vec<f32> = Vec::new();
+    let mut decode_rows: Vec<(usize, bool)> = Vec::new(); // (result index, is a start)
+    for (i, &r) in produced_rows.iter().enumerate() {
+        let id = specs[r].id;
+        let ctx = ctxs.get_mut(&id).expect("present");
+        match ctx.refine.as_mut() {
+            None => match pred.prompt_features(&ctx.cache) {
+                Some(f) => start_prompt.push((i, f)),
+                None => {
+                    pred.decode_features(out, r, &mut decode_feats);
+                    decode_rows.push((i, true));
+                }
+            },
+            Some(state) => {
+                state.advance(1);
+                if state.due(pred.filter()) {
+                    pred.decode_features(out, r, &mut decode_feats);
+                    decode_rows.push((i, false));
+                }
+            }
+        }
+    }
+    let prompt_probs = if start_prompt.is_empty() {
+        Vec::new()
+    } else {
+        let feats: Vec<f32> = start_prompt
+            .iter()
+            .flat_map(|(_, f)| f.iter().copied())
+            .collect();
+        pred.prompt_proba(&feats)?
+    };
+    let decode_probs = pred.decode_proba(&decode_feats)?;
+    let max_new = |id: SeqId| sched.get(id).map_or(0, |s| s.max_new_tokens);
+    for (j, (i, _)) in start_prompt.iter().enumerate() {
+        let id = results[*i].id;
+        let mut st = pred.start(&prompt_probs[j * k..(j + 1) * k], max_new(id));
+        st.advance(1);
+        ctxs.get_mut(&id).expect("present").refine = Some(st);
+    }
+    for (j, &(i, is_start)) in decode_rows.iter().enumerate() {
+        let id = results[i].id;
+        let probs = &decode_probs[j * k..(j + 1) * k];
+        let ctx = ctxs.get_mut(&id).expect("present");
+        if is_start {
+            let mut st = pred.start(probs, max_new(id));
+            st.advance(1);
+            ctx.refine = Some(st);
+        } else {
+            ctx.refine
+                .as_mut()
+                .expect("refreshes have a state")
+                .refine(pred.filter(), probs);
+        }
+    }
+    for (i, &r) in produced_rows.iter().enumerate() {
+        let ctx = &ctxs[&specs[r].id];
+        if let Some(st) = &ctx.refine {
+            results[i].prediction = Some(st.remaining(pred.filter()));
+        }
+    }
+    Ok(())
+}
+
+fn summary(seq: Sequence, predictions: Vec<(u32, f64)>) -> Summary {
+    let finish = match seq.state {
+        crate::sequence::SeqState::Finished(r) => r,
+        _ => FinishReason::Aborted,
+    };
+    Summary {
+        id: seq.id,
+        finish,
+        prompt_tokens: seq.prompt_len,
+        tokens: seq.generated,
+        times: seq.times,
+        preemptions_policy: seq.preemptions_policy,
+        preemptions_memory: seq.preemptions_memory,
+        recomputed_tokens: seq.recomputed_tokens,
+        initial_prediction: seq.initial_prediction,
+        predictions,
+    }
+}
+
+/// Adds a finished request to the latency histograms and the online predictor MAE.
+fn score(st: &mut EngineStats, s: &Summary) {
+    let t = &s.times;
+    if let Some(ft) = t.first_token {
+        st.ttft.observe(ft - t.arrival);
+    }
+    if let Some(f) = t.finish {
+        st.latency.observe(f - t.arrival);
+    }
+    let len = s.tokens.len() as f64;
+    if let Some(p) = s.initial_prediction {
+        st.initial_abs_err += (p - len).abs();
+        st.initial_count += 1;
+    }
+    for &(g, p) in &s.predictions {
+        st.refined_abs_err += (p - (len - f64::from(g))).abs();
+        st.refined_count += 1;
+    }
+}

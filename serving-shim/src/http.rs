@@ -1,0 +1,475 @@
+//! The OpenAI-compatible HTTP front end (axum): `POST /v1/completions`,
+//! `POST /v1/chat/completions` (`max_tokens`, `temperature`, `top_p`, `seed`, `stream` as SSE
+//! ending in `[DONE]`, `usage`, and `ignore_eos` for benchmarks), `GET /health` and
+//! `GET /metrics` (Prometheus text).
+//!
+//! Overload (the waiting queue at `max_waiting`) is 429 with `Retry-After`; a request beyond
+//! the context or the KV budget, or a malformed body, is 400 naming the limit or the field. A
+//! client that goes away drops its [`RequestHandle`](crate::engine::RequestHandle), which
+//! cancels the request and frees its blocks.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+use trail_llm::{Message, Sampling};
+
+use crate::engine::{Engine, Event, GenRequest, RequestHandle, Summary};
+use crate::error::{EngineError, SchedulerError};
+
+/// Shared state of the handlers.
+#[derive(Clone)]
+struct App {
+    engine: Arc<Engine>,
+    model: Arc<str>,
+    default_max_tokens: usize,
+}
+
+/// The router over `engine`; `model` is the name reported in responses.
+pub fn router(engine: Arc<Engine>, model: &str, default_max_tokens: usize) -> Router {
+    let app = App {
+        engine,
+        model: model.into(),
+        default_max_tokens,
+    };
+    Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .with_state(app)
+}
+
+/// Serves `router` on `addr` until `shutdown` resolves, then finishes open responses.
+pub async fn serve(
+    router: Router,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Binds `addr` (127.0.0.1 unless told otherwise by the caller).
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}
+
+/// An OpenAI-style error response.
+#[derive(Debug)]
+struct ApiError {
+    status: StatusCode,
+    message: String,
+    param: Option<&'static str>,
+    retry_after: Option<u32>,
+}
+
+impl ApiError {
+    fn bad(param: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+            param: Some(param),
+            retry_after: None,
+        }
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        let message = e.to_string();
+        match e {
+            EngineError::Scheduler(SchedulerError::Overloaded { .. }) => Self {
+                status: StatusCode::TOO_MANY_REQUESTS,
+                message,
+                param: None,
+                retry_after: Some(1),
+            },
+            EngineError::Scheduler(SchedulerError::TooLong { .. }) => {
+                Self::bad("max_tokens", format!("{message} (the KV budget)"))
+            }
+            EngineError::ContextExceeded { .. } => Self::bad("max_tokens", message),
+            EngineError::Scheduler(SchedulerError::EmptyPrompt(_)) => Self::bad("prompt", message),
+            EngineError::ShuttingDown => Self {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                message,
+                param: None,
+                retry_after: Some(5),
+            },
+            _ => Self {
+                status: StatusCode::INTERNAL_SERVER_ERROR,
+                message,
+                param: None,
+                retry_after: None,
+            },
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let kind = if self.status.is_client_error() {
+            "invalid_request_error"
+        } else {
+            "server_error"
+        };
+        let body = json!({"error": {"message": self.message, "type": kind, "param": self.param}});
+        let mut r = (self.status, axum::Json(body)).into_response();
+        if let Some(s) = self.retry_after {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        r
+    }
+}
+
+/// Sampling and length fields shared by both endpoints.
+struct Common {
+    max_tokens: usize,
+    sampling: Sampling,
+    stream: bool,
+    ignore_eos: bool,
+}
+
+fn field_u64(v: &Value, name: &'static str) -> Result<Option<u64>, ApiError> {
+    match v.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(x) => x
+            .as_u64()
+            .map(Some)
+            .ok_or_else(|| ApiError::bad(name, format!("`{name}` must be a non-negative integer"))),
+    }
+}
+
+fn field_f64(v: &Value, name: &'static str) -> Result<Option<f64>, ApiError> {
+    match v.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(x) => x
+            .as_f64()
+            .filter(|f| f.is_finite())
+            .map(Some)
+            .ok_or_else(|| ApiError::bad(name, format!("`{name}` must be a number"))),
+    }
+}
+
+fn field_bool(v: &Value, name: &'static str) -> Result<bool, ApiError> {
+    match v.get(name) {
+        None | Some(Value::Null) => Ok(false),
+        Some(x) => x
+            .as_bool()
+            .ok_or_else(|| ApiError::bad(name, format!("`{name}` must be true or false"))),
+    }
+}
+
+fn parse_body(body: &Bytes) -> Result<Value, ApiError> {
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad("body", format!("the body is not valid JSON: {e}")))?;
+    if !v.is_object() {
+        return Err(ApiError::bad("body", "the body must be a JSON object"));
+    }
+    Ok(v)
+}
+
+fn common(v: &Value, default_max_tokens: usize) -> Result<Common, ApiError> {
+    let max_tokens = field_u64(v, "max_tokens")?.map_or(default_max_tokens, |m| m as usize);
+    if max_tokens == 0 {
+        return Err(ApiError::bad(
+            "max_tokens",
+            "`max_tokens` must be at least 1",
+        ));
+    }
+    let temperature = field_f64(v, "temperature")?.unwrap_or(0.0);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(ApiError::bad(
+            "temperature",
+            "`temperature` must be in [0, 2]",
+        ));
+    }
+    let top_p = field_f64(v, "top_p")?;
+    if top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
+        return Err(ApiError::bad("top_p", "`top_p` must be in (0, 1]"));
+    }
+    let seed = field_u64(v, "seed")?.unwrap_or(0);
+    Ok(Common {
+        max_tokens,
+        sampling: Sampling::new(temperature, top_p, seed),
+        stream: field_bool(v, "stream")?,
+        ignore_eos: field_bool(v, "ignore_eos")?,
+    })
+}
+
+async fn health() -> impl IntoResponse {
+    axum::Json(json!({"status": "ok"}))
+}
+
+async fn metrics(State(app): State<App>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        app.engine.stats().render_prometheus(),
+    )
+}
+
+async fn completions(State(app): State<App>, body: Bytes) -> Result<Response, ApiError> {
+    let v = parse_body(&body)?;
+    let prompt = match v.get("prompt") {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => {
+            a[0].as_str().unwrap_or_default().to_string()
+        }
+        Some(_) => return Err(ApiError::bad("prompt", "`prompt` must be a string")),
+        None => return Err(ApiError::bad("prompt", "missing field `prompt`")),
+    };
+    let c = common(&v, app.default_max_tokens)?;
+    let runner = app.engine.runner();
+    let ids = runner
+        .encode(&prompt)
+        .map_err(|e| ApiError::bad("prompt", e.to_string()))?;
+    if ids.is_empty() {
+        return Err(ApiError::bad("prompt", "`prompt` has no tokens"));
+    }
+    run(app, ids, c, Kind::Text).await
+}
+
+async fn chat_completions(State(app): State<App>, body: Bytes) -> Result<Response, ApiError> {
+    let v = parse_body(&body)?;
+    let Some(Value::Array(msgs)) = v.get("messages") else {
+        return Err(ApiError::bad(
+            "messages",
+            "missing or non-array field `messages`",
+        ));
+    };
+    let mut owned: Vec<(String, String)> = Vec::with_capacity(msgs.len());
+    for (i, m) in msgs.iter().enumerate() {
+        let role = m.get("role").and_then(Value::as_str);
+        let content = m.get("content").and_then(Value::as_str);
+        match (role, content) {
+            (Some(r @ ("system" | "user" | "assistant")), Some(c)) => {
+                owned.push((r.to_string(), c.to_string()))
+            }
+            _ => {
+                return Err(ApiError::bad(
+                    "messages",
+                    format!(
+                        "`messages[{i}]` needs a role (system, user, assistant) and a string content"
+                    ),
+                ));
+            }
+        }
+    }
+    if owned.is_empty() {
+        return Err(ApiError::bad("messages", "`messages` is empty"));
+    }
+    let c = common(&v, app.default_max_tokens)?;
+    let runner = app.engine.runner();
+    let messages: Vec<Message<'_>> = owned
+        .iter()
+        .map(|(role, content)| Message { role, content })
+        .collect();
+    let text = runner
+        .template()
+        .render(&messages)
+        .map_err(|e| ApiError::bad("messages", e.to_string()))?;
+    let ids = runner
+        .encode(&text)
+        .map_err(|e| ApiError::bad("messages", e.to_string()))?;
+    run(app, ids, c, Kind::Chat).await
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Text,
+    Chat,
+}
+
+fn usage(s: &Summary) -> Value {
+    json!({
+        "prompt_tokens": s.prompt_tokens,
+        "completion_tokens": s.tokens.len(),
+        "total_tokens": s.prompt_tokens + s.tokens.len(),
+    })
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+async fn run(app: App, ids: Vec<u32>, c: Common, kind: Kind) -> Result<Response, ApiError> {
+    let req = GenRequest {
+        prompt: ids,
+        max_new_tokens: c.max_tokens,
+        sampling: c.sampling,
+        ignore_eos: c.ignore_eos,
+        initial_prediction: None,
+        true_len: c.ignore_eos.then_some(c.max_tokens),
+    };
+    let handle = app.engine.submit(req).await?;
+    let (prefix, object) = match kind {
+        Kind::Text => ("cmpl", "text_completion"),
+        Kind::Chat => ("chatcmpl", "chat.completion"),
+    };
+    let id = format!("{prefix}-{}", handle.id);
+    if c.stream {
+        Ok(stream(app, handle, id, kind).into_response())
+    } else {
+        let mut handle = handle;
+        let mut summary = None;
+        while let Some(ev) = handle.events.recv().await {
+            if let Event::Done(s) = ev {
+                summary = Some(s);
+                break;
+            }
+        }
+        let s = summary.ok_or_else(|| {
+            ApiError::from(EngineError::Stopped(
+                "the request ended without a result".into(),
+            ))
+        })?;
+        let text = app
+            .engine
+            .runner()
+            .decode(&s.tokens)
+            .map_err(|e| ApiError::from(EngineError::Llm(e)))?;
+        let choice = match kind {
+            Kind::Text => {
+                json!({"index": 0, "text": text, "logprobs": null, "finish_reason": s.finish.as_str()})
+            }
+            Kind::Chat => json!({
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": s.finish.as_str()
+            }),
+        };
+        Ok(axum::Json(json!({
+            "id": id,
+            "object": object,
+            "created": now_unix(),
+            "model": &*app.model,
+            "choices": [choice],
+            "usage": usage(&s),
+        }))
+        .into_response())
+    }
+}
+
+/// Incremental detokenization state of a stream.
+struct Streamer {
+    app: App,
+    handle: RequestHandle,
+    id: String,
+    kind: Kind,
+    tokens: Vec<u32>,
+    sent: usize,
+    first: bool,
+    done: bool,
+}
+
+impl Streamer {
+    fn chunk(&self, delta: &str, finish: Option<&str>, usage: Option<Value>) -> SseEvent {
+        let created = now_unix();
+        let model = &*self.app.model;
+        let v = match self.kind {
+            Kind::Text => json!({
+                "id": self.id, "object": "text_completion", "created": created, "model": model,
+                "choices": [{"index": 0, "text": delta, "logprobs": null, "finish_reason": finish}],
+                "usage": usage,
+            }),
+            Kind::Chat => {
+                let mut d = serde_json::Map::new();
+                if self.first {
+                    d.insert("role".into(), "assistant".into());
+                }
+                if !delta.is_empty() || finish.is_none() {
+                    d.insert("content".into(), delta.into());
+                }
+                json!({
+                    "id": self.id, "object": "chat.completion.chunk", "created": created,
+                    "model": model,
+                    "choices": [{"index": 0, "delta": d, "finish_reason": finish}],
+                    "usage": usage,
+                })
+            }
+        };
+        SseEvent::default().data(v.to_string())
+    }
+
+    /// Text decoded since the last chunk (held back while it ends in an incomplete character).
+    fn delta(&mut self) -> String {
+        let text = self
+            .app
+            .engine
+            .runner()
+            .decode(&self.tokens)
+            .unwrap_or_default();
+        if text.ends_with('\u{FFFD}') || text.len() < self.sent || !text.is_char_boundary(self.sent)
+        {
+            return String::new();
+        }
+        let d = text[self.sent..].to_string();
+        self.sent = text.len();
+        d
+    }
+
+    async fn next(mut self) -> Option<(Result<SseEvent, Infallible>, Self)> {
+        if self.done {
+            return None;
+        }
+        loop {
+            match self.handle.events.recv().await {
+                Some(Event::Token(t)) => {
+                    self.tokens.push(t);
+                    let d = self.delta();
+                    if d.is_empty() && !self.first {
+                        continue;
+                    }
+                    let ev = self.chunk(&d, None, None);
+                    self.first = false;
+                    return Some((Ok(ev), self));
+                }
+                Some(Event::Done(s)) => {
+                    self.tokens.clone_from(&s.tokens);
+                    let d = self.delta();
+                    let ev = self.chunk(&d, Some(s.finish.as_str()), Some(usage(&s)));
+                    self.done = true;
+                    return Some((Ok(ev), self));
+                }
+                None => return None,
+            }
+        }
+    }
+}
+
+fn stream(
+    app: App,
+    handle: RequestHandle,
+    id: String,
+    kind: Kind,
+) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>> {
+    use futures_util::StreamExt;
+    let s = Streamer {
+        app,
+        handle,
+        id,
+        kind,
+        tokens: Vec::new(),
+        sent: 0,
+        first: true,
+        done: false,
+    };
+    let body =
+        futures_util::stream::unfold(s, Streamer::next).chain(futures_util::stream::once(async {
+            Ok(SseEvent::default().data("[DONE]"))
+        }));
+    Sse::new(body)
+}
