@@ -25,6 +25,11 @@ pub enum Error {
         expected: usize,
         found: usize,
     },
+    /// Bad training or evaluation data (NaN, missing rows, too few requests...).
+    #[error("{path}: {msg}")]
+    Data { path: PathBuf, msg: String },
+    #[error(transparent)]
+    Store(#[from] trail_datasets::StoreError),
     #[error("invalid input: {0}")]
     Invalid(String),
     #[error(transparent)]

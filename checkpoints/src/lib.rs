@@ -8,14 +8,22 @@
 //! - [`baseline`]: readouts of total-length predictors and constant baselines.
 //! - [`checkpoint`]: the safetensors checkpoint format with its metadata.
 //! - [`bert`]: the BERT baseline's sentence encoder (all-MiniLM-L6-v2, frozen).
+//! - [`bert_tune`]: the same encoder fine-tuned end to end with the length head.
+//! - [`metrics`]: Kendall's τ-b and request-level bootstrap intervals.
+//! - [`suite`]: every predictor of a generated run, trained into `runs/NAME/models/`.
+//! - [`scoring`]: those predictors scored on the run's test split (`metrics.json`).
 
 pub mod baseline;
 pub mod bert;
+pub mod bert_tune;
 pub mod bins;
 pub mod checkpoint;
 pub mod error;
+pub mod metrics;
 pub mod probe;
 pub mod refine;
+pub mod scoring;
+pub mod suite;
 pub mod train;
 
 pub use bins::Bins;

@@ -30,6 +30,12 @@ enum Command {
     Bench(stages::bench::Bench),
     /// Queueing theory and simulation of size-based scheduling.
     Sim(stages::sim::Args),
+    /// Train every length predictor of a generated run (probes per layer, BERT baselines).
+    Train(stages::train::Args),
+    /// Score the trained predictors on the test split: metrics.json, report.md, plots.
+    Report(stages::report::Args),
+    /// Export the selected probe (and optionally the fine-tuned BERT) as safetensors.
+    Export(stages::export::Args),
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -38,6 +44,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Chat(args) => stages::chat::run(args),
         Command::Bench(bench) => stages::bench::run(bench),
         Command::Sim(args) => stages::sim::run(args),
+        Command::Train(args) => stages::train::run(args),
+        Command::Report(args) => stages::report::run(args),
+        Command::Export(args) => stages::export::run(args),
     }
 }
 

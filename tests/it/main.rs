@@ -5,3 +5,4 @@ mod datasets;
 mod runner;
 mod serving;
 mod sim;
+mod train;

@@ -2,5 +2,8 @@
 
 pub mod bench;
 pub mod chat;
+pub mod export;
 pub mod fetch;
+pub mod report;
 pub mod sim;
+pub mod train;

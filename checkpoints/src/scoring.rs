@@ -1,0 +1,562 @@
+//! Scoring a run's trained predictors ([`crate::suite`]) on its test split.
+//!
+//! The layer is chosen by the token probe's validation MAE; everything else is measured on the
+//! test split: the MAE of the remaining-length estimate over every stored (request, g) pair and
+//! at g = 0, and Kendall's τ-b at g = 0 between predicted and true total length, each with a
+//! bootstrap 95 % interval resampling requests. Predictors (the fixed keys of `metrics.json`):
+//!
+//! | key | estimate of the remaining length at g |
+//! |---|---|
+//! | `refined` | Bayesian filter over the probe's outputs, refreshed every `refine_interval` tokens, counting down between; first q from the prompt predictor |
+//! | `refined_every_token` | the same refreshed at every token (only when the test rows hold every position; else `null`) |
+//! | `probe_no_refine` | the probe's expectation at g |
+//! | `prompt_embedding` | the prompt predictor's total, counted down |
+//! | `bert_finetuned` | fine-tuned BERT's total, counted down (the paper's readout) |
+//! | `bert_finetuned_conditional` | `E[L − g | L > g]` under fine-tuned BERT's bins |
+//! | `bert_frozen` | frozen-BERT head's total, counted down |
+//! | `constant`, `constant_conditional` | train's mean length counted down; train's mean residual life |
+//!
+//! Every estimate is clamped to `[0, max_new − g]`. With a multi-layer probe trained,
+//! `probe_multi_layer` and `refined_multi_layer` are added.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::{Deserialize, Serialize};
+use trail_datasets::Split;
+
+use crate::baseline::{Constant, conditional_residual, countdown};
+use crate::bins::clamp_remaining;
+use crate::checkpoint::Checkpoint;
+use crate::metrics::{Bootstrap, ErrorSums, Interval, kendall_tau_b};
+use crate::refine::{Between, Filter, RefineState};
+use crate::suite::{
+    LayerRecord, LayerRows, Run, concat_layers, layer_files, layer_val_maes, load_layer,
+    read_bert_record, read_layer_record,
+};
+use crate::train::EpochRecord;
+use crate::{Bins, Error, Result};
+
+/// The fixed predictor keys of `metrics.json`, in report order.
+pub const PREDICTORS: [&str; 9] = [
+    "refined",
+    "refined_every_token",
+    "probe_no_refine",
+    "prompt_embedding",
+    "bert_finetuned",
+    "bert_finetuned_conditional",
+    "bert_frozen",
+    "constant",
+    "constant_conditional",
+];
+
+/// How to score.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ScoreOptions {
+    /// Refresh interval of `refined` (the release's 8).
+    pub refine_interval: u32,
+    pub bootstrap: usize,
+    pub seed: u64,
+    /// Width of the g buckets of the MAE-vs-g curves.
+    pub g_bucket: u32,
+}
+
+impl Default for ScoreOptions {
+    fn default() -> Self {
+        Self {
+            refine_interval: 8,
+            bootstrap: 1000,
+            seed: 0,
+            g_bucket: 32,
+        }
+    }
+}
+
+/// Test-split figures.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TestMetrics {
+    pub requests: usize,
+    /// (request, g) pairs scored.
+    pub pairs: usize,
+    /// Whether the test rows hold every position (then `refined_every_token` is scored).
+    pub every_position: bool,
+    pub mae_remaining: BTreeMap<String, Option<Interval>>,
+    pub mae_at_start: BTreeMap<String, Option<Interval>>,
+    pub kendall_tau_at_start: BTreeMap<String, Option<Interval>>,
+    pub ratio_bert_finetuned_over_refined: Option<Interval>,
+    pub ratio_bert_finetuned_conditional_over_refined: Option<Interval>,
+}
+
+/// `metrics.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Metrics {
+    pub best_layer: u32,
+    pub per_layer_val_mae: BTreeMap<String, f64>,
+    pub per_layer_prompt_val_mae: BTreeMap<String, f64>,
+    /// Layers of the multi-layer probe and its validation MAE, when trained.
+    pub multi_layer: Option<(Vec<u32>, f64)>,
+    pub max_new_tokens: u32,
+    pub refine_interval: u32,
+    pub bootstrap_resamples: usize,
+    pub test: TestMetrics,
+    pub notes: Vec<String>,
+}
+
+/// Data behind the report's plots.
+#[derive(Debug, Clone, Default)]
+pub struct Details {
+    /// Per predictor: (g bucket centre, MAE, pairs).
+    pub mae_by_g: Vec<(String, Vec<(f64, f64, usize)>)>,
+    /// Selected probe on test token rows: `confusion[true][predicted]` counts.
+    pub confusion: Vec<Vec<f64>>,
+    /// Refined estimate, binned by prediction: (mean predicted, mean actual, count).
+    pub reliability: Vec<(f64, f64, usize)>,
+    /// Training curves by predictor name.
+    pub curves: Vec<(String, Vec<EpochRecord>)>,
+}
+
+/// Per-predictor accumulators.
+struct Acc {
+    remaining: ErrorSums,
+    start: ErrorSums,
+    /// Predicted total at g = 0 per request (NaN where not scored).
+    start_pred: Vec<f64>,
+    by_g: BTreeMap<u32, (f64, usize)>,
+}
+
+impl Acc {
+    fn new(n: usize) -> Self {
+        Self {
+            remaining: ErrorSums::new(n),
+            start: ErrorSums::new(n),
+            start_pred: vec![f64::NAN; n],
+            by_g: BTreeMap::new(),
+        }
+    }
+
+    fn add(&mut self, req: usize, g: u32, est: f64, truth: u32, bucket: u32) {
+        let e = (est - truth as f64).abs();
+        self.remaining.add(req, e);
+        if g == 0 {
+            self.start.add(req, e);
+            self.start_pred[req] = est;
+        }
+        let b = self.by_g.entry(g / bucket.max(1)).or_insert((0.0, 0));
+        b.0 += e;
+        b.1 += 1;
+    }
+}
+
+/// A request's test rows: indices into the token rows, sorted by g.
+struct Request {
+    run_index: usize,
+    prompt_row: usize,
+    token_rows: Vec<usize>,
+}
+
+fn test_requests(run: &Run, rows: &LayerRows) -> Vec<Request> {
+    let mut prompt_of: HashMap<u32, usize> = HashMap::new();
+    for r in 0..rows.prompt.len() {
+        prompt_of.entry(rows.prompt.request[r]).or_insert(r);
+    }
+    let mut tokens: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+    for r in 0..rows.token.len() {
+        tokens.entry(rows.token.request[r]).or_default().push(r);
+    }
+    let mut out = Vec::new();
+    for (req, mut trs) in tokens {
+        if run.requests[req as usize].split != Split::Test {
+            continue;
+        }
+        let Some(&p) = prompt_of.get(&req) else {
+            continue;
+        };
+        trs.sort_by_key(|&r| rows.token.g[r]);
+        out.push(Request {
+            run_index: req as usize,
+            prompt_row: p,
+            token_rows: trs,
+        });
+    }
+    out
+}
+
+fn gather(features: &[f32], dim: usize, rows: impl Iterator<Item = usize>) -> Vec<f32> {
+    rows.flat_map(|r| features[r * dim..(r + 1) * dim].iter().copied())
+        .collect()
+}
+
+/// Probabilities of `ckpt`'s probe and prompt predictor on the test rows of `reqs`:
+/// (token probs by token row, prompt probs by request).
+fn predict(
+    ckpt: &Checkpoint,
+    rows: &LayerRows,
+    reqs: &[Request],
+) -> Result<(HashMap<usize, Vec<f32>>, Vec<Vec<f32>>)> {
+    let k = ckpt.meta.bins.k();
+    let token_idx: Vec<usize> = reqs
+        .iter()
+        .flat_map(|q| q.token_rows.iter().copied())
+        .collect();
+    let x = gather(
+        &rows.token.features,
+        rows.token.dim,
+        token_idx.iter().copied(),
+    );
+    let p = ckpt.probe.predict_proba(&x)?;
+    let token: HashMap<usize, Vec<f32>> = token_idx
+        .iter()
+        .zip(p.chunks_exact(k))
+        .map(|(&r, c)| (r, c.to_vec()))
+        .collect();
+    let prompt = ckpt
+        .prompt
+        .as_ref()
+        .ok_or_else(|| Error::Invalid("checkpoint has no prompt predictor".into()))?;
+    let x = gather(
+        &rows.prompt.features,
+        rows.prompt.dim,
+        reqs.iter().map(|q| q.prompt_row),
+    );
+    let pp = prompt.predict_proba(&x)?;
+    Ok((token, pp.chunks_exact(k).map(<[f32]>::to_vec).collect()))
+}
+
+/// Filter estimates along one request's rows (g ascending).
+fn refine_along(
+    filter: &Filter,
+    prompt: &[f32],
+    steps: &[(u32, &[f32])],
+    max_new: u32,
+) -> Vec<f64> {
+    let mut st = RefineState::new(filter, prompt, max_new);
+    let mut out = Vec::with_capacity(steps.len());
+    for (i, &(g, probs)) in steps.iter().enumerate() {
+        st.advance(g.saturating_sub(st.generated()));
+        if i == 0 || st.due(filter) {
+            st.refine(filter, probs);
+        }
+        out.push(st.remaining(filter));
+    }
+    out
+}
+
+/// Score the predictors of `run` (trained into `run/models`) on its test split.
+pub fn score_suite(run: &Run, opts: &ScoreOptions) -> Result<(Metrics, Details)> {
+    let models = run.models_dir();
+    let layers = run.layers()?;
+    let maes = layer_val_maes(&models, &layers);
+    let (best_layer, _) = maes
+        .iter()
+        .copied()
+        .min_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)))
+        .ok_or_else(|| Error::Data {
+            path: models.clone(),
+            msg: "no trained layer (run `trail train` first)".into(),
+        })?;
+    let mut notes = Vec::new();
+    let records: BTreeMap<u32, LayerRecord> = layers
+        .iter()
+        .filter_map(|&l| read_layer_record(&layer_files(&models, l).1).map(|r| (l, r)))
+        .collect();
+    let ckpt = Checkpoint::load(&layer_files(&models, best_layer).0)?;
+    let bins: Bins = ckpt.meta.bins;
+    let max_new = run.info.max_new_tokens;
+    let rows = load_layer(run, best_layer)?;
+    let reqs = test_requests(run, &rows);
+    if reqs.len() < 2 {
+        return Err(Error::Data {
+            path: trail_datasets::schema::requests_path(&run.dir),
+            msg: format!(
+                "split `test` has {} request(s) with embeddings; scoring needs at least 2",
+                reqs.len()
+            ),
+        });
+    }
+    let n = reqs.len();
+    let (token_probs, prompt_probs) = predict(&ckpt, &rows, &reqs)?;
+    let every_position = reqs.iter().all(|q| {
+        q.token_rows
+            .iter()
+            .enumerate()
+            .all(|(i, &r)| rows.token.g[r] == i as u32)
+    });
+    if !every_position {
+        notes.push(format!(
+            "refined_every_token is null: the test rows do not hold every position (generation sampled {}); generate with --sample all to score it",
+            run.info.sample.as_deref().unwrap_or("a subset")
+        ));
+    }
+
+    // Multi-layer probe, when trained.
+    let multi_path = (models.join("multi.safetensors"), models.join("multi.json"));
+    let multi = match (
+        read_layer_record(&multi_path.1),
+        Checkpoint::load(&multi_path.0),
+    ) {
+        (Some(rec), Ok(c)) => {
+            let parts: Vec<LayerRows> = rec
+                .layers
+                .iter()
+                .map(|&l| load_layer(run, l))
+                .collect::<Result<_>>()?;
+            let joined = concat_layers(run, &parts)?;
+            let mreqs = test_requests(run, &joined);
+            let same = mreqs.len() == n
+                && mreqs.iter().zip(&reqs).all(|(a, b)| {
+                    a.run_index == b.run_index && a.token_rows.len() == b.token_rows.len()
+                });
+            if same {
+                let (tp, pp) = predict(&c, &joined, &mreqs)?;
+                Some((rec, mreqs, tp, pp, joined.token.g))
+            } else {
+                notes.push(
+                    "multi-layer probe skipped: its rows differ from the best layer's".into(),
+                );
+                None
+            }
+        }
+        _ => None,
+    };
+
+    // BERT predictions by request id.
+    let bert_ft = read_bert_record(&models.join("bert-finetuned.json"));
+    let bert_fr = read_bert_record(&models.join("bert-frozen.json"));
+    if bert_ft.is_none() || bert_fr.is_none() {
+        notes.push("a BERT baseline was not trained: its keys are null".into());
+    }
+    let train_lengths: Vec<u32> = run
+        .split_requests(Split::Train)
+        .into_iter()
+        .map(|r| run.requests[r].output_tokens)
+        .collect();
+    let constant = Constant::new(&train_lengths);
+
+    let filter = Filter::new(bins, opts.refine_interval, Between::CountDown);
+    let filter_1 = Filter::new(bins, 1, Between::CountDown);
+    let mut acc: BTreeMap<&str, Acc> = BTreeMap::new();
+    let mut names: Vec<&str> = PREDICTORS
+        .iter()
+        .copied()
+        .filter(|&p| every_position || p != "refined_every_token")
+        .filter(|&p| bert_ft.is_some() || !p.starts_with("bert_finetuned"))
+        .filter(|&p| bert_fr.is_some() || p != "bert_frozen")
+        .collect();
+    if multi.is_some() {
+        names.extend(["probe_multi_layer", "refined_multi_layer"]);
+    }
+    for &p in &names {
+        acc.insert(p, Acc::new(n));
+    }
+    let k = bins.k();
+    let mut confusion = vec![vec![0f64; k]; k];
+    let mut rel: Vec<(f64, f64)> = Vec::new();
+    let bucket = opts.g_bucket;
+    for (qi, q) in reqs.iter().enumerate() {
+        let req = &run.requests[q.run_index];
+        let steps: Vec<(u32, &[f32])> = q
+            .token_rows
+            .iter()
+            .map(|&r| (rows.token.g[r], token_probs[&r].as_slice()))
+            .collect();
+        let refined = refine_along(&filter, &prompt_probs[qi], &steps, max_new);
+        let refined_1 =
+            every_position.then(|| refine_along(&filter_1, &prompt_probs[qi], &steps, max_new));
+        let prompt_total = bins.expectation(&prompt_probs[qi]);
+        let ft = bert_ft
+            .as_ref()
+            .and_then(|b| b.predictions.get(&req.request_id));
+        let fr = bert_fr
+            .as_ref()
+            .and_then(|b| b.predictions.get(&req.request_id));
+        let multi_est = multi.as_ref().map(|(_, mreqs, tp, pp, mg)| {
+            let msteps: Vec<(u32, &[f32])> = mreqs[qi]
+                .token_rows
+                .iter()
+                .map(|&r| (mg[r], tp[&r].as_slice()))
+                .collect();
+            let ref_m = refine_along(&filter, &pp[qi], &msteps, max_new);
+            let probe_m: Vec<f64> = msteps
+                .iter()
+                .map(|&(g, p)| bins.point(p, g, max_new))
+                .collect();
+            (probe_m, ref_m)
+        });
+        for (si, &(g, probs)) in steps.iter().enumerate() {
+            let r = q.token_rows[si];
+            let truth = rows.token.remaining[r];
+            let clamp = |e: f64| clamp_remaining(e, g, max_new);
+            let mut put = |name: &str, est: f64| {
+                if let Some(a) = acc.get_mut(name) {
+                    a.add(qi, g, est, truth, bucket);
+                }
+            };
+            put("refined", refined[si]);
+            if let Some(r1) = &refined_1 {
+                put("refined_every_token", r1[si]);
+            }
+            put("probe_no_refine", bins.point(probs, g, max_new));
+            put("prompt_embedding", clamp(countdown(prompt_total, g)));
+            if let Some(p) = ft {
+                put("bert_finetuned", clamp(countdown(bins.expectation(p), g)));
+                put(
+                    "bert_finetuned_conditional",
+                    clamp(conditional_residual(&bins, p, g)),
+                );
+            }
+            if let Some(p) = fr {
+                put("bert_frozen", clamp(countdown(bins.expectation(p), g)));
+            }
+            put("constant", clamp(constant.countdown(g)));
+            put("constant_conditional", clamp(constant.residual(g)));
+            if let Some((pm, rm)) = &multi_est {
+                put("probe_multi_layer", pm[si]);
+                put("refined_multi_layer", rm[si]);
+            }
+            let arg = probs
+                .iter()
+                .enumerate()
+                .fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b })
+                .0;
+            confusion[bins.label(truth) as usize][arg] += 1.0;
+            rel.push((refined[si], truth as f64));
+        }
+    }
+
+    let boot = Bootstrap::new(n, opts.bootstrap, opts.seed);
+    // τ-b is O(n²) per resample: fewer resamples for large test splits.
+    let tau_boot = Bootstrap::new(
+        n,
+        if n > 1000 {
+            opts.bootstrap.min(200)
+        } else {
+            opts.bootstrap
+        },
+        opts.seed,
+    );
+    let truths: Vec<f64> = reqs
+        .iter()
+        .map(|q| run.requests[q.run_index].output_tokens as f64)
+        .collect();
+    let mut mae_remaining = BTreeMap::new();
+    let mut mae_at_start = BTreeMap::new();
+    let mut tau = BTreeMap::new();
+    for &p in PREDICTORS
+        .iter()
+        .chain(&["probe_multi_layer", "refined_multi_layer"])
+    {
+        let a = acc.get(p);
+        if a.is_none() && p.ends_with("multi_layer") {
+            continue;
+        }
+        mae_remaining.insert(
+            p.to_string(),
+            a.and_then(|a| boot.interval(|idx| a.remaining.mae(idx))),
+        );
+        mae_at_start.insert(
+            p.to_string(),
+            a.and_then(|a| boot.interval(|idx| a.start.mae(idx))),
+        );
+        tau.insert(
+            p.to_string(),
+            a.and_then(|a| {
+                tau_boot.interval(|idx| {
+                    let (x, y): (Vec<f64>, Vec<f64>) = idx
+                        .iter()
+                        .filter(|&&i| a.start_pred[i].is_finite())
+                        .map(|&i| (a.start_pred[i], truths[i]))
+                        .unzip();
+                    kendall_tau_b(&x, &y)
+                })
+            }),
+        );
+    }
+    let ratio = |num: &str| -> Option<Interval> {
+        let (a, b) = (acc.get(num)?, acc.get("refined")?);
+        boot.interval(|idx| Some(a.remaining.mae(idx)? / b.remaining.mae(idx)?))
+    };
+    let test = TestMetrics {
+        requests: n,
+        pairs: acc["refined"]
+            .remaining
+            .count
+            .iter()
+            .map(|&c| c as usize)
+            .sum(),
+        every_position,
+        mae_remaining,
+        mae_at_start,
+        kendall_tau_at_start: tau,
+        ratio_bert_finetuned_over_refined: ratio("bert_finetuned"),
+        ratio_bert_finetuned_conditional_over_refined: ratio("bert_finetuned_conditional"),
+    };
+
+    // Reliability: bin by predicted remaining over the bins' edges.
+    let mut rb = vec![(0f64, 0f64, 0usize); k];
+    for &(p, t) in &rel {
+        let b = bins.label(p.round().max(0.0) as u32) as usize;
+        rb[b].0 += p;
+        rb[b].1 += t;
+        rb[b].2 += 1;
+    }
+    let reliability = rb
+        .into_iter()
+        .filter(|b| b.2 > 0)
+        .map(|(p, t, c)| (p / c as f64, t / c as f64, c))
+        .collect();
+    let mae_by_g = names
+        .iter()
+        .map(|&p| {
+            let pts = acc[p]
+                .by_g
+                .iter()
+                .map(|(&b, &(s, c))| ((b as f64 + 0.5) * bucket as f64, s / c as f64, c))
+                .collect();
+            (p.to_string(), pts)
+        })
+        .collect();
+    let mut curves = Vec::new();
+    if let Some(r) = records.get(&best_layer) {
+        curves.push((format!("layer {best_layer} probe"), r.token.curve.clone()));
+        curves.push((format!("layer {best_layer} prompt"), r.prompt.curve.clone()));
+    }
+    if let Some((r, ..)) = &multi {
+        curves.push((
+            format!("layers {:?} probe", r.layers),
+            r.token.curve.clone(),
+        ));
+    }
+    if let Some(b) = &bert_fr {
+        curves.push(("bert frozen".into(), b.report.curve.clone()));
+    }
+    if let Some(b) = &bert_ft {
+        curves.push(("bert fine-tuned".into(), b.report.curve.clone()));
+    }
+    let metrics = Metrics {
+        best_layer,
+        per_layer_val_mae: records
+            .iter()
+            .map(|(l, r)| (l.to_string(), r.token.best_val_mae))
+            .collect(),
+        per_layer_prompt_val_mae: records
+            .iter()
+            .map(|(l, r)| (l.to_string(), r.prompt.best_val_mae))
+            .collect(),
+        multi_layer: multi
+            .as_ref()
+            .map(|(r, ..)| (r.layers.clone(), r.token.best_val_mae)),
+        max_new_tokens: max_new,
+        refine_interval: opts.refine_interval,
+        bootstrap_resamples: opts.bootstrap,
+        test,
+        notes,
+    };
+    Ok((
+        metrics,
+        Details {
+            mae_by_g,
+            confusion,
+            reliability,
+            curves,
+        },
+    ))
+}

@@ -1,0 +1,910 @@
+//! The predictors of one generated run, trained into `runs/NAME/models/`.
+//!
+//! A run directory (see `trail_datasets::store`) holds `requests.parquet` and per-layer
+//! embeddings. [`train_suite`] trains, for every stored layer, the token probe (remaining
+//! length from a generated token's state) and the prompt predictor (total length from the mean
+//! of the prompt's states) on the train split, early-stopped on validation MAE; then the BERT
+//! baselines on the prompt text (frozen sentence embedding → MLP, and fine-tuned end to end);
+//! optionally a probe on the best few layers together. Files in `models/`:
+//!
+//! | file | what |
+//! |---|---|
+//! | `config.json` | the [`SuiteConfig`] |
+//! | `layer=L.safetensors` | [`Checkpoint`] with the token probe and the prompt predictor of layer L |
+//! | `layer=L.json` | [`LayerRecord`]: training curves, row counts, data hashes, resume key |
+//! | `multi.safetensors`, `multi.json` | the multi-layer probe, same formats |
+//! | `bert-frozen.safetensors`, `bert-frozen.json` | frozen MiniLM → MLP head ([`BertRecord`]) |
+//! | `bert-finetuned.safetensors`, `bert-finetuned.json` | fine-tuned MiniLM with its head |
+//!
+//! The BERT records carry their bin probabilities for every validation and test prompt, so
+//! scoring needs no BERT forward. Training resumes: a predictor whose record holds the same
+//! key (sha256 of its configuration and of `requests.parquet`) and whose weights load is
+//! skipped. Embeddings are checked as they are read: NaN or inf, a dimension that changes
+//! between files, or a row without its request is an [`Error::Data`] naming the file.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use trail_datasets::schema::requests_path;
+use trail_datasets::{Kind, RequestRow, Split, store};
+
+use crate::bert::BertEncoder;
+use crate::bert_tune::{self, Prompts, TuneConfig};
+use crate::checkpoint::{Checkpoint, CheckpointMeta};
+use crate::probe::concat_features;
+use crate::train::{Dataset, TrainConfig, TrainReport, train_probe};
+use crate::{Bins, Error, Probe, Result};
+
+/// `runs/NAME/models`.
+pub const MODELS_DIR: &str = "models";
+
+/// Everything that decides the trained weights.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SuiteConfig {
+    /// Layers to train; `None`: every stored layer.
+    pub layers: Option<Vec<u32>>,
+    pub bins_k: usize,
+    pub bins_max: u32,
+    pub hidden: usize,
+    pub epochs: usize,
+    pub batch: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub patience: usize,
+    pub seed: u64,
+    /// Train the frozen-BERT baseline (needs `bert_dir`).
+    pub bert_frozen: bool,
+    /// Fine-tune BERT with these settings (needs `bert_dir`); `None`: skip.
+    pub bert_tune: Option<TuneConfig>,
+    /// Train a probe on the best this-many layers together (0 or 1: none).
+    pub multi_layer: usize,
+    /// Fewest requests with embeddings each split must hold.
+    pub min_requests: usize,
+}
+
+impl Default for SuiteConfig {
+    fn default() -> Self {
+        let t = TrainConfig::default();
+        Self {
+            layers: None,
+            bins_k: 10,
+            bins_max: 512,
+            hidden: t.hidden,
+            epochs: t.epochs,
+            batch: t.batch,
+            lr: t.lr,
+            weight_decay: t.weight_decay,
+            patience: t.patience,
+            seed: 0,
+            bert_frozen: true,
+            bert_tune: Some(TuneConfig::default()),
+            multi_layer: 3,
+            min_requests: 3,
+        }
+    }
+}
+
+impl SuiteConfig {
+    pub fn bins(&self) -> Result<Bins> {
+        Bins::new(self.bins_k, self.bins_max)
+    }
+
+    pub fn train_config(&self) -> TrainConfig {
+        TrainConfig {
+            hidden: self.hidden,
+            epochs: self.epochs,
+            batch: self.batch,
+            lr: self.lr,
+            weight_decay: self.weight_decay,
+            patience: self.patience,
+            seed: self.seed,
+            ..TrainConfig::default()
+        }
+    }
+
+    /// The part of the configuration a probe's weights depend on.
+    fn probe_part(&self) -> serde_json::Value {
+        serde_json::json!({
+            "bins": [self.bins_k, self.bins_max], "hidden": self.hidden, "epochs": self.epochs,
+            "batch": self.batch, "lr": self.lr, "weight_decay": self.weight_decay,
+            "patience": self.patience, "seed": self.seed,
+        })
+    }
+}
+
+/// What the run's own manifest says about the model (defaults where a run has none).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunInfo {
+    pub model_sha256: String,
+    pub kernel_id: String,
+    /// `max_new_tokens` of the generation (else the longest output).
+    pub max_new_tokens: u32,
+    /// `--sample` of the generation (`every:8`, `all`...), when known.
+    pub sample: Option<String>,
+    /// sha256 of `requests.parquet`.
+    pub requests_sha256: String,
+}
+
+/// A run's requests and what is known about how they were generated.
+#[derive(Debug, Clone)]
+pub struct Run {
+    pub dir: PathBuf,
+    pub requests: Vec<RequestRow>,
+    pub index: HashMap<String, usize>,
+    pub info: RunInfo,
+}
+
+fn io_err(path: &Path, source: std::io::Error) -> Error {
+    Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// sha256 of a file, hex.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(|e| io_err(path, e))?;
+    Ok(hex::encode(Sha256::digest(&bytes)))
+}
+
+impl Run {
+    /// Read `requests.parquet` and `manifest.json` (optional) of a run directory.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let requests = store::read_requests_dirs(&[dir])?;
+        let index = requests
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.request_id.clone(), i))
+            .collect();
+        let manifest: serde_json::Value = std::fs::read_to_string(dir.join("manifest.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default();
+        let longest = requests.iter().map(|r| r.output_tokens).max().unwrap_or(0);
+        let info = RunInfo {
+            model_sha256: manifest["results"]["model_sha256"]
+                .as_str()
+                .unwrap_or("unknown")
+                .to_string(),
+            kernel_id: manifest["kernel_id"]
+                .as_str()
+                .unwrap_or("unknown")
+                .to_string(),
+            max_new_tokens: manifest["config"]["max_new_tokens"]
+                .as_u64()
+                .map(|v| v as u32)
+                .unwrap_or(longest),
+            sample: manifest["config"]["sample"].as_str().map(str::to_string),
+            requests_sha256: sha256_file(&requests_path(dir))?,
+        };
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            requests,
+            index,
+            info,
+        })
+    }
+
+    /// The stored layers.
+    pub fn layers(&self) -> Result<Vec<u32>> {
+        Ok(store::list_layers(&self.dir)?)
+    }
+
+    pub fn models_dir(&self) -> PathBuf {
+        self.dir.join(MODELS_DIR)
+    }
+
+    /// Indices of the requests of `split`.
+    pub fn split_requests(&self, split: Split) -> Vec<usize> {
+        (0..self.requests.len())
+            .filter(|&i| self.requests[i].split == split)
+            .collect()
+    }
+}
+
+/// Rows of one kind of one layer: request index, g, remaining, and features (row-major).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Rows {
+    pub request: Vec<u32>,
+    pub g: Vec<u32>,
+    pub remaining: Vec<u32>,
+    pub dim: usize,
+    pub features: Vec<f32>,
+}
+
+impl Rows {
+    pub fn len(&self) -> usize {
+        self.g.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.g.is_empty()
+    }
+
+    /// Row indices whose request is in `split`.
+    pub fn of_split(&self, run: &Run, split: Split) -> Vec<usize> {
+        (0..self.len())
+            .filter(|&r| run.requests[self.request[r] as usize].split == split)
+            .collect()
+    }
+
+    /// `max_new − g` per row.
+    pub fn caps(&self, max_new: u32) -> Vec<u32> {
+        self.g.iter().map(|&g| max_new.saturating_sub(g)).collect()
+    }
+
+    /// sha256 of the rows as a training set.
+    pub fn sha256(&self, max_new: u32) -> String {
+        let caps = self.caps(max_new);
+        Dataset {
+            features: &self.features,
+            dim: self.dim,
+            target: &self.remaining,
+            cap: Some(&caps),
+        }
+        .sha256()
+    }
+}
+
+/// One layer's token and prompt-mean rows.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LayerRows {
+    pub layer: u32,
+    pub token: Rows,
+    pub prompt: Rows,
+}
+
+/// Read one layer of a run, checking every value (see the module docs).
+pub fn load_layer(run: &Run, layer: u32) -> Result<LayerRows> {
+    let parts = store::layer_parts(&run.dir, layer)?;
+    if parts.is_empty() {
+        return Err(Error::Data {
+            path: trail_datasets::schema::layer_dir(&run.dir, layer),
+            msg: "no embedding parts".into(),
+        });
+    }
+    let mut out = LayerRows {
+        layer,
+        ..Default::default()
+    };
+    let mut dim = None;
+    for part in parts {
+        let t = store::read_layer_file(&part)?;
+        match dim {
+            None => dim = Some(t.dim),
+            Some(d) if d != t.dim => {
+                return Err(Error::Data {
+                    path: part,
+                    msg: format!("embedding dimension {}, earlier parts have {d}", t.dim),
+                });
+            }
+            _ => {}
+        }
+        for i in 0..t.len() {
+            let id = &t.request_ids[i];
+            let row = t.row(i);
+            if let Some(j) = row.iter().position(|v| !v.is_finite()) {
+                return Err(Error::Data {
+                    path: part,
+                    msg: format!(
+                        "row {i} (request {id}, {} at g = {}): embedding value {j} is {}",
+                        t.kind[i], t.g[i], row[j]
+                    ),
+                });
+            }
+            let Some(&req) = run.index.get(id) else {
+                return Err(Error::Data {
+                    path: part,
+                    msg: format!("row {i}: request {id} is not in requests.parquet"),
+                });
+            };
+            let rows = match t.kind[i] {
+                Kind::Token => &mut out.token,
+                Kind::PromptMean => &mut out.prompt,
+            };
+            rows.request.push(req as u32);
+            rows.g.push(t.g[i]);
+            rows.remaining.push(t.remaining[i]);
+            rows.features.extend_from_slice(row);
+        }
+    }
+    let dim = dim.unwrap_or(0);
+    out.token.dim = dim;
+    out.prompt.dim = dim;
+    Ok(out)
+}
+
+/// Fail unless every split holds at least `min` requests with rows.
+pub fn check_splits(run: &Run, rows: &Rows, min: usize, what: &str) -> Result<()> {
+    for split in [Split::Train, Split::Val, Split::Test] {
+        let mut seen: Vec<bool> = vec![false; run.requests.len()];
+        for &r in &rows.request {
+            if run.requests[r as usize].split == split {
+                seen[r as usize] = true;
+            }
+        }
+        let n = seen.iter().filter(|&&s| s).count();
+        if n < min {
+            return Err(Error::Data {
+                path: requests_path(&run.dir),
+                msg: format!(
+                    "split `{}` has {n} request(s) with {what} rows; training and scoring need at least {min}",
+                    split.as_str()
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// What training one layer (or the multi-layer probe) produced.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LayerRecord {
+    /// Resume key: sha256 of the probe configuration, `requests.parquet` and the layers.
+    pub key: String,
+    pub layers: Vec<u32>,
+    pub token: TrainReport,
+    pub prompt: TrainReport,
+    /// Train / validation rows.
+    pub token_rows: [usize; 2],
+    pub prompt_rows: [usize; 2],
+    pub token_data_sha256: String,
+    pub prompt_data_sha256: String,
+    pub seconds: f64,
+}
+
+/// What training a BERT baseline produced, with its validation and test predictions.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BertRecord {
+    pub key: String,
+    pub report: TrainReport,
+    /// Bin probabilities per request id (validation and test prompts).
+    pub predictions: BTreeMap<String, Vec<f32>>,
+    pub seconds: f64,
+}
+
+/// Progress of [`train_suite`].
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// Starting predictor `name` (`i` of `n`).
+    Start { name: String, i: usize, n: usize },
+    /// Predictor `name` was already trained with the same key.
+    Skipped { name: String },
+    /// Predictor `name` done; `val_mae` of its selected weights.
+    Done { name: String, val_mae: f64 },
+    /// A BERT fine-tuning step.
+    BertStep(bert_tune::Step),
+}
+
+/// Where the BERT assets are.
+#[derive(Debug, Clone)]
+pub struct BertAssets {
+    /// config.json, tokenizer.json, model.safetensors.
+    pub dir: PathBuf,
+}
+
+/// `models/layer=L.safetensors` and `.json`.
+pub fn layer_files(models: &Path, layer: u32) -> (PathBuf, PathBuf) {
+    (
+        models.join(format!("layer={layer}.safetensors")),
+        models.join(format!("layer={layer}.json")),
+    )
+}
+
+fn key_of(parts: &[&str]) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update((p.len() as u64).to_le_bytes());
+        h.update(p.as_bytes());
+    }
+    hex::encode(h.finalize())
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Option<T> {
+    serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
+}
+
+fn write_json(path: &Path, v: &impl Serialize) -> Result<()> {
+    let text = serde_json::to_string_pretty(v).map_err(|e| Error::Invalid(e.to_string()))?;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, text).map_err(|e| io_err(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| io_err(path, e))
+}
+
+/// A layer record, if present and readable.
+pub fn read_layer_record(path: &Path) -> Option<LayerRecord> {
+    read_json(path)
+}
+
+/// A BERT record, if present and readable.
+pub fn read_bert_record(path: &Path) -> Option<BertRecord> {
+    read_json(path)
+}
+
+/// Validation MAE of each trained layer's token probe, from the records in `models`.
+pub fn layer_val_maes(models: &Path, layers: &[u32]) -> Vec<(u32, f64)> {
+    layers
+        .iter()
+        .filter_map(|&l| {
+            read_layer_record(&layer_files(models, l).1).map(|r| (l, r.token.best_val_mae))
+        })
+        .collect()
+}
+
+/// Train a token probe and a prompt predictor on `rows` and save them.
+fn train_pair(
+    run: &Run,
+    cfg: &SuiteConfig,
+    rows: &LayerRows,
+    layers: &[u32],
+    key: String,
+    files: (&Path, &Path),
+    git_commit: &str,
+) -> Result<LayerRecord> {
+    let t0 = Instant::now();
+    let bins = cfg.bins()?;
+    let tc = cfg.train_config();
+    let max_new = run.info.max_new_tokens;
+    let fit = |r: &Rows| -> Result<(Probe, TrainReport, [usize; 2], String)> {
+        let caps = r.caps(max_new);
+        let data = Dataset {
+            features: &r.features,
+            dim: r.dim,
+            target: &r.remaining,
+            cap: Some(&caps),
+        };
+        let (train, val) = (r.of_split(run, Split::Train), r.of_split(run, Split::Val));
+        let (p, rep) = train_probe(&data, &train, &val, &bins, &tc)?;
+        Ok((p, rep, [train.len(), val.len()], data.sha256()))
+    };
+    let (probe, token, token_rows, token_sha) = fit(&rows.token)?;
+    let (prompt, prompt_rep, prompt_rows, prompt_sha) = fit(&rows.prompt)?;
+    let ckpt = Checkpoint {
+        meta: CheckpointMeta {
+            model_sha256: run.info.model_sha256.clone(),
+            kernel_id: run.info.kernel_id.clone(),
+            probe_layers: layers.iter().map(|&l| l as usize).collect(),
+            prompt_layers: layers.iter().map(|&l| l as usize).collect(),
+            hidden_size: rows.token.dim / layers.len().max(1),
+            bins,
+            refine_interval: 8,
+            train_data_sha256: token_sha.clone(),
+            val_mae: token.best_val_mae,
+            prompt_val_mae: Some(prompt_rep.best_val_mae),
+            git_commit: git_commit.to_string(),
+        },
+        probe,
+        prompt: Some(prompt),
+    };
+    ckpt.save(files.0)?;
+    let record = LayerRecord {
+        key,
+        layers: layers.to_vec(),
+        token,
+        prompt: prompt_rep,
+        token_rows,
+        prompt_rows,
+        token_data_sha256: token_sha,
+        prompt_data_sha256: prompt_sha,
+        seconds: t0.elapsed().as_secs_f64(),
+    };
+    write_json(files.1, &record)?;
+    Ok(record)
+}
+
+fn fresh(record: Option<&str>, key: &str, weights: &Path) -> bool {
+    record == Some(key) && Checkpoint::load(weights).is_ok()
+}
+
+/// Train every predictor of `run` into `run/models/` (see the module docs); returns the
+/// per-layer validation MAEs.
+pub fn train_suite(
+    run: &Run,
+    cfg: &SuiteConfig,
+    bert: Option<&BertAssets>,
+    git_commit: &str,
+    progress: &mut dyn FnMut(Event),
+) -> Result<Vec<(u32, f64)>> {
+    let models = run.models_dir();
+    std::fs::create_dir_all(&models).map_err(|e| io_err(&models, e))?;
+    write_json(&models.join("config.json"), cfg)?;
+    let stored = run.layers()?;
+    let layers: Vec<u32> = match &cfg.layers {
+        None => stored.clone(),
+        Some(want) => {
+            if let Some(l) = want.iter().find(|l| !stored.contains(l)) {
+                return Err(Error::Data {
+                    path: run.dir.join(trail_datasets::schema::EMBEDDINGS_DIR),
+                    msg: format!("layer {l} is not stored (stored: {stored:?})"),
+                });
+            }
+            want.clone()
+        }
+    };
+    if layers.is_empty() {
+        return Err(Error::Data {
+            path: run.dir.join(trail_datasets::schema::EMBEDDINGS_DIR),
+            msg: "no stored layers".into(),
+        });
+    }
+    let probe_cfg = cfg.probe_part().to_string();
+    let n = layers.len()
+        + cfg.bert_frozen as usize
+        + cfg.bert_tune.is_some() as usize
+        + (cfg.multi_layer >= 2 && layers.len() >= 2) as usize;
+    let mut i = 0;
+    for &layer in &layers {
+        i += 1;
+        let name = format!("layer {layer}");
+        let (w, j) = layer_files(&models, layer);
+        let key = key_of(&[&probe_cfg, &run.info.requests_sha256, &layer.to_string()]);
+        if fresh(
+            read_layer_record(&j).as_ref().map(|r| r.key.as_str()),
+            &key,
+            &w,
+        ) {
+            progress(Event::Skipped { name });
+            continue;
+        }
+        progress(Event::Start {
+            name: name.clone(),
+            i,
+            n,
+        });
+        let rows = load_layer(run, layer)?;
+        check_splits(run, &rows.token, cfg.min_requests, "token")?;
+        check_splits(run, &rows.prompt, cfg.min_requests, "prompt_mean")?;
+        let rec = train_pair(run, cfg, &rows, &[layer], key, (&w, &j), git_commit)?;
+        progress(Event::Done {
+            name,
+            val_mae: rec.token.best_val_mae,
+        });
+    }
+    let maes = layer_val_maes(&models, &layers);
+
+    if cfg.multi_layer >= 2 && layers.len() >= 2 {
+        i += 1;
+        let mut ranked = maes.clone();
+        ranked.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
+        let mut top: Vec<u32> = ranked.iter().take(cfg.multi_layer).map(|m| m.0).collect();
+        top.sort_unstable();
+        let name = format!("layers {top:?}");
+        let (w, j) = (models.join("multi.safetensors"), models.join("multi.json"));
+        let key = key_of(&[&probe_cfg, &run.info.requests_sha256, &format!("{top:?}")]);
+        if fresh(
+            read_layer_record(&j).as_ref().map(|r| r.key.as_str()),
+            &key,
+            &w,
+        ) {
+            progress(Event::Skipped { name });
+        } else {
+            progress(Event::Start {
+                name: name.clone(),
+                i,
+                n,
+            });
+            let parts: Vec<LayerRows> = top
+                .iter()
+                .map(|&l| load_layer(run, l))
+                .collect::<Result<_>>()?;
+            let rows = concat_layers(run, &parts)?;
+            let rec = train_pair(run, cfg, &rows, &top, key, (&w, &j), git_commit)?;
+            progress(Event::Done {
+                name,
+                val_mae: rec.token.best_val_mae,
+            });
+        }
+    }
+
+    if let Some(assets) = bert.filter(|_| cfg.bert_frozen || cfg.bert_tune.is_some()) {
+        let bins = cfg.bins()?;
+        let texts: Vec<&str> = run.requests.iter().map(|r| r.prompt.as_str()).collect();
+        let totals: Vec<u32> = run.requests.iter().map(|r| r.output_tokens).collect();
+        let (train, val, test) = (
+            run.split_requests(Split::Train),
+            run.split_requests(Split::Val),
+            run.split_requests(Split::Test),
+        );
+        let min = train.len().min(val.len()).min(test.len());
+        if min < cfg.min_requests {
+            return Err(Error::Data {
+                path: requests_path(&run.dir),
+                msg: format!(
+                    "a split has {min} request(s); the BERT baselines need at least {}",
+                    cfg.min_requests
+                ),
+            });
+        }
+        let scored: Vec<usize> = val.iter().chain(&test).copied().collect();
+        let bert_sha = sha256_file(&assets.dir.join("model.safetensors"))?;
+        if cfg.bert_frozen {
+            i += 1;
+            let name = "bert frozen".to_string();
+            let (w, j) = (
+                models.join("bert-frozen.safetensors"),
+                models.join("bert-frozen.json"),
+            );
+            let key = key_of(&[&probe_cfg, &run.info.requests_sha256, &bert_sha, "frozen"]);
+            if fresh(
+                read_bert_record(&j).as_ref().map(|r| r.key.as_str()),
+                &key,
+                &w,
+            ) {
+                progress(Event::Skipped { name });
+            } else {
+                progress(Event::Start {
+                    name: name.clone(),
+                    i,
+                    n,
+                });
+                let t0 = Instant::now();
+                let enc = BertEncoder::load(&assets.dir, 256)?;
+                let features = enc.embed_batched(&texts, 32)?;
+                let caps = vec![run.info.max_new_tokens; totals.len()];
+                let data = Dataset {
+                    features: &features,
+                    dim: enc.hidden(),
+                    target: &totals,
+                    cap: Some(&caps),
+                };
+                let (probe, report) = train_probe(&data, &train, &val, &bins, &cfg.train_config())?;
+                let picked: Vec<f32> = scored
+                    .iter()
+                    .flat_map(|&r| data.features[r * data.dim..(r + 1) * data.dim].to_vec())
+                    .collect();
+                let probs = probe.predict_proba(&picked)?;
+                let predictions = by_request(run, &scored, &probs, bins.k());
+                Checkpoint {
+                    meta: CheckpointMeta {
+                        model_sha256: bert_sha.clone(),
+                        kernel_id: "all-MiniLM-L6-v2 mean pooling, L2 normalized".into(),
+                        probe_layers: vec![0],
+                        prompt_layers: vec![],
+                        hidden_size: enc.hidden(),
+                        bins,
+                        refine_interval: 0,
+                        train_data_sha256: data.sha256(),
+                        val_mae: report.best_val_mae,
+                        prompt_val_mae: None,
+                        git_commit: git_commit.to_string(),
+                    },
+                    probe,
+                    prompt: None,
+                }
+                .save(&w)?;
+                let val_mae = report.best_val_mae;
+                write_json(
+                    &j,
+                    &BertRecord {
+                        key,
+                        report,
+                        predictions,
+                        seconds: t0.elapsed().as_secs_f64(),
+                    },
+                )?;
+                progress(Event::Done { name, val_mae });
+            }
+        }
+        if let Some(tune) = &cfg.bert_tune {
+            i += 1;
+            let name = "bert fine-tuned".to_string();
+            let (w, j) = (
+                models.join("bert-finetuned.safetensors"),
+                models.join("bert-finetuned.json"),
+            );
+            let tune_cfg =
+                serde_json::to_string(tune).map_err(|e| Error::Invalid(e.to_string()))?;
+            let key = key_of(&[
+                &tune_cfg,
+                &format!("{:?}", [cfg.bins_k, cfg.bins_max as usize]),
+                &run.info.requests_sha256,
+                &bert_sha,
+                "finetuned",
+            ]);
+            if read_bert_record(&j).is_some_and(|r| r.key == key) && w.is_file() {
+                progress(Event::Skipped { name });
+            } else {
+                progress(Event::Start {
+                    name: name.clone(),
+                    i,
+                    n,
+                });
+                let t0 = Instant::now();
+                let pick = |ix: &[usize]| -> (Vec<&str>, Vec<u32>) {
+                    (
+                        ix.iter().map(|&r| texts[r]).collect(),
+                        ix.iter().map(|&r| totals[r]).collect(),
+                    )
+                };
+                let (tr_t, tr_y) = pick(&train);
+                let (va_t, va_y) = pick(&val);
+                let (tuned, report) = bert_tune::fine_tune(
+                    &assets.dir,
+                    Prompts {
+                        texts: &tr_t,
+                        target: &tr_y,
+                    },
+                    Prompts {
+                        texts: &va_t,
+                        target: &va_y,
+                    },
+                    &bins,
+                    tune,
+                    &mut |s| progress(Event::BertStep(s)),
+                )?;
+                let sc: Vec<&str> = scored.iter().map(|&r| texts[r]).collect();
+                let probs = tuned.predict_proba(&sc, 32)?;
+                let predictions = by_request(run, &scored, &probs, bins.k());
+                let mut meta = HashMap::new();
+                meta.insert("base_model_sha256".into(), bert_sha.clone());
+                meta.insert("bins_k".into(), cfg.bins_k.to_string());
+                meta.insert("bins_max".into(), cfg.bins_max.to_string());
+                meta.insert("head_hidden".into(), tune.head_hidden.to_string());
+                meta.insert("max_len".into(), tune.max_len.to_string());
+                meta.insert("val_mae".into(), report.best_val_mae.to_string());
+                meta.insert("git_commit".into(), git_commit.to_string());
+                tuned.save(&w, candle_core::DType::F32, meta)?;
+                let val_mae = report.best_val_mae;
+                write_json(
+                    &j,
+                    &BertRecord {
+                        key,
+                        report,
+                        predictions,
+                        seconds: t0.elapsed().as_secs_f64(),
+                    },
+                )?;
+                progress(Event::Done { name, val_mae });
+            }
+        }
+    }
+    Ok(maes)
+}
+
+fn by_request(run: &Run, rows: &[usize], probs: &[f32], k: usize) -> BTreeMap<String, Vec<f32>> {
+    rows.iter()
+        .zip(probs.chunks_exact(k))
+        .map(|(&r, p)| (run.requests[r].request_id.clone(), p.to_vec()))
+        .collect()
+}
+
+/// Several layers' rows side by side (features concatenated in the order given); the rows
+/// must be the same positions in the same order.
+pub fn concat_layers(run: &Run, parts: &[LayerRows]) -> Result<LayerRows> {
+    let first = parts
+        .first()
+        .ok_or_else(|| Error::Invalid("no layers to concatenate".into()))?;
+    let join = |pick: fn(&LayerRows) -> &Rows| -> Result<Rows> {
+        let a = pick(first);
+        for p in &parts[1..] {
+            let b = pick(p);
+            if b.request != a.request || b.g != a.g {
+                return Err(Error::Data {
+                    path: trail_datasets::schema::layer_dir(&run.dir, p.layer),
+                    msg: format!(
+                        "rows differ from layer {}'s; layers cannot be read together",
+                        first.layer
+                    ),
+                });
+            }
+        }
+        let tables: Vec<(&[f32], usize)> = parts
+            .iter()
+            .map(|p| (pick(p).features.as_slice(), pick(p).dim))
+            .collect();
+        Ok(Rows {
+            request: a.request.clone(),
+            g: a.g.clone(),
+            remaining: a.remaining.clone(),
+            dim: tables.iter().map(|t| t.1).sum(),
+            features: concat_features(&tables)?,
+        })
+    };
+    Ok(LayerRows {
+        layer: first.layer,
+        token: join(|p| &p.token)?,
+        prompt: join(|p| &p.prompt)?,
+    })
+}
+
+/// What [`export`] wrote.
+#[derive(Debug, Clone, Serialize)]
+pub struct Exported {
+    pub checkpoint: PathBuf,
+    pub layer: u32,
+    pub val_mae: f64,
+    pub bert: Option<PathBuf>,
+}
+
+/// The layer with the lowest validation MAE among the trained ones.
+pub fn best_layer(run: &Run) -> Result<(u32, f64)> {
+    let models = run.models_dir();
+    layer_val_maes(&models, &run.layers()?)
+        .into_iter()
+        .min_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)))
+        .ok_or_else(|| Error::Data {
+            path: models,
+            msg: "no trained layer (run `trail train` first)".into(),
+        })
+}
+
+/// Write the selected layer's probe and prompt predictor to `out` with the run's metadata;
+/// with `bert`, also `bert.safetensors` beside it: the fine-tuned BERT with its head in f16,
+/// its `config.json` and `tokenizer.json` in the header metadata.
+pub fn export(
+    run: &Run,
+    out: &Path,
+    refine_interval: u32,
+    git_commit: &str,
+    bert: Option<&BertAssets>,
+) -> Result<Exported> {
+    let models = run.models_dir();
+    let (layer, val_mae) = best_layer(run)?;
+    let (w, j) = layer_files(&models, layer);
+    let mut c = Checkpoint::load(&w)?;
+    let rec = read_layer_record(&j).ok_or_else(|| Error::Data {
+        path: j.clone(),
+        msg: "missing or unreadable".into(),
+    })?;
+    c.meta.model_sha256 = run.info.model_sha256.clone();
+    c.meta.kernel_id = run.info.kernel_id.clone();
+    c.meta.refine_interval = refine_interval;
+    c.meta.train_data_sha256 = rec.token_data_sha256;
+    c.meta.val_mae = val_mae;
+    c.meta.git_commit = git_commit.to_string();
+    if let Some(dir) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+    }
+    c.save(out)?;
+    let bert_out = match bert {
+        None => None,
+        Some(assets) => {
+            let src = models.join("bert-finetuned.safetensors");
+            let tensors =
+                candle_core::safetensors::load(&src, &candle_core::Device::Cpu).map_err(|e| {
+                    Error::Data {
+                        path: src.clone(),
+                        msg: format!("{e} (train with --bert-epochs > 0 first)"),
+                    }
+                })?;
+            let mut named: Vec<(String, candle_core::Tensor)> = tensors.into_iter().collect();
+            named.sort_by(|a, b| a.0.cmp(&b.0));
+            let (_, header) = {
+                let bytes = std::fs::read(&src).map_err(|e| io_err(&src, e))?;
+                let (n, m) =
+                    safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| Error::Data {
+                        path: src.clone(),
+                        msg: e.to_string(),
+                    })?;
+                (n, m)
+            };
+            let mut meta = header.metadata().clone().unwrap_or_default();
+            for (key, file) in [
+                ("config_json", "config.json"),
+                ("tokenizer_json", "tokenizer.json"),
+            ] {
+                let p = assets.dir.join(file);
+                meta.insert(
+                    key.into(),
+                    std::fs::read_to_string(&p).map_err(|e| io_err(&p, e))?,
+                );
+            }
+            meta.insert("format".into(), "trail-bert".into());
+            meta.insert("git_commit".into(), git_commit.to_string());
+            let path = out.with_file_name("bert.safetensors");
+            bert_tune::save_tensors(&path, &named, candle_core::DType::F16, meta)?;
+            Some(path)
+        }
+    };
+    Ok(Exported {
+        checkpoint: out.to_path_buf(),
+        layer,
+        val_mae,
+        bert: bert_out,
+    })
+}

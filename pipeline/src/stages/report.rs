@@ -1,0 +1,303 @@
+//! `trail report --run runs/NAME`: score the trained predictors on the test split.
+//!
+//! Writes into `--out` (default `runs/NAME/report/`): `metrics.json` (fixed keys, see
+//! [`trail_checkpoints::scoring`]), `report.md`, PNG plots (validation MAE per layer, MAE vs
+//! tokens generated for every predictor, the selected probe's confusion matrix, reliability of
+//! the refined estimate, training curves) and `manifest.json`. The layer is chosen on the
+//! validation split; every other figure is on the test split with bootstrap 95 % intervals over
+//! requests. `metrics.json` holds no timings: the same models give the same bytes.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::Serialize;
+use trail_checkpoints::metrics::Interval;
+use trail_checkpoints::scoring::{self, Details, Metrics, PREDICTORS, ScoreOptions};
+use trail_checkpoints::suite::Run;
+use trail_eval::plot::{self, Axes, Series};
+
+use crate::manifest::{Manifest, write_atomic};
+
+/// Arguments of `trail report`.
+#[derive(Debug, Clone, clap::Args, Serialize)]
+pub struct Args {
+    /// The run directory (trained with `trail train`).
+    #[arg(long)]
+    pub run: PathBuf,
+    /// Output directory (default: RUN/report).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Refresh interval of the refined estimate, in tokens (the release's default 8).
+    #[arg(long, default_value_t = 8)]
+    pub refine_interval: u32,
+    /// Bootstrap resamples of the 95 % intervals.
+    #[arg(long, default_value_t = 1000)]
+    pub bootstrap: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+fn fmt_iv(iv: &Option<Interval>, digits: usize) -> String {
+    match iv {
+        Some(i) => format!("{:.d$} [{:.d$}, {:.d$}]", i.value, i.lo, i.hi, d = digits),
+        None => "—".into(),
+    }
+}
+
+/// `report.md` from the metrics.
+pub fn markdown(run: &Run, m: &Metrics) -> String {
+    let t = &m.test;
+    let mut s = String::new();
+    let _ = writeln!(s, "# Length predictors of `{}`\n", run.dir.display());
+    let _ = writeln!(
+        s,
+        "Model sha256 `{}`, kernel `{}`; max_new_tokens {}; positions sampled: {}.\n",
+        run.info.model_sha256,
+        run.info.kernel_id,
+        m.max_new_tokens,
+        run.info.sample.as_deref().unwrap_or("unknown")
+    );
+    let _ = writeln!(
+        s,
+        "Layer selected on validation: **{}** (token-probe MAE {:.2} tokens). Test split: {} \
+         requests, {} (request, g) pairs; 95 % intervals from {} bootstrap resamples of \
+         requests. Refined = Bayesian filter refreshed every {} tokens, counting down between.\n",
+        m.best_layer,
+        m.per_layer_val_mae
+            .get(&m.best_layer.to_string())
+            .copied()
+            .unwrap_or(f64::NAN),
+        t.requests,
+        t.pairs,
+        m.bootstrap_resamples,
+        m.refine_interval
+    );
+    let _ = writeln!(
+        s,
+        "| predictor | MAE remaining (tokens) | MAE at start | Kendall τ-b at start |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|");
+    let mut keys: Vec<&str> = PREDICTORS.to_vec();
+    for extra in ["probe_multi_layer", "refined_multi_layer"] {
+        if t.mae_remaining.contains_key(extra) {
+            keys.push(extra);
+        }
+    }
+    for k in keys {
+        let get = |map: &std::collections::BTreeMap<String, Option<Interval>>| {
+            map.get(k).cloned().flatten()
+        };
+        let _ = writeln!(
+            s,
+            "| `{k}` | {} | {} | {} |",
+            fmt_iv(&get(&t.mae_remaining), 1),
+            fmt_iv(&get(&t.mae_at_start), 1),
+            fmt_iv(&get(&t.kendall_tau_at_start), 3)
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\nMAE ratio fine-tuned BERT / refined: {} (paper's readout, max(pred − g, 0)); against \
+         the conditional readout E[L − g | L > g]: {}. The paper reports 2.66×.\n",
+        fmt_iv(&t.ratio_bert_finetuned_over_refined, 2),
+        fmt_iv(&t.ratio_bert_finetuned_conditional_over_refined, 2)
+    );
+    if let Some((layers, mae)) = &m.multi_layer {
+        let _ = writeln!(
+            s,
+            "Multi-layer probe on layers {layers:?}: validation MAE {mae:.2} tokens.\n"
+        );
+    }
+    let _ = writeln!(s, "## Validation MAE per layer\n");
+    let _ = writeln!(s, "| layer | token probe | prompt predictor |");
+    let _ = writeln!(s, "|---|---|---|");
+    let mut layers: Vec<(u32, f64)> = m
+        .per_layer_val_mae
+        .iter()
+        .filter_map(|(l, v)| Some((l.parse().ok()?, *v)))
+        .collect();
+    layers.sort_by_key(|x| x.0);
+    for (l, v) in layers {
+        let p = m
+            .per_layer_prompt_val_mae
+            .get(&l.to_string())
+            .copied()
+            .unwrap_or(f64::NAN);
+        let _ = writeln!(s, "| {l} | {v:.2} | {p:.2} |");
+    }
+    let _ = writeln!(
+        s,
+        "\n## Plots\n\n![validation MAE per layer](val_mae_by_layer.png)\n\n\
+         ![MAE vs tokens generated](mae_vs_generated.png)\n\n\
+         ![confusion matrix](confusion.png)\n\n![reliability](reliability.png)\n\n\
+         ![training curves](training_curves.png)\n"
+    );
+    if !m.notes.is_empty() {
+        let _ = writeln!(s, "## Notes\n");
+        for n in &m.notes {
+            let _ = writeln!(s, "- {n}");
+        }
+    }
+    s
+}
+
+/// Every PNG of the report; returns their paths.
+pub fn plots(out: &Path, m: &Metrics, d: &Details) -> anyhow::Result<Vec<PathBuf>> {
+    plot::init_font()?;
+    let mut files = Vec::new();
+    let layer_series = |map: &std::collections::BTreeMap<String, f64>| {
+        let mut v: Vec<(f64, f64)> = map
+            .iter()
+            .filter_map(|(l, x)| Some((l.parse::<f64>().ok()?, *x)))
+            .collect();
+        v.sort_by(|a, b| a.0.total_cmp(&b.0));
+        v
+    };
+    let p = out.join("val_mae_by_layer.png");
+    plot::line_chart(
+        &p,
+        &Axes::new("Validation MAE per layer", "layer", "MAE (tokens)"),
+        &[
+            Series::line(
+                "token probe (remaining)",
+                layer_series(&m.per_layer_val_mae),
+            )
+            .with_mark(plot::Mark::LinePoints),
+            Series::line(
+                "prompt predictor (total)",
+                layer_series(&m.per_layer_prompt_val_mae),
+            )
+            .with_mark(plot::Mark::LinePoints),
+        ],
+    )?;
+    files.push(p);
+    let p = out.join("mae_vs_generated.png");
+    let series: Vec<Series> = d
+        .mae_by_g
+        .iter()
+        .map(|(name, pts)| {
+            Series::line(name, pts.iter().map(|&(g, e, _)| (g, e)).collect())
+                .with_mark(plot::Mark::LinePoints)
+        })
+        .collect();
+    plot::line_chart(
+        &p,
+        &Axes::new(
+            "Test MAE of the remaining length vs tokens generated",
+            "tokens generated g",
+            "MAE (tokens)",
+        ),
+        &series,
+    )?;
+    files.push(p);
+    let p = out.join("confusion.png");
+    let k = d.confusion.len();
+    let labels: Vec<String> = (0..k).map(|i| i.to_string()).collect();
+    plot::heatmap(
+        &p,
+        &Axes::new(
+            &format!(
+                "Layer {} probe on test rows (bins of the remaining length)",
+                m.best_layer
+            ),
+            "predicted bin (argmax)",
+            "true bin",
+        ),
+        &labels,
+        &labels,
+        &d.confusion,
+    )?;
+    files.push(p);
+    let p = out.join("reliability.png");
+    plot::reliability(
+        &p,
+        &Axes::new(
+            "Refined estimate: mean actual vs mean predicted remaining",
+            "predicted remaining (tokens)",
+            "actual remaining (tokens)",
+        ),
+        "refined (binned by prediction)",
+        &d.reliability
+            .iter()
+            .map(|&(p, a, _)| (p, a))
+            .collect::<Vec<_>>(),
+    )?;
+    files.push(p);
+    let p = out.join("training_curves.png");
+    let series: Vec<Series> = d
+        .curves
+        .iter()
+        .map(|(name, c)| {
+            Series::line(
+                &format!("{name} (val MAE)"),
+                c.iter().map(|r| (r.epoch as f64, r.val_mae)).collect(),
+            )
+            .with_mark(plot::Mark::LinePoints)
+        })
+        .collect();
+    plot::line_chart(
+        &p,
+        &Axes::new("Training curves", "epoch", "validation MAE (tokens)"),
+        &series,
+    )?;
+    files.push(p);
+    Ok(files)
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let run = Run::open(&args.run).with_context(|| format!("{}", args.run.display()))?;
+    let out = args.out.clone().unwrap_or_else(|| run.dir.join("report"));
+    std::fs::create_dir_all(&out).with_context(|| format!("{}: cannot create", out.display()))?;
+    let mut manifest = Manifest::start("report", &args, Some(args.seed))?;
+    manifest.kernel_id = Some(run.info.kernel_id.clone());
+    let opts = ScoreOptions {
+        refine_interval: args.refine_interval,
+        bootstrap: args.bootstrap,
+        seed: args.seed,
+        ..ScoreOptions::default()
+    };
+    eprintln!(
+        "scoring the predictors of {} on its test split",
+        run.dir.display()
+    );
+    let (metrics, details) = scoring::score_suite(&run, &opts)
+        .with_context(|| format!("scoring {}", run.dir.display()))?;
+    let models = run.models_dir();
+    let mut inputs: Vec<PathBuf> = std::fs::read_dir(&models)
+        .with_context(|| format!("{}: cannot list", models.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file())
+        .collect();
+    inputs.sort();
+    for p in &inputs {
+        manifest.input(p, &run.dir)?;
+    }
+    let metrics_path = out.join("metrics.json");
+    write_atomic(
+        &metrics_path,
+        serde_json::to_string_pretty(&metrics)?.as_bytes(),
+    )?;
+    let md = out.join("report.md");
+    write_atomic(&md, markdown(&run, &metrics).as_bytes())?;
+    let mut files = vec![metrics_path.clone(), md.clone()];
+    files.extend(plots(&out, &metrics, &details)?);
+    for f in &files {
+        manifest.output(f, &out)?;
+    }
+    manifest.result("best_layer", metrics.best_layer)?;
+    manifest.result(
+        "ratio_bert_finetuned_over_refined",
+        metrics.test.ratio_bert_finetuned_over_refined,
+    )?;
+    manifest.finish(&out)?;
+    let refined = metrics.test.mae_remaining.get("refined").cloned().flatten();
+    eprintln!(
+        "best layer {}; refined test MAE {}; BERT fine-tuned / refined {}",
+        metrics.best_layer,
+        fmt_iv(&refined, 1),
+        fmt_iv(&metrics.test.ratio_bert_finetuned_over_refined, 2)
+    );
+    eprintln!("report: {}", md.display());
+    Ok(())
+}
