@@ -18,6 +18,12 @@ pub fn minilm_dir() -> PathBuf {
     main.parent().expect("a file in a directory").to_path_buf()
 }
 
+/// The HF transformers reference (ids and per-layer hidden states of SmolLM2 on five prompts),
+/// copied from `../shared/fixtures` so a fresh clone runs the parity tests.
+pub fn fixture_path() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/smollm2_hf_reference.json")
+}
+
 /// `../shared` beside the checkout (CI clones with `shared/` beside it).
 pub fn shared_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared")

@@ -17,7 +17,7 @@ use crate::error::{LlmError, Result};
 use crate::layers::LayerSet;
 use crate::model::{KvCache, Row, StepOutput};
 use crate::runner::{Runner, StopReason};
-use crate::sampler::argmax;
+use crate::sampler::{SplitMix64, argmax};
 
 /// Which positions of a sequence get their hidden states kept.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -163,10 +163,12 @@ impl<'a> BatchGenerator<'a> {
                         if job.prompt.is_empty() {
                             return Err(LlmError::Step(format!("job {}: empty prompt", job.id)));
                         }
-                        if job.prompt.len() + self.max_new_tokens > ctx {
+                        // The last generated token is never fed back, so the sequence holds at
+                        // most prompt + max_new − 1 positions.
+                        if job.prompt.len() + self.max_new_tokens - 1 > ctx {
                             return Err(LlmError::PromptTooLong {
                                 len: job.prompt.len(),
-                                max: ctx.saturating_sub(self.max_new_tokens),
+                                max: ctx + 1 - self.max_new_tokens,
                             });
                         }
                         let rng = SplitMix64(job.seed);
@@ -297,24 +299,5 @@ impl Active {
             prompt_mean,
             states: self.states,
         }
-    }
-}
-
-/// SplitMix64: a tiny, portable, seedable generator (same stream on every platform).
-#[derive(Clone, Debug)]
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (Lemire's multiply-shift; the bias is below 2⁻³² for the n used here).
-    fn below(&mut self, n: u64) -> u64 {
-        ((u128::from(self.next()) * u128::from(n)) >> 64) as u64
     }
 }

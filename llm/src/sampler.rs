@@ -47,7 +47,32 @@ pub fn argmax(logits: &[f32]) -> u32 {
 #[derive(Clone, Debug)]
 pub struct Sampler {
     sampling: Sampling,
-    state: u64,
+    rng: SplitMix64,
+}
+
+/// SplitMix64 (Steele et al. 2014): a tiny, portable, seedable generator, the same stream on
+/// every platform. Drives sampling and the batch generator's position sampling.
+#[derive(Clone, Debug)]
+pub(crate) struct SplitMix64(pub(crate) u64);
+
+impl SplitMix64 {
+    pub(crate) fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1) from the top 53 bits.
+    pub(crate) fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Uniform in `0..n` (Lemire's multiply-shift; the bias is below 2⁻³² for the n used here).
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
+        ((u128::from(self.next_u64()) * u128::from(n)) >> 64) as u64
+    }
 }
 
 impl Sampler {
@@ -56,17 +81,10 @@ impl Sampler {
             Sampling::TopP { seed, .. } => seed,
             Sampling::Greedy => 0,
         };
-        Self { sampling, state }
-    }
-
-    /// SplitMix64 → uniform in [0, 1).
-    fn uniform(&mut self) -> f64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        (z >> 11) as f64 / (1u64 << 53) as f64
+        Self {
+            sampling,
+            rng: SplitMix64(state),
+        }
     }
 
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
@@ -82,7 +100,7 @@ impl Sampler {
             .map(|&l| ((l as f64 - max) / temperature).exp())
             .collect();
         let total: f64 = probs.iter().sum();
-        let u = self.uniform();
+        let u = self.rng.uniform();
         if top_p >= 1.0 {
             let mut target = u * total;
             for (i, &p) in probs.iter().enumerate() {

@@ -18,6 +18,8 @@
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
 
+use crate::sampler::SplitMix64;
+
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
@@ -226,7 +228,9 @@ impl TinySpec {
         });
         let mut rng = SplitMix64(h ^ self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let n = shape.iter().product();
-        let data = (0..n).map(|_| map(rng.uniform())).collect();
+        let data = (0..n)
+            .map(|_| map(((rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0))
+            .collect();
         Weight { name, shape, data }
     }
 
@@ -362,24 +366,6 @@ pub fn byte_level_chars() -> Vec<char> {
             char::from_u32(c).expect("a valid code point")
         })
         .collect()
-}
-
-/// SplitMix64: small, portable, seedable.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [-1, 1).
-    fn uniform(&mut self) -> f32 {
-        ((self.next() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
 }
 
 #[cfg(test)]

@@ -21,10 +21,14 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// The main job on the embedded defaults (fetches what it needs).
+    Run(stages::run::Args),
     /// Fetch the default model (and other assets) into the cache.
     Fetch(stages::fetch::Args),
     /// Chat with the target model, streaming the answer and printing tok/s.
     Chat(stages::chat::Args),
+    /// Run the model over a corpus: outputs, lengths and per-layer embeddings as parquet.
+    Generate(stages::generate::Args),
     /// Benchmarks (runner, generate, serve).
     #[command(subcommand)]
     Bench(stages::bench::Bench),
@@ -40,8 +44,10 @@ enum Command {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Run(args) => stages::run::run(args),
         Command::Fetch(args) => stages::fetch::run(args),
         Command::Chat(args) => stages::chat::run(args),
+        Command::Generate(args) => stages::generate::run(args),
         Command::Bench(bench) => stages::bench::run(bench),
         Command::Sim(args) => stages::sim::run(args),
         Command::Train(args) => stages::train::run(args),

@@ -87,6 +87,14 @@ impl Manifest {
         Ok(())
     }
 
+    /// Adds a stage-specific figure under `results.key`.
+    pub fn result(&mut self, key: &str, value: impl Serialize) -> anyhow::Result<()> {
+        if let Value::Object(map) = &mut self.results {
+            map.insert(key.into(), serde_json::to_value(value)?);
+        }
+        Ok(())
+    }
+
     /// Writes `manifest.json` into `dir` atomically and returns its path.
     pub fn finish(mut self, dir: &Path) -> anyhow::Result<PathBuf> {
         self.wall_s = self.clock.elapsed().as_secs_f64();
@@ -100,7 +108,10 @@ impl Manifest {
 /// Writes `bytes` to `path` through a temporary file in the same directory and a rename, so a
 /// reader never sees a half-written file and a crash never destroys the previous version.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
     let mut tmp = tempfile::NamedTempFile::new_in(dir)
         .with_context(|| format!("{}: cannot create a temporary file", dir.display()))?;

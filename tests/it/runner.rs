@@ -30,7 +30,7 @@ fn runner() -> &'static Runner {
 }
 
 fn fixture() -> Fixture {
-    let path = trail_tests::shared_dir().join("fixtures/smollm2_hf_reference.json");
+    let path = trail_tests::fixture_path();
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).expect("fixture JSON")
 }

@@ -1,9 +1,51 @@
-//! `trail bench ...`: speed and memory benchmarks. Figures are ratios measured side by side.
+//! `trail bench ...`: speed and memory benchmarks. Figures are measured side by side in one
+//! run and reported as ratios; targets live here, never in timed tests.
+
+pub mod llama_cpp;
+pub mod runner;
 
 /// The benchmarks.
 #[derive(Debug, clap::Subcommand)]
-pub enum Bench {}
+pub enum Bench {
+    /// The runner: prefill and batched decode tok/s with no layer and every layer captured,
+    /// peak RSS, a step-time table; optionally against llama.cpp on the same GGUF.
+    Runner(runner::Args),
+}
 
 pub fn run(bench: Bench) -> anyhow::Result<()> {
-    match bench {}
+    match bench {
+        Bench::Runner(args) => runner::run(args),
+    }
+}
+
+/// Peak resident set size of this process in MiB (`VmHWM`), where the OS reports it.
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// The CPU's model name, where the OS reports it.
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
+}
+
+/// Median of a non-empty sample.
+pub fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    let n = xs.len();
+    if n % 2 == 1 {
+        xs[n / 2]
+    } else {
+        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
+    }
 }

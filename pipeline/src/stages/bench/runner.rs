@@ -1,0 +1,374 @@
+//! `trail bench runner`: the runner's prefill and batched-decode speed, with no layer and with
+//! every layer captured, peak RSS, and a per-step timing table for the simulator's step-time
+//! model. With `--vs-llama-cpp DIR`, llama.cpp's `llama-bench` and `llama-batched-bench` run
+//! on the same GGUF with the same threads in the same run, and the ratios are printed.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use trail_llm::{KvCache, LayerSet, Row, Runner};
+
+use super::llama_cpp::{self, LlamaCpp};
+use super::{cpu_model, median, peak_rss_mib};
+use crate::manifest::{GIT_COMMIT, write_atomic};
+use crate::stages::model_args::{ModelArgs, threads};
+
+/// Arguments of `trail bench runner`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Prompt length for the prefill benchmark and the context each decoding row starts from.
+    #[arg(long, default_value_t = 128)]
+    pub prompt_tokens: usize,
+    /// Decode steps timed per batch size.
+    #[arg(long, default_value_t = 128)]
+    pub decode_steps: usize,
+    /// Batch sizes for decode.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    pub batches: Vec<usize>,
+    /// Prefill repetitions (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    /// Directory holding `llama-bench` and `llama-batched-bench`: run them side by side.
+    #[arg(long)]
+    pub vs_llama_cpp: Option<PathBuf>,
+    /// Print the results as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Also write `runner.json` and `runner.md` into this directory.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    #[command(flatten)]
+    pub model: ModelArgs,
+}
+
+/// One timed forward step.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepTiming {
+    pub batch: usize,
+    pub prefill_tokens: usize,
+    pub kv_tokens: usize,
+    pub layers: usize,
+    pub secs: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Prefill {
+    pub tokens: usize,
+    pub none_tok_s: f64,
+    pub all_tok_s: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Decode {
+    pub batch: usize,
+    pub context: usize,
+    pub steps: usize,
+    pub none_tok_s: f64,
+    pub all_tok_s: f64,
+    /// 1 − all/none: the throughput lost to capturing every layer.
+    pub capture_cost: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub cpu: String,
+    pub threads: usize,
+    pub model: String,
+    pub kernel_id: String,
+    pub git_commit: String,
+    pub layers: usize,
+    pub prefill: Prefill,
+    pub decode: Vec<Decode>,
+    pub peak_rss_mib: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub llama_cpp: Option<LlamaCpp>,
+    /// trail / llama.cpp (with every layer captured): `prefill`, `decode_bN`.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub ratios: std::collections::BTreeMap<String, f64>,
+    pub steps: Vec<StepTiming>,
+}
+
+/// Deterministic benchmark prompts: the chat-templated text of a fixed instruction, cycled to
+/// `n` tokens, shifted per row so rows differ.
+fn prompt(runner: &Runner, n: usize, row: usize) -> anyhow::Result<Vec<u32>> {
+    let base = runner
+        .encode_chat("Give three tips for staying healthy, then explain each of them in detail.")?;
+    Ok((0..n).map(|i| base[(i + row) % base.len()]).collect())
+}
+
+fn timed_step(
+    runner: &Runner,
+    rows: &mut [Row<'_>],
+    layers: LayerSet,
+    steps: &mut Vec<StepTiming>,
+) -> anyhow::Result<(f64, trail_llm::StepOutput)> {
+    let prefill_tokens = rows
+        .iter()
+        .filter(|r| r.tokens.len() > 1 || r.prompt_tokens > 0)
+        .map(|r| r.tokens.len())
+        .sum();
+    let kv_tokens = rows.iter().map(|r| r.cache.len() + r.tokens.len()).sum();
+    let t = Instant::now();
+    let out = runner.model().step(rows, layers)?;
+    let secs = t.elapsed().as_secs_f64();
+    steps.push(StepTiming {
+        batch: rows.len(),
+        prefill_tokens,
+        kv_tokens,
+        layers: layers.len(),
+        secs,
+    });
+    Ok((secs, out))
+}
+
+/// Decodes `steps` greedy steps on every cache; returns tok/s over all rows.
+fn decode(
+    runner: &Runner,
+    caches: &mut [KvCache],
+    first: &[u32],
+    steps: usize,
+    layers: LayerSet,
+    timings: &mut Vec<StepTiming>,
+    bar: &ProgressBar,
+) -> anyhow::Result<f64> {
+    let mut toks = first.to_vec();
+    let mut total = 0.0;
+    for _ in 0..steps {
+        let mut rows: Vec<Row<'_>> = caches
+            .iter_mut()
+            .zip(&toks)
+            .map(|(c, t)| Row::decode(c, t))
+            .collect();
+        let (secs, out) = timed_step(runner, &mut rows, layers, timings)?;
+        total += secs;
+        for (r, t) in toks.iter_mut().enumerate() {
+            *t = out.argmax(r);
+        }
+        bar.inc(1);
+    }
+    Ok((caches.len() * steps) as f64 / total)
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    anyhow::ensure!(args.prompt_tokens > 0, "--prompt-tokens must be at least 1");
+    anyhow::ensure!(args.repeats > 0, "--repeats must be at least 1");
+    let runner = args.model.load()?;
+    let cfg = runner.config().clone();
+    anyhow::ensure!(
+        args.prompt_tokens + args.decode_steps < cfg.max_position_embeddings,
+        "--prompt-tokens + --decode-steps must fit the context of {}",
+        cfg.max_position_embeddings
+    );
+    let all = LayerSet::all(cfg.num_hidden_layers);
+    let mut steps = Vec::new();
+
+    let work = 2 * args.repeats as u64
+        + args
+            .batches
+            .iter()
+            .map(|_| 1 + 2 * args.decode_steps as u64)
+            .sum::<u64>();
+    let bar = ProgressBar::new(work).with_style(
+        ProgressStyle::with_template("{msg:>12} [{bar:30}] {pos}/{len} steps, eta {eta}")?
+            .progress_chars("=> "),
+    );
+    if args.json {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+
+    bar.set_message("prefill");
+    let p = prompt(&runner, args.prompt_tokens, 0)?;
+    let mut rate = |layers: LayerSet, steps: &mut Vec<StepTiming>| -> anyhow::Result<f64> {
+        let mut samples = Vec::new();
+        for _ in 0..args.repeats {
+            let mut cache = runner.model().new_cache();
+            let (secs, _) =
+                timed_step(&runner, &mut [Row::prefill(&mut cache, &p)], layers, steps)?;
+            samples.push(p.len() as f64 / secs);
+            bar.inc(1);
+        }
+        Ok(median(samples))
+    };
+    let prefill = Prefill {
+        tokens: p.len(),
+        none_tok_s: rate(LayerSet::NONE, &mut steps)?,
+        all_tok_s: rate(all, &mut steps)?,
+    };
+
+    let mut decodes = Vec::new();
+    for &b in &args.batches {
+        anyhow::ensure!(b > 0, "batch sizes must be at least 1");
+        bar.set_message(format!("decode b{b}"));
+        let prompts: Vec<Vec<u32>> = (0..b)
+            .map(|r| prompt(&runner, args.prompt_tokens, r))
+            .collect::<anyhow::Result<_>>()?;
+        let mut caches: Vec<KvCache> = (0..b).map(|_| runner.model().new_cache()).collect();
+        let mut rows: Vec<Row<'_>> = caches
+            .iter_mut()
+            .zip(&prompts)
+            .map(|(c, p)| Row::prefill(c, p))
+            .collect();
+        let (_, out) = timed_step(&runner, &mut rows, LayerSet::NONE, &mut steps)?;
+        bar.inc(1);
+        let first: Vec<u32> = (0..b).map(|r| out.argmax(r)).collect();
+        let mut copy = caches.clone();
+        let none = decode(
+            &runner,
+            &mut caches,
+            &first,
+            args.decode_steps,
+            LayerSet::NONE,
+            &mut steps,
+            &bar,
+        )?;
+        let with_all = decode(
+            &runner,
+            &mut copy,
+            &first,
+            args.decode_steps,
+            all,
+            &mut steps,
+            &bar,
+        )?;
+        decodes.push(Decode {
+            batch: b,
+            context: args.prompt_tokens,
+            steps: args.decode_steps,
+            none_tok_s: none,
+            all_tok_s: with_all,
+            capture_cost: 1.0 - with_all / none,
+        });
+    }
+    bar.finish_and_clear();
+
+    let mut report = Report {
+        cpu: cpu_model(),
+        threads: threads(),
+        model: runner.path().display().to_string(),
+        kernel_id: runner.kernel_id().to_string(),
+        git_commit: GIT_COMMIT.to_string(),
+        layers: cfg.num_hidden_layers,
+        prefill,
+        decode: decodes,
+        peak_rss_mib: peak_rss_mib(),
+        llama_cpp: None,
+        ratios: Default::default(),
+        steps,
+    };
+
+    if let Some(dir) = &args.vs_llama_cpp {
+        if !args.json {
+            eprintln!("running llama.cpp from {} …", dir.display());
+        }
+        let lc = llama_cpp::run(
+            dir,
+            runner.path(),
+            report.threads,
+            args.prompt_tokens,
+            args.decode_steps,
+            &args.batches,
+        )?;
+        report.ratios.insert(
+            "prefill".into(),
+            report.prefill.all_tok_s / lc.prefill_tok_s,
+        );
+        for d in &report.decode {
+            if let Some(x) = lc.decode_tok_s(d.batch) {
+                report
+                    .ratios
+                    .insert(format!("decode_b{}", d.batch), d.all_tok_s / x);
+            }
+        }
+        report.llama_cpp = Some(lc);
+    }
+
+    let md = markdown(&report);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{md}");
+    }
+    if let Some(dir) = &args.out {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        write_atomic(
+            &dir.join("runner.json"),
+            &serde_json::to_vec_pretty(&report)?,
+        )?;
+        write_atomic(&dir.join("runner.md"), md.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// The human-readable report: summary tables and the step table aggregated by shape.
+pub fn markdown(r: &Report) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(s, "# trail bench runner\n");
+    let _ = writeln!(
+        s,
+        "CPU: {} · threads: {} · commit {}\nmodel: {}\nkernel_id: `{}`\n",
+        r.cpu, r.threads, r.git_commit, r.model, r.kernel_id
+    );
+    let lc = r.llama_cpp.as_ref();
+    let _ = writeln!(
+        s,
+        "| | no layer | all {} layers | capture cost | llama.cpp | trail (all) / llama.cpp |",
+        r.layers
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|");
+    let ratio = |k: &str| r.ratios.get(k).map_or("–".into(), |x| format!("{x:.2}×"));
+    let _ = writeln!(
+        s,
+        "| prefill {} tok, tok/s | {:.0} | {:.0} | {:.1} % | {} | {} |",
+        r.prefill.tokens,
+        r.prefill.none_tok_s,
+        r.prefill.all_tok_s,
+        100.0 * (1.0 - r.prefill.all_tok_s / r.prefill.none_tok_s),
+        lc.map_or("–".into(), |l| format!("{:.0}", l.prefill_tok_s)),
+        ratio("prefill"),
+    );
+    for d in &r.decode {
+        let _ = writeln!(
+            s,
+            "| decode batch {}, tok/s | {:.0} | {:.0} | {:.1} % | {} | {} |",
+            d.batch,
+            d.none_tok_s,
+            d.all_tok_s,
+            100.0 * d.capture_cost,
+            lc.and_then(|l| l.decode_tok_s(d.batch))
+                .map_or("–".into(), |x| format!("{x:.0}")),
+            ratio(&format!("decode_b{}", d.batch)),
+        );
+    }
+    if let Some(m) = r.peak_rss_mib {
+        let _ = writeln!(s, "\npeak RSS: {m:.0} MiB");
+    }
+    let _ = writeln!(
+        s,
+        "\nDecode rows start from a {}-token context; tok/s counts every row's tokens.\n",
+        r.decode.first().map_or(0, |d| d.context)
+    );
+    let _ = writeln!(s, "## Step times (median per shape)\n");
+    let _ = writeln!(
+        s,
+        "| batch | prefill tokens | layers | steps | mean KV tokens | median ms |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|");
+    let mut groups: std::collections::BTreeMap<(usize, usize, usize), Vec<&StepTiming>> =
+        Default::default();
+    for t in &r.steps {
+        groups
+            .entry((t.batch, t.prefill_tokens, t.layers))
+            .or_default()
+            .push(t);
+    }
+    for ((b, p, l), ts) in groups {
+        let kv = ts.iter().map(|t| t.kv_tokens as f64).sum::<f64>() / ts.len() as f64;
+        let ms = median(ts.iter().map(|t| t.secs * 1e3).collect());
+        let _ = writeln!(s, "| {b} | {p} | {l} | {} | {kv:.0} | {ms:.2} |", ts.len());
+    }
+    s
+}

@@ -1,0 +1,51 @@
+//! The model options every stage that runs the target model shares.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use trail_llm::{Device, Runner, hub};
+
+/// `--model`, `--device`, `--threads`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ModelArgs {
+    /// A local GGUF, or `hf:OWNER/REPO/FILE.gguf`. Default: SmolLM2-135M-Instruct Q4_1, fetched
+    /// into the cache on first use.
+    #[arg(long, env = "TRAIL_MODEL")]
+    pub model: Option<String>,
+    /// `cpu` or `cuda:N` (needs a build with the `cuda` feature).
+    #[arg(long, default_value = "cpu")]
+    pub device: Device,
+    /// Worker threads for the matmuls (default: every core).
+    #[arg(long, env = "TRAIL_THREADS")]
+    pub threads: Option<usize>,
+}
+
+impl ModelArgs {
+    /// The GGUF path, fetched or resolved.
+    pub fn path(&self) -> anyhow::Result<PathBuf> {
+        Ok(hub::resolve_model(self.model.as_deref())?)
+    }
+
+    /// Sets the thread pool and loads the model.
+    pub fn load(&self) -> anyhow::Result<Runner> {
+        init_threads(self.threads)?;
+        let path = self.path()?;
+        Runner::load_on(&path, self.device).with_context(|| format!("loading {}", path.display()))
+    }
+}
+
+/// Sizes rayon's global pool once (later calls keep the first size).
+pub fn init_threads(threads: Option<usize>) -> anyhow::Result<()> {
+    if let Some(n) = threads {
+        anyhow::ensure!(n > 0, "--threads must be at least 1");
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global();
+    }
+    Ok(())
+}
+
+/// Threads the matmuls run on.
+pub fn threads() -> usize {
+    rayon::current_num_threads()
+}
