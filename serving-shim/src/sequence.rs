@@ -144,9 +144,9 @@ impl Sequence {
     }
 
     /// True once the context is in the cache except the newest sampled token: the next step is
-    /// a one-token decode.
+    /// a one-token decode. (One prompt token left by a chunked prefill is still a prefill.)
     pub fn is_decoding(&self) -> bool {
-        self.computed > 0 && self.uncomputed() == 1
+        self.uncomputed() == 1 && self.computed >= self.prompt_len
     }
 
     /// Tokens generated so far.

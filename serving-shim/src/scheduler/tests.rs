@@ -430,3 +430,32 @@ fn aging_lets_a_long_waiting_request_go_first() {
     assert_eq!(run(0.0), None, "starves without aging");
     assert!(run(10.0).is_some_and(|p| p < 10), "{:?}", run(10.0));
 }
+
+#[test]
+fn one_prompt_token_left_by_a_chunk_is_a_prefill_not_a_decode() {
+    let c = SchedulerConfig {
+        prefill_chunk: Some(8),
+        ..cfg(4096, 4)
+    };
+    let mut d = Driver::new(c, Box::new(Fcfs));
+    load(&mut d, &[(1, 9, 3, None)]);
+    assert_eq!(
+        d.step().prefill,
+        vec![Chunk {
+            id: 1,
+            start: 0,
+            len: 8
+        }]
+    );
+    let p = d.step();
+    assert!(p.decode.is_empty());
+    assert_eq!(
+        p.prefill,
+        vec![Chunk {
+            id: 1,
+            start: 8,
+            len: 1
+        }]
+    );
+    assert_eq!(d.step().decode, vec![1]);
+}
