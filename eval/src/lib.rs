@@ -9,6 +9,8 @@
 //! * [`des`]: a single-server discrete-event simulator with batch-means confidence intervals.
 //! * [`loadgen`]: arrival processes, traces, and backends (HTTP, fixed-delay) for latency runs.
 //! * [`plot`]: PNG line, CDF, bar, heatmap and reliability charts.
+//! * [`tracesim`]: a trace-driven serving simulator: the serving shim's scheduler, replicas behind
+//!   a router, and a step-time model fitted to a step log.
 
 pub mod des;
 pub mod dist;
@@ -17,6 +19,7 @@ pub mod plot;
 pub mod policy;
 mod quad;
 pub mod theory;
+pub mod tracesim;
 
 pub use des::{SimConfig, SimResult, simulate};
 pub use dist::{CappedMixture, Empirical, Joint, Predictions, Sizes};
