@@ -56,7 +56,8 @@ pub struct ScoreOptions {
     pub refine_interval: u32,
     pub bootstrap: usize,
     pub seed: u64,
-    /// Width of the g buckets of the MAE-vs-g curves.
+    /// Width of the g buckets of the MAE-vs-g curves (0: `max_new / 16` rounded up to a
+    /// multiple of 8).
     pub g_bucket: u32,
 }
 
@@ -66,7 +67,7 @@ impl Default for ScoreOptions {
             refine_interval: 8,
             bootstrap: 1000,
             seed: 0,
-            g_bucket: 32,
+            g_bucket: 0,
         }
     }
 }
@@ -350,7 +351,10 @@ pub fn score_suite(run: &Run, opts: &ScoreOptions) -> Result<(Metrics, Details)>
     let k = bins.k();
     let mut confusion = vec![vec![0f64; k]; k];
     let mut rel: Vec<(f64, f64)> = Vec::new();
-    let bucket = opts.g_bucket;
+    let bucket = match opts.g_bucket {
+        0 => (max_new / 16).max(8).div_ceil(8) * 8,
+        b => b,
+    };
     for (qi, q) in reqs.iter().enumerate() {
         let req = &run.requests[q.run_index];
         let steps: Vec<(u32, &[f32])> = q

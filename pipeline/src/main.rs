@@ -40,6 +40,8 @@ enum Command {
     Report(stages::report::Args),
     /// Export the selected probe (and optionally the fine-tuned BERT) as safetensors.
     Export(stages::export::Args),
+    /// Answer a prompt and print the exported predictor's remaining-length estimate as it goes.
+    Predict(stages::predict::Args),
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -53,6 +55,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Train(args) => stages::train::run(args),
         Command::Report(args) => stages::report::run(args),
         Command::Export(args) => stages::export::run(args),
+        Command::Predict(args) => stages::predict::run(args),
     }
 }
 

@@ -226,3 +226,61 @@ fn too_few_requests_in_a_split_is_a_clear_error() {
         "{err}"
     );
 }
+
+#[test]
+fn kendall_tau_b_and_paired_bootstrap() {
+    use trail_checkpoints::metrics::{Bootstrap, ErrorSums, kendall_tau_b};
+    // x = 1,2,2,3; y = 1,3,2,4: 6 pairs, 1 tied in x, 5 concordant → 5/√30.
+    let t = kendall_tau_b(&[1., 2., 2., 3.], &[1., 3., 2., 4.]).unwrap();
+    assert!((t - 5.0 / 30f64.sqrt()).abs() < 1e-12);
+    assert_eq!(kendall_tau_b(&[5., 5., 5.], &[1., 2., 3.]), None);
+    let mut e = ErrorSums::new(40);
+    for i in 0..40 {
+        e.add(i, i as f64);
+    }
+    let b = Bootstrap::new(40, 300, 1);
+    let iv = b.interval(|idx| e.mae(idx)).unwrap();
+    assert!((iv.value - 19.5).abs() < 1e-12 && iv.lo < 19.5 && 19.5 < iv.hi);
+    assert_eq!(b.interval(|idx| e.mae(idx)), Some(iv));
+}
+
+/// The differentiable BERT forward of the fine-tuned baseline equals candle-transformers'
+/// `BertModel` (through the frozen encoder's pooled, normalized output) on the base weights.
+#[test]
+fn tunable_bert_matches_candle_bert() {
+    use candle_core::DType;
+    use trail_checkpoints::bert::BertEncoder;
+    use trail_checkpoints::bert_tune::{TuneConfig, encode_batch, from_base};
+    let dir = trail_tests::minilm_dir();
+    let texts = [
+        "How do I bake bread?",
+        "Write a long essay about the history of Rome.",
+    ];
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let (tuned, _, _) = from_base(&dir, 10, &TuneConfig::default(), &mut rng).unwrap();
+    let (ids, types, mask) = encode_batch(&tuned.tokenizer, &texts).unwrap();
+    let x = tuned.model.encode(&ids, &types, &mask).unwrap();
+    let m = mask.to_dtype(DType::F32).unwrap().unsqueeze(2).unwrap();
+    let mean = x
+        .broadcast_mul(&m)
+        .unwrap()
+        .sum(1)
+        .unwrap()
+        .broadcast_div(&m.sum(1).unwrap())
+        .unwrap();
+    let norm = mean.sqr().unwrap().sum_keepdim(1).unwrap().sqrt().unwrap();
+    let ours: Vec<f32> = mean
+        .broadcast_div(&norm)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let theirs = BertEncoder::load(&dir, 256).unwrap().embed(&texts).unwrap();
+    let diff = ours
+        .iter()
+        .zip(&theirs)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(diff < 1e-4, "max diff {diff}");
+}

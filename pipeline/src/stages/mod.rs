@@ -6,6 +6,7 @@ pub mod export;
 pub mod fetch;
 pub mod generate;
 pub mod model_args;
+pub mod predict;
 pub mod report;
 pub mod run;
 pub mod sim;

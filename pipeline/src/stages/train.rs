@@ -148,13 +148,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         Event::Skipped { name } => {
             bar.inc(1);
-            bar.println(format!(
-                "{name}: already trained with this configuration, skipped"
-            ));
+            bar.suspend(|| eprintln!("{name}: already trained with this configuration, skipped"));
         }
         Event::Done { name, val_mae } => {
             bar.inc(1);
-            bar.println(format!("{name}: validation MAE {val_mae:.2} tokens"));
+            bar.suspend(|| eprintln!("{name}: validation MAE {val_mae:.2} tokens"));
         }
         Event::BertStep(s) => {
             bar.set_message(format!(
