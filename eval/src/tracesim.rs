@@ -28,7 +28,8 @@ use crate::loadgen::TraceRequest;
 /// One logged model step: its shape and how long it took.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, serde::Deserialize)]
 pub struct StepSample {
-    /// Rows (decodes + prefill chunks).
+    /// Rows (decodes + prefill chunks). Logged for reference, not a feature of the fit (it is
+    /// the decode rows plus the number of chunks).
     pub rows: usize,
     /// Decode rows (one token each).
     pub decode_rows: usize,
@@ -87,8 +88,8 @@ impl StepTimeModel {
         // Scale each column by its largest magnitude; a column of zeros is inactive.
         let mut scale = [0.0f64; 4];
         for row in &x {
-            for j in 0..4 {
-                scale[j] = scale[j].max(row[j].abs());
+            for (m, v) in scale.iter_mut().zip(row) {
+                *m = m.max(v.abs());
             }
         }
         let mut active: Vec<usize> = (0..4).filter(|&j| scale[j] > 0.0).collect();
@@ -138,11 +139,11 @@ fn solve_ols(x: &[[f64; 4]], y: &[f64], scale: &[f64; 4], active: &[usize]) -> V
     let mut a = vec![vec![0.0f64; k + 1]; k];
     for (row, &yi) in x.iter().zip(y) {
         let z: Vec<f64> = active.iter().map(|&j| row[j] / scale[j]).collect();
-        for i in 0..k {
-            for j in 0..k {
-                a[i][j] += z[i] * z[j];
+        for (ai, &zi) in a.iter_mut().zip(&z) {
+            for (aij, &zj) in ai.iter_mut().zip(&z) {
+                *aij += zi * zj;
             }
-            a[i][k] += z[i] * yi;
+            ai[k] += zi * yi;
         }
     }
     // Gaussian elimination with partial pivoting.
@@ -764,6 +765,30 @@ mod tests {
         let r = simulate(&trace, &lens, &c, &model()).unwrap();
         assert_eq!(r.requests.len(), 10_000);
         assert!(r.p50_latency <= r.p90_latency && r.p90_latency <= r.p99_latency);
+    }
+
+    #[test]
+    fn routers_steer_around_a_long_request() {
+        // A 500-token request at 0, then short ones every 0.1 s; steps of 10 ms, one running.
+        let mut trace = vec![req(0.0, 500)];
+        trace.extend((1..=6).map(|i| req(0.1 * i as f64, 5)));
+        let lens = vec![4; trace.len()];
+        let replicas_of = |router| {
+            let mut c = cfg(PolicyKind::Fcfs, 1024, 1);
+            c.replicas = 2;
+            c.router = router;
+            let r = simulate(&trace, &lens, &c, &StepTimeModel::constant(0.01)).unwrap();
+            r.requests.iter().map(|q| q.replica).collect::<Vec<_>>()
+        };
+        assert_eq!(replicas_of(Router::RoundRobin), vec![0, 1, 0, 1, 0, 1, 0]);
+        assert_eq!(
+            replicas_of(Router::JoinShortestQueue),
+            vec![0, 1, 1, 1, 1, 1, 1]
+        );
+        assert_eq!(
+            replicas_of(Router::LeastPredictedWork),
+            vec![0, 1, 1, 1, 1, 1, 1]
+        );
     }
 
     #[test]
