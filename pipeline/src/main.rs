@@ -29,6 +29,8 @@ enum Command {
     Chat(stages::chat::Args),
     /// Run the model over a corpus: outputs, lengths and per-layer embeddings as parquet.
     Generate(stages::generate::Args),
+    /// Serve the model over HTTP (OpenAI-compatible) with a pluggable scheduler.
+    Serve(stages::serve::Args),
     /// Benchmarks (runner, generate, serve).
     #[command(subcommand)]
     Bench(stages::bench::Bench),
@@ -50,6 +52,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Fetch(args) => stages::fetch::run(args),
         Command::Chat(args) => stages::chat::run(args),
         Command::Generate(args) => stages::generate::run(args),
+        Command::Serve(args) => stages::serve::run(args),
         Command::Bench(bench) => stages::bench::run(bench),
         Command::Sim(args) => stages::sim::run(args),
         Command::Train(args) => stages::train::run(args),

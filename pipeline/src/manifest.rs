@@ -117,6 +117,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
         .with_context(|| format!("{}: cannot create a temporary file", dir.display()))?;
     std::io::Write::write_all(&mut tmp, bytes)
         .with_context(|| format!("{}: write failed", path.display()))?;
+    // Temporary files are created 0600; outputs are ordinary files, readable by others.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o644))
+            .with_context(|| format!("{}: cannot set permissions", path.display()))?;
+    }
     tmp.persist(path)
         .with_context(|| format!("{}: rename failed", path.display()))?;
     Ok(())

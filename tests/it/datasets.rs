@@ -63,9 +63,7 @@ fn carried_alpaca_is_whole_and_in_the_fixture_convention() {
     assert!(!report.truncated && report.skipped.is_empty());
     assert!(records.iter().enumerate().all(|(i, r)| r.index == i));
     // The README's first records, and the fixtures' `user` messages for them.
-    let fixture =
-        fs::read_to_string(trail_tests::shared_dir().join("fixtures/smollm2_hf_reference.json"))
-            .unwrap();
+    let fixture = fs::read_to_string(trail_tests::fixture_path()).unwrap();
     for (r, want) in records.iter().zip([
         "Give three tips for staying healthy.",
         "What are the three primary colors?",

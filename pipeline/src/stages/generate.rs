@@ -22,7 +22,7 @@ use trail_datasets::{
     RequestRow, Shard, SplitFilter, plan, store,
 };
 use trail_llm::batch::{BatchGenerator, Finished, Job, Positions};
-use trail_llm::{LayerSet, Runner, StopReason, hub};
+use trail_llm::{LayerSet, StopReason, hub};
 
 use crate::manifest::{Manifest, write_atomic};
 use crate::stages::model_args::ModelArgs;

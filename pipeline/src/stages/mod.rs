@@ -9,5 +9,6 @@ pub mod model_args;
 pub mod predict;
 pub mod report;
 pub mod run;
+pub mod serve;
 pub mod sim;
 pub mod train;

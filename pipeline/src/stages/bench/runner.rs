@@ -181,7 +181,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     bar.set_message("prefill");
     let p = prompt(&runner, args.prompt_tokens, 0)?;
-    let mut rate = |layers: LayerSet, steps: &mut Vec<StepTiming>| -> anyhow::Result<f64> {
+    let rate = |layers: LayerSet, steps: &mut Vec<StepTiming>| -> anyhow::Result<f64> {
         let mut samples = Vec::new();
         for _ in 0..args.repeats {
             let mut cache = runner.model().new_cache();
