@@ -18,9 +18,9 @@ use std::sync::Arc;
 use rand::SeedableRng;
 use rand_distr::{Distribution, LogNormal};
 use serde::Serialize;
-use trail_serving_shim::{
-    ManualClock, PolicyKind, Scheduler, SchedulerConfig, SeqId, Sequence, StepPlan, StepResult,
-};
+use trail_serving_shim::{ManualClock, Scheduler, SeqId, Sequence, StepPlan, StepResult};
+// The shim's policy names and scheduler settings, re-exported for callers of `simulate`.
+pub use trail_serving_shim::{PolicyKind, SchedulerConfig};
 
 use crate::Error;
 use crate::loadgen::TraceRequest;

@@ -5,8 +5,12 @@
 //! * `trail sim des --out DIR`: the same closed forms against a discrete-event simulation with
 //!   batch-means 95 % intervals.
 //!
-//! Both write `summary.json`, `report.md`, PNG plots and `manifest.json` into `DIR`
-//! atomically. (The trace-driven serving simulator will be a third subcommand, `trace`.)
+//! * `trail sim trace --steps F.json --out DIR`: the trace-driven serving simulator
+//!   ([`trail_eval::tracesim`]): a `trace.jsonl` (or a synthetic Poisson trace) replayed through
+//!   the serving shim's scheduler on N replicas, steps timed by a model fitted to a step log.
+//!
+//! All write `summary.json`, `report.md` and `manifest.json` into `DIR` atomically; theory and
+//! des add PNG plots.
 
 use std::path::{Path, PathBuf};
 
@@ -31,6 +35,8 @@ pub enum SimCommand {
     Theory(TheoryArgs),
     /// Closed forms against a discrete-event simulation (batch-means 95 % intervals).
     Des(DesArgs),
+    /// Trace-driven serving simulation: the shim's scheduler, replicas behind a router.
+    Trace(TraceArgs),
 }
 
 /// The job-size law.
@@ -108,6 +114,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     match args.command {
         SimCommand::Theory(a) => run_grid(&a.workload, None, "sim theory", &a),
         SimCommand::Des(a) => run_grid(&a.workload, Some(&a), "sim des", &a),
+        SimCommand::Trace(a) => run_trace(&a),
     }
 }
 
@@ -423,4 +430,243 @@ fn report(s: &Summary, w: &Workload, des: Option<&DesArgs>) -> String {
         w.c_load
     ));
     md
+}
+
+/// How `trail sim trace` routes arrivals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RouterArg {
+    /// Round robin.
+    RoundRobin,
+    /// Join the shortest queue (fewest live requests).
+    Jsq,
+    /// Least predicted remaining output tokens.
+    LeastWork,
+}
+
+/// Arguments of `trail sim trace`.
+#[derive(Debug, clap::Args, Serialize)]
+pub struct TraceArgs {
+    /// `trace.jsonl` to replay (every request needs `output_tokens`); without it, a synthetic
+    /// Poisson trace (--requests, --rate, --mean-output).
+    #[arg(long)]
+    pub trace: Option<PathBuf>,
+    /// Step log: a JSON array of `{rows, decode_rows, prefill_tokens, kv_tokens, secs}` (fitted
+    /// by least squares), or a fitted model `{base_s, per_decode_row_s, per_prefill_token_s,
+    /// per_kv_token_s}`.
+    #[arg(long)]
+    pub steps: PathBuf,
+    /// Policies to simulate.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "fcfs,sjf-bert,sprpt,trail,oracle"
+    )]
+    pub policy: Vec<String>,
+    /// TRAIL's preemption limit.
+    #[arg(long, default_value_t = 0.8)]
+    pub c: f64,
+    /// Replica counts to simulate.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    pub replicas: Vec<usize>,
+    #[arg(long, value_enum, default_value = "jsq")]
+    pub router: RouterArg,
+    /// Log-normal error of the initial predictions (exact without it).
+    #[arg(long)]
+    pub pred_sigma: Option<f64>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value_t = 48)]
+    pub max_running: usize,
+    #[arg(long, default_value_t = 65_536)]
+    pub kv_budget_tokens: usize,
+    #[arg(long)]
+    pub prefill_chunk: Option<usize>,
+    /// Prompt length of a trace request: its characters over this, rounded up (the trace holds
+    /// text, not tokens).
+    #[arg(long, default_value_t = 4.0)]
+    pub chars_per_token: f64,
+    /// Synthetic trace: requests.
+    #[arg(long, default_value_t = 10_000)]
+    pub requests: usize,
+    /// Synthetic trace: arrivals per second.
+    #[arg(long, default_value_t = 10.0)]
+    pub rate: f64,
+    /// Synthetic trace: mean output tokens (exponential, capped at 512).
+    #[arg(long, default_value_t = 150.0)]
+    pub mean_output: f64,
+    /// Output directory.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Serialize)]
+struct TraceRow {
+    policy: String,
+    replicas: usize,
+    mean_latency: f64,
+    p50_latency: f64,
+    p90_latency: f64,
+    p99_latency: f64,
+    mean_ttft: f64,
+    preemptions: u64,
+    steps: u64,
+    makespan: f64,
+}
+
+fn run_trace(a: &TraceArgs) -> anyhow::Result<()> {
+    use trail_eval::tracesim::{self, StepSample, StepTimeModel};
+
+    let policies: Vec<tracesim::PolicyKind> = a
+        .policy
+        .iter()
+        .map(|p| p.parse())
+        .collect::<Result<_, _>>()?;
+    anyhow::ensure!(!policies.is_empty(), "--policy: at least one policy");
+    anyhow::ensure!(
+        !a.replicas.is_empty() && a.replicas.iter().all(|&r| r > 0),
+        "--replicas: counts must be ≥ 1"
+    );
+    anyhow::ensure!(a.c >= 0.0, "--c must be ≥ 0, got {}", a.c);
+    anyhow::ensure!(
+        a.chars_per_token > 0.0,
+        "--chars-per-token must be positive"
+    );
+    let mut manifest = Manifest::start("sim trace", a, Some(a.seed))?;
+
+    let text = std::fs::read_to_string(&a.steps)
+        .with_context(|| format!("{}: cannot read", a.steps.display()))?;
+    let model = match serde_json::from_str::<StepTimeModel>(&text) {
+        Ok(m) => m,
+        Err(_) => {
+            let samples: Vec<StepSample> = serde_json::from_str(&text).with_context(|| {
+                format!(
+                    "{}: neither a step-time model nor an array of step samples",
+                    a.steps.display()
+                )
+            })?;
+            StepTimeModel::fit(&samples)
+                .with_context(|| format!("{}: fitting the step-time model", a.steps.display()))?
+        }
+    };
+    manifest.input(&a.steps, &a.out)?;
+
+    let (trace, prompt_lens) = match &a.trace {
+        Some(path) => {
+            let trace = trail_eval::loadgen::read_trace(path)?;
+            anyhow::ensure!(!trace.is_empty(), "{}: empty trace", path.display());
+            manifest.input(path, &a.out)?;
+            let lens = trace
+                .iter()
+                .map(|r| {
+                    ((r.prompt.chars().count() as f64 / a.chars_per_token).ceil() as usize).max(1)
+                })
+                .collect();
+            (trace, lens)
+        }
+        None => {
+            tracesim::synthetic_trace(a.requests, a.rate, a.mean_output, 512, (16, 256), a.seed)?
+        }
+    };
+    anyhow::ensure!(!trace.is_empty(), "empty trace");
+
+    let mut scheduler = tracesim::SchedulerConfig::new(a.kv_budget_tokens);
+    scheduler.max_running = a.max_running;
+    scheduler.prefill_chunk = a.prefill_chunk;
+    let router = match a.router {
+        RouterArg::RoundRobin => tracesim::Router::RoundRobin,
+        RouterArg::Jsq => tracesim::Router::JoinShortestQueue,
+        RouterArg::LeastWork => tracesim::Router::LeastPredictedWork,
+    };
+    let predictions = tracesim::Predictions {
+        initial: None,
+        error: a
+            .pred_sigma
+            .map(|sigma| tracesim::PredictionError::LogNormal {
+                sigma,
+                seed: a.seed,
+            }),
+    };
+    let mut rows = Vec::new();
+    for &replicas in &a.replicas {
+        for &policy in &policies {
+            let cfg = tracesim::SimConfig {
+                scheduler: scheduler.clone(),
+                policy,
+                c: a.c,
+                replicas,
+                router,
+                predictions: predictions.clone(),
+            };
+            let r = tracesim::simulate(&trace, &prompt_lens, &cfg, &model)
+                .with_context(|| format!("simulating {policy} on {replicas} replica(s)"))?;
+            eprintln!(
+                "{policy:>8} × {replicas}: mean {:.3} s, p99 {:.3} s",
+                r.mean_latency, r.p99_latency
+            );
+            rows.push(TraceRow {
+                policy: policy.to_string(),
+                replicas,
+                mean_latency: r.mean_latency,
+                p50_latency: r.p50_latency,
+                p90_latency: r.p90_latency,
+                p99_latency: r.p99_latency,
+                mean_ttft: r.mean_ttft,
+                preemptions: r.preemptions,
+                steps: r.steps,
+                makespan: r.makespan,
+            });
+        }
+    }
+
+    let out = &a.out;
+    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
+    let summary = serde_json::json!({
+        "requests": trace.len(),
+        "step_model": model,
+        "rows": rows,
+    });
+    let summary_path = out.join("summary.json");
+    write_atomic(
+        &summary_path,
+        (serde_json::to_string_pretty(&summary)? + "\n").as_bytes(),
+    )?;
+    manifest.output(&summary_path, out)?;
+    let mut md = format!(
+        "# Trace-driven serving simulation\n\n{} requests ({}); step time = {:.3e} + {:.3e}·decode rows \
+         + {:.3e}·prefill tokens + {:.3e}·KV tokens s; max running {}, KV budget {} tokens, \
+         router {:?}, c = {}.\n\n| policy | replicas | mean | p50 | p90 | p99 | mean TTFT | preemptions |\n|---|---|---|---|---|---|---|---|\n",
+        trace.len(),
+        a.trace
+            .as_ref()
+            .map_or("synthetic Poisson".to_string(), |p| p.display().to_string()),
+        model.base_s,
+        model.per_decode_row_s,
+        model.per_prefill_token_s,
+        model.per_kv_token_s,
+        a.max_running,
+        a.kv_budget_tokens,
+        a.router,
+        a.c,
+    );
+    for r in &rows {
+        md.push_str(&format!(
+            "| {} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {} |\n",
+            r.policy,
+            r.replicas,
+            r.mean_latency,
+            r.p50_latency,
+            r.p90_latency,
+            r.p99_latency,
+            r.mean_ttft,
+            r.preemptions
+        ));
+    }
+    let report_path = out.join("report.md");
+    write_atomic(&report_path, md.as_bytes())?;
+    manifest.output(&report_path, out)?;
+    manifest.result("rows", rows.len())?;
+    let path = manifest.finish(out)?;
+    println!("{}", path.display());
+    Ok(())
 }
