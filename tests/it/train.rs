@@ -49,7 +49,7 @@ fn synthetic_run(dir: &Path, n: usize, n_eval: usize, nan: bool) {
                 FinishReason::Stop
             },
         });
-        let mut state = |remaining: u32, rng: &mut ChaCha8Rng| -> Vec<f32> {
+        let state = |remaining: u32, rng: &mut ChaCha8Rng| -> Vec<f32> {
             let mut v = Vec::with_capacity(LAYERS.len() * DIM);
             for layer in LAYERS {
                 for j in 0..DIM {

@@ -39,7 +39,7 @@ fn runner(spec: TinySpec) -> Runner {
 fn ids(n: usize, salt: u64) -> Vec<u32> {
     let mut rng = SplitMix64(salt.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ 0x5EED);
     (0..n)
-        .map(|_| (rng.next() % TinySpec::default().vocab as u64) as u32)
+        .map(|_| (rng.next_u64() % TinySpec::default().vocab as u64) as u32)
         .collect()
 }
 
