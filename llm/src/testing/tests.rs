@@ -764,7 +764,8 @@ fn errors_name_the_file_or_the_limit() {
             && msg.contains(&format!("at most {} prompt tokens", ctx - 1)),
         "{msg}"
     );
-    // The batch generator keeps room for `max_new_tokens`.
+    // The batch generator keeps room for `max_new_tokens` (the last one is never fed back, so
+    // prompt + max_new − 1 positions must fit).
     let job = Job {
         id: 0,
         prompt: ids(ctx - 4, 1),
@@ -776,7 +777,7 @@ fn errors_name_the_file_or_the_limit() {
     let msg = e.to_string();
     assert!(
         msg.contains(&format!("prompt of {} tokens", ctx - 4))
-            && msg.contains(&format!("at most {} prompt tokens", ctx - 10)),
+            && msg.contains(&format!("at most {} prompt tokens", ctx + 1 - 10)),
         "{msg}"
     );
     // Truncation keeps the last ctx − 1 tokens instead.
