@@ -834,6 +834,14 @@ pub fn part_complete(run_dir: &Path, part: usize, layers: &[u32]) -> bool {
     })
 }
 
+/// Rows of a parquet file, from its footer alone.
+pub fn row_count(path: &Path) -> Result<u64> {
+    use parquet::file::reader::FileReader;
+    let file = File::open(path).map_err(|e| StoreError::io(path, e))?;
+    let reader = SerializedFileReader::new(file).map_err(|e| StoreError::parquet(path, e))?;
+    Ok(reader.metadata().file_metadata().num_rows() as u64)
+}
+
 /// Removes the files of part `part` (final and temporary) for these layers, e.g. before a redo.
 pub fn remove_part(run_dir: &Path, part: usize, layers: &[u32]) -> Result<()> {
     for &layer in layers {

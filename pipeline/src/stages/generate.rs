@@ -571,7 +571,7 @@ impl<'a> CorpusInfo<'a> {
 fn count_rows(out: &Path, layer: u32) -> anyhow::Result<u64> {
     let mut n = 0;
     for p in store::layer_parts(out, layer)? {
-        n += store::read_layer_file(&p)?.len() as u64;
+        n += store::row_count(&p)?;
     }
     Ok(n)
 }

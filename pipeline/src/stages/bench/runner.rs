@@ -105,11 +105,7 @@ fn timed_step(
     layers: LayerSet,
     steps: &mut Vec<StepTiming>,
 ) -> anyhow::Result<(f64, trail_llm::StepOutput)> {
-    let prefill_tokens = rows
-        .iter()
-        .filter(|r| r.tokens.len() > 1 || r.prompt_tokens > 0)
-        .map(|r| r.tokens.len())
-        .sum();
+    let prefill_tokens = rows.iter().map(|r| r.prompt_tokens).sum();
     let kv_tokens = rows.iter().map(|r| r.cache.len() + r.tokens.len()).sum();
     let t = Instant::now();
     let out = runner.model().step(rows, layers)?;
