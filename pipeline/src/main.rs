@@ -44,6 +44,9 @@ enum Command {
     Export(stages::export::Args),
     /// Answer a prompt and print the exported predictor's remaining-length estimate as it goes.
     Predict(stages::predict::Args),
+    /// Evaluations (scheduling latency on the real engine, predictor error).
+    #[command(subcommand)]
+    Eval(stages::eval::Eval),
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -59,6 +62,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Report(args) => stages::report::run(args),
         Command::Export(args) => stages::export::run(args),
         Command::Predict(args) => stages::predict::run(args),
+        Command::Eval(eval) => stages::eval::run(eval),
     }
 }
 
