@@ -10,6 +10,7 @@
 //! - [`bert`]: the BERT baseline's sentence encoder (all-MiniLM-L6-v2, frozen).
 //! - [`bert_tune`]: the same encoder fine-tuned end to end with the length head.
 //! - [`metrics`]: Kendall's τ-b and request-level bootstrap intervals.
+//! - [`prior`]: the exported fine-tuned BERT as a prompt → total-length predictor (SJF-BERT).
 //! - [`suite`]: every predictor of a generated run, trained into `runs/NAME/models/`.
 //! - [`scoring`]: those predictors scored on the run's test split (`metrics.json`).
 
@@ -20,6 +21,7 @@ pub mod bins;
 pub mod checkpoint;
 pub mod error;
 pub mod metrics;
+pub mod prior;
 pub mod probe;
 pub mod refine;
 pub mod scoring;

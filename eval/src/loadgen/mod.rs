@@ -5,13 +5,21 @@
 //!   simulator, and seeded arrival processes (Poisson, constant rate).
 //! * [`backend`]: the [`Backend`] trait, an OpenAI-compatible streaming HTTP backend (like vLLM's
 //!   `benchmark_serving.py`) and a fixed-delay backend for tests.
+//! * [`engine`]: the in-process backend, straight into a serving-shim engine.
+//! * [`results`]: `results.parquet`, one row per request, policy, load and seed.
+//! * [`workload`]: prompts with profiled lengths turned into seeded Poisson traces.
 //! * [`drive`]: replays a trace against a backend in real time, every request on its own task,
 //!   and returns one [`RequestResult`] per request, none lost.
 
 pub mod backend;
+pub mod engine;
+pub mod results;
 pub mod trace;
+pub mod workload;
 
 pub use backend::{Backend, FixedDelayBackend, HttpBackend};
+pub use engine::EngineBackend;
+pub use results::{ResultRow, read_results, write_results};
 pub use trace::{Arrivals, TraceRequest, read_trace, write_trace};
 
 use std::time::Duration;
