@@ -18,7 +18,9 @@ use std::sync::Arc;
 use rand::SeedableRng;
 use rand_distr::{Distribution, LogNormal};
 use serde::Serialize;
-use trail_serving_shim::{ManualClock, Scheduler, SeqId, Sequence, StepPlan, StepResult};
+use trail_serving_shim::{
+    ManualClock, Scheduler, SeqId, Sequence, StepPlan, StepRecord, StepResult,
+};
 // The shim's policy names and scheduler settings, re-exported for callers of `simulate`.
 pub use trail_serving_shim::{PolicyKind, SchedulerConfig};
 
@@ -39,6 +41,20 @@ pub struct StepSample {
     pub kv_tokens: usize,
     /// Seconds the step took.
     pub secs: f64,
+}
+
+impl From<&StepRecord> for StepSample {
+    /// A step of the engine's (or `trail bench runner`'s) log, `steps.parquet`: the whole
+    /// step's time, predictor and bookkeeping included, since that is what a request waits.
+    fn from(r: &StepRecord) -> Self {
+        Self {
+            rows: r.rows,
+            decode_rows: r.decode_rows,
+            prefill_tokens: r.prefill_tokens,
+            kv_tokens: r.kv_tokens,
+            secs: r.step_secs,
+        }
+    }
 }
 
 /// Step time as a linear function of the step's shape:
@@ -117,6 +133,12 @@ impl StepTimeModel {
                 }
             }
         }
+    }
+
+    /// [`fit`](Self::fit) on a step log ([`trail_serving_shim::steps::read`]).
+    pub fn fit_log(records: &[StepRecord]) -> Result<Self, Error> {
+        let samples: Vec<StepSample> = records.iter().map(StepSample::from).collect();
+        Self::fit(&samples)
     }
 
     /// Predicted seconds of a step of this shape.
@@ -624,6 +646,59 @@ mod tests {
             .collect();
         let fit = StepTimeModel::fit(&samples).unwrap();
         let close = |a: f64, b: f64| (a - b).abs() <= 0.02 * b;
+        assert!(close(fit.base_s, truth.base_s), "{fit:?}");
+        assert!(
+            close(fit.per_decode_row_s, truth.per_decode_row_s),
+            "{fit:?}"
+        );
+        assert!(
+            close(fit.per_prefill_token_s, truth.per_prefill_token_s),
+            "{fit:?}"
+        );
+        assert!(close(fit.per_kv_token_s, truth.per_kv_token_s), "{fit:?}");
+    }
+
+    #[test]
+    fn fit_reads_the_engine_step_log() {
+        // A step log as the engine writes it, through steps.parquet, fits the same model as the
+        // samples it holds.
+        let truth = StepTimeModel {
+            base_s: 0.01,
+            per_decode_row_s: 4e-4,
+            per_prefill_token_s: 6e-5,
+            per_kv_token_s: 1e-7,
+        };
+        let records: Vec<StepRecord> = (0..200u64)
+            .map(|i| {
+                let decode_rows = (i * 7 % 48) as usize;
+                let prefill_tokens = (i * 131 % 700) as usize;
+                let kv_tokens = (i * 977 % 20_000) as usize;
+                let secs = truth.predict(decode_rows, prefill_tokens, kv_tokens);
+                StepRecord {
+                    step: i,
+                    t: i as f64 * 0.02,
+                    rows: decode_rows + usize::from(prefill_tokens > 0),
+                    decode_rows,
+                    prefill_tokens,
+                    kv_tokens,
+                    kv_blocks: kv_tokens.div_ceil(16),
+                    running: decode_rows,
+                    waiting: 0,
+                    layers: 1,
+                    preempted_policy: 0,
+                    preempted_memory: 0,
+                    step_secs: secs,
+                    forward_secs: 0.9 * secs,
+                    predictor_secs: 1e-6,
+                }
+            })
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("steps.parquet");
+        trail_serving_shim::steps::write(&path, &records).unwrap();
+        let read = trail_serving_shim::steps::read(&path).unwrap();
+        let fit = StepTimeModel::fit_log(&read).unwrap();
+        let close = |a: f64, b: f64| (a - b).abs() <= 1e-6 * b;
         assert!(close(fit.base_s, truth.base_s), "{fit:?}");
         assert!(
             close(fit.per_decode_row_s, truth.per_decode_row_s),

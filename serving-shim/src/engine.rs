@@ -28,6 +28,7 @@ use crate::policy::PolicyKind;
 use crate::predictor::Predictor;
 use crate::scheduler::{PreemptKind, Scheduler, SchedulerConfig, StepResult};
 use crate::sequence::{FinishReason, SeqId, Sequence, Timestamps};
+use crate::steps::StepRecord;
 
 /// Engine settings.
 #[derive(Debug, Clone)]
@@ -126,33 +127,6 @@ fn ser_reason<S: serde::Serializer>(r: &FinishReason, s: S) -> Result<S::Ok, S::
     s.serialize_str(r.as_str())
 }
 
-/// One step of the engine, for the simulator's step-time model.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
-pub struct StepRecord {
-    /// Engine clock at the start of the step (seconds).
-    pub t: f64,
-    /// Rows in the step.
-    pub rows: usize,
-    /// Decode rows.
-    pub decode_rows: usize,
-    /// Prefill tokens.
-    pub prefill_tokens: usize,
-    /// KV tokens of running requests after the step.
-    pub kv_tokens: usize,
-    /// KV blocks held after the step.
-    pub kv_blocks: usize,
-    /// Seconds of the whole step (forward, sampling, predictor, bookkeeping).
-    pub step_secs: f64,
-    /// Seconds of the forward pass.
-    pub forward_secs: f64,
-    /// Seconds of the predictor (probe + filter).
-    pub predictor_secs: f64,
-    /// Policy preemptions planned with this step.
-    pub preempted_policy: usize,
-    /// Memory preemptions planned with this step.
-    pub preempted_memory: usize,
-}
-
 /// What [`Engine::shutdown`] returns.
 #[derive(Debug, Clone)]
 pub struct EngineReport {
@@ -185,12 +159,16 @@ impl RequestHandle {
     }
 }
 
+/// A request on its way to the engine thread.
+struct Add {
+    id: SeqId,
+    req: GenRequest,
+    reply: oneshot::Sender<AddReply>,
+}
+
 enum Command {
-    Add {
-        id: SeqId,
-        req: GenRequest,
-        reply: oneshot::Sender<Result<mpsc::UnboundedReceiver<Event>, EngineError>>,
-    },
+    /// Requests admitted in the same iteration.
+    Add(Vec<Add>),
     Abort(SeqId),
     Shutdown,
 }
@@ -309,12 +287,26 @@ impl Engine {
         &self,
         req: GenRequest,
     ) -> Result<(SeqId, oneshot::Receiver<AddReply>), EngineError> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (reply, rx) = oneshot::channel();
+        let mut sent = self.send_adds(vec![req])?;
+        Ok(sent.remove(0))
+    }
+
+    fn send_adds(
+        &self,
+        reqs: Vec<GenRequest>,
+    ) -> Result<Vec<(SeqId, oneshot::Receiver<AddReply>)>, EngineError> {
+        let mut adds = Vec::with_capacity(reqs.len());
+        let mut rxs = Vec::with_capacity(reqs.len());
+        for req in reqs {
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            let (reply, rx) = oneshot::channel();
+            adds.push(Add { id, req, reply });
+            rxs.push((id, rx));
+        }
         self.tx
-            .send(Command::Add { id, req, reply })
+            .send(Command::Add(adds))
             .map_err(|_| EngineError::Stopped("the engine thread is gone".into()))?;
-        Ok((id, rx))
+        Ok(rxs)
     }
 
     /// Submits a request; admission errors come back at once.
@@ -333,6 +325,25 @@ impl Engine {
             .blocking_recv()
             .map_err(|_| EngineError::Stopped("the engine thread is gone".into()))??;
         Ok(RequestHandle { id, events })
+    }
+
+    /// Submits `reqs` together, for callers outside an async runtime: the engine admits them
+    /// in the same iteration, as if they all arrived at once (benchmarks). Admission errors
+    /// come back per request, in order.
+    pub fn submit_all_blocking(
+        &self,
+        reqs: Vec<GenRequest>,
+    ) -> Result<Vec<Result<RequestHandle, EngineError>>, EngineError> {
+        Ok(self
+            .send_adds(reqs)?
+            .into_iter()
+            .map(|(id, rx)| {
+                let events = rx
+                    .blocking_recv()
+                    .map_err(|_| EngineError::Stopped("the engine thread is gone".into()))??;
+                Ok(RequestHandle { id, events })
+            })
+            .collect())
     }
 
     /// Cancels a request (also done by dropping its handle).
@@ -434,12 +445,14 @@ impl Worker {
 
     fn command(&mut self, cmd: Command) {
         match cmd {
-            Command::Add { id, req, reply } => {
-                let res = self.add(id, req);
-                if let Err(Ok(events)) = reply.send(res) {
-                    // The caller went away before the answer: cancel.
-                    drop(events);
-                    self.abort(id);
+            Command::Add(adds) => {
+                for Add { id, req, reply } in adds {
+                    let res = self.add(id, req);
+                    if let Err(Ok(events)) = reply.send(res) {
+                        // The caller went away before the answer: cancel.
+                        drop(events);
+                        self.abort(id);
+                    }
                 }
             }
             Command::Abort(id) => self.abort(id),
@@ -663,12 +676,16 @@ impl Worker {
         drop(st);
         let count = |k| plan.preempted.iter().filter(|p| p.1 == k).count();
         self.steps.push(StepRecord {
+            step: self.steps.len() as u64,
             t,
             rows: plan.num_rows(),
             decode_rows: plan.decode.len(),
             prefill_tokens: plan.prefill_tokens(),
             kv_tokens: self.sched.kv_tokens(),
             kv_blocks: self.sched.blocks().used_blocks(),
+            running: self.sched.num_running(),
+            waiting: self.sched.num_waiting(),
+            layers: layers.len(),
             step_secs,
             forward_secs,
             predictor_secs,

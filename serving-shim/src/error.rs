@@ -1,5 +1,7 @@
 //! Typed errors of the serving shim.
 
+use std::path::{Path, PathBuf};
+
 use crate::sequence::SeqId;
 
 /// Errors of the [`BlockManager`](crate::block::BlockManager).
@@ -111,4 +113,50 @@ pub enum EngineError {
     /// The engine thread is gone.
     #[error("the engine stopped: {0}")]
     Stopped(String),
+}
+
+/// Errors of the step log ([`steps`](crate::steps)); each names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum StepLogError {
+    /// Reading, writing or renaming the file.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The parquet layer.
+    #[error("{}: parquet: {source}", path.display())]
+    Parquet {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: parquet::errors::ParquetError,
+    },
+    /// The arrow layer.
+    #[error("{}: arrow: {source}", path.display())]
+    Arrow {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: arrow::error::ArrowError,
+    },
+    /// A missing, mistyped or nullable column.
+    #[error("{}: {detail}", path.display())]
+    Schema {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
+}
+
+impl StepLogError {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
 }

@@ -3,6 +3,9 @@
 //! ending in `[DONE]`, `usage`, and `ignore_eos` for benchmarks), `GET /health` and
 //! `GET /metrics` (Prometheus text).
 //!
+//! With a [`BertPredictor`], each request's user message (the last `user` message of a chat, the
+//! prompt of a completion) gets its initial length prediction before it is submitted.
+//!
 //! Overload (the waiting queue at `max_waiting`) is 429 with `Retry-After`; a request beyond
 //! the context or the KV budget, or a malformed body, is 400 naming the limit or the field. A
 //! client that goes away drops its [`RequestHandle`](crate::engine::RequestHandle), which
@@ -23,6 +26,7 @@ use axum::routing::{get, post};
 use serde_json::{Value, json};
 use trail_llm::{Message, Sampling};
 
+use crate::bert::BertPredictor;
 use crate::engine::{Engine, Event, GenRequest, RequestHandle, Summary};
 use crate::error::{EngineError, SchedulerError};
 
@@ -32,14 +36,26 @@ struct App {
     engine: Arc<Engine>,
     model: Arc<str>,
     default_max_tokens: usize,
+    bert: Option<Arc<BertPredictor>>,
 }
 
 /// The router over `engine`; `model` is the name reported in responses.
 pub fn router(engine: Arc<Engine>, model: &str, default_max_tokens: usize) -> Router {
+    router_with_bert(engine, model, default_max_tokens, None)
+}
+
+/// [`router`], with `bert` predicting each request's length before it is submitted.
+pub fn router_with_bert(
+    engine: Arc<Engine>,
+    model: &str,
+    default_max_tokens: usize,
+    bert: Option<Arc<BertPredictor>>,
+) -> Router {
     let app = App {
         engine,
         model: model.into(),
         default_max_tokens,
+        bert,
     };
     Router::new()
         .route("/v1/completions", post(completions))
@@ -237,7 +253,7 @@ async fn completions(State(app): State<App>, body: Bytes) -> Result<Response, Ap
     if ids.is_empty() {
         return Err(ApiError::bad("prompt", "`prompt` has no tokens"));
     }
-    run(app, ids, c, Kind::Text).await
+    run(app, ids, prompt, c, Kind::Text).await
 }
 
 async fn chat_completions(State(app): State<App>, body: Bytes) -> Result<Response, ApiError> {
@@ -282,7 +298,13 @@ async fn chat_completions(State(app): State<App>, body: Bytes) -> Result<Respons
     let ids = runner
         .encode(&text)
         .map_err(|e| ApiError::bad("messages", e.to_string()))?;
-    run(app, ids, c, Kind::Chat).await
+    // What the length predictor reads: the user's message, as in training.
+    let user = owned
+        .iter()
+        .rev()
+        .find(|(role, _)| role == "user")
+        .map_or_else(|| text.clone(), |(_, content)| content.clone());
+    run(app, ids, user, c, Kind::Chat).await
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -305,13 +327,23 @@ fn now_unix() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-async fn run(app: App, ids: Vec<u32>, c: Common, kind: Kind) -> Result<Response, ApiError> {
+async fn run(
+    app: App,
+    ids: Vec<u32>,
+    user: String,
+    c: Common,
+    kind: Kind,
+) -> Result<Response, ApiError> {
+    let initial_prediction = match &app.bert {
+        Some(bert) => Some(bert.predict(user).await?),
+        None => None,
+    };
     let req = GenRequest {
         prompt: ids,
         max_new_tokens: c.max_tokens,
         sampling: c.sampling,
         ignore_eos: c.ignore_eos,
-        initial_prediction: None,
+        initial_prediction,
         true_len: c.ignore_eos.then_some(c.max_tokens),
     };
     let handle = app.engine.submit(req).await?;

@@ -12,10 +12,15 @@
 //!
 //! Over the real model:
 //! - [`predictor`]: the TRAIL probe and Bayesian filter in the loop ([`Predictor`]).
+//! - [`bert`]: initial length predictions from the prompt by the fine-tuned BERT, batched on
+//!   its own thread ([`BertPredictor`]).
 //! - [`engine`]: the engine thread over the `trail-llm` runner ([`Engine`]).
 //! - [`metrics`]: statistics and their Prometheus exposition ([`EngineStats`]).
 //! - [`http`]: the OpenAI-compatible HTTP front end (axum).
+//! - [`steps`]: the step log ([`StepRecord`], `steps.parquet`) for the simulator's step-time
+//!   model.
 
+pub mod bert;
 pub mod block;
 pub mod clock;
 pub mod engine;
@@ -26,13 +31,13 @@ pub mod policy;
 pub mod predictor;
 pub mod scheduler;
 pub mod sequence;
+pub mod steps;
 
+pub use bert::BertPredictor;
 pub use block::{AllocStatus, BlockManager};
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use engine::{
-    Engine, EngineConfig, EngineReport, Event, GenRequest, RequestHandle, StepRecord, Summary,
-};
-pub use error::{BlockError, EngineError, SchedulerError};
+pub use engine::{Engine, EngineConfig, EngineReport, Event, GenRequest, RequestHandle, Summary};
+pub use error::{BlockError, EngineError, SchedulerError, StepLogError};
 pub use metrics::{EngineStats, Histogram};
 pub use policy::{Fcfs, Oracle, Policy, PolicyKind, SjfBert, Sprpt, Trail};
 pub use predictor::Predictor;
@@ -40,3 +45,4 @@ pub use scheduler::{
     Chunk, Counters, PreemptKind, PreemptionMode, Scheduler, SchedulerConfig, StepPlan, StepResult,
 };
 pub use sequence::{FinishReason, SeqId, SeqState, Sequence, Timestamps};
+pub use steps::StepRecord;

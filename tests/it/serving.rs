@@ -1,7 +1,8 @@
 //! The serving engine over the real SmolLM2-135M-Instruct: many concurrent requests under a
 //! KV budget far too small for all of them, so requests are preempted (memory and policy) and
 //! recomputed; every request must still complete with exactly the greedy text of the same
-//! request run alone through the bare runner.
+//! request run alone through the bare runner. Over HTTP too: 64 concurrent requests, and the
+//! official `openai` Python client (installed by `.ci/run`) reading a streamed chat completion.
 
 use std::sync::{Arc, OnceLock};
 
@@ -9,8 +10,8 @@ use candle_core::{Device, Tensor};
 use trail_checkpoints::{Bins, Checkpoint, CheckpointMeta, Probe, Standardizer};
 use trail_llm::{GenerateOptions, Runner};
 use trail_serving_shim::{
-    Engine, EngineConfig, EngineError, FinishReason, GenRequest, PolicyKind, SchedulerError,
-    Summary,
+    BertPredictor, Engine, EngineConfig, EngineError, FinishReason, GenRequest, PolicyKind,
+    SchedulerError, Summary,
 };
 
 fn runner() -> Arc<Runner> {
@@ -116,33 +117,6 @@ fn tight_config(policy: PolicyKind) -> EngineConfig {
     cfg.scheduler.max_running = 8;
     cfg.scheduler.prefill_chunk = Some(32);
     cfg
-}
-
-#[test]
-fn fcfs_under_memory_pressure_matches_requests_run_alone() {
-    let engine = Engine::start(runner(), None, tight_config(PolicyKind::Fcfs)).unwrap();
-    let (summaries, report) = serve_all(engine, false);
-    let c = report.stats.counters;
-    eprintln!(
-        "fcfs: {} steps, {} memory preemptions, {} recomputed tokens, {:.3} s in steps",
-        c.steps, c.preemptions_memory, c.recomputed_tokens, report.stats.step_secs
-    );
-    assert!(
-        c.preemptions_memory > 0,
-        "the budget must force memory preemption"
-    );
-    assert_eq!(c.preemptions_policy, 0, "fcfs never preempts by policy");
-    assert!(summaries.iter().any(|s| s.recomputed_tokens > 0));
-    assert_eq!(c.finished, summaries.len() as u64);
-    assert_eq!(report.stats.kv_blocks_used, 0);
-    let budget = tight_config(PolicyKind::Fcfs).scheduler.kv_budget_tokens;
-    assert!(
-        report
-            .steps
-            .iter()
-            .all(|s| s.kv_tokens <= budget && s.rows <= 8)
-    );
-    assert!(report.steps.iter().any(|s| s.preempted_memory > 0));
 }
 
 #[test]
@@ -343,29 +317,14 @@ fn http(addr: std::net::SocketAddr, method: &str, path: &str, body: &str) -> (u1
 #[test]
 fn http_front_end_serves_openai_requests() {
     let r = runner();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let start = |max_waiting: usize| {
         let mut cfg = EngineConfig::new(2048, PolicyKind::Fcfs);
         cfg.scheduler.max_waiting = max_waiting;
-        let engine = Arc::new(Engine::start(r.clone(), None, cfg).unwrap());
-        let router = trail_serving_shim::http::router(engine, "smollm2", 16);
-        let listener = rt
-            .block_on(trail_serving_shim::http::bind(
-                "127.0.0.1:0".parse().unwrap(),
-            ))
-            .unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = rt.spawn(trail_serving_shim::http::serve(router, listener, async {
-            let _ = stopped.await;
-        }));
-        (addr, stop, server)
+        Server::start(&rt, cfg)
     };
-    let (addr, stop, server) = start(64);
+    let server = start(64);
+    let addr = server.addr;
 
     let (status, _, body) = http(addr, "GET", "/health", "");
     assert_eq!((status, body.contains("ok")), (200, true));
@@ -466,19 +425,357 @@ fn http_front_end_serves_openai_requests() {
     assert!(head.contains("text/plain"));
     assert!(body.contains("trail_requests_finished_total 3\n"), "{body}");
     assert!(body.contains("trail_ttft_seconds_count 3\n"));
-    stop.send(()).unwrap();
-    rt.block_on(server).unwrap().unwrap();
+
+    // The official OpenAI Python client: a streamed and a plain chat completion of the same
+    // request, each the text of the request run alone.
+    let (stream, plain) = openai_client_chat(addr, question, 12);
+    assert_eq!(stream, expected, "streamed through the openai client");
+    assert_eq!(plain, expected, "plain through the openai client");
+    let report = server.stop(&rt);
+    assert_eq!(report.stats.counters.finished, 5);
+    assert_eq!(report.stats.kv_blocks_used, 0);
 
     // Overload: a waiting queue of zero refuses everything with 429 and Retry-After.
-    let (addr, stop, server) = start(0);
+    let server = start(0);
     let (status, head, body) = http(
-        addr,
+        server.addr,
         "POST",
         "/v1/completions",
         r#"{"prompt": "hi", "max_tokens": 2}"#,
     );
     assert_eq!(status, 429, "{body}");
     assert!(head.to_ascii_lowercase().contains("retry-after: 1"));
-    stop.send(()).unwrap();
-    rt.block_on(server).unwrap().unwrap();
+    server.stop(&rt);
+}
+
+/// Runs the official `openai` Python client against `addr`: one streamed and one plain chat
+/// completion of `question` (greedy, `max_tokens`); returns (streamed text, plain text).
+fn openai_client_chat(
+    addr: std::net::SocketAddr,
+    question: &str,
+    max_tokens: usize,
+) -> (String, String) {
+    const SCRIPT: &str = r#"
+import json, os, sys
+import openai
+
+client = openai.OpenAI(base_url=os.environ["TRAIL_BASE_URL"], api_key="unused", max_retries=0)
+messages = [{"role": "user", "content": os.environ["TRAIL_QUESTION"]}]
+n = int(os.environ["TRAIL_MAX_TOKENS"])
+parts, finish, done = [], None, 0
+for chunk in client.chat.completions.create(
+    model="smollm2", messages=messages, max_tokens=n, temperature=0, stream=True
+):
+    done += 1
+    c = chunk.choices[0]
+    if c.delta.content:
+        parts.append(c.delta.content)
+    finish = c.finish_reason or finish
+plain = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=n)
+json.dump({
+    "stream": "".join(parts),
+    "stream_finish": finish,
+    "chunks": done,
+    "plain": plain.choices[0].message.content,
+    "plain_finish": plain.choices[0].finish_reason,
+    "completion_tokens": plain.usage.completion_tokens,
+}, sys.stdout)
+"#;
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(SCRIPT)
+        .env("TRAIL_BASE_URL", format!("http://{addr}/v1"))
+        .env("TRAIL_QUESTION", question)
+        .env("TRAIL_MAX_TOKENS", max_tokens.to_string())
+        .output()
+        .expect("python3 runs (the tests need it with the openai package, see .ci/run)");
+    assert!(
+        out.status.success(),
+        "the openai client failed (pip install openai, see .ci/run): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["chunks"].as_u64().unwrap() >= 2, "{v}");
+    assert!(v["stream_finish"].is_string(), "{v}");
+    assert_eq!(v["stream_finish"], v["plain_finish"], "{v}");
+    assert!(v["completion_tokens"].as_u64().unwrap() <= max_tokens as u64);
+    let text = |k: &str| v[k].as_str().unwrap_or_default().to_string();
+    (text("stream"), text("plain"))
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// An engine behind the HTTP front end on an ephemeral port of 127.0.0.1.
+struct Server {
+    addr: std::net::SocketAddr,
+    engine: Arc<Engine>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Server {
+    fn start(rt: &tokio::runtime::Runtime, cfg: EngineConfig) -> Self {
+        Self::start_with_bert(rt, cfg, None)
+    }
+
+    fn start_with_bert(
+        rt: &tokio::runtime::Runtime,
+        cfg: EngineConfig,
+        bert: Option<Arc<BertPredictor>>,
+    ) -> Self {
+        let engine = Arc::new(Engine::start(runner(), None, cfg).unwrap());
+        let router =
+            trail_serving_shim::http::router_with_bert(engine.clone(), "smollm2", 16, bert);
+        let listener = rt
+            .block_on(trail_serving_shim::http::bind(
+                "127.0.0.1:0".parse().unwrap(),
+            ))
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = rt.spawn(trail_serving_shim::http::serve(router, listener, async {
+            let _ = stopped.await;
+        }));
+        Self {
+            addr,
+            engine,
+            stop,
+            task,
+        }
+    }
+
+    /// Stops the server, then the engine; returns the engine's report.
+    fn stop(self, rt: &tokio::runtime::Runtime) -> trail_serving_shim::EngineReport {
+        self.stop.send(()).unwrap();
+        rt.block_on(self.task).unwrap().unwrap();
+        Arc::try_unwrap(self.engine)
+            .expect("the server released the engine")
+            .shutdown()
+            .expect("clean shutdown")
+    }
+}
+
+/// 64 distinct chat questions: the 20 questions, each also asked briefly and in one sentence.
+fn questions_64() -> Vec<String> {
+    let mut qs: Vec<String> = Vec::with_capacity(64);
+    for prefix in ["", "Briefly: ", "In one sentence: ", "Answer simply. "] {
+        for q in QUESTIONS {
+            if qs.len() < 64 {
+                qs.push(format!("{prefix}{q}"));
+            }
+        }
+    }
+    qs
+}
+
+const HTTP_MAX_NEW: usize = 16;
+
+#[test]
+fn http_64_concurrent_requests_under_a_tight_kv_budget_match_requests_run_alone() {
+    let r = runner();
+    let questions = questions_64();
+    let opts = GenerateOptions {
+        max_new_tokens: HTTP_MAX_NEW,
+        ..GenerateOptions::default()
+    };
+    let alone: Vec<(usize, Vec<u32>)> = questions
+        .iter()
+        .map(|q| {
+            let prompt = r.encode_chat(q).unwrap();
+            let g = r.generate(&prompt, &opts, |_| {}).unwrap();
+            (prompt.len(), g.tokens)
+        })
+        .collect();
+    let longest = alone.iter().map(|(p, _)| *p).max().unwrap();
+    // Room for about three requests at a time out of 64: memory preemption is certain.
+    let budget = 3 * (longest + HTTP_MAX_NEW);
+    let mut cfg = EngineConfig::new(budget, PolicyKind::Fcfs);
+    cfg.scheduler.max_running = 8;
+    cfg.scheduler.prefill_chunk = Some(32);
+    let rt = runtime();
+    let server = Server::start(&rt, cfg);
+    let addr = server.addr;
+
+    let clients: Vec<_> = questions
+        .iter()
+        .map(|q| {
+            let body = serde_json::json!({
+                "model": "smollm2",
+                "messages": [{"role": "user", "content": q}],
+                "max_tokens": HTTP_MAX_NEW,
+            })
+            .to_string();
+            std::thread::spawn(move || http(addr, "POST", "/v1/chat/completions", &body))
+        })
+        .collect();
+    for ((client, (prompt_len, tokens)), q) in clients.into_iter().zip(&alone).zip(&questions) {
+        let (status, _, body) = client.join().unwrap();
+        assert_eq!(status, 200, "{q}: {body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            v["choices"][0]["message"]["content"],
+            r.decode(tokens).unwrap().as_str(),
+            "{q}"
+        );
+        assert_eq!(v["usage"]["prompt_tokens"], *prompt_len, "{q}");
+        assert_eq!(v["usage"]["completion_tokens"], tokens.len(), "{q}");
+    }
+
+    let (status, _, metrics) = http(addr, "GET", "/metrics", "");
+    assert_eq!(status, 200);
+    let value = |line: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(line))
+            .unwrap_or_else(|| panic!("no `{line}` in /metrics"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let memory = value("trail_preemptions_total{kind=\"memory\"}");
+    assert!(memory > 0, "the budget must force memory preemption");
+    assert_eq!(value("trail_preemptions_total{kind=\"policy\"}"), 0);
+    assert_eq!(value("trail_requests_finished_total"), 64);
+
+    let report = server.stop(&rt);
+    let c = report.stats.counters;
+    eprintln!(
+        "64 over HTTP, fcfs: {} steps, {} memory preemptions, {} recomputed tokens",
+        c.steps, c.preemptions_memory, c.recomputed_tokens
+    );
+    assert_eq!(c.preemptions_memory, memory);
+    assert!(c.recomputed_tokens > 0);
+    assert_eq!(report.stats.kv_blocks_used, 0);
+    let steps = &report.steps;
+    assert!(steps.iter().all(|s| s.kv_tokens <= budget && s.rows <= 8));
+    assert!(steps.iter().any(|s| s.preempted_memory > 0));
+    assert!(steps.iter().enumerate().all(|(i, s)| s.step == i as u64));
+    assert_eq!(
+        steps.iter().map(|s| s.preempted_memory as u64).sum::<u64>(),
+        memory
+    );
+    // The step log as `trail serve --out` writes it, read back whole.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("steps.parquet");
+    trail_serving_shim::steps::write(&path, steps).unwrap();
+    assert_eq!(trail_serving_shim::steps::read(&path).unwrap(), *steps);
+}
+
+/// A BERT as `trail export --bert` writes it (self-contained: weights, config, tokenizer,
+/// bins): the real all-MiniLM-L6-v2 encoder with a seeded, untrained length head (no fine-tuned
+/// BERT is available to the tests).
+fn seeded_bert(dir: &std::path::Path) -> std::path::PathBuf {
+    use rand::SeedableRng;
+    use trail_checkpoints::bert_tune::{TuneConfig, from_base};
+    let cfg = TuneConfig {
+        max_len: 64,
+        head_hidden: 32,
+        ..TuneConfig::default()
+    };
+    let base = trail_tests::minilm_dir();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+    let (bert, _, _) = from_base(&base, 10, &cfg, &mut rng).unwrap();
+    let path = dir.join("bert.safetensors");
+    let read = |f: &str| std::fs::read_to_string(base.join(f)).unwrap();
+    let meta = [
+        ("format", "trail-bert".to_string()),
+        ("bins_k", "10".into()),
+        ("bins_max", "512".into()),
+        ("head_hidden", "32".into()),
+        ("max_len", "64".into()),
+        ("config_json", read("config.json")),
+        ("tokenizer_json", read("tokenizer.json")),
+    ]
+    .map(|(k, v)| (k.to_string(), v));
+    bert.save(&path, candle_core::DType::F32, meta.into_iter().collect())
+        .unwrap();
+    path
+}
+
+#[test]
+fn bert_predicts_on_arrival_batched_and_sjf_bert_serves_by_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let bert = Arc::new(BertPredictor::load(&seeded_bert(dir.path())).unwrap());
+    let questions = &QUESTIONS[..8];
+    // Alone, then all at once (one batch on the BERT thread): the same predictions, up to the
+    // padding's rounding.
+    let alone: Vec<f64> = questions
+        .iter()
+        .map(|q| bert.predict_blocking(q.to_string()).unwrap())
+        .collect();
+    assert!(alone.iter().all(|p| (0.0..=512.0).contains(p)), "{alone:?}");
+    assert!(
+        alone.iter().any(|p| (p - alone[0]).abs() > 1e-3),
+        "different prompts, different predictions: {alone:?}"
+    );
+    let together: Vec<f64> = std::thread::scope(|s| {
+        let hs: Vec<_> = questions
+            .iter()
+            .map(|q| {
+                let b = &bert;
+                s.spawn(move || b.predict_blocking(q.to_string()).unwrap())
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (a, t) in alone.iter().zip(&together) {
+        assert!((a - t).abs() < 1e-2, "{alone:?} vs {together:?}");
+    }
+    let missing = BertPredictor::load(&dir.path().join("nope.safetensors"));
+    assert!(
+        missing
+            .unwrap_err()
+            .to_string()
+            .contains("nope.safetensors"),
+        "errors name the file"
+    );
+
+    // Over HTTP: every request gets BERT's prediction before it is submitted and is served
+    // with the text of the same request run alone.
+    let r = runner();
+    let rt = runtime();
+    let mut cfg = EngineConfig::new(4096, PolicyKind::SjfBert);
+    cfg.scheduler.max_running = 2;
+    let server = Server::start_with_bert(&rt, cfg, Some(bert.clone()));
+    let addr = server.addr;
+    let clients: Vec<_> = questions
+        .iter()
+        .map(|q| {
+            let body = serde_json::json!({
+                "messages": [{"role": "user", "content": q}],
+                "max_tokens": 8,
+            })
+            .to_string();
+            std::thread::spawn(move || http(addr, "POST", "/v1/chat/completions", &body))
+        })
+        .collect();
+    let opts = GenerateOptions {
+        max_new_tokens: 8,
+        ..GenerateOptions::default()
+    };
+    for (client, q) in clients.into_iter().zip(questions) {
+        let (status, _, body) = client.join().unwrap();
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let g = r
+            .generate(&r.encode_chat(q).unwrap(), &opts, |_| {})
+            .unwrap();
+        assert_eq!(
+            v["choices"][0]["message"]["content"],
+            r.decode(&g.tokens).unwrap().as_str()
+        );
+    }
+    let report = server.stop(&rt);
+    assert_eq!(report.stats.counters.finished, questions.len() as u64);
+    assert_eq!(
+        report.stats.initial_count,
+        questions.len() as u64,
+        "every request had BERT's initial prediction"
+    );
 }

@@ -3,6 +3,7 @@
 
 pub mod llama_cpp;
 pub mod runner;
+pub mod serve;
 
 /// The benchmarks.
 #[derive(Debug, clap::Subcommand)]
@@ -10,11 +11,15 @@ pub enum Bench {
     /// The runner: prefill and batched decode tok/s with no layer and every layer captured,
     /// peak RSS, a step-time table; optionally against llama.cpp on the same GGUF.
     Runner(runner::Args),
+    /// The serving engine (in-process, per policy, predictor in the loop) against the bare
+    /// runner's batch generator at the same batch: tok/s, ratio, predictor share of step time.
+    Serve(serve::Args),
 }
 
 pub fn run(bench: Bench) -> anyhow::Result<()> {
     match bench {
         Bench::Runner(args) => runner::run(args),
+        Bench::Serve(args) => serve::run(args),
     }
 }
 

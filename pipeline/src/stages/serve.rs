@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use trail_checkpoints::Checkpoint;
-use trail_serving_shim::{Engine, EngineConfig, PolicyKind, http};
+use trail_serving_shim::{BertPredictor, Engine, EngineConfig, PolicyKind, http};
 
 use crate::manifest::write_atomic;
 use crate::stages::model_args::ModelArgs;
@@ -25,6 +25,11 @@ pub struct Args {
     /// The exported predictor (`trail export`); needed by `trail` and `sprpt`.
     #[arg(long)]
     pub checkpoint: Option<PathBuf>,
+    /// The fine-tuned BERT (`bert.safetensors` of `trail export --bert`): predicts each
+    /// request's length from its prompt on arrival (batched, off the engine thread);
+    /// `sjf-bert`, `sprpt` and `trail` order waiting requests by it.
+    #[arg(long)]
+    pub bert_checkpoint: Option<PathBuf>,
     /// TRAIL's limit: preemptible only while generated ≤ c × the initial prediction.
     #[arg(long, default_value_t = 0.8)]
     pub c: f64,
@@ -48,7 +53,8 @@ pub struct Args {
     /// `max_tokens` when a request gives none.
     #[arg(long, default_value_t = 512)]
     pub default_max_tokens: usize,
-    /// Write the step log (`steps.json`) and final statistics here on shutdown.
+    /// Write the step log (`steps.parquet`) and final statistics (`metrics.prom`) here on
+    /// shutdown.
     #[arg(long)]
     pub out: Option<PathBuf>,
     #[command(flatten)]
@@ -62,6 +68,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .as_ref()
         .map(|p| Checkpoint::load(p).with_context(|| format!("loading {}", p.display())))
         .transpose()?;
+    let bert = args
+        .bert_checkpoint
+        .as_ref()
+        .map(|w| {
+            BertPredictor::load(w)
+                .map(Arc::new)
+                .with_context(|| format!("loading the BERT predictor {}", w.display()))
+        })
+        .transpose()?;
+    if bert.is_none() && args.policy == PolicyKind::SjfBert {
+        eprintln!("warning: sjf-bert without --bert-checkpoint orders waiting requests FCFS");
+    }
     let mut cfg = EngineConfig::new(args.kv_budget_tokens, args.policy);
     cfg.c = args.c;
     cfg.refine_every = args.refine_every;
@@ -92,7 +110,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             args.policy,
             runner.kernel_id()
         );
-        let router = http::router(engine.clone(), &name, args.default_max_tokens);
+        let router =
+            http::router_with_bert(engine.clone(), &name, args.default_max_tokens, bert.clone());
         http::serve(router, listener, shutdown_signal()).await?;
         anyhow::Ok(())
     })?;
@@ -101,7 +120,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let report = engine.shutdown()?;
     if let Some(dir) = &args.out {
         std::fs::create_dir_all(dir)?;
-        write_atomic(&dir.join("steps.json"), &serde_json::to_vec(&report.steps)?)?;
+        trail_serving_shim::steps::write(&dir.join("steps.parquet"), &report.steps)?;
         write_atomic(
             &dir.join("metrics.prom"),
             report.stats.render_prometheus().as_bytes(),

@@ -451,9 +451,9 @@ pub struct TraceArgs {
     /// Poisson trace (--requests, --rate, --mean-output).
     #[arg(long)]
     pub trace: Option<PathBuf>,
-    /// Step log: a JSON array of `{rows, decode_rows, prefill_tokens, kv_tokens, secs}` (fitted
-    /// by least squares), or a fitted model `{base_s, per_decode_row_s, per_prefill_token_s,
-    /// per_kv_token_s}`.
+    /// Step log: `steps.parquet` as `trail serve --out` or `trail bench runner --out` write it
+    /// (fitted by least squares), or a fitted model as JSON `{base_s, per_decode_row_s,
+    /// per_prefill_token_s, per_kv_token_s}`.
     #[arg(long)]
     pub steps: PathBuf,
     /// Policies to simulate.
@@ -514,8 +514,33 @@ struct TraceRow {
     makespan: f64,
 }
 
+/// The step-time model of `--steps`: fitted to a step log (parquet, told by its magic bytes),
+/// or read as a fitted model (JSON).
+fn step_time_model(path: &std::path::Path) -> anyhow::Result<trail_eval::tracesim::StepTimeModel> {
+    use std::io::Read;
+    use trail_eval::tracesim::StepTimeModel;
+
+    let mut magic = [0u8; 4];
+    let n = std::fs::File::open(path)
+        .and_then(|mut f| f.read(&mut magic))
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    if n == 4 && &magic == b"PAR1" {
+        let records = trail_serving_shim::steps::read(path)?;
+        return StepTimeModel::fit_log(&records)
+            .with_context(|| format!("{}: fitting the step-time model", path.display()));
+    }
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    serde_json::from_str::<StepTimeModel>(&text).with_context(|| {
+        format!(
+            "{}: neither a step log (steps.parquet) nor a fitted step-time model (JSON)",
+            path.display()
+        )
+    })
+}
+
 fn run_trace(a: &TraceArgs) -> anyhow::Result<()> {
-    use trail_eval::tracesim::{self, StepSample, StepTimeModel};
+    use trail_eval::tracesim;
 
     let policies: Vec<tracesim::PolicyKind> = a
         .policy
@@ -534,21 +559,7 @@ fn run_trace(a: &TraceArgs) -> anyhow::Result<()> {
     );
     let mut manifest = Manifest::start("sim trace", a, Some(a.seed))?;
 
-    let text = std::fs::read_to_string(&a.steps)
-        .with_context(|| format!("{}: cannot read", a.steps.display()))?;
-    let model = match serde_json::from_str::<StepTimeModel>(&text) {
-        Ok(m) => m,
-        Err(_) => {
-            let samples: Vec<StepSample> = serde_json::from_str(&text).with_context(|| {
-                format!(
-                    "{}: neither a step-time model nor an array of step samples",
-                    a.steps.display()
-                )
-            })?;
-            StepTimeModel::fit(&samples)
-                .with_context(|| format!("{}: fitting the step-time model", a.steps.display()))?
-        }
-    };
+    let model = step_time_model(&a.steps)?;
     manifest.input(&a.steps, &a.out)?;
 
     let (trace, prompt_lens) = match &a.trace {

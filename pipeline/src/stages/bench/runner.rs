@@ -1,6 +1,6 @@
 //! `trail bench runner`: the runner's prefill and batched-decode speed, with no layer and with
 //! every layer captured, peak RSS, and a per-step timing table for the simulator's step-time
-//! model. With `--vs-llama-cpp DIR`, llama.cpp's `llama-bench` and `llama-batched-bench` run
+//! model (with `--out`, also `steps.parquet`, the serving engine's step-log format). With `--vs-llama-cpp DIR`, llama.cpp's `llama-bench` and `llama-batched-bench` run
 //! on the same GGUF with the same threads in the same run, and the ratios are printed.
 
 use std::path::PathBuf;
@@ -10,6 +10,7 @@ use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use trail_llm::{KvCache, LayerSet, Row, Runner};
+use trail_serving_shim::StepRecord;
 
 use super::llama_cpp::{self, LlamaCpp};
 use super::{cpu_model, median, peak_rss_mib};
@@ -37,21 +38,18 @@ pub struct Args {
     /// Print the results as JSON.
     #[arg(long)]
     pub json: bool,
-    /// Also write `runner.json` and `runner.md` into this directory.
+    /// Also write `runner.json`, `runner.md` and the step log `steps.parquet` into this
+    /// directory.
     #[arg(long)]
     pub out: Option<PathBuf>,
     #[command(flatten)]
     pub model: ModelArgs,
 }
 
-/// One timed forward step.
-#[derive(Debug, Clone, Serialize)]
-pub struct StepTiming {
-    pub batch: usize,
-    pub prefill_tokens: usize,
-    pub kv_tokens: usize,
-    pub layers: usize,
-    pub secs: f64,
+/// The timed forward steps, in the serving engine's step-log format (`steps.parquet`).
+struct StepLog {
+    start: Instant,
+    steps: Vec<StepRecord>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -88,7 +86,8 @@ pub struct Report {
     /// trail / llama.cpp (with every layer captured): `prefill`, `decode_bN`.
     #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub ratios: std::collections::BTreeMap<String, f64>,
-    pub steps: Vec<StepTiming>,
+    /// Every timed step (also written as `steps.parquet` with `--out`).
+    pub steps: Vec<StepRecord>,
 }
 
 /// Deterministic benchmark prompts: the chat-templated text of a fixed instruction, cycled to
@@ -103,19 +102,35 @@ fn timed_step(
     runner: &Runner,
     rows: &mut [Row<'_>],
     layers: LayerSet,
-    steps: &mut Vec<StepTiming>,
+    log: &mut StepLog,
 ) -> anyhow::Result<(f64, trail_llm::StepOutput)> {
     let prefill_tokens = rows.iter().map(|r| r.prompt_tokens).sum();
-    let kv_tokens = rows.iter().map(|r| r.cache.len() + r.tokens.len()).sum();
-    let t = Instant::now();
+    let decode_rows = rows.iter().filter(|r| r.prompt_tokens == 0).count();
+    let held = |r: &Row<'_>| r.cache.len() + r.tokens.len();
+    let kv_tokens = rows.iter().map(held).sum();
+    // Blocks as the serving engine accounts them: per row, in blocks of its default size.
+    let block = trail_serving_shim::SchedulerConfig::new(1).block_size;
+    let kv_blocks = rows.iter().map(|r| held(r).div_ceil(block)).sum();
+    let t = log.start.elapsed().as_secs_f64();
+    let t0 = Instant::now();
     let out = runner.model().step(rows, layers)?;
-    let secs = t.elapsed().as_secs_f64();
-    steps.push(StepTiming {
-        batch: rows.len(),
+    let secs = t0.elapsed().as_secs_f64();
+    log.steps.push(StepRecord {
+        step: log.steps.len() as u64,
+        t,
+        rows: rows.len(),
+        decode_rows,
         prefill_tokens,
         kv_tokens,
+        kv_blocks,
+        running: rows.len(),
+        waiting: 0,
         layers: layers.len(),
-        secs,
+        preempted_policy: 0,
+        preempted_memory: 0,
+        step_secs: secs,
+        forward_secs: secs,
+        predictor_secs: 0.0,
     });
     Ok((secs, out))
 }
@@ -127,7 +142,7 @@ fn decode(
     first: &[u32],
     steps: usize,
     layers: LayerSet,
-    timings: &mut Vec<StepTiming>,
+    log: &mut StepLog,
     bar: &ProgressBar,
 ) -> anyhow::Result<f64> {
     let mut toks = first.to_vec();
@@ -138,7 +153,7 @@ fn decode(
             .zip(&toks)
             .map(|(c, t)| Row::decode(c, t))
             .collect();
-        let (secs, out) = timed_step(runner, &mut rows, layers, timings)?;
+        let (secs, out) = timed_step(runner, &mut rows, layers, log)?;
         total += secs;
         for (r, t) in toks.iter_mut().enumerate() {
             *t = out.argmax(r);
@@ -159,7 +174,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         cfg.max_position_embeddings
     );
     let all = LayerSet::all(cfg.num_hidden_layers);
-    let mut steps = Vec::new();
+    let mut steps = StepLog {
+        start: Instant::now(),
+        steps: Vec::new(),
+    };
 
     let work = 2 * args.repeats as u64
         + args
@@ -177,7 +195,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     bar.set_message("prefill");
     let p = prompt(&runner, args.prompt_tokens, 0)?;
-    let rate = |layers: LayerSet, steps: &mut Vec<StepTiming>| -> anyhow::Result<f64> {
+    let rate = |layers: LayerSet, steps: &mut StepLog| -> anyhow::Result<f64> {
         let mut samples = Vec::new();
         for _ in 0..args.repeats {
             let mut cache = runner.model().new_cache();
@@ -252,7 +270,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         peak_rss_mib: peak_rss_mib(),
         llama_cpp: None,
         ratios: Default::default(),
-        steps,
+        steps: steps.steps,
     };
 
     if let Some(dir) = &args.vs_llama_cpp {
@@ -294,6 +312,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             &serde_json::to_vec_pretty(&report)?,
         )?;
         write_atomic(&dir.join("runner.md"), md.as_bytes())?;
+        trail_serving_shim::steps::write(&dir.join("steps.parquet"), &report.steps)?;
     }
     Ok(())
 }
@@ -353,17 +372,17 @@ pub fn markdown(r: &Report) -> String {
         "| batch | prefill tokens | layers | steps | mean KV tokens | median ms |"
     );
     let _ = writeln!(s, "|---|---|---|---|---|---|");
-    let mut groups: std::collections::BTreeMap<(usize, usize, usize), Vec<&StepTiming>> =
+    let mut groups: std::collections::BTreeMap<(usize, usize, usize), Vec<&StepRecord>> =
         Default::default();
     for t in &r.steps {
         groups
-            .entry((t.batch, t.prefill_tokens, t.layers))
+            .entry((t.rows, t.prefill_tokens, t.layers))
             .or_default()
             .push(t);
     }
     for ((b, p, l), ts) in groups {
         let kv = ts.iter().map(|t| t.kv_tokens as f64).sum::<f64>() / ts.len() as f64;
-        let ms = median(ts.iter().map(|t| t.secs * 1e3).collect());
+        let ms = median(ts.iter().map(|t| t.step_secs * 1e3).collect());
         let _ = writeln!(s, "| {b} | {p} | {l} | {} | {kv:.0} | {ms:.2} |", ts.len());
     }
     s
