@@ -414,25 +414,29 @@ impl Llama {
             }
             {
                 let caches: Vec<&LayerKv> = rows.iter().map(|r| &r.cache.layers[l]).collect();
-                let attend_token = |(t, out): (usize, &mut [f32])| {
-                    let kv = caches[tok_row[t]];
-                    attend(
-                        &q[t * q_dim..(t + 1) * q_dim],
-                        kv,
-                        tok_pos[t],
-                        cfg.num_attention_heads,
-                        cfg.num_key_value_heads,
+                let n_kv_heads = cfg.num_key_value_heads;
+                let group_dim = (cfg.num_attention_heads / n_kv_heads) * hd;
+                let attend_one = |(i, out): (usize, &mut [f32])| {
+                    let (t, g) = (i / n_kv_heads, i % n_kv_heads);
+                    attend_group(
+                        &q[t * q_dim + g * group_dim..t * q_dim + (g + 1) * group_dim],
                         hd,
+                        caches[tok_row[t]],
+                        tok_pos[t],
+                        g * hd,
+                        kv_dim,
                         out,
                     )
                 };
-                // Work per token is independent and fixed, so splitting across threads does
-                // not change any bit.
+                // Each (token, KV head) is computed alone in a fixed order, so splitting the
+                // pairs across threads does not change any bit.
                 let work: usize = tok_pos.iter().map(|p| p + 1).sum();
-                if work * q_dim > 1 << 18 {
-                    att.par_chunks_mut(q_dim).enumerate().for_each(attend_token);
+                if work * q_dim > 1 << 15 {
+                    att.par_chunks_mut(group_dim)
+                        .enumerate()
+                        .for_each(attend_one);
                 } else {
-                    att.chunks_mut(q_dim).enumerate().for_each(attend_token);
+                    att.chunks_mut(group_dim).enumerate().for_each(attend_one);
                 }
             }
             b.attn_output.forward(&att, n, &mut o);
@@ -696,48 +700,193 @@ fn rope(x: &mut [f32], hd: usize, cos: &[f32], sin: &[f32]) {
     }
 }
 
-/// Causal attention of one token at position `pos` over cache entries `0..=pos`, every head,
-/// in a fixed order: scores, max, exp, sum, weighted values, one division.
-fn attend(
+/// Causal attention of the query heads that share one KV head (`q` holds them one after the
+/// other, `hd` wide) over positions `0..=pos` of one sequence's cache; that KV head's keys and
+/// values start at `kv_off` within each cached row of width `kv_dim`. Per head a fixed order:
+/// scores, max, exp, sum, weighted values, one division. Head size 64 (SmolLM2 and most Llamas)
+/// takes a path that reads each key and value once for the whole group, with the same
+/// operations in the same order per score and per output, so its bits equal the generic path's.
+fn attend_group(
     q: &[f32],
+    hd: usize,
     kv: &LayerKv,
     pos: usize,
-    n_heads: usize,
-    n_kv_heads: usize,
-    hd: usize,
+    kv_off: usize,
+    kv_dim: usize,
     out: &mut [f32],
 ) {
-    let kv_dim = n_kv_heads * hd;
-    let group = n_heads / n_kv_heads;
+    let (len, group) = (pos + 1, q.len() / hd);
+    SCORES.with_borrow_mut(|scores| {
+        scores.clear();
+        scores.resize(group * len, 0.0);
+        if hd == 64 && group <= MAX_GROUP {
+            attend_group_fixed(q, kv, kv_off, kv_dim, scores, out);
+        } else {
+            for ((qh, oh), sh) in q
+                .chunks_exact(hd)
+                .zip(out.chunks_exact_mut(hd))
+                .zip(scores.chunks_exact_mut(len))
+            {
+                attend_any(qh, kv, kv_off, kv_dim, sh, oh);
+            }
+        }
+    })
+}
+
+/// The largest GQA group the head-size-64 path takes (query heads per KV head).
+const MAX_GROUP: usize = 16;
+
+/// `max_j s_j` after filling `scores[j] = dot(q, k_j) · scale`.
+fn scores_any(q: &[f32], kv: &LayerKv, kv_off: usize, kv_dim: usize, scores: &mut [f32]) -> f32 {
+    let hd = q.len();
     let scale = 1.0 / (hd as f32).sqrt();
-    let mut scores = vec![0f32; pos + 1];
-    for head in 0..n_heads {
-        let g = head / group;
-        let qh = &q[head * hd..(head + 1) * hd];
-        let mut max = f32::NEG_INFINITY;
-        for (j, s) in scores.iter_mut().enumerate() {
-            let kj = &kv.k[j * kv_dim + g * hd..j * kv_dim + (g + 1) * hd];
-            *s = dot(qh, kj) * scale;
-            max = max.max(*s);
+    let mut max = f32::NEG_INFINITY;
+    for (j, s) in scores.iter_mut().enumerate() {
+        let kj = &kv.k[j * kv_dim + kv_off..j * kv_dim + kv_off + hd];
+        *s = dot(q, kj) * scale;
+        max = max.max(*s);
+    }
+    max
+}
+
+/// Replaces every score by `exp(s − max)` and returns their sum, in index order.
+fn softmax_numerators(scores: &mut [f32], max: f32) -> f32 {
+    let mut sum = 0f32;
+    for s in scores.iter_mut() {
+        *s = (*s - max).exp();
+        sum += *s;
+    }
+    sum
+}
+
+fn attend_any(
+    q: &[f32],
+    kv: &LayerKv,
+    kv_off: usize,
+    kv_dim: usize,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    let hd = q.len();
+    let max = scores_any(q, kv, kv_off, kv_dim, scores);
+    let sum = softmax_numerators(scores, max);
+    out.fill(0.0);
+    for (j, &w) in scores.iter().enumerate() {
+        let vj = &kv.v[j * kv_dim + kv_off..j * kv_dim + kv_off + hd];
+        for (o, &vv) in out.iter_mut().zip(vj) {
+            *o += w * vv;
         }
-        let mut sum = 0f32;
-        for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
+    }
+    let inv = 1.0 / sum;
+    for o in out.iter_mut() {
+        *o *= inv;
+    }
+}
+
+/// [`attend_any`] for every head of a GQA group at head size 64: four keys' dot products
+/// advance together for each head ([`dots4`]), and each value row, read once, is added into
+/// every head's local accumulator.
+fn attend_group_fixed<'a>(
+    q: &[f32],
+    kv: &'a LayerKv,
+    kv_off: usize,
+    kv_dim: usize,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    let group = q.len() / 64;
+    let len = scores.len() / group;
+    let scale = 1.0 / (64f32).sqrt();
+    let row = |x: &'a [f32], j: usize| -> &'a [f32; 64] {
+        // A 64-float slice always converts.
+        x[j * kv_dim + kv_off..j * kv_dim + kv_off + 64]
+            .try_into()
+            .expect("64 wide")
+    };
+    let qs: Vec<&[f32; 64]> = q
+        .chunks_exact(64)
+        .map(|c| c.try_into().expect("64 wide"))
+        .collect();
+    let mut max = [f32::NEG_INFINITY; MAX_GROUP];
+    let full = len / 4 * 4;
+    for j0 in (0..full).step_by(4) {
+        let ks = [
+            row(&kv.k, j0),
+            row(&kv.k, j0 + 1),
+            row(&kv.k, j0 + 2),
+            row(&kv.k, j0 + 3),
+        ];
+        for (h, qh) in qs.iter().enumerate() {
+            for (b, d) in dots4(qh, ks).into_iter().enumerate() {
+                let s = d * scale;
+                scores[h * len + j0 + b] = s;
+                max[h] = max[h].max(s);
+            }
         }
-        let oh = &mut out[head * hd..(head + 1) * hd];
-        oh.fill(0.0);
-        for (j, &w) in scores.iter().enumerate() {
-            let vj = &kv.v[j * kv_dim + g * hd..j * kv_dim + (g + 1) * hd];
-            for (o, &vv) in oh.iter_mut().zip(vj) {
+    }
+    for j in full..len {
+        for (h, qh) in qs.iter().enumerate() {
+            let s = dot(*qh, row(&kv.k, j)) * scale;
+            scores[h * len + j] = s;
+            max[h] = max[h].max(s);
+        }
+    }
+    let mut sum = [0f32; MAX_GROUP];
+    for (h, sh) in scores.chunks_exact_mut(len).enumerate() {
+        sum[h] = softmax_numerators(sh, max[h]);
+    }
+    let mut acc = [[0f32; 64]; MAX_GROUP];
+    for j in 0..len {
+        let vj = row(&kv.v, j);
+        for (h, a) in acc[..group].iter_mut().enumerate() {
+            let w = scores[h * len + j];
+            for (o, &vv) in a.iter_mut().zip(vj) {
                 *o += w * vv;
             }
         }
-        let inv = 1.0 / sum;
-        for o in oh.iter_mut() {
-            *o *= inv;
+    }
+    for (h, oh) in out.chunks_exact_mut(64).enumerate() {
+        let inv = 1.0 / sum[h];
+        for (o, a) in oh.iter_mut().zip(acc[h]) {
+            *o = a * inv;
         }
     }
+}
+
+/// [`dot`] of `q` with four keys at once: per key the same eight lanes (a multiply, then an
+/// add: no fused multiply-add) and the same reduction, so every result has [`dot`]'s bits.
+#[cfg(all(target_arch = "x86_64", target_feature = "avx"))]
+fn dots4(q: &[f32; 64], ks: [&[f32; 64]; 4]) -> [f32; 4] {
+    use std::arch::x86_64::*;
+    // SAFETY: AVX is enabled at compile time (cfg above); every load reads 8 floats inside a
+    // 64-float array.
+    unsafe {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for c in 0..8 {
+            let qc = _mm256_loadu_ps(q.as_ptr().add(c * 8));
+            for (a, k) in acc.iter_mut().zip(&ks) {
+                let kc = _mm256_loadu_ps(k.as_ptr().add(c * 8));
+                *a = _mm256_add_ps(*a, _mm256_mul_ps(qc, kc));
+            }
+        }
+        acc.map(|a| {
+            // [a0+a4, a1+a5, a2+a6, a3+a7], then (v0+v1) + (v2+v3).
+            let v = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps::<1>(a));
+            let h = _mm_hadd_ps(v, v);
+            _mm_cvtss_f32(_mm_hadd_ps(h, h))
+        })
+    }
+}
+
+/// Portable [`dots4`].
+#[cfg(not(all(target_arch = "x86_64", target_feature = "avx")))]
+fn dots4(q: &[f32; 64], ks: [&[f32; 64]; 4]) -> [f32; 4] {
+    ks.map(|k| dot(q, k))
+}
+
+thread_local! {
+    /// Attention scores of the head being computed on this thread (reused across calls).
+    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Dot product with eight fixed lanes (vectorizes; the order never depends on the caller).
@@ -777,4 +926,48 @@ fn add(x: &mut [f32], y: &[f32]) {
 
 fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sampler::SplitMix64;
+
+    /// The head-size-64 attention path is the generic one, reorganized: equal bits for every
+    /// context length (including the tails that are not a multiple of four keys), GQA group
+    /// sizes and offsets, and scores spanning many orders of magnitude.
+    #[test]
+    fn grouped_attention_equals_generic_bits() {
+        let mut rng = SplitMix64(7);
+        let (kv_dim, hd) = (192, 64);
+        for len in [1usize, 2, 3, 4, 5, 7, 8, 33, 130] {
+            let mut draw = |n: usize, scale: f32| -> Vec<f32> {
+                (0..n)
+                    .map(|_| (rng.uniform() as f32 - 0.5) * scale)
+                    .collect()
+            };
+            let kv = LayerKv {
+                k: draw(len * kv_dim, 6.0),
+                v: draw(len * kv_dim, 2.0),
+            };
+            for group in [1usize, 3, 4] {
+                let q = draw(group * hd, 4.0);
+                for kv_off in [0, 64, 128] {
+                    let mut generic = vec![0f32; group * hd];
+                    for (qh, oh) in q.chunks_exact(hd).zip(generic.chunks_exact_mut(hd)) {
+                        let mut s = vec![0f32; len];
+                        attend_any(qh, &kv, kv_off, kv_dim, &mut s, oh);
+                    }
+                    let mut grouped = vec![0f32; group * hd];
+                    attend_group(&q, hd, &kv, len - 1, kv_off, kv_dim, &mut grouped);
+                    let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(
+                        bits(&generic),
+                        bits(&grouped),
+                        "len {len}, group {group}, offset {kv_off}"
+                    );
+                }
+            }
+        }
+    }
 }
