@@ -2,6 +2,7 @@
 
 mod checkpoints;
 mod datasets;
+mod latency;
 mod runner;
 mod serving;
 mod sim;

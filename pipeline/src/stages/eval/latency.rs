@@ -1,7 +1,49 @@
-//! `trail eval latency`: end-to-end scheduling evaluation, policies side by side.
+//! `trail eval latency`: end-to-end scheduling evaluation on the real engine, policies side by
+//! side, the way a serving paper measures it.
+//!
+//! 1. The workload: prompts of the test split of a generated run (`--data`), each with the
+//!    output length the model produced for it (the release protocol, on by default: every
+//!    request generates exactly that many tokens with `ignore_eos`, so only scheduling differs).
+//! 2. Saturation: a burst of requests at t = 0 under FCFS with the same `--max-running` and
+//!    `--kv-budget-tokens`; completions per second is the capacity (`saturation.json`).
+//! 3. Traces: for each load and seed, Poisson arrivals at `load × capacity`
+//!    (`traces/load=L/seed=S/trace.jsonl`, the format `trail sim trace` replays).
+//! 4. Cells: for each seed, load and policy, a fresh server (`trail serve` as a child on an
+//!    ephemeral port, or the engine in process) replays the trace open-loop; the cell's
+//!    requests go to `cells/policy=P/load=L/seed=S/results.parquet` (written last and
+//!    atomically: a cell with that file is done and skipped on rerun) beside the server's step
+//!    log `steps.parquet`, `metrics.prom` and log.
+//! 5. `results.parquet` (every cell merged), `summary.json`, `report.md`, plots, manifest.
 
-use std::path::PathBuf;
+mod report;
+mod server;
+mod summary;
 
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use trail_checkpoints::Checkpoint;
+use trail_checkpoints::prior::BertPrior;
+use trail_datasets::schema::requests_path;
+use trail_datasets::split::Split;
+use trail_datasets::store::read_requests;
+use trail_eval::loadgen::workload::{self, Lengths, Prompt};
+use trail_eval::loadgen::write_trace;
+use trail_eval::loadgen::{ResultRow, TraceRequest, read_results, read_trace, write_results};
+use trail_serving_shim::PolicyKind;
+
+pub use server::BackendKind;
+use server::{Launch, Server, ServerSettings};
+use summary::{BootstrapSettings, load_key};
+
+use crate::manifest::{Manifest, write_atomic};
 use crate::stages::model_args::ModelArgs;
 
 /// Arguments of `trail eval latency`.
@@ -10,37 +52,684 @@ pub struct Args {
     /// The exported predictor (`trail export`); needed by `trail` and `sprpt`.
     #[arg(long)]
     pub checkpoint: Option<PathBuf>,
-    /// The exported BERT predictor; needed by `sjf-bert`.
+    /// The exported fine-tuned BERT (`bert.safetensors`, `trail export --bert`); needed by
+    /// `sjf-bert`.
     #[arg(long)]
     pub bert_checkpoint: Option<PathBuf>,
     /// A generated run: prompts from its test split, profiled output lengths from its
     /// requests.parquet.
     #[arg(long)]
     pub data: PathBuf,
-    /// Comma-separated policies, or `all`.
+    /// Comma-separated policies (fcfs, sjf-bert, sprpt, trail, oracle), or `all` (which skips,
+    /// with a warning, those whose checkpoint is not given).
     #[arg(long, default_value = "fcfs,trail")]
     pub policies: String,
     /// Loads as fractions of the measured saturation throughput.
     #[arg(long, value_delimiter = ',', default_value = "0.5,0.8,0.95")]
     pub loads: Vec<f64>,
-    /// Requests per (policy, load, seed).
+    /// Requests per (policy, load, seed); the test split is cycled when it has fewer.
     #[arg(long, default_value_t = 150)]
     pub requests: usize,
-    /// Seeds of the arrival processes (and of the prompt samples).
+    /// Seeds of the arrivals and of the prompt samples.
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
     pub seeds: Vec<u64>,
+    #[arg(long)]
+    pub out: PathBuf,
+    /// `http`: `trail serve` as a child process, driven over HTTP with streaming; `inprocess`:
+    /// the engine in this process.
+    #[arg(long, value_enum, default_value = "http")]
+    pub backend: BackendKind,
     #[arg(long, default_value_t = 48)]
     pub max_running: usize,
     /// KV-cache budget in tokens, accounted in blocks of 16.
     #[arg(long, default_value_t = 16384)]
     pub kv_budget_tokens: usize,
+    /// Most prefill tokens per step (chunked prefill); default: whole prompts.
     #[arg(long)]
-    pub out: PathBuf,
+    pub prefill_chunk: Option<usize>,
+    /// Release protocol: each request generates exactly its profiled output length
+    /// (`ignore_eos`); `--ignore-eos false` lets the model stop.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub ignore_eos: bool,
+    /// Clip profiled output lengths to this many tokens (short runs; recorded).
+    #[arg(long)]
+    pub clip_output_tokens: Option<u32>,
+    /// Output cap when lengths are not fixed (default: the longest profiled output).
+    #[arg(long)]
+    pub max_tokens: Option<u32>,
+    /// TRAIL's preemption limit (fraction of the initial prediction).
+    #[arg(long, default_value_t = 0.8)]
+    pub c: f64,
+    /// Refresh the refined prediction every N tokens (default: the checkpoint's interval).
+    #[arg(long)]
+    pub refine_every: Option<u32>,
+    /// Requests of the saturation burst (default: 2 × --max-running).
+    #[arg(long)]
+    pub saturation_requests: Option<usize>,
+    /// Use this capacity (requests/s) instead of measuring it.
+    #[arg(long)]
+    pub saturation_rps: Option<f64>,
+    /// Bootstrap resamples of the intervals.
+    #[arg(long, default_value_t = 1000)]
+    pub bootstrap: usize,
     #[command(flatten)]
     pub model: ModelArgs,
 }
 
+/// The measured (or given) capacity.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Saturation {
+    /// Requests per second the engine completes when saturated.
+    pub rps: f64,
+    /// `measured` or `given`.
+    pub source: String,
+    pub requests: usize,
+    pub completed: usize,
+    pub makespan_s: f64,
+    pub output_tokens_per_s: f64,
+}
+
+/// Which policies to run; a policy whose checkpoint is missing is an error naming the flag,
+/// or (with `all`) skipped with a warning.
+fn policies(args: &Args) -> anyhow::Result<Vec<PolicyKind>> {
+    let all = args.policies.trim() == "all";
+    let asked: Vec<PolicyKind> = if all {
+        PolicyKind::ALL.to_vec()
+    } else {
+        args.policies
+            .split(',')
+            .map(|p| PolicyKind::from_str(p.trim()))
+            .collect::<Result<_, _>>()
+            .context("--policies")?
+    };
+    let mut out = Vec::new();
+    for (i, &p) in asked.iter().enumerate() {
+        anyhow::ensure!(!asked[..i].contains(&p), "--policies names {p} twice");
+        let missing = match p {
+            PolicyKind::Trail | PolicyKind::Sprpt if args.checkpoint.is_none() => {
+                Some("--checkpoint (the exported predictor, `trail export`)".to_string())
+            }
+            PolicyKind::SjfBert if args.bert_checkpoint.is_none() => {
+                Some("--bert-checkpoint (bert.safetensors, `trail export --bert`)".to_string())
+            }
+            PolicyKind::Oracle if !args.ignore_eos => Some(
+                "--ignore-eos true (the oracle knows lengths only when they are fixed)".to_string(),
+            ),
+            _ => None,
+        };
+        match missing {
+            None => out.push(p),
+            Some(flag) if all => eprintln!("warning: skipping policy {p}: it needs {flag}"),
+            Some(flag) => anyhow::bail!("policy {p} needs {flag}"),
+        }
+    }
+    anyhow::ensure!(!out.is_empty(), "no policy to run");
+    Ok(out)
+}
+
+fn cell_dir(out: &Path, policy: &str, load: f64, seed: u64) -> PathBuf {
+    out.join("cells")
+        .join(format!("policy={policy}"))
+        .join(format!("load={}", load_key(load)))
+        .join(format!("seed={seed}"))
+}
+
+fn trace_path(out: &Path, load: f64, seed: u64) -> PathBuf {
+    out.join("traces")
+        .join(format!("load={}", load_key(load)))
+        .join(format!("seed={seed}"))
+        .join("trace.jsonl")
+}
+
+fn sha256(path: &Path) -> anyhow::Result<String> {
+    trail_llm::hub::sha256_file(path).with_context(|| format!("hashing {}", path.display()))
+}
+
+/// Settings every finished cell depends on: written once, and a rerun with other values is
+/// refused (it would mix incomparable cells).
+fn check_settings(out: &Path, settings: &Value) -> anyhow::Result<()> {
+    let path = out.join("settings.json");
+    if path.is_file() {
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("{}: cannot read", path.display()))?;
+        let old: Value =
+            serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
+        let (Value::Object(a), Value::Object(b)) = (&old, settings) else {
+            anyhow::bail!("{}: not a JSON object", path.display());
+        };
+        let differ: Vec<String> = b
+            .iter()
+            .filter(|(k, v)| a.get(*k) != Some(*v))
+            .map(|(k, v)| {
+                format!(
+                    "{k}: {} then, {v} now",
+                    a.get(k).map_or("absent".into(), Value::to_string)
+                )
+            })
+            .collect();
+        anyhow::ensure!(
+            differ.is_empty(),
+            "{} was made with other settings ({}); use another --out",
+            path.display(),
+            differ.join("; ")
+        );
+        return Ok(());
+    }
+    write_atomic(&path, serde_json::to_string_pretty(settings)?.as_bytes())
+}
+
+/// A progress bar over requests (hidden when stderr is not a terminal).
+fn bar(total: u64) -> anyhow::Result<ProgressBar> {
+    let bar = ProgressBar::new(total).with_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] [{bar:30}] {pos}/{len} requests, {msg}, eta {eta}",
+        )?
+        .progress_chars("=> "),
+    );
+    Ok(bar)
+}
+
+/// Runs a burst of requests at t = 0 under FCFS and returns completions per second.
+fn measure_saturation(
+    launch: &Launch<'_>,
+    rt: &tokio::runtime::Runtime,
+    trace: &[TraceRequest],
+    dir: &Path,
+) -> anyhow::Result<Saturation> {
+    let server = Server::start(launch, PolicyKind::Fcfs, dir)?;
+    let bar = bar(trace.len() as u64)?;
+    bar.set_message("saturation burst (fcfs)");
+    let results = server.drive(rt, trace, |_| bar.inc(1));
+    bar.finish_and_clear();
+    server.stop(dir)?;
+    let ok: Vec<_> = results.iter().filter(|r| r.error.is_none()).collect();
+    if let Some(e) = results.iter().find_map(|r| r.error.as_deref()) {
+        eprintln!(
+            "warning: {} of {} saturation requests failed, e.g.: {e}",
+            results.len() - ok.len(),
+            results.len()
+        );
+    }
+    anyhow::ensure!(
+        !ok.is_empty(),
+        "every request of the saturation burst failed; see {}",
+        dir.display()
+    );
+    let makespan = ok.iter().map(|r| r.latency_s).fold(0.0, f64::max);
+    let tokens: f64 = ok.iter().map(|r| f64::from(r.output_tokens)).sum();
+    Ok(Saturation {
+        rps: ok.len() as f64 / makespan,
+        source: "measured".into(),
+        requests: trace.len(),
+        completed: ok.len(),
+        makespan_s: makespan,
+        output_tokens_per_s: tokens / makespan,
+    })
+}
+
+/// The trace of (load, seed): regenerated from the seed, checked against the file a previous
+/// run wrote (cells already run replayed that file), written when new.
+fn trace_for(
+    out: &Path,
+    pool: &[Prompt],
+    n: usize,
+    load: f64,
+    seed: u64,
+    sat: &Saturation,
+    lengths: Lengths,
+) -> anyhow::Result<(f64, Vec<TraceRequest>)> {
+    let rate = load * sat.rps;
+    let trace = workload::poisson_trace(pool, n, rate, seed, lengths)
+        .with_context(|| format!("load {load}, seed {seed}"))?;
+    let path = trace_path(out, load, seed);
+    if path.is_file() {
+        // Arrival times went through JSON text: equal up to the last bit of the decimal.
+        let old = read_trace(&path)?;
+        let same = old.len() == trace.len()
+            && old.iter().zip(&trace).all(|(a, b)| {
+                (a.arrival_s - b.arrival_s).abs() <= 1e-9 * b.arrival_s.abs().max(1.0)
+                    && a.prompt == b.prompt
+                    && a.output_tokens == b.output_tokens
+                    && a.request_id == b.request_id
+            });
+        anyhow::ensure!(
+            same,
+            "{} differs from the trace these settings make now; use another --out",
+            path.display()
+        );
+    } else {
+        write_trace(&path, &trace)?;
+    }
+    Ok((rate, trace))
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let _ = args;
-    anyhow::bail!("trail eval latency: under construction (this commit only registers the stage)")
+    let started = Instant::now();
+    let policies = policies(&args)?;
+    let names: Vec<String> = policies.iter().map(|p| p.as_str().to_string()).collect();
+    anyhow::ensure!(args.requests > 0, "--requests must be at least 1");
+    anyhow::ensure!(!args.seeds.is_empty(), "--seeds is empty");
+    anyhow::ensure!(!args.loads.is_empty(), "--loads is empty");
+    for &l in &args.loads {
+        anyhow::ensure!(
+            l.is_finite() && l > 0.0,
+            "--loads: {l} is not a positive fraction of saturation"
+        );
+    }
+    let out = args.out.clone();
+    std::fs::create_dir_all(&out).with_context(|| format!("{}: cannot create", out.display()))?;
+
+    // The workload.
+    let req_path = requests_path(&args.data);
+    let rows = read_requests(&req_path).with_context(|| format!("{}", req_path.display()))?;
+    let pool: Vec<Prompt> = rows
+        .iter()
+        .filter(|r| r.split == Split::Test)
+        .map(|r| Prompt {
+            request_id: r.request_id.clone(),
+            text: r.prompt.clone(),
+            output_tokens: r.output_tokens,
+        })
+        .collect();
+    anyhow::ensure!(
+        !pool.is_empty(),
+        "{}: no request in the test split",
+        req_path.display()
+    );
+    let lengths = if args.ignore_eos {
+        Lengths::Profiled {
+            clip: args.clip_output_tokens,
+        }
+    } else {
+        Lengths::Free
+    };
+    let longest = rows.iter().map(|r| r.output_tokens).max().unwrap_or(1);
+    let max_tokens = args
+        .max_tokens
+        .unwrap_or(longest)
+        .min(args.clip_output_tokens.unwrap_or(u32::MAX))
+        .max(1);
+    let saturation_requests = args.saturation_requests.unwrap_or(2 * args.max_running);
+    anyhow::ensure!(
+        saturation_requests > 0,
+        "--saturation-requests must be at least 1"
+    );
+
+    let model_path = args.model.path()?;
+    let checkpoint_sha = args.checkpoint.as_deref().map(sha256).transpose()?;
+    let bert_sha = args.bert_checkpoint.as_deref().map(sha256).transpose()?;
+    let settings = json!({
+        "data_requests_sha256": sha256(&req_path)?,
+        "requests": args.requests,
+        "ignore_eos": args.ignore_eos,
+        "clip_output_tokens": args.clip_output_tokens,
+        "max_tokens": max_tokens,
+        "backend": args.backend,
+        "max_running": args.max_running,
+        "kv_budget_tokens": args.kv_budget_tokens,
+        "prefill_chunk": args.prefill_chunk,
+        "c": args.c,
+        "refine_every": args.refine_every,
+        "checkpoint_sha256": checkpoint_sha,
+        "bert_checkpoint_sha256": bert_sha,
+        "model": model_path.display().to_string(),
+        "model_sha256": sha256(&model_path)?,
+        "saturation_requests": saturation_requests,
+        "saturation_rps": args.saturation_rps,
+    });
+    check_settings(&out, &settings)?;
+
+    // What the servers need.
+    let needs_checkpoint = policies
+        .iter()
+        .any(|p| matches!(p, PolicyKind::Trail | PolicyKind::Sprpt));
+    let inprocess = args.backend == BackendKind::Inprocess;
+    let runner = if inprocess {
+        Some(Arc::new(args.model.load()?))
+    } else {
+        None
+    };
+    let kernel_id = runner.as_ref().map(|r| r.kernel_id().to_string());
+    let checkpoint = match (&args.checkpoint, inprocess && needs_checkpoint) {
+        (Some(p), true) => {
+            Some(Checkpoint::load(p).with_context(|| format!("loading {}", p.display()))?)
+        }
+        _ => None,
+    };
+    let priors: Option<HashMap<String, f64>> = match &args.bert_checkpoint {
+        Some(p) if inprocess && policies.contains(&PolicyKind::SjfBert) => {
+            let prior = BertPrior::load(p).with_context(|| format!("loading {}", p.display()))?;
+            let texts: Vec<&str> = pool.iter().map(|q| q.text.as_str()).collect();
+            let pred = prior
+                .predict(&texts, 16)
+                .with_context(|| format!("predicting with {}", p.display()))?;
+            Some(
+                texts
+                    .iter()
+                    .zip(pred)
+                    .map(|(t, x)| (t.to_string(), x))
+                    .collect(),
+            )
+        }
+        _ => None,
+    };
+    let max_trace = args.requests.max(saturation_requests);
+    let server_settings = ServerSettings {
+        max_running: args.max_running,
+        kv_budget_tokens: args.kv_budget_tokens,
+        prefill_chunk: args.prefill_chunk,
+        c: args.c,
+        refine_every: args.refine_every,
+        max_tokens,
+        max_waiting: max_trace + 16,
+    };
+    let launch = Launch {
+        backend: args.backend,
+        settings: &server_settings,
+        model: &args.model,
+        runner: runner.as_ref(),
+        checkpoint_path: args.checkpoint.as_deref(),
+        bert_checkpoint_path: args.bert_checkpoint.as_deref(),
+        checkpoint: checkpoint.as_ref(),
+        priors: priors.as_ref(),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+
+    // Saturation.
+    let sat_path = out.join("saturation.json");
+    let sat: Saturation = if let Some(rps) = args.saturation_rps {
+        anyhow::ensure!(
+            rps.is_finite() && rps > 0.0,
+            "--saturation-rps must be positive"
+        );
+        Saturation {
+            rps,
+            source: "given".into(),
+            requests: 0,
+            completed: 0,
+            makespan_s: 0.0,
+            output_tokens_per_s: 0.0,
+        }
+    } else {
+        if !sat_path.is_file() {
+            let burst = workload::burst(&pool, saturation_requests, 0, lengths)?;
+            let s = measure_saturation(&launch, &rt, &burst, &out.join("saturation"))?;
+            write_atomic(&sat_path, serde_json::to_string_pretty(&s)?.as_bytes())?;
+        }
+        // Always the value as read back, so this run and every rerun make the same traces.
+        let text = std::fs::read_to_string(&sat_path)
+            .with_context(|| format!("{}: cannot read", sat_path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("{}: bad JSON", sat_path.display()))?
+    };
+    eprintln!(
+        "saturation: {:.3} requests/s ({}; {} of {} requests in {:.1} s, {:.1} output tok/s)",
+        sat.rps, sat.source, sat.completed, sat.requests, sat.makespan_s, sat.output_tokens_per_s
+    );
+
+    // Traces, then the cells not done yet: seed outermost, so a partial run holds every
+    // policy of the (load, seed) pairs it reached.
+    let mut traces: BTreeMap<(u64, String), (f64, Vec<TraceRequest>)> = BTreeMap::new();
+    for &seed in &args.seeds {
+        for &load in &args.loads {
+            let t = trace_for(&out, &pool, args.requests, load, seed, &sat, lengths)?;
+            traces.insert((seed, load_key(load)), t);
+        }
+    }
+    let mut todo = Vec::new();
+    for &seed in &args.seeds {
+        for &load in &args.loads {
+            for &p in &policies {
+                if !cell_dir(&out, p.as_str(), load, seed)
+                    .join("results.parquet")
+                    .is_file()
+                {
+                    todo.push((seed, load, p));
+                }
+            }
+        }
+    }
+    let total_cells = args.seeds.len() * args.loads.len() * policies.len();
+    eprintln!(
+        "{} of {total_cells} cells to run ({} done), {} requests each",
+        todo.len(),
+        total_cells - todo.len(),
+        args.requests
+    );
+    let bar = bar((todo.len() * args.requests) as u64)?;
+    for (k, &(seed, load, policy)) in todo.iter().enumerate() {
+        let (rate, trace) = &traces[&(seed, load_key(load))];
+        let dir = cell_dir(&out, policy.as_str(), load, seed);
+        bar.set_message(format!(
+            "cell {}/{}: {policy}, load {load:.2}, seed {seed}",
+            k + 1,
+            todo.len()
+        ));
+        let t0 = Instant::now();
+        let server = Server::start(&launch, policy, &dir)?;
+        let results = server.drive(&rt, trace, |_| bar.inc(1));
+        server.stop(&dir)?;
+        let rows: Vec<ResultRow> = results
+            .into_iter()
+            .zip(trace)
+            .map(|(result, req)| ResultRow {
+                policy: policy.as_str().to_string(),
+                load,
+                rate_rps: *rate,
+                seed,
+                target_tokens: req.output_tokens,
+                result,
+            })
+            .collect();
+        let failed = rows.iter().filter(|r| r.result.error.is_some()).count();
+        write_results(&dir.join("results.parquet"), &rows)?;
+        let mean = rows.iter().map(|r| r.result.latency_s).sum::<f64>() / rows.len() as f64;
+        let line = format!(
+            "{policy:>8} load {load:.2} seed {seed}: {} requests ({failed} failed), mean latency \
+             {mean:.2} s, {:.0} s",
+            rows.len(),
+            t0.elapsed().as_secs_f64()
+        );
+        if bar.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            bar.println(line);
+        }
+    }
+    bar.finish_and_clear();
+
+    // Merge every finished cell of the grid asked for.
+    let mut all = Vec::new();
+    let mut missing = Vec::new();
+    for &seed in &args.seeds {
+        for &load in &args.loads {
+            for &p in &policies {
+                let path = cell_dir(&out, p.as_str(), load, seed).join("results.parquet");
+                if !path.is_file() {
+                    missing.push(path);
+                    continue;
+                }
+                let rows = read_results(&path)?;
+                let mut seen = vec![false; args.requests];
+                for r in &rows {
+                    if let Some(s) = seen.get_mut(r.result.index) {
+                        *s = true;
+                    }
+                }
+                anyhow::ensure!(
+                    rows.len() == args.requests && seen.iter().all(|s| *s),
+                    "{}: {} rows, expected one per request of the trace ({})",
+                    path.display(),
+                    rows.len(),
+                    args.requests
+                );
+                all.extend(rows);
+            }
+        }
+    }
+    anyhow::ensure!(missing.is_empty(), "cells not finished: {missing:?}");
+    let results_path = out.join("results.parquet");
+    write_results(&results_path, &all)?;
+    let boot = BootstrapSettings {
+        resamples: args.bootstrap,
+        seed: 0,
+    };
+    let summary = summary::summarize(&all, &names, boot);
+    let summary_path = out.join("summary.json");
+    write_atomic(
+        &summary_path,
+        serde_json::to_string_pretty(&json!({
+            "saturation": sat,
+            "settings": settings,
+            "policies": names,
+            "loads": args.loads,
+            "seeds": args.seeds,
+            "summary": summary,
+        }))?
+        .as_bytes(),
+    )?;
+    let plots = report::plots(&out, &summary, &all, &names)?;
+    let mut report_settings: report::Settings = vec![
+        (
+            "data".into(),
+            format!(
+                "{} (test split: {} prompts)",
+                args.data.display(),
+                pool.len()
+            ),
+        ),
+        (
+            "requests".into(),
+            format!(
+                "{} per (policy, load, seed); seeds {:?}",
+                args.requests, args.seeds
+            ),
+        ),
+        (
+            "lengths".into(),
+            match lengths {
+                Lengths::Profiled { clip: None } => {
+                    "profiled output length, ignore_eos (release protocol)".into()
+                }
+                Lengths::Profiled { clip: Some(c) } => {
+                    format!("profiled output length clipped to {c}, ignore_eos")
+                }
+                Lengths::Free => format!("model stops freely, at most {max_tokens}"),
+            },
+        ),
+        (
+            "saturation".into(),
+            format!(
+                "{:.3} requests/s ({}; FCFS burst of {} requests, {:.1} output tok/s)",
+                sat.rps, sat.source, sat.requests, sat.output_tokens_per_s
+            ),
+        ),
+        (
+            "engine".into(),
+            format!(
+                "max running {}, KV budget {} tokens, prefill chunk {}, TRAIL c {}, refine every {}",
+                args.max_running,
+                args.kv_budget_tokens,
+                args.prefill_chunk
+                    .map_or("whole prompts".into(), |c| c.to_string()),
+                args.c,
+                args.refine_every
+                    .map_or("checkpoint's interval".into(), |n| n.to_string())
+            ),
+        ),
+        (
+            "backend".into(),
+            format!("{:?}", args.backend).to_lowercase(),
+        ),
+        ("model".into(), model_path.display().to_string()),
+        (
+            "threads".into(),
+            args.model
+                .threads
+                .map_or("every core".into(), |t| t.to_string()),
+        ),
+    ];
+    if let Some(k) = &kernel_id {
+        report_settings.push(("kernel".into(), k.clone()));
+    }
+    if let Some(p) = &args.checkpoint {
+        report_settings.push(("checkpoint".into(), p.display().to_string()));
+    }
+    if let Some(p) = &args.bert_checkpoint {
+        report_settings.push(("BERT checkpoint".into(), p.display().to_string()));
+    }
+    let report_path = out.join("report.md");
+    write_atomic(
+        &report_path,
+        report::markdown(&summary, &report_settings, &plots).as_bytes(),
+    )?;
+
+    // The manifest.
+    let config = json!({
+        "checkpoint": args.checkpoint,
+        "bert_checkpoint": args.bert_checkpoint,
+        "data": args.data,
+        "policies": names,
+        "loads": args.loads,
+        "requests": args.requests,
+        "seeds": args.seeds,
+        "out": args.out,
+        "backend": args.backend,
+        "max_running": args.max_running,
+        "kv_budget_tokens": args.kv_budget_tokens,
+        "prefill_chunk": args.prefill_chunk,
+        "ignore_eos": args.ignore_eos,
+        "clip_output_tokens": args.clip_output_tokens,
+        "max_tokens": max_tokens,
+        "c": args.c,
+        "refine_every": args.refine_every,
+        "saturation_requests": saturation_requests,
+        "saturation_rps": args.saturation_rps,
+        "bootstrap": args.bootstrap,
+        "model": args.model.model,
+        "threads": args.model.threads,
+    });
+    let mut manifest = Manifest::start("eval latency", &config, args.seeds.first().copied())?;
+    manifest.kernel_id = kernel_id;
+    manifest.input(&req_path, &args.data)?;
+    for p in [&args.checkpoint, &args.bert_checkpoint]
+        .into_iter()
+        .flatten()
+    {
+        manifest.input(p, &out)?;
+    }
+    for p in [&results_path, &summary_path, &report_path]
+        .into_iter()
+        .chain(&plots)
+    {
+        manifest.output(p, &out)?;
+    }
+    if sat_path.is_file() {
+        manifest.output(&sat_path, &out)?;
+    }
+    for (seed, key) in traces.keys() {
+        let load = args
+            .loads
+            .iter()
+            .copied()
+            .find(|l| &load_key(*l) == key)
+            .unwrap_or_default();
+        manifest.output(&trace_path(&out, load, *seed), &out)?;
+    }
+    manifest.result("saturation_rps", sat.rps)?;
+    manifest.result("requests_total", all.len())?;
+    manifest.result(
+        "failed_total",
+        all.iter().filter(|r| r.result.error.is_some()).count(),
+    )?;
+    manifest.result("cells_run_now", todo.len())?;
+    manifest.finish(&out)?;
+    eprintln!(
+        "done in {:.1} min: {}",
+        started.elapsed().as_secs_f64() / 60.0,
+        report_path.display()
+    );
+    Ok(())
 }

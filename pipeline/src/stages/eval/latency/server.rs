@@ -1,0 +1,277 @@
+//! The server of one cell: `trail serve` as a child process on an ephemeral port (the HTTP
+//! backend, driven like a real client) or the engine in this process (the in-process backend).
+//! Either way a fresh server per cell, so cells share no state, and on stop its step log
+//! (`steps.parquet`) and final statistics (`metrics.prom`) land in the cell's directory.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use trail_checkpoints::Checkpoint;
+use trail_eval::loadgen::{self, EngineBackend, HttpBackend, RequestResult, TraceRequest};
+use trail_llm::Runner;
+use trail_serving_shim::{Engine, EngineConfig, PolicyKind};
+
+use crate::manifest::write_atomic;
+use crate::stages::model_args::ModelArgs;
+
+/// Which backend drives the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// `trail serve` as a child process, streaming chat completions over HTTP.
+    Http,
+    /// The engine in this process (no HTTP, no detokenization).
+    Inprocess,
+}
+
+/// Engine settings shared by every cell.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    pub max_running: usize,
+    pub kv_budget_tokens: usize,
+    pub prefill_chunk: Option<usize>,
+    pub c: f64,
+    pub refine_every: Option<u32>,
+    /// Cap on output tokens for requests that fix none.
+    pub max_tokens: u32,
+    /// Waiting requests the server accepts before answering 429 (set above the trace size).
+    pub max_waiting: usize,
+}
+
+/// What a server needs beyond its settings.
+pub struct Launch<'a> {
+    pub backend: BackendKind,
+    pub settings: &'a ServerSettings,
+    pub model: &'a ModelArgs,
+    /// The loaded model (in-process backend).
+    pub runner: Option<&'a Arc<Runner>>,
+    pub checkpoint_path: Option<&'a Path>,
+    /// The exported BERT (sjf-bert; `trail serve --bert-checkpoint` over HTTP).
+    pub bert_checkpoint_path: Option<&'a Path>,
+    /// The loaded checkpoint (in-process backend).
+    pub checkpoint: Option<&'a Checkpoint>,
+    /// BERT's initial predictions by prompt (sjf-bert, in-process backend).
+    pub priors: Option<&'a HashMap<String, f64>>,
+}
+
+/// A running server.
+pub enum Server {
+    Http {
+        child: Child,
+        backend: Arc<HttpBackend>,
+        log: PathBuf,
+    },
+    InProcess {
+        backend: Arc<EngineBackend>,
+    },
+}
+
+impl Server {
+    /// Starts a server for `policy`; `dir` receives its log and, on [`stop`](Self::stop), its
+    /// step log.
+    pub fn start(cx: &Launch<'_>, policy: PolicyKind, dir: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("{}: cannot create", dir.display()))?;
+        let needs_checkpoint = matches!(policy, PolicyKind::Trail | PolicyKind::Sprpt);
+        match cx.backend {
+            BackendKind::Inprocess => {
+                let runner = cx
+                    .runner
+                    .context("the in-process backend needs the loaded model")?;
+                let s = cx.settings;
+                let mut cfg = EngineConfig::new(s.kv_budget_tokens, policy);
+                cfg.c = s.c;
+                cfg.refine_every = s.refine_every;
+                cfg.scheduler.max_running = s.max_running;
+                cfg.scheduler.prefill_chunk = s.prefill_chunk;
+                cfg.scheduler.max_waiting = s.max_waiting;
+                let checkpoint = needs_checkpoint.then(|| cx.checkpoint.cloned()).flatten();
+                let engine = Engine::start(runner.clone(), checkpoint, cfg)?;
+                for w in engine.warnings() {
+                    eprintln!("warning: {w}");
+                }
+                let mut backend = EngineBackend::new(Arc::new(engine), s.max_tokens);
+                if policy == PolicyKind::SjfBert
+                    && let Some(p) = cx.priors
+                {
+                    backend = backend.with_priors(p.clone());
+                }
+                Ok(Self::InProcess {
+                    backend: Arc::new(backend),
+                })
+            }
+            BackendKind::Http => {
+                let port = free_port()?;
+                let exe = std::env::current_exe().context("locating the trail binary")?;
+                let s = cx.settings;
+                let mut cmd = Command::new(&exe);
+                cmd.arg("serve")
+                    .args(["--addr", &format!("127.0.0.1:{port}")])
+                    .args(["--policy", policy.as_str()])
+                    .args(["--c", &s.c.to_string()])
+                    .args(["--max-running", &s.max_running.to_string()])
+                    .args(["--kv-budget-tokens", &s.kv_budget_tokens.to_string()])
+                    .args(["--max-waiting", &s.max_waiting.to_string()])
+                    .args(["--default-max-tokens", &s.max_tokens.to_string()])
+                    .arg("--out")
+                    .arg(dir);
+                if let Some(n) = s.refine_every {
+                    cmd.args(["--refine-every", &n.to_string()]);
+                }
+                if let Some(n) = s.prefill_chunk {
+                    cmd.args(["--prefill-chunk", &n.to_string()]);
+                }
+                if needs_checkpoint && let Some(p) = cx.checkpoint_path {
+                    cmd.arg("--checkpoint").arg(p);
+                }
+                if policy == PolicyKind::SjfBert
+                    && let Some(p) = cx.bert_checkpoint_path
+                {
+                    cmd.arg("--bert-checkpoint").arg(p);
+                }
+                if let Some(m) = &cx.model.model {
+                    cmd.args(["--model", m]);
+                }
+                if let Some(t) = cx.model.threads {
+                    cmd.args(["--threads", &t.to_string()]);
+                }
+                cmd.args(["--device", &cx.model.device.to_string()]);
+                let log = dir.join("server.log");
+                let out = std::fs::File::create(&log)
+                    .with_context(|| format!("{}: cannot create", log.display()))?;
+                let err = out.try_clone()?;
+                let child = cmd
+                    .stdin(Stdio::null())
+                    .stdout(out)
+                    .stderr(err)
+                    .spawn()
+                    .with_context(|| format!("starting {} serve", exe.display()))?;
+                let base = format!("http://127.0.0.1:{port}");
+                let backend = Arc::new(HttpBackend::new(base.clone(), "trail", s.max_tokens));
+                let mut server = Self::Http {
+                    child,
+                    backend,
+                    log,
+                };
+                server.wait_ready(port)?;
+                Ok(server)
+            }
+        }
+    }
+
+    /// Polls `/health` until the child answers; its exit or two minutes of silence is an error
+    /// naming its log.
+    fn wait_ready(&mut self, port: u16) -> anyhow::Result<()> {
+        let Self::Http { child, log, .. } = self else {
+            return Ok(());
+        };
+        let started = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait()? {
+                anyhow::bail!(
+                    "trail serve exited ({status}) before answering; see {}",
+                    log.display()
+                );
+            }
+            if health_ok(port) {
+                return Ok(());
+            }
+            if started.elapsed() > Duration::from_secs(120) {
+                let _ = child.kill();
+                let _ = child.wait();
+                anyhow::bail!(
+                    "trail serve did not answer on port {port} within 120 s; see {}",
+                    log.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Replays `trace` in real time (open loop) and returns one result per request.
+    pub fn drive(
+        &self,
+        rt: &tokio::runtime::Runtime,
+        trace: &[TraceRequest],
+        on_done: impl FnMut(&RequestResult),
+    ) -> Vec<RequestResult> {
+        match self {
+            Self::Http { backend, .. } => {
+                rt.block_on(loadgen::drive(backend.clone(), trace, on_done))
+            }
+            Self::InProcess { backend } => {
+                rt.block_on(loadgen::drive(backend.clone(), trace, on_done))
+            }
+        }
+    }
+
+    /// Stops the server: the child gets SIGTERM and writes its step log into the cell's
+    /// directory; the in-process engine is shut down and its step log written there.
+    pub fn stop(self, dir: &Path) -> anyhow::Result<()> {
+        match self {
+            Self::Http { mut child, log, .. } => {
+                let pid = child.id().to_string();
+                let _ = Command::new("kill").args(["-TERM", &pid]).status();
+                let started = Instant::now();
+                loop {
+                    if let Some(status) = child.try_wait()? {
+                        anyhow::ensure!(
+                            status.success(),
+                            "trail serve exited with {status}; see {}",
+                            log.display()
+                        );
+                        return Ok(());
+                    }
+                    if started.elapsed() > Duration::from_secs(60) {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        anyhow::bail!(
+                            "trail serve did not stop within 60 s of SIGTERM (killed); see {}",
+                            log.display()
+                        );
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+            Self::InProcess { backend } => {
+                let backend = Arc::try_unwrap(backend)
+                    .map_err(|_| anyhow::anyhow!("the in-process backend is still in use"))?;
+                let engine = Arc::try_unwrap(backend.into_engine())
+                    .map_err(|_| anyhow::anyhow!("the engine is still in use"))?;
+                let report = engine.shutdown()?;
+                trail_serving_shim::steps::write(&dir.join("steps.parquet"), &report.steps)?;
+                write_atomic(
+                    &dir.join("metrics.prom"),
+                    report.stats.render_prometheus().as_bytes(),
+                )?;
+                Ok(())
+            }
+        }
+    }
+}
+
+/// `GET /health` answered 200.
+fn health_ok(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.1 200")
+}
+
+/// A port the OS says is free now (bound and released; the child binds it right after).
+fn free_port() -> anyhow::Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok(l.local_addr()?.port())
+}

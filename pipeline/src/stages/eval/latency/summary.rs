@@ -1,0 +1,324 @@
+//! `summary.json`: per policy and load, latency and TTFT statistics pooled over seeds with
+//! request-bootstrap 95 % intervals, throughput; per load, FCFS over each policy in mean
+//! latency and mean TTFT, and TRAIL's share of the oracle's gain over FCFS, each with a paired
+//! bootstrap over the requests every policy served (same trace, same index).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use serde::Serialize;
+use trail_checkpoints::metrics::{Bootstrap, Interval, percentile};
+use trail_eval::loadgen::ResultRow;
+
+/// Bootstrap resamples and seed.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct BootstrapSettings {
+    pub resamples: usize,
+    pub seed: u64,
+}
+
+/// One policy at one load, pooled over seeds.
+#[derive(Debug, Clone, Serialize)]
+pub struct CellStats {
+    pub policy: String,
+    pub load: f64,
+    pub rate_rps: f64,
+    pub seeds: Vec<u64>,
+    pub requests: usize,
+    pub failed: usize,
+    pub mean_latency_s: Option<Interval>,
+    pub p50_latency_s: Option<Interval>,
+    pub p90_latency_s: Option<Interval>,
+    pub p99_latency_s: Option<Interval>,
+    pub mean_ttft_s: Option<Interval>,
+    pub p50_ttft_s: Option<Interval>,
+    pub mean_tpot_s: Option<f64>,
+    pub mean_queue_s: Option<f64>,
+    pub mean_preemptions: Option<f64>,
+    /// Completed requests per second: completions over the seeds' summed makespans (from the
+    /// first arrival at 0 to the last completion).
+    pub throughput_rps: f64,
+    pub output_tokens_per_s: f64,
+}
+
+/// Paired comparisons at one load.
+#[derive(Debug, Clone, Serialize)]
+pub struct Comparison {
+    pub load: f64,
+    /// Requests (seed, index) that every compared policy completed.
+    pub paired_requests: usize,
+    /// FCFS mean latency over each other policy's.
+    pub fcfs_over_policy_mean_latency: BTreeMap<String, Interval>,
+    /// FCFS mean TTFT over each other policy's.
+    pub fcfs_over_policy_mean_ttft: BTreeMap<String, Interval>,
+    /// (FCFS − TRAIL) / (FCFS − oracle) in mean latency.
+    pub trail_share_of_oracle_gain: Option<Interval>,
+}
+
+/// The whole summary.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub cells: Vec<CellStats>,
+    pub comparisons: Vec<Comparison>,
+    pub bootstrap: BootstrapSettings,
+}
+
+fn mean(xs: &[f64], idx: &[usize]) -> Option<f64> {
+    (!idx.is_empty()).then(|| idx.iter().map(|&i| xs[i]).sum::<f64>() / idx.len() as f64)
+}
+
+fn quantile(xs: &[f64], idx: &[usize], q: f64) -> Option<f64> {
+    if idx.is_empty() {
+        return None;
+    }
+    let mut v: Vec<f64> = idx.iter().map(|&i| xs[i]).collect();
+    v.sort_by(f64::total_cmp);
+    Some(percentile(&v, q))
+}
+
+fn plain_mean(xs: impl Iterator<Item = f64>) -> Option<f64> {
+    let (s, n) = xs.fold((0.0, 0usize), |(s, n), x| (s + x, n + 1));
+    (n > 0).then(|| s / n as f64)
+}
+
+/// Load keys compare by value; loads are printed with 2 decimals everywhere.
+pub fn load_key(load: f64) -> String {
+    format!("{load:.2}")
+}
+
+fn cell_stats(policy: &str, load: f64, rows: &[&ResultRow], boot: BootstrapSettings) -> CellStats {
+    let ok: Vec<&ResultRow> = rows
+        .iter()
+        .copied()
+        .filter(|r| r.result.error.is_none())
+        .collect();
+    let lat: Vec<f64> = ok.iter().map(|r| r.result.latency_s).collect();
+    let ttft: Vec<f64> = ok.iter().filter_map(|r| r.result.ttft_s).collect();
+    let b_lat = Bootstrap::new(lat.len(), boot.resamples, boot.seed);
+    let b_ttft = Bootstrap::new(ttft.len(), boot.resamples, boot.seed);
+    let mut seeds: Vec<u64> = rows.iter().map(|r| r.seed).collect();
+    seeds.sort_unstable();
+    seeds.dedup();
+    // Makespan per seed: from 0 (the trace's origin) to the last completion.
+    let mut makespan: BTreeMap<u64, f64> = BTreeMap::new();
+    for r in rows {
+        let end = r.result.arrival_s + r.result.latency_s;
+        let m = makespan.entry(r.seed).or_insert(0.0);
+        *m = m.max(end);
+    }
+    let span: f64 = makespan.values().sum();
+    let tokens: f64 = ok.iter().map(|r| f64::from(r.result.output_tokens)).sum();
+    CellStats {
+        policy: policy.to_string(),
+        load,
+        rate_rps: rows.first().map_or(0.0, |r| r.rate_rps),
+        seeds,
+        requests: rows.len(),
+        failed: rows.len() - ok.len(),
+        mean_latency_s: b_lat.interval(|i| mean(&lat, i)),
+        p50_latency_s: b_lat.interval(|i| quantile(&lat, i, 0.50)),
+        p90_latency_s: b_lat.interval(|i| quantile(&lat, i, 0.90)),
+        p99_latency_s: b_lat.interval(|i| quantile(&lat, i, 0.99)),
+        mean_ttft_s: b_ttft.interval(|i| mean(&ttft, i)),
+        p50_ttft_s: b_ttft.interval(|i| quantile(&ttft, i, 0.50)),
+        mean_tpot_s: plain_mean(ok.iter().filter_map(|r| r.result.tpot_s)),
+        mean_queue_s: plain_mean(ok.iter().filter_map(|r| r.result.queue_s)),
+        mean_preemptions: plain_mean(
+            ok.iter()
+                .filter_map(|r| r.result.preemptions.map(f64::from)),
+        ),
+        throughput_rps: if span > 0.0 {
+            ok.len() as f64 / span
+        } else {
+            0.0
+        },
+        output_tokens_per_s: if span > 0.0 { tokens / span } else { 0.0 },
+    }
+}
+
+/// Per (seed, index): (latency, ttft) of one policy's completed requests.
+type Paired = HashMap<(u64, usize), (f64, Option<f64>)>;
+
+fn paired(rows: &[&ResultRow]) -> Paired {
+    rows.iter()
+        .filter(|r| r.result.error.is_none())
+        .map(|r| {
+            (
+                (r.seed, r.result.index),
+                (r.result.latency_s, r.result.ttft_s),
+            )
+        })
+        .collect()
+}
+
+fn comparison(
+    load: f64,
+    by_policy: &BTreeMap<String, Vec<&ResultRow>>,
+    boot: BootstrapSettings,
+) -> Option<Comparison> {
+    let fcfs = paired(by_policy.get("fcfs")?);
+    let others: BTreeMap<&str, Paired> = by_policy
+        .iter()
+        .filter(|(p, _)| p.as_str() != "fcfs")
+        .map(|(p, rows)| (p.as_str(), paired(rows)))
+        .collect();
+    // Requests every policy completed with a first token, in a fixed order.
+    let keys: BTreeSet<(u64, usize)> = fcfs
+        .iter()
+        .filter(|(k, v)| {
+            v.1.is_some()
+                && others
+                    .values()
+                    .all(|o| o.get(k).is_some_and(|x| x.1.is_some()))
+        })
+        .map(|(k, _)| *k)
+        .collect();
+    if keys.is_empty() {
+        return None;
+    }
+    let column = |m: &Paired, ttft: bool| -> Vec<f64> {
+        keys.iter()
+            .map(|k| {
+                let v = m[k];
+                if ttft { v.1.unwrap_or(f64::NAN) } else { v.0 }
+            })
+            .collect()
+    };
+    let b = Bootstrap::new(keys.len(), boot.resamples, boot.seed);
+    let ratio = |num: &[f64], den: &[f64]| b.interval(|i| Some(mean(num, i)? / mean(den, i)?));
+    let (f_lat, f_ttft) = (column(&fcfs, false), column(&fcfs, true));
+    let mut lat = BTreeMap::new();
+    let mut ttft = BTreeMap::new();
+    for (p, m) in &others {
+        if let Some(x) = ratio(&f_lat, &column(m, false)) {
+            lat.insert(p.to_string(), x);
+        }
+        if let Some(x) = ratio(&f_ttft, &column(m, true)) {
+            ttft.insert(p.to_string(), x);
+        }
+    }
+    let share = match (others.get("trail"), others.get("oracle")) {
+        (Some(t), Some(o)) => {
+            let (t, o) = (column(t, false), column(o, false));
+            b.interval(|i| {
+                let f = mean(&f_lat, i)?;
+                let gain = f - mean(&o, i)?;
+                let trail = mean(&t, i)?;
+                (gain != 0.0).then(|| (f - trail) / gain)
+            })
+        }
+        _ => None,
+    };
+    Some(Comparison {
+        load,
+        paired_requests: keys.len(),
+        fcfs_over_policy_mean_latency: lat,
+        fcfs_over_policy_mean_ttft: ttft,
+        trail_share_of_oracle_gain: share,
+    })
+}
+
+/// Summarizes every row; `policies` fixes the order of the cells.
+pub fn summarize(rows: &[ResultRow], policies: &[String], boot: BootstrapSettings) -> Summary {
+    let mut loads: Vec<f64> = rows.iter().map(|r| r.load).collect();
+    loads.sort_by(f64::total_cmp);
+    loads.dedup_by(|a, b| load_key(*a) == load_key(*b));
+    let mut cells = Vec::new();
+    let mut comparisons = Vec::new();
+    for &load in &loads {
+        let mut by_policy: BTreeMap<String, Vec<&ResultRow>> = BTreeMap::new();
+        for r in rows.iter().filter(|r| load_key(r.load) == load_key(load)) {
+            by_policy.entry(r.policy.clone()).or_default().push(r);
+        }
+        for p in policies {
+            if let Some(rs) = by_policy.get(p) {
+                cells.push(cell_stats(p, load, rs, boot));
+            }
+        }
+        comparisons.extend(comparison(load, &by_policy, boot));
+    }
+    Summary {
+        cells,
+        comparisons,
+        bootstrap: boot,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trail_eval::loadgen::RequestResult;
+
+    fn row(policy: &str, seed: u64, index: usize, latency: f64, ttft: f64) -> ResultRow {
+        ResultRow {
+            policy: policy.into(),
+            load: 0.8,
+            rate_rps: 2.0,
+            seed,
+            target_tokens: Some(10),
+            result: RequestResult {
+                index,
+                request_id: None,
+                arrival_s: index as f64,
+                sent_s: index as f64,
+                ttft_s: Some(ttft),
+                latency_s: latency,
+                tpot_s: Some(0.01),
+                output_tokens: 10,
+                queue_s: Some(0.0),
+                preemptions: Some(0),
+                error: None,
+            },
+        }
+    }
+
+    #[test]
+    fn ratios_and_the_oracle_share_are_computed_on_paired_requests() {
+        let mut rows = Vec::new();
+        for seed in [1, 2] {
+            for i in 0..20 {
+                let base = 1.0 + i as f64 * 0.1;
+                rows.push(row("fcfs", seed, i, 4.0 * base, 2.0 * base));
+                rows.push(row("trail", seed, i, 2.5 * base, 0.5 * base));
+                rows.push(row("oracle", seed, i, 2.0 * base, 0.4 * base));
+            }
+        }
+        // A failed FCFS request is left out of the pairing.
+        rows[0].result.error = Some("boom".into());
+        let policies = ["fcfs", "trail", "oracle"].map(String::from).to_vec();
+        let boot = BootstrapSettings {
+            resamples: 200,
+            seed: 0,
+        };
+        let s = summarize(&rows, &policies, boot);
+        assert_eq!(s.cells.len(), 3);
+        assert_eq!(s.cells[0].policy, "fcfs");
+        assert_eq!(s.cells[0].failed, 1);
+        assert_eq!(s.cells[0].seeds, vec![1, 2]);
+        let c = &s.comparisons[0];
+        assert_eq!(c.paired_requests, 39);
+        let r = c.fcfs_over_policy_mean_latency["trail"];
+        assert!((r.value - 1.6).abs() < 1e-9, "{r:?}");
+        assert!(r.lo <= r.value && r.value <= r.hi);
+        assert!((c.fcfs_over_policy_mean_ttft["trail"].value - 4.0).abs() < 1e-9);
+        // (4 − 2.5) / (4 − 2) = 0.75 on every resample: the latencies are proportional.
+        let share = c.trail_share_of_oracle_gain.unwrap();
+        assert!((share.value - 0.75).abs() < 1e-9, "{share:?}");
+        assert!((share.lo - 0.75).abs() < 1e-9 && (share.hi - 0.75).abs() < 1e-9);
+    }
+
+    #[test]
+    fn without_fcfs_there_is_no_comparison() {
+        let rows: Vec<ResultRow> = (0..5).map(|i| row("trail", 1, i, 1.0, 0.5)).collect();
+        let s = summarize(
+            &rows,
+            &["trail".to_string()],
+            BootstrapSettings {
+                resamples: 10,
+                seed: 0,
+            },
+        );
+        assert_eq!(s.cells.len(), 1);
+        assert!(s.comparisons.is_empty());
+        assert!((s.cells[0].mean_latency_s.unwrap().value - 1.0).abs() < 1e-12);
+    }
+}
