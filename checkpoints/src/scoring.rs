@@ -1,4 +1,6 @@
-//! Scoring a run's trained predictors ([`crate::suite`]) on its test split.
+//! Scoring a run's trained predictors ([`crate::suite`]) on its test split ([`score_suite`],
+//! `trail report`), or trained predictors or an exported checkpoint on the requests of another
+//! generated run ([`score`] with [`Trained`] or [`Predictors::checkpoint`], `trail eval mae`).
 //!
 //! The layer is chosen by the token probe's validation MAE; everything else is measured on the
 //! test split: the MAE of the remaining-length estimate over every stored (request, g) pair and
@@ -20,6 +22,7 @@
 //! `probe_multi_layer` and `refined_multi_layer` are added.
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use trail_datasets::Split;
@@ -30,8 +33,8 @@ use crate::checkpoint::Checkpoint;
 use crate::metrics::{Bootstrap, ErrorSums, Interval, kendall_tau_b};
 use crate::refine::{Between, Filter, RefineState};
 use crate::suite::{
-    LayerRecord, LayerRows, Run, concat_layers, layer_files, layer_val_maes, load_layer,
-    read_bert_record, read_layer_record,
+    BertRecord, LayerRecord, LayerRows, Run, concat_layers, layer_files, layer_val_maes,
+    load_layer, read_bert_record, read_layer_record,
 };
 use crate::train::EpochRecord;
 use crate::{Bins, Error, Result};
@@ -154,7 +157,8 @@ struct Request {
     token_rows: Vec<usize>,
 }
 
-fn test_requests(run: &Run, rows: &LayerRows) -> Vec<Request> {
+/// The requests of `split` (every request with `None`) that have a prompt row and token rows.
+fn test_requests(run: &Run, rows: &LayerRows, split: Option<Split>) -> Vec<Request> {
     let mut prompt_of: HashMap<u32, usize> = HashMap::new();
     for r in 0..rows.prompt.len() {
         prompt_of.entry(rows.prompt.request[r]).or_insert(r);
@@ -165,7 +169,7 @@ fn test_requests(run: &Run, rows: &LayerRows) -> Vec<Request> {
     }
     let mut out = Vec::new();
     for (req, mut trs) in tokens {
-        if run.requests[req as usize].split != Split::Test {
+        if split.is_some_and(|s| run.requests[req as usize].split != s) {
             continue;
         }
         let Some(&p) = prompt_of.get(&req) else {
@@ -241,40 +245,277 @@ fn refine_along(
     out
 }
 
+/// The predictors [`score`] measures: one checkpoint's probe and prompt predictor (the refined
+/// estimate and its parts) and, where present, the multi-layer probe and the baselines.
+#[derive(Debug, Clone)]
+pub struct Predictors {
+    /// The checkpoint's file (named in errors).
+    pub path: PathBuf,
+    pub ckpt: Checkpoint,
+    /// The multi-layer probe: its layers and checkpoint.
+    pub multi: Option<(Vec<u32>, Checkpoint)>,
+    /// The BERT baselines' bin probabilities by request id.
+    pub bert_finetuned: Option<BTreeMap<String, Vec<f32>>>,
+    pub bert_frozen: Option<BTreeMap<String, Vec<f32>>>,
+    /// Train's lengths of the run the predictors learned from.
+    pub constant: Option<Constant>,
+}
+
+impl Predictors {
+    /// An exported checkpoint alone: `refined`, `probe_no_refine` and `prompt_embedding`.
+    pub fn checkpoint(path: &Path) -> Result<Self> {
+        Ok(Self {
+            path: path.to_path_buf(),
+            ckpt: Checkpoint::load(path)?,
+            multi: None,
+            bert_finetuned: None,
+            bert_frozen: None,
+            constant: None,
+        })
+    }
+}
+
+impl Predictors {
+    /// `metrics.json` for a checkpoint scored alone: its layers and validation MAEs come from
+    /// its metadata.
+    pub fn checkpoint_metrics(&self, scored: Scored, opts: &ScoreOptions) -> (Metrics, Details) {
+        let meta = &self.ckpt.meta;
+        let key = meta
+            .probe_layers
+            .iter()
+            .map(usize::to_string)
+            .collect::<Vec<_>>()
+            .join("+");
+        let metrics = Metrics {
+            best_layer: meta.probe_layers.first().copied().unwrap_or(0) as u32,
+            per_layer_val_mae: BTreeMap::from([(key.clone(), meta.val_mae)]),
+            per_layer_prompt_val_mae: meta
+                .prompt_val_mae
+                .map(|v| BTreeMap::from([(key, v)]))
+                .unwrap_or_default(),
+            multi_layer: None,
+            max_new_tokens: scored.max_new_tokens,
+            refine_interval: opts.refine_interval,
+            bootstrap_resamples: opts.bootstrap,
+            test: scored.test,
+            notes: scored.notes,
+        };
+        (metrics, scored.details)
+    }
+}
+
+/// What a run's `models/` holds: the predictors with the records of their training.
+#[derive(Debug, Clone)]
+pub struct Trained {
+    /// The layer whose probe has the lowest validation MAE.
+    pub best_layer: u32,
+    pub records: BTreeMap<u32, LayerRecord>,
+    pub multi: Option<LayerRecord>,
+    pub bert_finetuned: Option<BertRecord>,
+    pub bert_frozen: Option<BertRecord>,
+    /// The best layer's checkpoint, the multi-layer probe, the BERT predictions of the
+    /// records (validation and test prompts of the training run) and train's lengths.
+    pub predictors: Predictors,
+}
+
+impl Trained {
+    /// Reads `run/models` (trained with [`crate::suite::train_suite`]).
+    pub fn open(run: &Run) -> Result<Self> {
+        let models = run.models_dir();
+        let layers = run.layers()?;
+        let maes = layer_val_maes(&models, &layers);
+        let (best_layer, _) = maes
+            .iter()
+            .copied()
+            .min_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)))
+            .ok_or_else(|| Error::Data {
+                path: models.clone(),
+                msg: "no trained layer (run `trail train` first)".into(),
+            })?;
+        let records: BTreeMap<u32, LayerRecord> = layers
+            .iter()
+            .filter_map(|&l| read_layer_record(&layer_files(&models, l).1).map(|r| (l, r)))
+            .collect();
+        let path = layer_files(&models, best_layer).0;
+        let ckpt = Checkpoint::load(&path)?;
+        let multi_path = (models.join("multi.safetensors"), models.join("multi.json"));
+        let (multi_record, multi) = match (
+            read_layer_record(&multi_path.1),
+            Checkpoint::load(&multi_path.0),
+        ) {
+            (Some(rec), Ok(c)) => (Some(rec.clone()), Some((rec.layers, c))),
+            _ => (None, None),
+        };
+        let bert_finetuned = read_bert_record(&models.join("bert-finetuned.json"));
+        let bert_frozen = read_bert_record(&models.join("bert-frozen.json"));
+        let train_lengths: Vec<u32> = run
+            .split_requests(Split::Train)
+            .into_iter()
+            .map(|r| run.requests[r].output_tokens)
+            .collect();
+        Ok(Self {
+            best_layer,
+            predictors: Predictors {
+                path,
+                ckpt,
+                multi,
+                bert_finetuned: bert_finetuned.as_ref().map(|b| b.predictions.clone()),
+                bert_frozen: bert_frozen.as_ref().map(|b| b.predictions.clone()),
+                constant: Some(Constant::new(&train_lengths)),
+            },
+            records,
+            multi: multi_record,
+            bert_finetuned,
+            bert_frozen,
+        })
+    }
+
+    /// `metrics.json` and the plots' data from what [`score`] measured with these predictors.
+    pub fn metrics(&self, scored: Scored, opts: &ScoreOptions) -> (Metrics, Details) {
+        let mut details = scored.details;
+        if let Some(r) = self.records.get(&self.best_layer) {
+            let l = self.best_layer;
+            details
+                .curves
+                .push((format!("layer {l} probe"), r.token.curve.clone()));
+            details
+                .curves
+                .push((format!("layer {l} prompt"), r.prompt.curve.clone()));
+        }
+        if let Some(r) = self.multi.as_ref().filter(|_| scored.multi_scored) {
+            details.curves.push((
+                format!("layers {:?} probe", r.layers),
+                r.token.curve.clone(),
+            ));
+        }
+        if let Some(b) = &self.bert_frozen {
+            details
+                .curves
+                .push(("bert frozen".into(), b.report.curve.clone()));
+        }
+        if let Some(b) = &self.bert_finetuned {
+            details
+                .curves
+                .push(("bert fine-tuned".into(), b.report.curve.clone()));
+        }
+        let metrics = Metrics {
+            best_layer: self.best_layer,
+            per_layer_val_mae: self
+                .records
+                .iter()
+                .map(|(l, r)| (l.to_string(), r.token.best_val_mae))
+                .collect(),
+            per_layer_prompt_val_mae: self
+                .records
+                .iter()
+                .map(|(l, r)| (l.to_string(), r.prompt.best_val_mae))
+                .collect(),
+            multi_layer: self
+                .multi
+                .as_ref()
+                .filter(|_| scored.multi_scored)
+                .map(|r| (r.layers.clone(), r.token.best_val_mae)),
+            max_new_tokens: scored.max_new_tokens,
+            refine_interval: opts.refine_interval,
+            bootstrap_resamples: opts.bootstrap,
+            test: scored.test,
+            notes: scored.notes,
+        };
+        (metrics, details)
+    }
+}
+
+/// What [`score`] measured.
+#[derive(Debug, Clone)]
+pub struct Scored {
+    pub test: TestMetrics,
+    /// The plots' data (no training curves).
+    pub details: Details,
+    pub notes: Vec<String>,
+    /// Whether the multi-layer probe was scored.
+    pub multi_scored: bool,
+    /// The data run's `max_new_tokens` (estimates are clamped to it).
+    pub max_new_tokens: u32,
+}
+
+/// Rows of `layers` of `run`, side by side.
+fn load_layers(run: &Run, layers: &[usize]) -> Result<LayerRows> {
+    let mut parts: Vec<LayerRows> = layers
+        .iter()
+        .map(|&l| load_layer(run, l as u32))
+        .collect::<Result<_>>()?;
+    match parts.len() {
+        0 => Err(Error::Invalid("a predictor that reads no layer".into())),
+        1 => Ok(parts.pop().expect("one")),
+        _ => concat_layers(run, &parts),
+    }
+}
+
 /// Score the predictors of `run` (trained into `run/models`) on its test split.
 pub fn score_suite(run: &Run, opts: &ScoreOptions) -> Result<(Metrics, Details)> {
-    let models = run.models_dir();
-    let layers = run.layers()?;
-    let maes = layer_val_maes(&models, &layers);
-    let (best_layer, _) = maes
-        .iter()
-        .copied()
-        .min_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)))
-        .ok_or_else(|| Error::Data {
-            path: models.clone(),
-            msg: "no trained layer (run `trail train` first)".into(),
-        })?;
+    let trained = Trained::open(run)?;
+    let scored = score(run, Some(Split::Test), &trained.predictors, opts)?;
+    Ok(trained.metrics(scored, opts))
+}
+
+/// Score `p` on the requests of `split` of `data` (every request with `None`): the rows of
+/// the layers the checkpoint reads, each predictor's estimate at every stored position.
+/// A checkpoint made for another model or hidden size than `data`'s is an error naming it.
+pub fn score(
+    data: &Run,
+    split: Option<Split>,
+    preds: &Predictors,
+    opts: &ScoreOptions,
+) -> Result<Scored> {
+    let ckpt = &preds.ckpt;
+    let run = data;
+    if ckpt.meta.model_sha256 != run.info.model_sha256 {
+        return Err(Error::ModelMismatch {
+            path: preds.path.clone(),
+            expected: run.info.model_sha256.clone(),
+            found: ckpt.meta.model_sha256.clone(),
+        });
+    }
     let mut notes = Vec::new();
-    let records: BTreeMap<u32, LayerRecord> = layers
-        .iter()
-        .filter_map(|&l| read_layer_record(&layer_files(&models, l).1).map(|r| (l, r)))
-        .collect();
-    let ckpt = Checkpoint::load(&layer_files(&models, best_layer).0)?;
+    if ckpt.meta.kernel_id != run.info.kernel_id {
+        notes.push(format!(
+            "the predictors learned from hidden states of kernel `{}`; these rows come from `{}`",
+            ckpt.meta.kernel_id, run.info.kernel_id
+        ));
+    }
+    let probe_layers = &ckpt.meta.probe_layers;
+    let token_rows = load_layers(run, probe_layers)?;
+    let want = ckpt.meta.hidden_size * probe_layers.len();
+    if token_rows.token.dim != want {
+        return Err(Error::HiddenMismatch {
+            path: preds.path.clone(),
+            expected: token_rows.token.dim / probe_layers.len().max(1),
+            found: ckpt.meta.hidden_size,
+        });
+    }
+    let rows = if ckpt.meta.prompt_layers == *probe_layers || ckpt.meta.prompt_layers.is_empty() {
+        token_rows
+    } else {
+        LayerRows {
+            prompt: load_layers(run, &ckpt.meta.prompt_layers)?.prompt,
+            ..token_rows
+        }
+    };
     let bins: Bins = ckpt.meta.bins;
     let max_new = run.info.max_new_tokens;
-    let rows = load_layer(run, best_layer)?;
-    let reqs = test_requests(run, &rows);
+    let reqs = test_requests(run, &rows, split);
+    let split_name = split.map_or("all", Split::as_str);
     if reqs.len() < 2 {
         return Err(Error::Data {
             path: trail_datasets::schema::requests_path(&run.dir),
             msg: format!(
-                "split `test` has {} request(s) with embeddings; scoring needs at least 2",
+                "split `{split_name}` has {} request(s) with embeddings; scoring needs at least 2",
                 reqs.len()
             ),
         });
     }
     let n = reqs.len();
-    let (token_probs, prompt_probs) = predict(&ckpt, &rows, &reqs)?;
+    let (token_probs, prompt_probs) = predict(ckpt, &rows, &reqs)?;
     let every_position = reqs.iter().all(|q| {
         q.token_rows
             .iter()
@@ -288,27 +529,22 @@ pub fn score_suite(run: &Run, opts: &ScoreOptions) -> Result<(Metrics, Details)>
         ));
     }
 
-    // Multi-layer probe, when trained.
-    let multi_path = (models.join("multi.safetensors"), models.join("multi.json"));
-    let multi = match (
-        read_layer_record(&multi_path.1),
-        Checkpoint::load(&multi_path.0),
-    ) {
-        (Some(rec), Ok(c)) => {
-            let parts: Vec<LayerRows> = rec
-                .layers
+    // Multi-layer probe, when given.
+    let multi = match &preds.multi {
+        Some((layers, c)) => {
+            let parts: Vec<LayerRows> = layers
                 .iter()
                 .map(|&l| load_layer(run, l))
                 .collect::<Result<_>>()?;
             let joined = concat_layers(run, &parts)?;
-            let mreqs = test_requests(run, &joined);
+            let mreqs = test_requests(run, &joined, split);
             let same = mreqs.len() == n
                 && mreqs.iter().zip(&reqs).all(|(a, b)| {
                     a.run_index == b.run_index && a.token_rows.len() == b.token_rows.len()
                 });
             if same {
-                let (tp, pp) = predict(&c, &joined, &mreqs)?;
-                Some((rec, mreqs, tp, pp, joined.token.g))
+                let (tp, pp) = predict(c, &joined, &mreqs)?;
+                Some((mreqs, tp, pp, joined.token.g))
             } else {
                 notes.push(
                     "multi-layer probe skipped: its rows differ from the best layer's".into(),
@@ -316,21 +552,19 @@ pub fn score_suite(run: &Run, opts: &ScoreOptions) -> Result<(Metrics, Details)>
                 None
             }
         }
-        _ => None,
+        None => None,
     };
 
     // BERT predictions by request id.
-    let bert_ft = read_bert_record(&models.join("bert-finetuned.json"));
-    let bert_fr = read_bert_record(&models.join("bert-frozen.json"));
+    let bert_ft = preds.bert_finetuned.as_ref();
+    let bert_fr = preds.bert_frozen.as_ref();
     if bert_ft.is_none() || bert_fr.is_none() {
-        notes.push("a BERT baseline was not trained: its keys are null".into());
+        notes.push("a BERT baseline was not trained or not given: its keys are null".into());
     }
-    let train_lengths: Vec<u32> = run
-        .split_requests(Split::Train)
-        .into_iter()
-        .map(|r| run.requests[r].output_tokens)
-        .collect();
-    let constant = Constant::new(&train_lengths);
+    if preds.constant.is_none() {
+        notes
+            .push("no train split to take the constant baselines from: their keys are null".into());
+    }
 
     let filter = Filter::new(bins, opts.refine_interval, Between::CountDown);
     let filter_1 = Filter::new(bins, 1, Between::CountDown);
@@ -341,6 +575,7 @@ pub fn score_suite(run: &Run, opts: &ScoreOptions) -> Result<(Metrics, Details)>
         .filter(|&p| every_position || p != "refined_every_token")
         .filter(|&p| bert_ft.is_some() || !p.starts_with("bert_finetuned"))
         .filter(|&p| bert_fr.is_some() || p != "bert_frozen")
+        .filter(|&p| preds.constant.is_some() || !p.starts_with("constant"))
         .collect();
     if multi.is_some() {
         names.extend(["probe_multi_layer", "refined_multi_layer"]);
@@ -366,13 +601,9 @@ pub fn score_suite(run: &Run, opts: &ScoreOptions) -> Result<(Metrics, Details)>
         let refined_1 =
             every_position.then(|| refine_along(&filter_1, &prompt_probs[qi], &steps, max_new));
         let prompt_total = bins.expectation(&prompt_probs[qi]);
-        let ft = bert_ft
-            .as_ref()
-            .and_then(|b| b.predictions.get(&req.request_id));
-        let fr = bert_fr
-            .as_ref()
-            .and_then(|b| b.predictions.get(&req.request_id));
-        let multi_est = multi.as_ref().map(|(_, mreqs, tp, pp, mg)| {
+        let ft = bert_ft.and_then(|b| b.get(&req.request_id));
+        let fr = bert_fr.and_then(|b| b.get(&req.request_id));
+        let multi_est = multi.as_ref().map(|(mreqs, tp, pp, mg)| {
             let msteps: Vec<(u32, &[f32])> = mreqs[qi]
                 .token_rows
                 .iter()
@@ -410,8 +641,10 @@ pub fn score_suite(run: &Run, opts: &ScoreOptions) -> Result<(Metrics, Details)>
             if let Some(p) = fr {
                 put("bert_frozen", clamp(countdown(bins.expectation(p), g)));
             }
-            put("constant", clamp(constant.countdown(g)));
-            put("constant_conditional", clamp(constant.residual(g)));
+            if let Some(c) = &preds.constant {
+                put("constant", clamp(c.countdown(g)));
+                put("constant_conditional", clamp(c.residual(g)));
+            }
             if let Some((pm, rm)) = &multi_est {
                 put("probe_multi_layer", pm[si]);
                 put("refined_multi_layer", rm[si]);
@@ -518,49 +751,16 @@ pub fn score_suite(run: &Run, opts: &ScoreOptions) -> Result<(Metrics, Details)>
             (p.to_string(), pts)
         })
         .collect();
-    let mut curves = Vec::new();
-    if let Some(r) = records.get(&best_layer) {
-        curves.push((format!("layer {best_layer} probe"), r.token.curve.clone()));
-        curves.push((format!("layer {best_layer} prompt"), r.prompt.curve.clone()));
-    }
-    if let Some((r, ..)) = &multi {
-        curves.push((
-            format!("layers {:?} probe", r.layers),
-            r.token.curve.clone(),
-        ));
-    }
-    if let Some(b) = &bert_fr {
-        curves.push(("bert frozen".into(), b.report.curve.clone()));
-    }
-    if let Some(b) = &bert_ft {
-        curves.push(("bert fine-tuned".into(), b.report.curve.clone()));
-    }
-    let metrics = Metrics {
-        best_layer,
-        per_layer_val_mae: records
-            .iter()
-            .map(|(l, r)| (l.to_string(), r.token.best_val_mae))
-            .collect(),
-        per_layer_prompt_val_mae: records
-            .iter()
-            .map(|(l, r)| (l.to_string(), r.prompt.best_val_mae))
-            .collect(),
-        multi_layer: multi
-            .as_ref()
-            .map(|(r, ..)| (r.layers.clone(), r.token.best_val_mae)),
-        max_new_tokens: max_new,
-        refine_interval: opts.refine_interval,
-        bootstrap_resamples: opts.bootstrap,
+    Ok(Scored {
         test,
-        notes,
-    };
-    Ok((
-        metrics,
-        Details {
+        details: Details {
             mae_by_g,
             confusion,
             reliability,
-            curves,
+            curves: Vec::new(),
         },
-    ))
+        notes,
+        multi_scored: multi.is_some(),
+        max_new_tokens: max_new,
+    })
 }

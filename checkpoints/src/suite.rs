@@ -766,6 +766,66 @@ pub fn train_suite(
     Ok(maes)
 }
 
+/// Bin probabilities by request id.
+pub type ByRequest = BTreeMap<String, Vec<f32>>;
+
+/// The BERT baselines trained into `models` (with `cfg`, its `config.json`) run on the prompts
+/// of `requests`: (fine-tuned, frozen), each `None` where that baseline was not trained.
+pub fn predict_bert(
+    models: &Path,
+    cfg: &SuiteConfig,
+    assets: &BertAssets,
+    requests: &[RequestRow],
+) -> Result<(Option<ByRequest>, Option<ByRequest>)> {
+    let texts: Vec<&str> = requests.iter().map(|r| r.prompt.as_str()).collect();
+    let by_id = |probs: Vec<f32>, k: usize| -> ByRequest {
+        requests
+            .iter()
+            .zip(probs.chunks_exact(k))
+            .map(|(r, p)| (r.request_id.clone(), p.to_vec()))
+            .collect()
+    };
+    let k = cfg.bins_k;
+    let w = models.join("bert-finetuned.safetensors");
+    let finetuned = match &cfg.bert_tune {
+        Some(tune) if w.is_file() => {
+            let tuned = bert_tune::TunedBert::load(
+                &w,
+                &assets.dir.join("config.json"),
+                &assets.dir.join("tokenizer.json"),
+                k,
+                tune.head_hidden,
+                tune.max_len,
+            )?;
+            Some(by_id(tuned.predict_proba(&texts, 32)?, k))
+        }
+        _ => None,
+    };
+    let w = models.join("bert-frozen.safetensors");
+    let frozen = if cfg.bert_frozen && w.is_file() {
+        let head = Checkpoint::load(&w)?;
+        let enc = BertEncoder::load(&assets.dir, 256)?;
+        let features = enc.embed_batched(&texts, 32)?;
+        Some(by_id(
+            head.probe.predict_proba(&features)?,
+            head.meta.bins.k(),
+        ))
+    } else {
+        None
+    };
+    Ok((finetuned, frozen))
+}
+
+/// A models directory's `config.json`.
+pub fn read_suite_config(models: &Path) -> Result<SuiteConfig> {
+    let path = models.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| io_err(&path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::Data {
+        path,
+        msg: e.to_string(),
+    })
+}
+
 fn by_request(run: &Run, rows: &[usize], probs: &[f32], k: usize) -> BTreeMap<String, Vec<f32>> {
     rows.iter()
         .zip(probs.chunks_exact(k))

@@ -4,12 +4,10 @@
 //! result to an exit code. Every subcommand lives in its own file under `stages/`, exposing a
 //! `clap::Args` struct and a `run(args) -> anyhow::Result<()>`.
 
-mod manifest;
-mod stages;
-
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use trail_pipeline::stages;
 
 /// Train, evaluate and serve TRAIL-style output-length predictors for LLM scheduling.
 #[derive(Debug, Parser)]

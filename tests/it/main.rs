@@ -2,7 +2,9 @@
 
 mod checkpoints;
 mod datasets;
+mod generate;
 mod latency;
+mod mae;
 mod runner;
 mod serving;
 mod sim;

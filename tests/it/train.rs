@@ -14,14 +14,14 @@ use trail_datasets::schema::{Dtype, FinishReason, Kind, RequestRow, requests_pat
 use trail_datasets::split::Split;
 use trail_datasets::store::{PartWriter, write_requests};
 
-const DIM: usize = 12;
+pub(crate) const DIM: usize = 12;
 const LAYERS: [u32; 3] = [0, 1, 2];
 const MAX_NEW: u32 = 256;
 
 /// A synthetic run of `n` requests (splits by index: `val` and `test` each get `n_eval`).
 /// Layer 1 holds the remaining length in feature 0 and the total in feature 1 (plus noise);
 /// layer 0 is noise; layer 2 holds the total only. Optionally poisons one value with NaN.
-fn synthetic_run(dir: &Path, n: usize, n_eval: usize, nan: bool) {
+pub(crate) fn synthetic_run(dir: &Path, n: usize, n_eval: usize, nan: bool) {
     let mut rng = ChaCha8Rng::seed_from_u64(42);
     let mut rows = Vec::new();
     let mut w = PartWriter::new(dir, 0, &LAYERS, DIM, Dtype::F32);
@@ -88,7 +88,7 @@ fn synthetic_run(dir: &Path, n: usize, n_eval: usize, nan: bool) {
     std::fs::write(dir.join("manifest.json"), manifest.to_string()).unwrap();
 }
 
-fn config() -> SuiteConfig {
+pub(crate) fn config() -> SuiteConfig {
     SuiteConfig {
         epochs: 6,
         bert_frozen: false,
@@ -98,7 +98,7 @@ fn config() -> SuiteConfig {
     }
 }
 
-fn opts() -> ScoreOptions {
+pub(crate) fn opts() -> ScoreOptions {
     ScoreOptions {
         bootstrap: 200,
         ..ScoreOptions::default()

@@ -1,6 +1,7 @@
 //! `trail bench ...`: speed and memory benchmarks. Figures are measured side by side in one
 //! run and reported as ratios; targets live here, never in timed tests.
 
+pub mod generate;
 pub mod llama_cpp;
 pub mod runner;
 pub mod serve;
@@ -11,6 +12,9 @@ pub enum Bench {
     /// The runner: prefill and batched decode tok/s with no layer and every layer captured,
     /// peak RSS, a step-time table; optionally against llama.cpp on the same GGUF.
     Runner(runner::Args),
+    /// The generate stage (every layer captured, parquet written) against the bare runner at
+    /// the same batch on the same prompts: tok/s, ratio, bytes per stored embedding row.
+    Generate(generate::Args),
     /// The serving engine (in-process, per policy, predictor in the loop) against the bare
     /// runner's batch generator at the same batch: tok/s, ratio, predictor share of step time.
     Serve(serve::Args),
@@ -19,6 +23,7 @@ pub enum Bench {
 pub fn run(bench: Bench) -> anyhow::Result<()> {
     match bench {
         Bench::Runner(args) => runner::run(args),
+        Bench::Generate(args) => generate::run(args),
         Bench::Serve(args) => serve::run(args),
     }
 }

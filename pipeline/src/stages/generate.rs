@@ -10,6 +10,7 @@
 //! uninterrupted run. `requests.parquet` and `manifest.json` are written at the end.
 
 use std::collections::BTreeMap;
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -19,10 +20,10 @@ use serde::Serialize;
 use trail_datasets::corpus;
 use trail_datasets::{
     Corpus, Dtype, FinishReason, Kind, PartWriter, PlanOptions, Ratios, Report, Request,
-    RequestRow, Shard, SplitFilter, plan, store,
+    RequestRow, Shard, SplitFilter, plan, split::PlanCounts, store,
 };
 use trail_llm::batch::{BatchGenerator, Finished, Job, Positions};
-use trail_llm::{LayerSet, StopReason, hub};
+use trail_llm::{LayerSet, Runner, StopReason, hub};
 
 use crate::manifest::{Manifest, write_atomic};
 use crate::stages::model_args::ModelArgs;
@@ -211,7 +212,8 @@ pub struct Summary {
     pub generated_tokens: u64,
     pub prompt_tokens: u64,
     pub wall_secs: f64,
-    pub tok_s: f64,
+    /// Generated tokens per second of generation; `None` when every part was already done.
+    pub tok_s: Option<f64>,
     pub output_tokens: LengthStats,
     pub embedding_rows: u64,
     pub bytes: u64,
@@ -263,14 +265,8 @@ struct TooLong {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let summary = generate(&args)?;
-    eprintln!(
-        "{} requests ({} parts, {} already done) in {:.0} s, {:.1} tok/s; output tokens mean {:.1}, \
-         p50 {}, p90 {}, {:.1} % at the {} cap; {:.1} MiB in {}",
-        summary.requests,
-        summary.parts,
-        summary.parts_resumed,
-        summary.wall_secs,
-        summary.tok_s,
+    let stats = format!(
+        "output tokens mean {:.1}, p50 {}, p90 {}, {:.1} % at the {} cap; {:.1} MiB in {}",
         summary.output_tokens.mean,
         summary.output_tokens.p50,
         summary.output_tokens.p90,
@@ -279,11 +275,63 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         summary.bytes as f64 / (1 << 20) as f64,
         args.out.display()
     );
+    match summary.tok_s {
+        Some(tok_s) => eprintln!(
+            "{} requests ({} parts, {} already done) in {:.0} s, {:.1} tok/s; {stats}",
+            summary.requests, summary.parts, summary.parts_resumed, summary.wall_secs, tok_s,
+        ),
+        None => eprintln!(
+            "{} requests: all {} parts were already complete, nothing left to generate \
+             (resumed everything); {stats}",
+            summary.requests, summary.parts,
+        ),
+    }
     Ok(())
 }
 
 /// Runs the stage; returns its summary (also in the manifest).
 pub fn generate(args: &Args) -> anyhow::Result<Summary> {
+    let prepared = prepare(args)?;
+    write(args, &prepared)
+}
+
+/// A run's requests, planned and tokenized, and the model that answers them: everything the
+/// stage does before it generates (shared with `trail bench generate`).
+pub struct Prepared {
+    pub dataset: String,
+    corpus: Corpus,
+    report: Report,
+    counts: PlanCounts,
+    pub runner: Runner,
+    model_sha256: String,
+    /// The layers captured.
+    pub layers: LayerSet,
+    /// The positions captured.
+    pub positions: Positions,
+    /// Requests in request order with their chat-templated prompt ids.
+    pub requests: Vec<(Request, Vec<u32>)>,
+    too_long: Vec<TooLong>,
+    secs: f64,
+}
+
+impl Prepared {
+    /// The jobs of `indices` (into [`Prepared::requests`]), as the stage hands them to the
+    /// batch generator.
+    pub fn jobs<'a>(
+        &'a self,
+        args: &'a Args,
+        indices: impl IntoIterator<Item = usize> + 'a,
+    ) -> impl Iterator<Item = Job> + 'a {
+        indices.into_iter().map(move |i| Job {
+            id: i,
+            prompt: self.requests[i].1.clone(),
+            seed: trail_datasets::split::hash64(args.seed, &self.requests[i].0.request_id),
+        })
+    }
+}
+
+/// Reads the corpus, plans the requests, loads the model and tokenizes the prompts.
+pub fn prepare(args: &Args) -> anyhow::Result<Prepared> {
     anyhow::ensure!(args.batch > 0, "--batch must be at least 1");
     anyhow::ensure!(args.part_size > 0, "--part-size must be at least 1");
     anyhow::ensure!(
@@ -299,14 +347,7 @@ pub fn generate(args: &Args) -> anyhow::Result<Summary> {
             skip_bad: args.skip_bad,
         })
         .with_context(|| format!("reading {}", corpus.path.display()))?;
-    let options = PlanOptions {
-        ratios: args.ratios,
-        split_seed: args.seed,
-        split: args.split,
-        limit: args.limit,
-        sample_seed: args.seed,
-        shard: args.shard,
-    };
+    let options = plan_options(args);
     let planned = plan(&dataset, records, &options);
     anyhow::ensure!(
         !planned.requests.is_empty(),
@@ -317,28 +358,9 @@ pub fn generate(args: &Args) -> anyhow::Result<Summary> {
     );
 
     let runner = args.model.load()?;
-    let model_path = runner.path().to_path_buf();
-    let model_sha256 = hub::sha256_file(&model_path)?;
+    let model_sha256 = hub::sha256_file(runner.path())?;
     let cfg = runner.config().clone();
-    let layer_set = parse_layers(&args.layers, cfg.num_hidden_layers)?;
-    let layers: Vec<u32> = layer_set.iter().map(|l| l as u32).collect();
-
-    std::fs::create_dir_all(args.out.join(".parts"))
-        .with_context(|| format!("creating {}", args.out.display()))?;
-    let binding = Binding {
-        dataset: dataset.clone(),
-        corpus_sha256: report.sha256.clone(),
-        model_sha256: model_sha256.clone(),
-        kernel_id: runner.kernel_id().to_string(),
-        plan: options.clone(),
-        batch_independent: true,
-        max_new_tokens: args.max_new_tokens,
-        sample: args.sample.clone(),
-        layers: layers.clone(),
-        dtype: args.dtype.as_str().to_string(),
-        part_size: args.part_size,
-    };
-    bind(&args.out, &binding)?;
+    let layers = parse_layers(&args.layers, cfg.num_hidden_layers)?;
 
     // Tokenize; prompts that cannot fit with room to generate are bad input.
     let room = cfg
@@ -368,6 +390,115 @@ pub fn generate(args: &Args) -> anyhow::Result<Summary> {
         }
         requests.push((r, ids));
     }
+    Ok(Prepared {
+        dataset,
+        corpus,
+        report,
+        counts: planned.counts,
+        runner,
+        model_sha256,
+        layers,
+        positions,
+        requests,
+        too_long,
+        secs: t0.elapsed().as_secs_f64(),
+    })
+}
+
+fn plan_options(args: &Args) -> PlanOptions {
+    PlanOptions {
+        ratios: args.ratios,
+        split_seed: args.seed,
+        split: args.split,
+        limit: args.limit,
+        sample_seed: args.seed,
+        shard: args.shard,
+    }
+}
+
+/// Plain progress lines for logs (Slurm, nohup), where the progress bar is hidden: requests
+/// done of the total, tok/s and ETA, every [`LOG_EVERY`].
+struct LogLines {
+    enabled: bool,
+    started: Instant,
+    last: Instant,
+    /// Requests already done when this run started.
+    resumed: u64,
+    total: u64,
+}
+
+/// How often [`LogLines`] prints.
+const LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl LogLines {
+    fn new(resumed: usize, total: usize) -> Self {
+        let now = Instant::now();
+        Self {
+            enabled: !std::io::stderr().is_terminal(),
+            started: now,
+            last: now,
+            resumed: resumed as u64,
+            total: total as u64,
+        }
+    }
+
+    fn tick(&mut self, done: u64, tokens: u64) {
+        if !self.enabled || self.last.elapsed() < LOG_EVERY {
+            return;
+        }
+        self.last = Instant::now();
+        let secs = self.started.elapsed().as_secs_f64();
+        let new = done.saturating_sub(self.resumed);
+        let eta = if new == 0 {
+            "unknown".to_string()
+        } else {
+            let left = secs / new as f64 * self.total.saturating_sub(done) as f64;
+            format!("{:.0} min", left / 60.0)
+        };
+        eprintln!(
+            "generate: {done}/{} requests, {:.1} tok/s, eta {eta}",
+            self.total,
+            tokens as f64 / secs.max(1e-9)
+        );
+    }
+}
+
+/// Generates what is not on disk yet under `args.out` and writes the run: parts, then
+/// `requests.parquet` and `manifest.json`.
+pub fn write(args: &Args, prep: &Prepared) -> anyhow::Result<Summary> {
+    let t0 = Instant::now();
+    let Prepared {
+        dataset,
+        corpus,
+        report,
+        counts,
+        runner,
+        model_sha256,
+        layers: layer_set,
+        positions,
+        requests,
+        too_long,
+        secs: prepare_secs,
+    } = prep;
+    let cfg = runner.config();
+    let layers: Vec<u32> = layer_set.iter().map(|l| l as u32).collect();
+
+    std::fs::create_dir_all(args.out.join(".parts"))
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let binding = Binding {
+        dataset: dataset.clone(),
+        corpus_sha256: report.sha256.clone(),
+        model_sha256: model_sha256.clone(),
+        kernel_id: runner.kernel_id().to_string(),
+        plan: plan_options(args),
+        batch_independent: true,
+        max_new_tokens: args.max_new_tokens,
+        sample: args.sample.clone(),
+        layers: layers.clone(),
+        dtype: args.dtype.as_str().to_string(),
+        part_size: args.part_size,
+    };
+    bind(&args.out, &binding)?;
     let n_parts = requests.len().div_ceil(args.part_size);
 
     // Parts already on disk are kept; the others are cleared and redone.
@@ -402,14 +533,11 @@ pub fn generate(args: &Args) -> anyhow::Result<Summary> {
     );
     bar.set_position((requests.len() - pending.len()) as u64);
     bar.set_message("starting");
+    let mut log = LogLines::new(requests.len() - pending.len(), requests.len());
 
-    let generator =
-        BatchGenerator::new(&runner, args.batch, args.max_new_tokens).capture(layer_set, positions);
-    let jobs = pending.iter().map(|&i| Job {
-        id: i,
-        prompt: requests[i].1.clone(),
-        seed: trail_datasets::split::hash64(args.seed, &requests[i].0.request_id),
-    });
+    let generator = BatchGenerator::new(runner, args.batch, args.max_new_tokens)
+        .capture(*layer_set, *positions);
+    let jobs = prep.jobs(args, pending.iter().copied());
     let started = Instant::now();
     let mut new_tokens: u64 = 0;
     let mut new_prompt_tokens: u64 = 0;
@@ -493,6 +621,7 @@ pub fn generate(args: &Args) -> anyhow::Result<Summary> {
                 s.rows,
                 step_tokens as f64 / secs.max(1e-9)
             ));
+            log.tick(bar.position(), step_tokens);
         },
     );
     if let Some(e) = failure {
@@ -513,7 +642,7 @@ pub fn generate(args: &Args) -> anyhow::Result<Summary> {
 
     let lengths: Vec<u32> = rows.iter().map(|r| r.output_tokens).collect();
     let mut manifest = Manifest::start("generate", args, Some(args.seed))?;
-    manifest.input(&model_path, Path::new("/"))?;
+    manifest.input(runner.path(), Path::new("/"))?;
     let mut outputs = vec![requests_file.clone()];
     for &l in &layers {
         outputs.extend(store::layer_parts(&args.out, l)?);
@@ -530,18 +659,18 @@ pub fn generate(args: &Args) -> anyhow::Result<Summary> {
         parts_resumed: resumed,
         generated_tokens: new_tokens,
         prompt_tokens: new_prompt_tokens,
-        wall_secs: t0.elapsed().as_secs_f64(),
-        tok_s: new_tokens as f64 / gen_secs.max(1e-9),
+        wall_secs: prepare_secs + t0.elapsed().as_secs_f64(),
+        tok_s: (!pending.is_empty()).then(|| new_tokens as f64 / gen_secs.max(1e-9)),
         output_tokens: LengthStats::of(&lengths, args.max_new_tokens),
         embedding_rows,
         bytes,
     };
     manifest.kernel_id = Some(runner.kernel_id().to_string());
-    manifest.result("dataset", &dataset)?;
-    manifest.result("corpus", CorpusInfo::new(&corpus, &report))?;
-    manifest.result("plan_counts", &planned.counts)?;
-    manifest.result("skipped_too_long", &too_long)?;
-    manifest.result("model_sha256", &model_sha256)?;
+    manifest.result("dataset", dataset)?;
+    manifest.result("corpus", CorpusInfo::new(corpus, report))?;
+    manifest.result("plan_counts", counts)?;
+    manifest.result("skipped_too_long", too_long)?;
+    manifest.result("model_sha256", model_sha256)?;
     manifest.result("layers", &layers)?;
     manifest.result("hidden_size", cfg.hidden_size)?;
     manifest.result("summary", &summary)?;

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use serde::Serialize;
 use trail_checkpoints::metrics::Interval;
-use trail_checkpoints::scoring::{self, Details, Metrics, PREDICTORS, ScoreOptions};
+use trail_checkpoints::scoring::{self, Details, Metrics, PREDICTORS, ScoreOptions, TestMetrics};
 use trail_checkpoints::suite::Run;
 use trail_eval::plot::{self, Axes, Series};
 
@@ -45,34 +45,9 @@ fn fmt_iv(iv: &Option<Interval>, digits: usize) -> String {
     }
 }
 
-/// `report.md` from the metrics.
-pub fn markdown(run: &Run, m: &Metrics) -> String {
-    let t = &m.test;
+/// The predictors' test figures as a markdown table, with the BERT / refined ratios.
+pub fn predictor_table(t: &TestMetrics) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "# Length predictors of `{}`\n", run.dir.display());
-    let _ = writeln!(
-        s,
-        "Model sha256 `{}`, kernel `{}`; max_new_tokens {}; positions sampled: {}.\n",
-        run.info.model_sha256,
-        run.info.kernel_id,
-        m.max_new_tokens,
-        run.info.sample.as_deref().unwrap_or("unknown")
-    );
-    let _ = writeln!(
-        s,
-        "Layer selected on validation: **{}** (token-probe MAE {:.2} tokens). Test split: {} \
-         requests, {} (request, g) pairs; 95 % intervals from {} bootstrap resamples of \
-         requests. Refined = Bayesian filter refreshed every {} tokens, counting down between.\n",
-        m.best_layer,
-        m.per_layer_val_mae
-            .get(&m.best_layer.to_string())
-            .copied()
-            .unwrap_or(f64::NAN),
-        t.requests,
-        t.pairs,
-        m.bootstrap_resamples,
-        m.refine_interval
-    );
     let _ = writeln!(
         s,
         "| predictor | MAE remaining (tokens) | MAE at start | Kendall τ-b at start |"
@@ -103,6 +78,38 @@ pub fn markdown(run: &Run, m: &Metrics) -> String {
         fmt_iv(&t.ratio_bert_finetuned_over_refined, 2),
         fmt_iv(&t.ratio_bert_finetuned_conditional_over_refined, 2)
     );
+    s
+}
+
+/// `report.md` from the metrics.
+pub fn markdown(run: &Run, m: &Metrics) -> String {
+    let t = &m.test;
+    let mut s = String::new();
+    let _ = writeln!(s, "# Length predictors of `{}`\n", run.dir.display());
+    let _ = writeln!(
+        s,
+        "Model sha256 `{}`, kernel `{}`; max_new_tokens {}; positions sampled: {}.\n",
+        run.info.model_sha256,
+        run.info.kernel_id,
+        m.max_new_tokens,
+        run.info.sample.as_deref().unwrap_or("unknown")
+    );
+    let _ = writeln!(
+        s,
+        "Layer selected on validation: **{}** (token-probe MAE {:.2} tokens). Test split: {} \
+         requests, {} (request, g) pairs; 95 % intervals from {} bootstrap resamples of \
+         requests. Refined = Bayesian filter refreshed every {} tokens, counting down between.\n",
+        m.best_layer,
+        m.per_layer_val_mae
+            .get(&m.best_layer.to_string())
+            .copied()
+            .unwrap_or(f64::NAN),
+        t.requests,
+        t.pairs,
+        m.bootstrap_resamples,
+        m.refine_interval
+    );
+    s.push_str(&predictor_table(t));
     if let Some((layers, mae)) = &m.multi_layer {
         let _ = writeln!(
             s,

@@ -1,6 +1,7 @@
 //! `trail eval ...`: evaluations of the trained predictors and of the schedulers they drive.
 
 pub mod latency;
+pub mod mae;
 
 /// The evaluations.
 #[derive(Debug, clap::Subcommand)]
@@ -8,10 +9,14 @@ pub enum Eval {
     /// End-to-end scheduling latency on the real engine: policies side by side under seeded
     /// Poisson load (results.parquet, summary.json, report.md, plots, manifest).
     Latency(latency::Args),
+    /// Trained predictors (`--models`) or an exported checkpoint (`--checkpoint`) scored on
+    /// another generated run with `trail report`'s metrics (metrics.json, report.md, manifest).
+    Mae(mae::Args),
 }
 
 pub fn run(eval: Eval) -> anyhow::Result<()> {
     match eval {
         Eval::Latency(args) => latency::run(args),
+        Eval::Mae(args) => mae::run(args),
     }
 }
