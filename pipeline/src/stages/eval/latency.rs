@@ -37,11 +37,11 @@ use trail_datasets::store::read_requests;
 use trail_eval::loadgen::workload::{self, Lengths, Prompt};
 use trail_eval::loadgen::write_trace;
 use trail_eval::loadgen::{ResultRow, TraceRequest, read_results, read_trace, write_results};
-use trail_serving_shim::PolicyKind;
+use trail_serving_shim::{PolicyKind, StepRecord};
 
 pub use server::BackendKind;
 use server::{Launch, Server, ServerSettings};
-use summary::{BootstrapSettings, load_key};
+use summary::{BootstrapSettings, EngineFigures, load_key};
 
 use crate::manifest::{Manifest, write_atomic};
 use crate::stages::model_args::ModelArgs;
@@ -53,7 +53,8 @@ pub struct Args {
     #[arg(long)]
     pub checkpoint: Option<PathBuf>,
     /// The exported fine-tuned BERT (`bert.safetensors`, `trail export --bert`); needed by
-    /// `sjf-bert`.
+    /// `sjf-bert`, and given to `sprpt` and `trail` too (their only prediction for a request
+    /// that has not been prefilled yet).
     #[arg(long)]
     pub bert_checkpoint: Option<PathBuf>,
     /// A generated run: prompts from its test split, profiled output lengths from its
@@ -142,6 +143,17 @@ fn policies(args: &Args) -> anyhow::Result<Vec<PolicyKind>> {
             .collect::<Result<_, _>>()
             .context("--policies")?
     };
+    if args.bert_checkpoint.is_none()
+        && asked
+            .iter()
+            .any(|p| matches!(p, PolicyKind::Trail | PolicyKind::Sprpt))
+    {
+        eprintln!(
+            "warning: without --bert-checkpoint, trail and sprpt have no prediction for a request \
+             before its prefill: waiting requests are served FCFS among themselves and never \
+             preempt a running one"
+        );
+    }
     let mut out = Vec::new();
     for (i, &p) in asked.iter().enumerate() {
         anyhow::ensure!(!asked[..i].contains(&p), "--policies names {p} twice");
@@ -397,7 +409,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         _ => None,
     };
     let priors: Option<HashMap<String, f64>> = match &args.bert_checkpoint {
-        Some(p) if inprocess && policies.contains(&PolicyKind::SjfBert) => {
+        Some(p) if inprocess && policies.iter().any(|q| server::uses_prior(*q)) => {
             let prior = BertPrior::load(p).with_context(|| format!("loading {}", p.display()))?;
             let texts: Vec<&str> = pool.iter().map(|q| q.text.as_str()).collect();
             let pred = prior
@@ -543,6 +555,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // Merge every finished cell of the grid asked for.
     let mut all = Vec::new();
     let mut missing = Vec::new();
+    let mut step_logs: BTreeMap<(String, String), Vec<Vec<StepRecord>>> = BTreeMap::new();
     for &seed in &args.seeds {
         for &load in &args.loads {
             for &p in &policies {
@@ -552,6 +565,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     continue;
                 }
                 let rows = read_results(&path)?;
+                let steps = path.with_file_name("steps.parquet");
+                if steps.is_file() {
+                    step_logs
+                        .entry((p.as_str().to_string(), load_key(load)))
+                        .or_default()
+                        .push(trail_serving_shim::steps::read(&steps)?);
+                }
                 let mut seen = vec![false; args.requests];
                 for r in &rows {
                     if let Some(s) = seen.get_mut(r.result.index) {
@@ -576,7 +596,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         resamples: args.bootstrap,
         seed: 0,
     };
-    let summary = summary::summarize(&all, &names, boot);
+    let mut summary = summary::summarize(&all, &names, boot);
+    for c in &mut summary.cells {
+        if let Some(logs) = step_logs.get(&(c.policy.clone(), load_key(c.load))) {
+            c.engine = Some(EngineFigures::from_steps(logs));
+        }
+    }
     let summary_path = out.join("summary.json");
     write_atomic(
         &summary_path,

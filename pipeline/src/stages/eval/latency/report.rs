@@ -123,7 +123,10 @@ pub fn markdown(summary: &Summary, settings: &Settings, plots: &[PathBuf]) -> St
          over seeds. Latency and TTFT are measured from each request's scheduled arrival. Queue \
          time and preemptions are the server's figures: \"–\" where the backend reports none \
          (`trail serve`'s stream carries neither yet; the in-process backend reads them from the \
-         engine).\n",
+         engine). The step-log columns come from each cell's server: preemptions it planned, and \
+         the median forward time per row of its decode-only steps, which should be the same for \
+         every cell; where it is not, the machine's speed changed between cells (other work on \
+         the cores) and the comparison is confounded by it.\n",
         summary.bootstrap.resamples
     );
     let mut loads: Vec<f64> = summary.cells.iter().map(|c| c.load).collect();
@@ -140,13 +143,17 @@ pub fn markdown(summary: &Summary, settings: &Settings, plots: &[PathBuf]) -> St
         let _ = writeln!(
             md,
             "| policy | requests | failed | mean latency (s) | p50 | p90 | p99 | mean TTFT (s) | \
-             p50 TTFT | mean TPOT (ms) | mean queue (s) | preemptions/request | throughput (req/s) |"
+             p50 TTFT | mean TPOT (ms) | mean queue (s) | preemptions/request | throughput (req/s) | \
+             preemptions policy/memory (step log) | decode ms/row (step log) |"
         );
-        let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(
+            md,
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        );
         for c in &cells {
             let _ = writeln!(
                 md,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.3} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.3} | {} | {} |",
                 c.policy,
                 c.requests,
                 c.failed,
@@ -160,7 +167,15 @@ pub fn markdown(summary: &Summary, settings: &Settings, plots: &[PathBuf]) -> St
                     .map_or("–".into(), |t| format!("{:.1}", t * 1e3)),
                 c.mean_queue_s.map_or("–".into(), |t| format!("{t:.2}")),
                 c.mean_preemptions.map_or("–".into(), |t| format!("{t:.2}")),
-                c.throughput_rps
+                c.throughput_rps,
+                c.engine.as_ref().map_or("–".into(), |e| format!(
+                    "{}/{}",
+                    e.policy_preemptions, e.memory_preemptions
+                )),
+                c.engine
+                    .as_ref()
+                    .and_then(|e| e.median_decode_ms_per_row)
+                    .map_or("–".into(), |m| format!("{m:.2}")),
             );
         }
         if let Some(cmp) = summary.comparisons.iter().find(|c| load_key(c.load) == key) {

@@ -50,11 +50,11 @@ pub struct Launch<'a> {
     /// The loaded model (in-process backend).
     pub runner: Option<&'a Arc<Runner>>,
     pub checkpoint_path: Option<&'a Path>,
-    /// The exported BERT (sjf-bert; `trail serve --bert-checkpoint` over HTTP).
+    /// The exported BERT (`trail serve --bert-checkpoint` over HTTP).
     pub bert_checkpoint_path: Option<&'a Path>,
     /// The loaded checkpoint (in-process backend).
     pub checkpoint: Option<&'a Checkpoint>,
-    /// BERT's initial predictions by prompt (sjf-bert, in-process backend).
+    /// BERT's initial predictions by prompt (in-process backend).
     pub priors: Option<&'a HashMap<String, f64>>,
 }
 
@@ -95,7 +95,7 @@ impl Server {
                     eprintln!("warning: {w}");
                 }
                 let mut backend = EngineBackend::new(Arc::new(engine), s.max_tokens);
-                if policy == PolicyKind::SjfBert
+                if uses_prior(policy)
                     && let Some(p) = cx.priors
                 {
                     backend = backend.with_priors(p.clone());
@@ -128,7 +128,7 @@ impl Server {
                 if needs_checkpoint && let Some(p) = cx.checkpoint_path {
                     cmd.arg("--checkpoint").arg(p);
                 }
-                if policy == PolicyKind::SjfBert
+                if uses_prior(policy)
                     && let Some(p) = cx.bert_checkpoint_path
                 {
                     cmd.arg("--bert-checkpoint").arg(p);
@@ -252,6 +252,16 @@ impl Server {
             }
         }
     }
+}
+
+/// Whether a policy ranks waiting requests by an initial prediction made before admission:
+/// sjf-bert by definition; sprpt and trail too, since a request that has not been prefilled has
+/// no probe prediction yet (without one, waiting requests are served FCFS among themselves).
+pub fn uses_prior(policy: PolicyKind) -> bool {
+    matches!(
+        policy,
+        PolicyKind::SjfBert | PolicyKind::Sprpt | PolicyKind::Trail
+    )
 }
 
 /// `GET /health` answered 200.

@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use serde::Serialize;
 use trail_checkpoints::metrics::{Bootstrap, Interval, percentile};
 use trail_eval::loadgen::ResultRow;
+use trail_serving_shim::StepRecord;
 
 /// Bootstrap resamples and seed.
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -38,6 +39,37 @@ pub struct CellStats {
     /// first arrival at 0 to the last completion).
     pub throughput_rps: f64,
     pub output_tokens_per_s: f64,
+    /// From the servers' step logs, where they were written.
+    pub engine: Option<EngineFigures>,
+}
+
+/// What the servers' step logs say about one policy at one load (pooled over seeds).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct EngineFigures {
+    pub steps: usize,
+    pub policy_preemptions: usize,
+    pub memory_preemptions: usize,
+    /// Median forward milliseconds per row over decode-only steps: the engine's speed, the same
+    /// in every cell on a quiet machine (higher means slower, e.g. other work on the cores).
+    pub median_decode_ms_per_row: Option<f64>,
+}
+
+impl EngineFigures {
+    pub fn from_steps(logs: &[Vec<StepRecord>]) -> Self {
+        let steps = logs.iter().flatten();
+        let mut per_row: Vec<f64> = steps
+            .clone()
+            .filter(|s| s.prefill_tokens == 0 && s.decode_rows > 0)
+            .map(|s| 1e3 * s.forward_secs / s.decode_rows as f64)
+            .collect();
+        per_row.sort_by(f64::total_cmp);
+        Self {
+            steps: steps.clone().count(),
+            policy_preemptions: steps.clone().map(|s| s.preempted_policy).sum(),
+            memory_preemptions: steps.map(|s| s.preempted_memory).sum(),
+            median_decode_ms_per_row: (!per_row.is_empty()).then(|| percentile(&per_row, 0.5)),
+        }
+    }
 }
 
 /// Paired comparisons at one load.
@@ -132,6 +164,7 @@ fn cell_stats(policy: &str, load: f64, rows: &[&ResultRow], boot: BootstrapSetti
             0.0
         },
         output_tokens_per_s: if span > 0.0 { tokens / span } else { 0.0 },
+        engine: None,
     }
 }
 
