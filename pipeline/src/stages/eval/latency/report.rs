@@ -199,7 +199,8 @@ pub fn markdown(summary: &Summary, settings: &Settings, plots: &[PathBuf]) -> St
                 let _ = writeln!(
                     md,
                     "\nTRAIL's share of the oracle's gain over FCFS in mean latency, (FCFS − \
-                     TRAIL) / (FCFS − oracle): {} (goal ≥ 0.90).",
+                     TRAIL) / (FCFS − oracle): {} (goal ≥ 0.90; meaningful only where the \
+                     oracle beats FCFS).",
                     iv(Some(s))
                 );
             }
