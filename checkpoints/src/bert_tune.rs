@@ -29,7 +29,7 @@ use candle_transformers::models::bert::Config;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use safetensors::{Dtype, tensor::TensorView};
+use safetensors::Dtype;
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
 use crate::bins::Bins;
@@ -389,27 +389,7 @@ pub fn save_tensors(
         };
         owned.push((name.clone(), tensors_shape(tensors, name), bytes));
     }
-    let views = owned
-        .iter()
-        .map(|(n, s, b)| {
-            Ok((
-                n.clone(),
-                TensorView::new(st_dtype, s.clone(), b).map_err(|e| format_err(path, e))?,
-            ))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| format_err(path, e))?;
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = std::path::PathBuf::from(tmp);
-    std::fs::write(&tmp, &bytes).map_err(|source| Error::Io {
-        path: tmp.clone(),
-        source,
-    })?;
-    std::fs::rename(&tmp, path).map_err(|source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    })
+    crate::checkpoint::write_safetensors(path, st_dtype, &owned, meta)
 }
 
 fn tensors_shape(tensors: &[(String, Tensor)], name: &str) -> Vec<usize> {

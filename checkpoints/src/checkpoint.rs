@@ -152,25 +152,7 @@ impl Checkpoint {
         if let Some(p) = &self.prompt {
             push("prompt", p)?;
         }
-        let views = owned
-            .iter()
-            .map(|(n, s, b)| {
-                Ok((
-                    n.clone(),
-                    TensorView::new(Dtype::F32, s.clone(), b).map_err(|e| format_err(path, e))?,
-                ))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| format_err(path, e))?;
-        let tmp = tmp_path(path);
-        std::fs::write(&tmp, &bytes).map_err(|source| Error::Io {
-            path: tmp.clone(),
-            source,
-        })?;
-        std::fs::rename(&tmp, path).map_err(|source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        })
+        write_safetensors(path, Dtype::F32, &owned, meta)
     }
 
     /// Read a checkpoint; any damage is a [`Error::Format`] naming the file.
@@ -298,6 +280,59 @@ impl Checkpoint {
     }
 }
 
+/// Writes `(name, shape, little-endian bytes)` tensors of one dtype with metadata as
+/// safetensors, atomically (temporary file + rename). The header's keys are sorted, so the same
+/// tensors and metadata always give the same bytes (the safetensors crate writes its metadata
+/// map in hash order).
+pub(crate) fn write_safetensors(
+    path: &Path,
+    dtype: Dtype,
+    tensors: &[(String, Vec<usize>, Vec<u8>)],
+    meta: HashMap<String, String>,
+) -> Result<()> {
+    let views = tensors
+        .iter()
+        .map(|(n, s, b)| {
+            Ok((
+                n.clone(),
+                TensorView::new(dtype, s.clone(), b).map_err(|e| format_err(path, e))?,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut bytes = safetensors::serialize(views, Some(meta)).map_err(|e| format_err(path, e))?;
+    sort_header(&mut bytes).map_err(|e| format_err(path, e))?;
+    let tmp = tmp_path(path);
+    std::fs::write(&tmp, &bytes).map_err(|source| Error::Io {
+        path: tmp.clone(),
+        source,
+    })?;
+    std::fs::rename(&tmp, path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Rewrites a serialized safetensors header with its JSON keys sorted, in place: the same
+/// object in another key order has the same length.
+fn sort_header(bytes: &mut [u8]) -> std::result::Result<(), String> {
+    let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+    let header = &bytes[8..8 + n];
+    let text = std::str::from_utf8(header).map_err(|e| e.to_string())?;
+    let trimmed = text.trim_end();
+    // serde_json's Map is a BTreeMap here (no preserve_order), so this sorts every level.
+    let value: serde_json::Value = serde_json::from_str(trimmed).map_err(|e| e.to_string())?;
+    let sorted = serde_json::to_string(&value).map_err(|e| e.to_string())?;
+    if sorted.len() != trimmed.len() {
+        return Err(format!(
+            "sorted header is {} bytes, the original {}",
+            sorted.len(),
+            trimmed.len()
+        ));
+    }
+    bytes[8..8 + sorted.len()].copy_from_slice(sorted.as_bytes());
+    Ok(())
+}
+
 fn tmp_path(path: &Path) -> PathBuf {
     let mut s = path.as_os_str().to_owned();
     s.push(".tmp");
@@ -308,5 +343,38 @@ fn format_err(path: &Path, msg: impl std::fmt::Display) -> Error {
     Error::Format {
         path: path.to_path_buf(),
         msg: msg.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The same tensors and metadata give the same bytes whatever the metadata map's order,
+    /// and the file still reads back with every key and tensor.
+    #[test]
+    fn safetensors_files_are_byte_stable() {
+        let dir = tempfile::tempdir().unwrap();
+        let tensors = vec![
+            ("b".to_string(), vec![2], vec_bytes(&[1.0, 2.0])),
+            ("a".to_string(), vec![1], vec_bytes(&[3.0])),
+        ];
+        let mut files = Vec::new();
+        for i in 0..8 {
+            let meta: HashMap<String, String> = (0..12)
+                .map(|k| (format!("key{}", (k + i) % 12), format!("value {k}")))
+                .map(|(k, _)| (k.clone(), format!("v-{k}")))
+                .collect();
+            let path = dir.path().join(format!("{i}.safetensors"));
+            write_safetensors(&path, Dtype::F32, &tensors, meta).unwrap();
+            files.push(std::fs::read(&path).unwrap());
+        }
+        assert!(files.windows(2).all(|w| w[0] == w[1]));
+        let (_, header) = SafeTensors::read_metadata(&files[0]).unwrap();
+        let meta = header.metadata().clone().unwrap();
+        assert_eq!(meta.len(), 12);
+        assert_eq!(meta["key3"], "v-key3");
+        let st = SafeTensors::deserialize(&files[0]).unwrap();
+        assert_eq!(st.tensor("a").unwrap().data(), &vec_bytes(&[3.0])[..]);
     }
 }
