@@ -1,62 +1,182 @@
-//! `trail run`: the main job on the embedded defaults, fetching what it needs. For now: fetch
-//! SmolLM2-135M-Instruct, answer the first Alpaca prompt (streamed) and report tok/s.
+//! `trail run`: the whole chain on the embedded defaults, fetching what it needs.
+//!
+//! generate (a seeded sample of the carried Alpaca) → train (every layer's probe, the prompt
+//! predictors, the BERT baselines) → report → export (with the fine-tuned BERT) → a short
+//! latency comparison of FCFS and TRAIL on the real engine. Every stage is the same code as its
+//! own subcommand, with its arguments spelled as on the command line, so each step is resumable
+//! and a rerun skips what is done.
 
-use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use anyhow::Context;
-use trail_datasets::corpus;
+use clap::Parser;
 
-use super::chat;
-use super::model_args::ModelArgs;
+use super::{eval, export, generate, report, train};
 
 /// Arguments of `trail run`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Tokens to generate for the answer.
-    #[arg(long, default_value_t = 256)]
-    pub max_new_tokens: usize,
-    #[command(flatten)]
-    pub model: ModelArgs,
+    /// Where the run goes (generated data, models, report, checkpoint, latency results).
+    #[arg(long, default_value = "runs/quickstart")]
+    pub out: PathBuf,
+    /// Alpaca prompts to generate (a seeded sample; 80/10/10 train/val/test).
+    #[arg(long, default_value_t = 300)]
+    pub limit: usize,
+    /// Requests per policy in the latency comparison (from the test split, repeated if needed).
+    #[arg(long, default_value_t = 60)]
+    pub latency_requests: usize,
+    /// Load of the latency comparison, as a fraction of the measured saturation throughput.
+    #[arg(long, default_value_t = 0.8)]
+    pub load: f64,
+    /// Skip the latency comparison.
+    #[arg(long)]
+    pub no_latency: bool,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
 }
 
-/// The user message of the carried Alpaca's first record (only its first line is read).
-fn first_alpaca_prompt() -> anyhow::Result<String> {
-    let path = corpus::carried_alpaca_path();
-    let mut line = String::new();
-    corpus::open_carried_alpaca()?
-        .read_line(&mut line)
-        .with_context(|| format!("reading {}", path.display()))?;
-    let v: serde_json::Value = serde_json::from_str(&line)
-        .with_context(|| format!("{}: line 1 is not JSON", path.display()))?;
-    let field = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("");
-    corpus::alpaca_prompt(field("instruction"), field("input"))
-        .map_err(|e| anyhow::anyhow!("{}: line 1: {e}", path.display()))
+/// Parses one stage's arguments from a command line, exactly as `trail <stage> ...` would.
+fn stage_args<A: clap::Args>(stage: &'static str, argv: &[String]) -> anyhow::Result<A> {
+    let cmd = A::augment_args(clap::Command::new(stage).no_binary_name(true));
+    let matches = cmd
+        .try_get_matches_from(argv)
+        .with_context(|| format!("arguments of `trail {stage}`"))?;
+    Ok(A::from_arg_matches(&matches)?)
+}
+
+fn step(i: usize, n: usize, what: &str, argv: &[String]) {
+    eprintln!("\n[{i}/{n}] {what}: trail {}", argv.join(" "));
+}
+
+fn path(p: &Path) -> String {
+    p.display().to_string()
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    eprintln!("[1/2] model");
-    let runner = args.model.load()?;
-    eprintln!("      {} ({})", runner.path().display(), runner.kernel_id());
-    let prompt = first_alpaca_prompt()?;
-    eprintln!("[2/2] the first Alpaca prompt: {prompt:?}\n");
-    let chat_args = chat::Args {
-        message: prompt,
-        system: None,
-        max_new_tokens: args.max_new_tokens,
-        temperature: 0.0,
-        top_p: 1.0,
-        seed: 0,
-        truncate: false,
-        model: args.model.clone(),
-    };
-    let stats = chat::answer(&runner, &chat_args)?;
+    let started = Instant::now();
+    let out = &args.out;
+    let seed = args.seed.to_string();
+    let n = if args.no_latency { 4 } else { 5 };
+    let checkpoint = out.join("predictor.safetensors");
+    let bert = out.join("bert.safetensors");
+
+    let argv: Vec<String> = [
+        "generate",
+        "--dataset",
+        "alpaca",
+        "--limit",
+        &args.limit.to_string(),
+        "--seed",
+        &seed,
+        "--out",
+        &path(out),
+    ]
+    .map(String::from)
+    .to_vec();
+    step(1, n, "generate", &argv);
+    generate::run(stage_args("generate", &argv[1..])?)?;
+
+    let argv: Vec<String> = ["train", "--run", &path(out), "--seed", &seed]
+        .map(String::from)
+        .to_vec();
+    step(2, n, "train", &argv);
+    train::run(stage_args("train", &argv[1..])?)?;
+
+    let argv: Vec<String> = ["report", "--run", &path(out), "--seed", &seed]
+        .map(String::from)
+        .to_vec();
+    step(3, n, "report", &argv);
+    report::run(stage_args("report", &argv[1..])?)?;
+
+    let argv: Vec<String> = [
+        "export",
+        "--run",
+        &path(out),
+        "--out",
+        &path(&checkpoint),
+        "--bert",
+    ]
+    .map(String::from)
+    .to_vec();
+    step(4, n, "export", &argv);
+    export::run(stage_args("export", &argv[1..])?)?;
+
+    let latency_dir = out.join("latency");
+    if !args.no_latency {
+        let argv: Vec<String> = [
+            "eval",
+            "latency",
+            "--checkpoint",
+            &path(&checkpoint),
+            "--bert-checkpoint",
+            &path(&bert),
+            "--data",
+            &path(out),
+            "--policies",
+            "fcfs,trail",
+            "--loads",
+            &args.load.to_string(),
+            "--requests",
+            &args.latency_requests.to_string(),
+            "--seeds",
+            &seed,
+            "--out",
+            &path(&latency_dir),
+        ]
+        .map(String::from)
+        .to_vec();
+        step(5, n, "latency, FCFS vs TRAIL", &argv);
+        #[derive(Parser)]
+        struct EvalCli {
+            #[command(subcommand)]
+            eval: eval::Eval,
+        }
+        let cli = EvalCli::try_parse_from(&argv[..]).context("arguments of `trail eval`")?;
+        eval::run(cli.eval)?;
+    }
+
     eprintln!(
-        "\n{} prompt tokens prefilled at {:.0} tok/s; {} tokens generated at {:.1} tok/s (greedy, {} threads)",
-        stats.prompt_tokens,
-        stats.prefill_tok_s,
-        stats.new_tokens,
-        stats.decode_tok_s,
-        super::model_args::threads()
+        "\ndone in {:.1} min. Report: {}  Checkpoint: {}",
+        started.elapsed().as_secs_f64() / 60.0,
+        out.join("report").join("report.md").display(),
+        checkpoint.display()
     );
+    if !args.no_latency {
+        print_latency(&latency_dir.join("summary.json"))?;
+        eprintln!("Latency: {}", latency_dir.join("report.md").display());
+    }
+    Ok(())
+}
+
+/// The latency comparison in three lines, from `trail eval latency`'s summary.json.
+fn print_latency(summary: &Path) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(summary)
+        .with_context(|| format!("reading {}", summary.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", summary.display()))?;
+    let cells = v["summary"]["cells"]
+        .as_array()
+        .with_context(|| format!("{}: no summary.cells", summary.display()))?;
+    eprintln!("\npolicy  load  mean latency (s)  mean TTFT (s)");
+    let mut mean = std::collections::BTreeMap::new();
+    for c in cells {
+        let (policy, lat, ttft) = (
+            c["policy"].as_str().unwrap_or("?"),
+            c["mean_latency_s"]["value"].as_f64().unwrap_or(f64::NAN),
+            c["mean_ttft_s"]["value"].as_f64().unwrap_or(f64::NAN),
+        );
+        let load = c["load"].as_f64().unwrap_or(f64::NAN);
+        eprintln!("{policy:<7} {load:>4.2}  {lat:>16.2}  {ttft:>13.3}");
+        mean.insert(policy.to_string(), (lat, ttft));
+    }
+    if let (Some(f), Some(t)) = (mean.get("fcfs"), mean.get("trail")) {
+        eprintln!(
+            "FCFS / TRAIL: mean latency {:.2}x, mean TTFT {:.2}x (the paper: 1.66-2.01x and \
+             1.76-24x on GPUs at higher load)",
+            f.0 / t.0,
+            f.1 / t.1
+        );
+    }
     Ok(())
 }
