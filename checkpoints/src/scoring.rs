@@ -105,11 +105,17 @@ pub struct Metrics {
     pub notes: Vec<String>,
 }
 
+/// One predictor's MAE by tokens generated: (g bucket centre, MAE, pairs).
+pub type MaeByG = Vec<(f64, f64, usize)>;
+
+/// Probabilities by token row (keyed by row index) and by request (prompt predictor).
+type Probs = (HashMap<usize, Vec<f32>>, Vec<Vec<f32>>);
+
 /// Data behind the report's plots.
 #[derive(Debug, Clone, Default)]
 pub struct Details {
     /// Per predictor: (g bucket centre, MAE, pairs).
-    pub mae_by_g: Vec<(String, Vec<(f64, f64, usize)>)>,
+    pub mae_by_g: Vec<(String, MaeByG)>,
     /// Selected probe on test token rows: `confusion[true][predicted]` counts.
     pub confusion: Vec<Vec<f64>>,
     /// Refined estimate, binned by prediction: (mean predicted, mean actual, count).
@@ -192,11 +198,7 @@ fn gather(features: &[f32], dim: usize, rows: impl Iterator<Item = usize>) -> Ve
 
 /// Probabilities of `ckpt`'s probe and prompt predictor on the test rows of `reqs`:
 /// (token probs by token row, prompt probs by request).
-fn predict(
-    ckpt: &Checkpoint,
-    rows: &LayerRows,
-    reqs: &[Request],
-) -> Result<(HashMap<usize, Vec<f32>>, Vec<Vec<f32>>)> {
+fn predict(ckpt: &Checkpoint, rows: &LayerRows, reqs: &[Request]) -> Result<Probs> {
     let k = ckpt.meta.bins.k();
     let token_idx: Vec<usize> = reqs
         .iter()

@@ -180,12 +180,13 @@ fn solve_ols(x: &[[f64; 4]], y: &[f64], scale: &[f64; 4], active: &[usize]) -> V
             pivot_ok[col] = false;
             continue;
         }
-        for r in 0..k {
+        let pivot = a[col].clone();
+        for (r, row) in a.iter_mut().enumerate() {
             if r != col {
-                let f = a[r][col] / a[col][col];
+                let f = row[col] / pivot[col];
                 if f != 0.0 {
-                    for c in col..=k {
-                        a[r][c] -= f * a[col][c];
+                    for (x, p) in row[col..=k].iter_mut().zip(&pivot[col..=k]) {
+                        *x -= f * p;
                     }
                 }
             }

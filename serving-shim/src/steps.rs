@@ -74,8 +74,11 @@ pub struct StepRecord {
     pub predictor_secs: f64,
 }
 
+/// A column's name and its accessor.
+type Column<T> = (&'static str, fn(&StepRecord) -> T);
+
 /// Integer columns, in file order, with their accessors.
-const COUNTS: [(&str, fn(&StepRecord) -> u64); 11] = [
+const COUNTS: [Column<u64>; 11] = [
     ("step", |r| r.step),
     ("rows", |r| r.rows as u64),
     ("decode_rows", |r| r.decode_rows as u64),
@@ -90,7 +93,7 @@ const COUNTS: [(&str, fn(&StepRecord) -> u64); 11] = [
 ];
 
 /// Float columns, in file order after `t`, with their accessors.
-const SECONDS: [(&str, fn(&StepRecord) -> f64); 3] = [
+const SECONDS: [Column<f64>; 3] = [
     ("step_secs", |r| r.step_secs),
     ("forward_secs", |r| r.forward_secs),
     ("predictor_secs", |r| r.predictor_secs),

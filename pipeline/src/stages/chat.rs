@@ -77,7 +77,7 @@ pub fn answer(runner: &trail_llm::Runner, args: &Args) -> anyhow::Result<ChatSta
         // byte-level merges come out whole.
         match runner.decode(&ids) {
             Ok(s) if s.len() > printed && s.is_char_boundary(printed) => {
-                let _ = out.write_all(s[printed..].as_bytes());
+                let _ = out.write_all(&s.as_bytes()[printed..]);
                 let _ = out.flush();
                 printed = s.len();
             }
