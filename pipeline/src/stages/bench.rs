@@ -28,6 +28,32 @@ pub fn run(bench: Bench) -> anyhow::Result<()> {
     }
 }
 
+/// Prints a benchmark's report (markdown, or JSON with `json`) and, with `out`, writes
+/// `NAME.json` and `NAME.md` there atomically.
+pub fn emit<R: serde::Serialize>(
+    name: &str,
+    report: &R,
+    md: &str,
+    json: bool,
+    out: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+    } else {
+        print!("{md}");
+    }
+    if let Some(dir) = out {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        crate::manifest::write_atomic(
+            &dir.join(format!("{name}.json")),
+            &serde_json::to_vec_pretty(report)?,
+        )?;
+        crate::manifest::write_atomic(&dir.join(format!("{name}.md")), md.as_bytes())?;
+    }
+    Ok(())
+}
+
 /// Peak resident set size of this process in MiB (`VmHWM`), where the OS reports it.
 pub fn peak_rss_mib() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;

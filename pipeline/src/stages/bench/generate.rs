@@ -17,7 +17,7 @@ use trail_datasets::{Dtype, Ratios, Shard, SplitFilter, store};
 use trail_llm::batch::BatchGenerator;
 
 use super::{cpu_model, median, peak_rss_mib};
-use crate::manifest::{GIT_COMMIT, write_atomic};
+use crate::manifest::GIT_COMMIT;
 use crate::stages::generate;
 use crate::stages::model_args::{ModelArgs, threads};
 
@@ -239,19 +239,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
 
     let md = markdown(&report);
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print!("{md}");
-    }
-    if let Some(dir) = &args.out {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        write_atomic(
-            &dir.join("generate.json"),
-            &serde_json::to_vec_pretty(&report)?,
-        )?;
-        write_atomic(&dir.join("generate.md"), md.as_bytes())?;
-    }
+    super::emit("generate", &report, &md, args.json, args.out.as_deref())?;
     Ok(())
 }
 

@@ -6,7 +6,6 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use trail_llm::{KvCache, LayerSet, Row, Runner};
@@ -14,7 +13,7 @@ use trail_serving_shim::StepRecord;
 
 use super::llama_cpp::{self, LlamaCpp};
 use super::{cpu_model, median, peak_rss_mib};
-use crate::manifest::{GIT_COMMIT, write_atomic};
+use crate::manifest::GIT_COMMIT;
 use crate::stages::model_args::{ModelArgs, threads};
 
 /// Arguments of `trail bench runner`.
@@ -300,18 +299,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
 
     let md = markdown(&report);
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print!("{md}");
-    }
+    super::emit("runner", &report, &md, args.json, args.out.as_deref())?;
     if let Some(dir) = &args.out {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        write_atomic(
-            &dir.join("runner.json"),
-            &serde_json::to_vec_pretty(&report)?,
-        )?;
-        write_atomic(&dir.join("runner.md"), md.as_bytes())?;
         trail_serving_shim::steps::write(&dir.join("steps.parquet"), &report.steps)?;
     }
     Ok(())

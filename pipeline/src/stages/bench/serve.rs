@@ -28,7 +28,7 @@ use trail_llm::batch::{BatchGenerator, Job};
 use trail_serving_shim::{Engine, EngineConfig, GenRequest, PolicyKind};
 
 use super::{cpu_model, median, peak_rss_mib};
-use crate::manifest::{GIT_COMMIT, write_atomic};
+use crate::manifest::GIT_COMMIT;
 use crate::stages::model_args::{ModelArgs, threads};
 
 /// The throughput the engine should keep, as a fraction of the bare runner's.
@@ -339,19 +339,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         peak_rss_mib: peak_rss_mib(),
     };
     let md = markdown(&report);
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print!("{md}");
-    }
-    if let Some(dir) = &args.out {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        write_atomic(
-            &dir.join("serve.json"),
-            &serde_json::to_vec_pretty(&report)?,
-        )?;
-        write_atomic(&dir.join("serve.md"), md.as_bytes())?;
-    }
+    super::emit("serve", &report, &md, args.json, args.out.as_deref())?;
     Ok(())
 }
 
