@@ -6,7 +6,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use trail_tests::python;
 
 use trail_datasets::corpus::{
     self, CARRIED_ALPACA_RECORDS, CARRIED_ALPACA_SHA256, CARRIED_ALPACA_ZST_SHA256, Corpus,
@@ -29,22 +29,6 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let p = dir.join(name);
     fs::write(&p, text).unwrap();
     p
-}
-
-fn python(script: &str, args: &[&str]) -> String {
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .args(args)
-        .output()
-        .expect("python3 must be installed (with pyarrow and polars) to run these tests");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "python failed (pyarrow and polars are required: pip install pyarrow polars)\n{stdout}\n{stderr}"
-    );
-    stdout
 }
 
 // ---------------------------------------------------------------------------------------------
