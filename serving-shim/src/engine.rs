@@ -526,8 +526,11 @@ impl Worker {
         let t0 = Instant::now();
         let t = self.clock.now();
         let plan = self.sched.schedule()?;
+        // Recomputed victims lose their cache; swapped ones keep it (the swap pool is this RAM).
         for &(id, _) in &plan.preempted {
-            if let Some(c) = self.ctxs.get_mut(&id) {
+            if !plan.swapped_out.contains(&id)
+                && let Some(c) = self.ctxs.get_mut(&id)
+            {
                 c.cache.clear();
             }
         }

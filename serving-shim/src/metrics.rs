@@ -190,6 +190,12 @@ impl EngineStats {
         );
         counter(
             &mut o,
+            "trail_swapped_tokens_total",
+            "KV tokens swapped out by preemption and resumed without prefill.",
+            c.swapped_tokens as f64,
+        );
+        counter(
+            &mut o,
             "trail_prefill_tokens_total",
             "Prefill tokens run.",
             c.prefill_tokens as f64,

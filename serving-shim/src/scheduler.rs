@@ -16,9 +16,11 @@
 //!    urgent first, if that makes room. Admission stops at the first request that does not fit,
 //!    so the order is strict.
 //!
-//! Preempted requests go back to the waiting queue with their generated tokens and no KV; on
-//! re-admission the engine prefills prompt + generated again. The scheduler reads time only
-//! from its [`Clock`] and knows nothing of the model.
+//! Preempted requests go back to the waiting queue with their generated tokens. Under
+//! [`PreemptionMode::Recompute`] they lose their KV and re-admission prefills prompt + generated
+//! again; under [`PreemptionMode::Swap`] their KV moves to a swap pool (vLLM's swap space) and
+//! re-admission resumes where they stopped, falling back to recompute when the swap pool is
+//! full. The scheduler reads time only from its [`Clock`] and knows nothing of the model.
 
 use std::cmp::Ordering;
 use std::collections::HashMap;
@@ -31,12 +33,48 @@ use crate::policy::Policy;
 use crate::sequence::{FinishReason, SeqId, SeqState, Sequence};
 
 /// What happens to a preempted request's KV cache.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 #[non_exhaustive]
 pub enum PreemptionMode {
     /// Drop it; prefill prompt + generated again on re-admission.
     #[default]
     Recompute,
+    /// Keep it outside the KV pool, in a swap pool of
+    /// [`SchedulerConfig::swap_budget_tokens`]; re-admission resumes without prefill. A
+    /// victim that does not fit in the swap pool is recomputed. On a CPU engine the cache
+    /// stays where it is (the KV pool and swap are the same RAM), so a swap costs nothing;
+    /// on a GPU it would be a copy over the bus.
+    Swap,
+}
+
+impl PreemptionMode {
+    /// The `--preemption` name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Recompute => "recompute",
+            Self::Swap => "swap",
+        }
+    }
+}
+
+impl std::fmt::Display for PreemptionMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for PreemptionMode {
+    type Err = SchedulerError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "recompute" => Ok(Self::Recompute),
+            "swap" => Ok(Self::Swap),
+            _ => Err(SchedulerError::Config(format!(
+                "unknown preemption mode {s:?}; expected recompute or swap"
+            ))),
+        }
+    }
 }
 
 /// Why a request was preempted.
@@ -68,11 +106,14 @@ pub struct SchedulerConfig {
     pub aging: f64,
     /// What preemption does with the KV cache.
     pub preemption_mode: PreemptionMode,
+    /// Swap pool in tokens (blocks of `block_size`) for [`PreemptionMode::Swap`].
+    pub swap_budget_tokens: usize,
 }
 
 impl SchedulerConfig {
-    /// Defaults (48 running, blocks of 16, no chunking, no aging, unbounded waiting queue)
-    /// with a KV budget of `kv_budget_tokens`.
+    /// Defaults (48 running, blocks of 16, no chunking, no aging, unbounded waiting queue,
+    /// preemption by recompute; a swap pool as large as the KV pool, used once the mode is
+    /// set to swap) with a KV budget of `kv_budget_tokens`.
     pub fn new(kv_budget_tokens: usize) -> Self {
         Self {
             max_running: 48,
@@ -82,6 +123,7 @@ impl SchedulerConfig {
             max_waiting: usize::MAX,
             aging: 0.0,
             preemption_mode: PreemptionMode::Recompute,
+            swap_budget_tokens: kv_budget_tokens,
         }
     }
 }
@@ -106,6 +148,9 @@ pub struct StepPlan {
     pub prefill: Vec<Chunk>,
     /// Requests preempted while planning, with the kind.
     pub preempted: Vec<(SeqId, PreemptKind)>,
+    /// Those of `preempted` whose KV was swapped out (kept): the engine must keep their
+    /// caches; the others' caches are dropped.
+    pub swapped_out: Vec<SeqId>,
 }
 
 impl StepPlan {
@@ -178,6 +223,10 @@ pub struct Counters {
     pub preemptions_memory: u64,
     /// KV tokens thrown away by preemption.
     pub recomputed_tokens: u64,
+    /// Preemptions that swapped the KV out instead of dropping it.
+    pub swaps: u64,
+    /// KV tokens swapped out.
+    pub swapped_tokens: u64,
     /// Prefill tokens run.
     pub prefill_tokens: u64,
     /// Tokens generated.
@@ -194,6 +243,8 @@ pub struct Scheduler {
     policy: Box<dyn Policy>,
     clock: Arc<dyn Clock>,
     blocks: BlockManager,
+    /// The swap pool ([`PreemptionMode::Swap`]): KV of preempted requests, kept.
+    swap: Option<BlockManager>,
     seqs: HashMap<SeqId, Sequence>,
     waiting: Vec<SeqId>,
     running: Vec<SeqId>,
@@ -238,11 +289,18 @@ impl Scheduler {
             )));
         }
         let blocks = BlockManager::from_tokens(cfg.kv_budget_tokens, cfg.block_size)?;
+        let swap = match cfg.preemption_mode {
+            PreemptionMode::Swap if cfg.swap_budget_tokens >= cfg.block_size => Some(
+                BlockManager::from_tokens(cfg.swap_budget_tokens, cfg.block_size)?,
+            ),
+            _ => None,
+        };
         Ok(Self {
             cfg,
             policy,
             clock,
             blocks,
+            swap,
             seqs: HashMap::new(),
             waiting: Vec::new(),
             running: Vec::new(),
@@ -265,6 +323,11 @@ impl Scheduler {
     /// The KV pool.
     pub fn blocks(&self) -> &BlockManager {
         &self.blocks
+    }
+
+    /// The swap pool, under [`PreemptionMode::Swap`].
+    pub fn swap(&self) -> Option<&BlockManager> {
+        self.swap.as_ref()
     }
 
     /// The clock.
@@ -357,6 +420,9 @@ impl Scheduler {
         self.waiting.retain(|&w| w != id);
         self.running.retain(|&r| r != id);
         self.blocks.free(id);
+        if let Some(swap) = self.swap.as_mut() {
+            swap.free(id);
+        }
         if let Some(plan) = self.in_flight.as_mut() {
             plan.retain(|&(p, _)| p != id);
         }
@@ -387,9 +453,22 @@ impl Scheduler {
         self.running.retain(|&r| r != id);
         self.blocks.free(id);
         let seq = self.seqs.get_mut(&id).expect("a running sequence is live");
-        seq.recomputed_tokens += seq.computed;
-        self.counters.recomputed_tokens += seq.computed as u64;
-        seq.computed = 0;
+        // The chunk just planned for it was taken out of the plan: what is in the cache is
+        // `computed` tokens.
+        let swapped = seq.computed > 0
+            && self
+                .swap
+                .as_mut()
+                .is_some_and(|swap| swap.allocate(id, seq.computed).is_ok());
+        if swapped {
+            self.counters.swaps += 1;
+            self.counters.swapped_tokens += seq.computed as u64;
+            plan.swapped_out.push(id);
+        } else {
+            seq.recomputed_tokens += seq.computed;
+            self.counters.recomputed_tokens += seq.computed as u64;
+            seq.computed = 0;
+        }
         seq.state = SeqState::Waiting;
         seq.waiting_since = now;
         match kind {
@@ -483,11 +562,17 @@ impl Scheduler {
             order.sort_by(Self::cmp_key);
             let mut admitted_now: Vec<SeqId> = Vec::new();
             for (_, _, id) in order {
-                if budget == 0 {
+                // A request swapped out while decoding resumes with a decode; any other
+                // admission prefills (from what its swapped KV already holds).
+                let (decoding, computed, uncomputed) = {
+                    let s = &self.seqs[&id];
+                    (s.is_decoding(), s.computed, s.uncomputed())
+                };
+                if budget == 0 && !decoding {
                     break;
                 }
-                let want = self.seqs[&id].uncomputed().min(budget);
-                let need = self.blocks.blocks_for(want);
+                let want = if decoding { 1 } else { uncomputed.min(budget) };
+                let need = self.blocks.blocks_for(computed + want);
                 let mut fits =
                     self.running.len() < self.cfg.max_running && self.blocks.free_blocks() >= need;
                 if !fits && self.policy.preempts() {
@@ -507,19 +592,26 @@ impl Scheduler {
                     break;
                 }
                 self.blocks
-                    .allocate(id, want)
+                    .allocate(id, computed + want)
                     .expect("free blocks were checked");
+                if let Some(swap) = self.swap.as_mut() {
+                    swap.free(id);
+                }
                 let s = self.seqs.get_mut(&id).expect("waiting sequences are live");
                 s.state = SeqState::Running;
                 s.waited += (now - s.waiting_since).max(0.0);
                 s.times.first_scheduled.get_or_insert(now);
                 self.counters.admitted += 1;
-                plan.prefill.push(Chunk {
-                    id,
-                    start: 0,
-                    len: want,
-                });
-                budget = budget.saturating_sub(want);
+                if decoding {
+                    plan.decode.push(id);
+                } else {
+                    plan.prefill.push(Chunk {
+                        id,
+                        start: computed,
+                        len: want,
+                    });
+                    budget = budget.saturating_sub(want);
+                }
                 self.running.push(id);
                 admitted_now.push(id);
             }
@@ -672,19 +764,31 @@ impl Scheduler {
             }
             held += b;
         }
+        let mut swapped = 0;
         for id in &self.waiting {
             let s = self.seqs.get(id).ok_or(format!("waiting {id} not live"))?;
-            if s.state != SeqState::Waiting || s.computed != 0 {
+            let in_swap = self.swap.as_ref().map_or(0, |p| p.blocks_of(*id));
+            if s.state != SeqState::Waiting || in_swap != self.blocks.blocks_for(s.computed) {
                 return Err(format!(
-                    "waiting {id}: {:?}, computed {}",
+                    "waiting {id}: {:?}, computed {}, {in_swap} swap blocks",
                     s.state, s.computed
                 ));
             }
+            swapped += in_swap;
             if self.blocks.blocks_of(*id) != 0 {
                 return Err(format!("waiting {id} holds blocks"));
             }
             if self.running.contains(id) {
                 return Err(format!("{id} both waiting and running"));
+            }
+        }
+        if let Some(swap) = &self.swap {
+            swap.check()?;
+            if swapped != swap.used_blocks() {
+                return Err(format!(
+                    "waiting requests hold {swapped} swap blocks, the swap pool says {} used",
+                    swap.used_blocks()
+                ));
             }
         }
         if held != self.blocks.used_blocks() {

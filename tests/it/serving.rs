@@ -11,7 +11,7 @@ use trail_checkpoints::{Bins, Checkpoint, CheckpointMeta, Probe, Standardizer};
 use trail_llm::{GenerateOptions, Runner};
 use trail_serving_shim::{
     BertPredictor, Engine, EngineConfig, EngineError, FinishReason, GenRequest, PolicyKind,
-    SchedulerError, Summary,
+    PreemptionMode, SchedulerError, Summary,
 };
 
 fn runner() -> Arc<Runner> {
@@ -135,6 +135,27 @@ fn oracle_preempts_by_policy_and_matches_requests_run_alone() {
         "short late requests must preempt long running ones"
     );
     assert!(summaries.iter().any(|s| s.preemptions_policy > 0));
+}
+
+#[test]
+fn swapped_requests_resume_from_their_kept_cache_and_match_requests_run_alone() {
+    // As above, with preemption by swap: a victim keeps its KV cache and continues from it,
+    // and its text is still the text of the request run alone.
+    let mut cfg = tight_config(PolicyKind::Oracle);
+    cfg.scheduler.max_running = 3;
+    cfg.scheduler.preemption_mode = PreemptionMode::Swap;
+    cfg.scheduler.swap_budget_tokens = 1 << 20;
+    let engine = Engine::start(runner(), None, cfg).unwrap();
+    let (summaries, report) = serve_all(engine, true);
+    let c = report.stats.counters;
+    eprintln!(
+        "oracle, swap: {} steps, {} policy + {} memory preemptions, {} swaps",
+        c.steps, c.preemptions_policy, c.preemptions_memory, c.swaps
+    );
+    assert!(c.swaps > 0 && c.swapped_tokens > 0);
+    assert_eq!(c.swaps, c.preemptions_policy + c.preemptions_memory);
+    assert_eq!(c.recomputed_tokens, 0);
+    assert!(summaries.iter().all(|s| s.recomputed_tokens == 0));
 }
 
 /// A real checkpoint file with a seeded, untrained probe on layer 11 and a prompt predictor

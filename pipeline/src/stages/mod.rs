@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod chat;
+pub mod engine_args;
 pub mod eval;
 pub mod export;
 pub mod fetch;

@@ -11,6 +11,7 @@ use trail_checkpoints::Checkpoint;
 use trail_serving_shim::{BertPredictor, Engine, EngineConfig, PolicyKind, http};
 
 use crate::manifest::write_atomic;
+use crate::stages::engine_args::EngineArgs;
 use crate::stages::model_args::ModelArgs;
 
 /// Arguments of `trail serve`.
@@ -36,14 +37,8 @@ pub struct Args {
     /// Refresh the refined prediction every N tokens (default: the checkpoint's interval).
     #[arg(long)]
     pub refine_every: Option<u32>,
-    #[arg(long, default_value_t = 48)]
-    pub max_running: usize,
-    /// KV-cache budget in tokens, accounted in blocks of 16.
-    #[arg(long, default_value_t = 16384)]
-    pub kv_budget_tokens: usize,
-    /// Most prefill tokens per step (chunked prefill); default: whole prompts.
-    #[arg(long)]
-    pub prefill_chunk: Option<usize>,
+    #[command(flatten)]
+    pub engine: EngineArgs,
     /// Waiting requests beyond this get 429 with Retry-After.
     #[arg(long, default_value_t = 1024)]
     pub max_waiting: usize,
@@ -80,11 +75,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if bert.is_none() && args.policy == PolicyKind::SjfBert {
         eprintln!("warning: sjf-bert without --bert-checkpoint orders waiting requests FCFS");
     }
-    let mut cfg = EngineConfig::new(args.kv_budget_tokens, args.policy);
+    let mut cfg = EngineConfig::new(args.engine.kv_budget_tokens, args.policy);
     cfg.c = args.c;
     cfg.refine_every = args.refine_every;
-    cfg.scheduler.max_running = args.max_running;
-    cfg.scheduler.prefill_chunk = args.prefill_chunk;
+    cfg.scheduler = args.engine.scheduler();
     cfg.scheduler.max_waiting = args.max_waiting;
     cfg.scheduler.aging = args.aging;
     let name = runner
@@ -105,9 +99,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("binding {}", args.addr))?;
         eprintln!(
-            "serving {name} on http://{} (policy {}, kernel {})",
+            "serving {name} on http://{} (policy {}, {}, kernel {})",
             args.addr,
             args.policy,
+            args.engine.describe(),
             runner.kernel_id()
         );
         let router =

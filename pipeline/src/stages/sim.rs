@@ -21,6 +21,7 @@ use trail_eval::plot::{self, Axes, Series};
 use trail_eval::{CappedMixture, Joint, Policy, Predictions, SimConfig, Sizes};
 
 use crate::manifest::{Manifest, write_atomic};
+use crate::stages::engine_args::EngineArgs;
 
 /// Arguments of `trail sim`.
 #[derive(Debug, clap::Args)]
@@ -476,12 +477,9 @@ pub struct TraceArgs {
     pub pred_sigma: Option<f64>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    #[arg(long, default_value_t = 48)]
-    pub max_running: usize,
-    #[arg(long, default_value_t = 65_536)]
-    pub kv_budget_tokens: usize,
-    #[arg(long)]
-    pub prefill_chunk: Option<usize>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub engine: EngineArgs,
     /// Prompt length of a trace request: its characters over this, rounded up (the trace holds
     /// text, not tokens).
     #[arg(long, default_value_t = 4.0)]
@@ -581,9 +579,7 @@ fn run_trace(a: &TraceArgs) -> anyhow::Result<()> {
     };
     anyhow::ensure!(!trace.is_empty(), "empty trace");
 
-    let mut scheduler = tracesim::SchedulerConfig::new(a.kv_budget_tokens);
-    scheduler.max_running = a.max_running;
-    scheduler.prefill_chunk = a.prefill_chunk;
+    let scheduler = a.engine.scheduler();
     let router = match a.router {
         RouterArg::RoundRobin => tracesim::Router::RoundRobin,
         RouterArg::Jsq => tracesim::Router::JoinShortestQueue,
@@ -645,8 +641,7 @@ fn run_trace(a: &TraceArgs) -> anyhow::Result<()> {
     manifest.output(&summary_path, out)?;
     let mut md = format!(
         "# Trace-driven serving simulation\n\n{} requests ({}); step time = {:.3e} + {:.3e}·decode rows \
-         + {:.3e}·prefill tokens + {:.3e}·KV tokens s; max running {}, KV budget {} tokens, \
-         router {:?}, c = {}.\n\n| policy | replicas | mean | p50 | p90 | p99 | mean TTFT | preemptions |\n|---|---|---|---|---|---|---|---|\n",
+         + {:.3e}·prefill tokens + {:.3e}·KV tokens s; {}, router {:?}, c = {}.\n\n| policy | replicas | mean | p50 | p90 | p99 | mean TTFT | preemptions |\n|---|---|---|---|---|---|---|---|\n",
         trace.len(),
         a.trace
             .as_ref()
@@ -655,8 +650,7 @@ fn run_trace(a: &TraceArgs) -> anyhow::Result<()> {
         model.per_decode_row_s,
         model.per_prefill_token_s,
         model.per_kv_token_s,
-        a.max_running,
-        a.kv_budget_tokens,
+        a.engine.describe(),
         a.router,
         a.c,
     );

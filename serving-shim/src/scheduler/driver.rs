@@ -23,6 +23,9 @@ pub(crate) struct Driver {
     /// Seconds per step.
     pub dt: f64,
     pub done: Vec<Sequence>,
+    /// Tokens in each request's (modelled) KV cache, as the engine keeps it: dropped on a
+    /// recompute preemption, kept on a swap.
+    pub cache: HashMap<SeqId, usize>,
 }
 
 /// The exact remaining length after the token about to be appended.
@@ -46,6 +49,7 @@ impl Driver {
             predict: none,
             dt: 0.01,
             done: Vec::new(),
+            cache: HashMap::new(),
         }
     }
 
@@ -71,6 +75,11 @@ impl Driver {
             .check_invariants()
             .expect("invariants after planning");
         assert!(self.s.num_running() <= self.s.config().max_running);
+        for &(id, _) in &plan.preempted {
+            if !plan.swapped_out.contains(&id) {
+                self.cache.insert(id, 0);
+            }
+        }
         let mut results = Vec::new();
         let chunks = plan
             .decode
@@ -83,6 +92,12 @@ impl Driver {
                 self.s.blocks().slots_of(id) >= seq.computed + len,
                 "blocks for the chunk"
             );
+            let cached = self.cache.entry(id).or_insert(0);
+            assert_eq!(
+                *cached, seq.computed,
+                "request {id}: the cache holds its context"
+            );
+            *cached += len;
             if seq.computed + len == seq.total_len() {
                 let true_len = self.lens[&id];
                 let n = seq.generated.len();
@@ -99,7 +114,10 @@ impl Driver {
         self.s
             .check_invariants()
             .expect("invariants after the step");
-        self.done.extend(self.s.take_finished());
+        for s in self.s.take_finished() {
+            self.cache.remove(&s.id);
+            self.done.push(s);
+        }
         plan
     }
 

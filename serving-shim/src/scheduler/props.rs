@@ -40,9 +40,11 @@ fn config() -> impl Strategy<Value = SchedulerConfig> {
         proptest::option::of(1usize..40),
         prop_oneof![Just(0.0), Just(0.5), Just(20.0)],
         4usize..64,
+        prop_oneof![Just(PreemptionMode::Recompute), Just(PreemptionMode::Swap)],
+        0usize..400,
     )
         .prop_map(
-            |(block_size, budget, max_running, prefill_chunk, aging, max_waiting)| {
+            |(block_size, budget, max_running, prefill_chunk, aging, max_waiting, mode, swap)| {
                 SchedulerConfig {
                     max_running,
                     kv_budget_tokens: budget.max(block_size),
@@ -50,7 +52,8 @@ fn config() -> impl Strategy<Value = SchedulerConfig> {
                     prefill_chunk,
                     max_waiting,
                     aging,
-                    preemption_mode: PreemptionMode::Recompute,
+                    preemption_mode: mode,
+                    swap_budget_tokens: swap,
                 }
             },
         )

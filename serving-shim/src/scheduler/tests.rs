@@ -124,6 +124,128 @@ fn readmission_prefills_prompt_and_generated() {
     );
 }
 
+fn swap_cfg(budget: usize, max_running: usize, swap: usize) -> SchedulerConfig {
+    SchedulerConfig {
+        preemption_mode: PreemptionMode::Swap,
+        swap_budget_tokens: swap,
+        ..cfg(budget, max_running)
+    }
+}
+
+#[test]
+fn swap_readmission_resumes_with_a_decode() {
+    let mut d = Driver::new(swap_cfg(4096, 1, 4096), Box::new(Sprpt)).with_predict(exact);
+    load(&mut d, &[(1, 6, 40, Some(40.0))]);
+    for _ in 0..4 {
+        d.step();
+    }
+    load(&mut d, &[(2, 4, 1, Some(1.0))]);
+    let plan = d.step(); // 2 preempts 1 and finishes in its prefill
+    assert_eq!(plan.preempted, vec![(1, PreemptKind::Policy)]);
+    assert_eq!(plan.swapped_out, vec![1]);
+    let swapped = d.s.get(1).unwrap();
+    // 6 prompt + 3 fed generated tokens stay in the (swapped) cache.
+    assert_eq!(swapped.computed, 9);
+    assert_eq!(d.s.swap().unwrap().blocks_of(1), 1);
+    assert_eq!(d.s.blocks().blocks_of(1), 0);
+    assert_eq!(d.finish_order(), vec![2]);
+    // Back in: its newest token is decoded, nothing is prefilled again.
+    let plan = d.step();
+    assert_eq!(plan.decode, vec![1]);
+    assert!(plan.prefill.is_empty());
+    assert_eq!(d.s.swap().unwrap().used_blocks(), 0);
+    d.run_to_idle(200);
+    let long = &d.done[1];
+    assert_eq!(long.generated.len(), 40);
+    assert_eq!(long.recomputed_tokens, 0);
+    let c = d.s.counters();
+    assert_eq!((c.swaps, c.swapped_tokens, c.recomputed_tokens), (1, 9, 0));
+    // Every context token was prefilled or decoded exactly once.
+    assert_eq!(c.prefill_tokens, 6 + 4);
+}
+
+#[test]
+fn swap_falls_back_to_recompute_when_the_swap_pool_is_full() {
+    // A swap pool of one block of 16 tokens cannot hold 20 prompt + 5 generated.
+    let mut d = Driver::new(swap_cfg(4096, 1, 16), Box::new(Sprpt)).with_predict(exact);
+    load(&mut d, &[(1, 20, 40, Some(40.0))]);
+    for _ in 0..6 {
+        d.step();
+    }
+    load(&mut d, &[(2, 4, 1, Some(1.0))]);
+    let plan = d.step();
+    assert_eq!(plan.preempted, vec![(1, PreemptKind::Policy)]);
+    assert!(plan.swapped_out.is_empty());
+    assert_eq!(d.s.get(1).unwrap().computed, 0);
+    let plan = d.step();
+    assert_eq!(
+        plan.prefill,
+        vec![Chunk {
+            id: 1,
+            start: 0,
+            len: 26
+        }]
+    );
+    d.run_to_idle(200);
+    assert_eq!(d.s.counters().swaps, 0);
+    assert_eq!(d.done[1].recomputed_tokens, 25);
+}
+
+#[test]
+fn swapped_request_mid_prefill_resumes_its_prefill() {
+    // Chunks of 16: request 1 (prompt 20) is preempted after one chunk and resumes at 16.
+    let c = SchedulerConfig {
+        prefill_chunk: Some(16),
+        ..swap_cfg(4096, 1, 4096)
+    };
+    let mut d = Driver::new(c, Box::new(Sprpt)).with_predict(exact);
+    load(&mut d, &[(1, 20, 30, Some(30.0))]);
+    d.step();
+    load(&mut d, &[(2, 4, 1, Some(1.0))]);
+    let plan = d.step();
+    assert_eq!(plan.swapped_out, vec![1]);
+    let plan = d.step();
+    assert_eq!(
+        plan.prefill,
+        vec![Chunk {
+            id: 1,
+            start: 16,
+            len: 4
+        }]
+    );
+    d.run_to_idle(200);
+    assert_eq!(d.done.len(), 2);
+}
+
+#[test]
+fn memory_preemption_swaps_and_abort_frees_the_swap() {
+    let c = SchedulerConfig {
+        block_size: 4,
+        ..swap_cfg(16, 8, 64)
+    };
+    let mut d = Driver::new(c, Box::new(Fcfs));
+    load(&mut d, &[(1, 4, 8, None), (2, 4, 8, None)]);
+    let mut swapped = Vec::new();
+    while d.s.counters().swaps == 0 {
+        swapped.extend(d.step().swapped_out);
+    }
+    assert_eq!(swapped, vec![2]);
+    assert!(d.s.swap().unwrap().blocks_of(2) > 0);
+    assert!(d.s.abort(2).is_some());
+    assert_eq!(d.s.swap().unwrap().used_blocks(), 0);
+    d.s.check_invariants().unwrap();
+    d.run_to_idle(200);
+    assert_eq!(d.finish_order(), vec![1]);
+}
+
+#[test]
+fn preemption_mode_names_round_trip() {
+    for m in [PreemptionMode::Recompute, PreemptionMode::Swap] {
+        assert_eq!(m.as_str().parse::<PreemptionMode>().unwrap(), m);
+    }
+    assert!("keep".parse::<PreemptionMode>().is_err());
+}
+
 #[test]
 fn trail_never_preempts_past_c_times_initial() {
     // c = 0.5 of an initial prediction of 10: preemptible while generated ≤ 5.

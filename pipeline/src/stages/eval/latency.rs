@@ -44,6 +44,7 @@ use server::{Launch, Server, ServerSettings};
 use summary::{BootstrapSettings, EngineFigures, load_key};
 
 use crate::manifest::{Manifest, write_atomic};
+use crate::stages::engine_args::EngineArgs;
 use crate::stages::model_args::ModelArgs;
 
 /// Arguments of `trail eval latency`.
@@ -80,14 +81,8 @@ pub struct Args {
     /// the engine in this process.
     #[arg(long, value_enum, default_value = "http")]
     pub backend: BackendKind,
-    #[arg(long, default_value_t = 48)]
-    pub max_running: usize,
-    /// KV-cache budget in tokens, accounted in blocks of 16.
-    #[arg(long, default_value_t = 16384)]
-    pub kv_budget_tokens: usize,
-    /// Most prefill tokens per step (chunked prefill); default: whole prompts.
-    #[arg(long)]
-    pub prefill_chunk: Option<usize>,
+    #[command(flatten)]
+    pub engine: EngineArgs,
     /// Release protocol: each request generates exactly its profiled output length
     /// (`ignore_eos`); `--ignore-eos false` lets the model stop.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
@@ -361,7 +356,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .unwrap_or(longest)
         .min(args.clip_output_tokens.unwrap_or(u32::MAX))
         .max(1);
-    let saturation_requests = args.saturation_requests.unwrap_or(2 * args.max_running);
+    let saturation_requests = args
+        .saturation_requests
+        .unwrap_or(2 * args.engine.max_running);
     anyhow::ensure!(
         saturation_requests > 0,
         "--saturation-requests must be at least 1"
@@ -377,9 +374,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "clip_output_tokens": args.clip_output_tokens,
         "max_tokens": max_tokens,
         "backend": args.backend,
-        "max_running": args.max_running,
-        "kv_budget_tokens": args.kv_budget_tokens,
-        "prefill_chunk": args.prefill_chunk,
+        "engine": args.engine,
         "c": args.c,
         "refine_every": args.refine_every,
         "checkpoint_sha256": checkpoint_sha,
@@ -427,9 +422,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let max_trace = args.requests.max(saturation_requests);
     let server_settings = ServerSettings {
-        max_running: args.max_running,
-        kv_budget_tokens: args.kv_budget_tokens,
-        prefill_chunk: args.prefill_chunk,
+        engine: args.engine.clone(),
         c: args.c,
         refine_every: args.refine_every,
         max_tokens,
@@ -654,11 +647,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         (
             "engine".into(),
             format!(
-                "max running {}, KV budget {} tokens, prefill chunk {}, TRAIL c {}, refine every {}",
-                args.max_running,
-                args.kv_budget_tokens,
-                args.prefill_chunk
-                    .map_or("whole prompts".into(), |c| c.to_string()),
+                "{}, TRAIL c {}, refine every {}",
+                args.engine.describe(),
                 args.c,
                 args.refine_every
                     .map_or("checkpoint's interval".into(), |n| n.to_string())
@@ -702,9 +692,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "seeds": args.seeds,
         "out": args.out,
         "backend": args.backend,
-        "max_running": args.max_running,
-        "kv_budget_tokens": args.kv_budget_tokens,
-        "prefill_chunk": args.prefill_chunk,
+        "engine": args.engine,
         "ignore_eos": args.ignore_eos,
         "clip_output_tokens": args.clip_output_tokens,
         "max_tokens": max_tokens,

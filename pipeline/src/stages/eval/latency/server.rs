@@ -16,6 +16,7 @@ use trail_llm::Runner;
 use trail_serving_shim::{Engine, EngineConfig, PolicyKind};
 
 use crate::manifest::write_atomic;
+use crate::stages::engine_args::EngineArgs;
 use crate::stages::model_args::ModelArgs;
 
 /// Which backend drives the server.
@@ -31,9 +32,7 @@ pub enum BackendKind {
 /// Engine settings shared by every cell.
 #[derive(Debug, Clone)]
 pub struct ServerSettings {
-    pub max_running: usize,
-    pub kv_budget_tokens: usize,
-    pub prefill_chunk: Option<usize>,
+    pub engine: EngineArgs,
     pub c: f64,
     pub refine_every: Option<u32>,
     /// Cap on output tokens for requests that fix none.
@@ -83,11 +82,10 @@ impl Server {
                     .runner
                     .context("the in-process backend needs the loaded model")?;
                 let s = cx.settings;
-                let mut cfg = EngineConfig::new(s.kv_budget_tokens, policy);
+                let mut cfg = EngineConfig::new(s.engine.kv_budget_tokens, policy);
                 cfg.c = s.c;
                 cfg.refine_every = s.refine_every;
-                cfg.scheduler.max_running = s.max_running;
-                cfg.scheduler.prefill_chunk = s.prefill_chunk;
+                cfg.scheduler = s.engine.scheduler();
                 cfg.scheduler.max_waiting = s.max_waiting;
                 let checkpoint = needs_checkpoint.then(|| cx.checkpoint.cloned()).flatten();
                 let engine = Engine::start(runner.clone(), checkpoint, cfg)?;
@@ -113,17 +111,13 @@ impl Server {
                     .args(["--addr", &format!("127.0.0.1:{port}")])
                     .args(["--policy", policy.as_str()])
                     .args(["--c", &s.c.to_string()])
-                    .args(["--max-running", &s.max_running.to_string()])
-                    .args(["--kv-budget-tokens", &s.kv_budget_tokens.to_string()])
+                    .args(s.engine.to_cli())
                     .args(["--max-waiting", &s.max_waiting.to_string()])
                     .args(["--default-max-tokens", &s.max_tokens.to_string()])
                     .arg("--out")
                     .arg(dir);
                 if let Some(n) = s.refine_every {
                     cmd.args(["--refine-every", &n.to_string()]);
-                }
-                if let Some(n) = s.prefill_chunk {
-                    cmd.args(["--prefill-chunk", &n.to_string()]);
                 }
                 if needs_checkpoint && let Some(p) = cx.checkpoint_path {
                     cmd.arg("--checkpoint").arg(p);
