@@ -1,8 +1,9 @@
 //! `trail eval latency` on the real SmolLM2 with tiny settings (in-process engine, a handful of
 //! short requests): the traces it writes are the seeded Poisson process at load × measured
 //! capacity, every request of every cell is in results.parquet exactly once, a rerun redoes only
-//! the cells that are missing, and policies without their checkpoint are refused by flag. The
-//! generator itself is checked on a large synthetic sample.
+//! the cells that are missing, and policies without their checkpoint are refused by flag; `trail
+//! sim trace` replays a cell on its own step log. The generator itself is checked on a large
+//! synthetic sample.
 
 use std::path::Path;
 
@@ -13,6 +14,7 @@ use trail_datasets::store::write_requests;
 use trail_eval::loadgen::workload::{Lengths, Prompt, poisson_trace};
 use trail_eval::loadgen::{Arrivals, read_results, read_trace};
 use trail_pipeline::stages::eval::{self, Eval};
+use trail_pipeline::stages::sim;
 
 #[derive(Parser)]
 struct Cli {
@@ -26,6 +28,19 @@ fn eval_latency(argv: &[&str]) -> Result<(), String> {
     full.extend_from_slice(argv);
     let cli = Cli::try_parse_from(&full).map_err(|e| e.to_string())?;
     eval::run(cli.eval).map_err(|e| format!("{e:#}"))
+}
+
+/// Runs `trail sim trace ARGV...` in process.
+fn sim_trace(argv: &[&str]) -> Result<(), String> {
+    #[derive(Parser)]
+    struct SimCli {
+        #[command(flatten)]
+        sim: sim::Args,
+    }
+    let mut full = vec!["sim", "trace"];
+    full.extend_from_slice(argv);
+    let cli = SimCli::try_parse_from(&full).map_err(|e| e.to_string())?;
+    sim::run(cli.sim).map_err(|e| format!("{e:#}"))
 }
 
 /// `argv` with the argument `old` replaced by `new`.
@@ -222,6 +237,50 @@ fn every_request_is_accounted_for_on_the_real_engine() {
     }
     let step_log = out.join("cells/policy=oracle/load=0.80/seed=2/steps.parquet");
     assert!(step_log.is_file());
+
+    // The trace-driven simulator replays a cell's trace with the engine's settings over the
+    // step time fitted to that cell's own step log: its mean latency lands near the measured
+    // one (loosely: 8 requests, and the tests share the cores).
+    let cell = out.join("cells/policy=fcfs/load=0.80/seed=1");
+    let sim_out = tmp.path().join("sim");
+    let (trace_s, steps_s, sim_s) = (
+        out.join("traces/load=0.80/seed=1/trace.jsonl")
+            .display()
+            .to_string(),
+        cell.join("steps.parquet").display().to_string(),
+        sim_out.display().to_string(),
+    );
+    sim_trace(&[
+        "--trace",
+        &trace_s,
+        "--steps",
+        &steps_s,
+        "--policy",
+        "fcfs",
+        "--max-running",
+        "4",
+        "--kv-budget-tokens",
+        "2048",
+        "--out",
+        &sim_s,
+    ])
+    .unwrap();
+    let sim: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(sim_out.join("summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(sim["requests"], 8, "{sim}");
+    let simulated = sim["rows"][0]["mean_latency"].as_f64().unwrap();
+    let measured: Vec<f64> = rows
+        .iter()
+        .filter(|r| r.policy == "fcfs" && r.seed == 1)
+        .map(|r| r.result.latency_s)
+        .collect();
+    let measured = measured.iter().sum::<f64>() / measured.len() as f64;
+    eprintln!("fcfs, load 0.8, seed 1: measured {measured:.3} s, simulated {simulated:.3} s");
+    assert!(
+        (simulated / measured - 1.0).abs() < 0.35,
+        "simulated {simulated} s vs measured {measured} s"
+    );
 
     // A rerun redoes only the missing cell and ends with the same accounting.
     let kept = out.join("cells/policy=fcfs/load=0.80/seed=1/results.parquet");
