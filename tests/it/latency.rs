@@ -56,6 +56,7 @@ fn pool(n: usize) -> Vec<Prompt> {
             request_id: format!("r{i}"),
             text: format!("prompt {i}"),
             output_tokens: 1 + (i as u32 * 37) % 300,
+            prompt_tokens: None,
         })
         .collect()
 }
@@ -112,6 +113,9 @@ const QUESTIONS: [&str; 6] = [
 /// A generated run with only what the stage reads: requests.parquet, the questions in the test
 /// split (plus one training request the stage must not use) with short profiled lengths.
 fn tiny_run(dir: &Path) {
+    // Prompt tokens after the chat template, as `trail generate` records them (what the
+    // engine prefills, and what `trail sim trace` replays).
+    let runner = trail_llm::Runner::load(&trail_tests::smollm2_gguf()).unwrap();
     let mut rows: Vec<RequestRow> = QUESTIONS
         .iter()
         .enumerate()
@@ -120,7 +124,7 @@ fn tiny_run(dir: &Path) {
             dataset: "tiny".into(),
             split: Split::Test,
             prompt: q.to_string(),
-            prompt_tokens: 10,
+            prompt_tokens: runner.encode_chat(q).unwrap().len() as u32,
             output: String::new(),
             output_tokens: 2 + i as u32,
             finish_reason: FinishReason::Stop,

@@ -109,7 +109,14 @@ fn eval_mae_scores_models_and_checkpoints_on_other_runs() {
     assert!(mae(&m, "refined").unwrap() < mae(&m, "constant").unwrap());
     assert!(mae(&m, "probe_multi_layer").is_some());
     assert!(mae(&m, "bert_finetuned").is_none());
-    for f in ["metrics.json", "report.md", "manifest.json"] {
+    for f in [
+        "metrics.json",
+        "report.md",
+        "manifest.json",
+        "mae_vs_generated.png",
+        "confusion.png",
+        "reliability.png",
+    ] {
         assert!(other.join(f).is_file(), "{f}");
     }
     let md = std::fs::read_to_string(other.join("report.md")).unwrap();

@@ -22,6 +22,10 @@ pub struct TraceRequest {
     pub output_tokens: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
+    /// Prompt tokens after the chat template, when known (what the simulator prefills; without
+    /// it, the text's length is an estimate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens: Option<u32>,
 }
 
 impl TraceRequest {
@@ -31,6 +35,7 @@ impl TraceRequest {
             prompt,
             output_tokens,
             request_id: None,
+            prompt_tokens: None,
         }
     }
 }

@@ -20,6 +20,8 @@ pub struct Prompt {
     pub text: String,
     /// The output length the model produced for it when the run was generated.
     pub output_tokens: u32,
+    /// Its tokens after the chat template, when known.
+    pub prompt_tokens: Option<u32>,
 }
 
 /// How output lengths are fixed.
@@ -99,6 +101,7 @@ fn requests(
                 prompt: p.text,
                 output_tokens: fixed,
                 request_id: Some(p.request_id),
+                prompt_tokens: p.prompt_tokens,
             }
         })
         .collect())
@@ -114,6 +117,7 @@ mod tests {
                 request_id: format!("r{i}"),
                 text: format!("prompt {i}"),
                 output_tokens: 3 + i as u32,
+                prompt_tokens: None,
             })
             .collect()
     }

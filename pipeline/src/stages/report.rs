@@ -179,6 +179,33 @@ pub fn plots(out: &Path, m: &Metrics, d: &Details) -> anyhow::Result<Vec<PathBuf
         ],
     )?;
     files.push(p);
+    files.extend(test_plots(out, m, d)?);
+    let p = out.join("training_curves.png");
+    let series: Vec<Series> = d
+        .curves
+        .iter()
+        .map(|(name, c)| {
+            Series::line(
+                &format!("{name} (val MAE)"),
+                c.iter().map(|r| (r.epoch as f64, r.val_mae)).collect(),
+            )
+            .with_mark(plot::Mark::LinePoints)
+        })
+        .collect();
+    plot::line_chart(
+        &p,
+        &Axes::new("Training curves", "epoch", "validation MAE (tokens)"),
+        &series,
+    )?;
+    files.push(p);
+    Ok(files)
+}
+
+/// The figures of the scored split (also `trail eval mae`'s): MAE vs tokens generated per
+/// predictor, the selected probe's confusion matrix, the refined estimate's reliability.
+pub fn test_plots(out: &Path, m: &Metrics, d: &Details) -> anyhow::Result<Vec<PathBuf>> {
+    plot::init_font()?;
+    let mut files = Vec::new();
     let p = out.join("mae_vs_generated.png");
     let series: Vec<Series> = d
         .mae_by_g
@@ -229,24 +256,6 @@ pub fn plots(out: &Path, m: &Metrics, d: &Details) -> anyhow::Result<Vec<PathBuf
             .iter()
             .map(|&(p, a, _)| (p, a))
             .collect::<Vec<_>>(),
-    )?;
-    files.push(p);
-    let p = out.join("training_curves.png");
-    let series: Vec<Series> = d
-        .curves
-        .iter()
-        .map(|(name, c)| {
-            Series::line(
-                &format!("{name} (val MAE)"),
-                c.iter().map(|r| (r.epoch as f64, r.val_mae)).collect(),
-            )
-            .with_mark(plot::Mark::LinePoints)
-        })
-        .collect();
-    plot::line_chart(
-        &p,
-        &Axes::new("Training curves", "epoch", "validation MAE (tokens)"),
-        &series,
     )?;
     files.push(p);
     Ok(files)

@@ -480,8 +480,8 @@ pub struct TraceArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub engine: EngineArgs,
-    /// Prompt length of a trace request: its characters over this, rounded up (the trace holds
-    /// text, not tokens).
+    /// Prompt length of a trace request without `prompt_tokens` (traces of `trail eval latency`
+    /// have it): its characters over this, rounded up. An estimate: it misses the chat template.
     #[arg(long, default_value_t = 4.0)]
     pub chars_per_token: f64,
     /// Synthetic trace: requests.
@@ -567,8 +567,10 @@ fn run_trace(a: &TraceArgs) -> anyhow::Result<()> {
             manifest.input(path, &a.out)?;
             let lens = trace
                 .iter()
-                .map(|r| {
-                    ((r.prompt.chars().count() as f64 / a.chars_per_token).ceil() as usize).max(1)
+                .map(|r| match r.prompt_tokens {
+                    Some(n) => (n as usize).max(1),
+                    None => ((r.prompt.chars().count() as f64 / a.chars_per_token).ceil() as usize)
+                        .max(1),
                 })
                 .collect();
             (trace, lens)

@@ -336,6 +336,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             request_id: r.request_id.clone(),
             text: r.prompt.clone(),
             output_tokens: r.output_tokens,
+            prompt_tokens: Some(r.prompt_tokens),
         })
         .collect();
     anyhow::ensure!(

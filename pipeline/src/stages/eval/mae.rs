@@ -5,7 +5,8 @@
 //! on NAME's validation split, the multi-layer probe, the BERT baselines (run on the new
 //! prompts) and the constant baselines (NAME's train lengths). `--checkpoint F` scores an
 //! exported checkpoint alone: `refined`, `probe_no_refine`, `prompt_embedding` (the other keys
-//! are null). Writes `metrics.json` (the keys of `trail report`'s), `report.md` and
+//! are null). Writes `metrics.json` (the keys of `trail report`'s), `report.md`, the plots of
+//! the scored requests (`mae_vs_generated.png`, `confusion.png`, `reliability.png`) and
 //! `manifest.json` into `--out`. Predictors made for another model or hidden size than the
 //! data's are refused, naming the file.
 
@@ -18,7 +19,7 @@ use trail_checkpoints::suite::{self, BertAssets, Run};
 use trail_datasets::{SplitFilter, store};
 
 use crate::manifest::{Manifest, write_atomic};
-use crate::stages::report::predictor_table;
+use crate::stages::report::{predictor_table, test_plots};
 use crate::stages::train::bert_dir;
 
 /// Arguments of `trail eval mae`.
@@ -90,7 +91,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         seed: args.seed,
         ..ScoreOptions::default()
     };
-    let (source, metrics, mut read_layers) = match (&args.models, &args.checkpoint) {
+    let (source, metrics, details, mut read_layers) = match (&args.models, &args.checkpoint) {
         (Some(models), None) => {
             let train = training_run(models)?;
             let mut trained =
@@ -132,7 +133,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             if let Some((l, _)) = &trained.predictors.multi {
                 layers.extend(l);
             }
-            (source, trained.metrics(scored, &opts).0, layers)
+            let (metrics, details) = trained.metrics(scored, &opts);
+            (source, metrics, details, layers)
         }
         (None, Some(path)) => {
             let preds = Predictors::checkpoint(path)?;
@@ -156,7 +158,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 .chain(&meta.prompt_layers)
                 .map(|&l| l as u32)
                 .collect();
-            (source, preds.checkpoint_metrics(scored, &opts).0, layers)
+            let (metrics, details) = preds.checkpoint_metrics(scored, &opts);
+            (source, metrics, details, layers)
         }
         _ => anyhow::bail!("give either --models or --checkpoint"),
     };
@@ -178,7 +181,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let md = markdown(&source, &data, split_name, &metrics);
     let md_path = args.out.join("report.md");
     write_atomic(&md_path, md.as_bytes())?;
-    for f in [&metrics_path, &md_path] {
+    let plots = test_plots(&args.out, &metrics, &details)?;
+    for f in [&metrics_path, &md_path].into_iter().chain(&plots) {
         manifest.output(f, &args.out)?;
     }
     manifest.result("split", split_name)?;
@@ -245,6 +249,12 @@ fn markdown(
         m.refine_interval
     );
     s.push_str(&predictor_table(t));
+    let _ = writeln!(
+        s,
+        "\n![MAE vs tokens generated](mae_vs_generated.png)\n\n\
+         ![Confusion matrix of the probe](confusion.png)\n\n\
+         ![Reliability of the refined estimate](reliability.png)\n"
+    );
     if !m.notes.is_empty() {
         let _ = writeln!(s, "## Notes\n");
         for n in &m.notes {
