@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
+use trail_eval::loadgen::workload::{Lengths, poisson_trace};
 use trail_eval::plot::{self, Axes, Series};
 use trail_eval::{CappedMixture, Joint, Policy, Predictions, SimConfig, Sizes};
 
@@ -484,6 +485,11 @@ pub struct TraceArgs {
     /// have it): its characters over this, rounded up. An estimate: it misses the chat template.
     #[arg(long, default_value_t = 4.0)]
     pub chars_per_token: f64,
+    /// Synthetic trace from a generated run: prompts (with their tokens) and profiled output
+    /// lengths sampled from its test split, as `trail eval latency` samples them; without it,
+    /// exponential lengths (--mean-output).
+    #[arg(long, conflicts_with = "trace")]
+    pub data: Option<PathBuf>,
     /// Synthetic trace: requests.
     #[arg(long, default_value_t = 10_000)]
     pub requests: usize,
@@ -510,6 +516,40 @@ struct TraceRow {
     preemptions: u64,
     steps: u64,
     makespan: f64,
+}
+
+/// Mean and p99 latency against the number of replicas, a line per policy (log scale).
+fn replicas_plot(path: &std::path::Path, rows: &[TraceRow]) -> anyhow::Result<()> {
+    plot::init_font()?;
+    let mut policies: Vec<&str> = Vec::new();
+    for r in rows {
+        if !policies.contains(&r.policy.as_str()) {
+            policies.push(&r.policy);
+        }
+    }
+    let mut series = Vec::new();
+    for p in policies {
+        let of = |f: fn(&TraceRow) -> f64| -> Vec<(f64, f64)> {
+            rows.iter()
+                .filter(|r| r.policy == p)
+                .map(|r| (r.replicas as f64, f(r)))
+                .collect()
+        };
+        series.push(
+            Series::line(&format!("{p} p99"), of(|r| r.p99_latency))
+                .with_mark(plot::Mark::LinePoints),
+        );
+        series.push(
+            Series::line(&format!("{p} mean"), of(|r| r.mean_latency))
+                .with_mark(plot::Mark::Points),
+        );
+    }
+    plot::line_chart(
+        path,
+        &Axes::new("Latency vs replicas", "replicas", "latency (s)").log_y(),
+        &series,
+    )?;
+    Ok(())
 }
 
 /// The step-time model of `--steps`: fitted to a step log (parquet, told by its magic bytes),
@@ -575,9 +615,32 @@ fn run_trace(a: &TraceArgs) -> anyhow::Result<()> {
                 .collect();
             (trace, lens)
         }
-        None => {
-            tracesim::synthetic_trace(a.requests, a.rate, a.mean_output, 512, (16, 256), a.seed)?
-        }
+        None => match &a.data {
+            Some(data) => {
+                let (_, pool) = crate::stages::eval::latency::test_prompts(data)?;
+                manifest.input(&trail_datasets::schema::requests_path(data), data)?;
+                let trace = poisson_trace(
+                    &pool,
+                    a.requests,
+                    a.rate,
+                    a.seed,
+                    Lengths::Profiled { clip: None },
+                )?;
+                let lens = trace
+                    .iter()
+                    .map(|r| r.prompt_tokens.unwrap_or(1).max(1) as usize)
+                    .collect();
+                (trace, lens)
+            }
+            None => tracesim::synthetic_trace(
+                a.requests,
+                a.rate,
+                a.mean_output,
+                512,
+                (16, 256),
+                a.seed,
+            )?,
+        },
     };
     anyhow::ensure!(!trace.is_empty(), "empty trace");
 
@@ -645,9 +708,18 @@ fn run_trace(a: &TraceArgs) -> anyhow::Result<()> {
         "# Trace-driven serving simulation\n\n{} requests ({}); step time = {:.3e} + {:.3e}·decode rows \
          + {:.3e}·prefill tokens + {:.3e}·KV tokens s; {}, router {:?}, c = {}.\n\n| policy | replicas | mean | p50 | p90 | p99 | mean TTFT | preemptions |\n|---|---|---|---|---|---|---|---|\n",
         trace.len(),
-        a.trace
-            .as_ref()
-            .map_or("synthetic Poisson".to_string(), |p| p.display().to_string()),
+        match (&a.trace, &a.data) {
+            (Some(p), _) => p.display().to_string(),
+            (None, Some(d)) => format!(
+                "Poisson at {} requests/s, prompts and profiled lengths from the test split of {}",
+                a.rate,
+                d.display()
+            ),
+            (None, None) => format!(
+                "Poisson at {} requests/s, exponential lengths of mean {}",
+                a.rate, a.mean_output
+            ),
+        },
         model.base_s,
         model.per_decode_row_s,
         model.per_prefill_token_s,
@@ -669,6 +741,10 @@ fn run_trace(a: &TraceArgs) -> anyhow::Result<()> {
             r.preemptions
         ));
     }
+    let plot_path = out.join("latency_vs_replicas.png");
+    replicas_plot(&plot_path, &rows)?;
+    manifest.output(&plot_path, out)?;
+    md.push_str("\n![latency vs replicas](latency_vs_replicas.png)\n");
     let report_path = out.join("report.md");
     write_atomic(&report_path, md.as_bytes())?;
     manifest.output(&report_path, out)?;

@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use trail_checkpoints::Checkpoint;
 use trail_checkpoints::prior::BertPrior;
-use trail_datasets::schema::requests_path;
+use trail_datasets::schema::{RequestRow, requests_path};
 use trail_datasets::split::Split;
 use trail_datasets::store::read_requests;
 use trail_eval::loadgen::workload::{self, Lengths, Prompt};
@@ -172,6 +172,29 @@ fn policies(args: &Args) -> anyhow::Result<Vec<PolicyKind>> {
     }
     anyhow::ensure!(!out.is_empty(), "no policy to run");
     Ok(out)
+}
+
+/// A generated run's requests, and the prompts of its test split with their profiled output
+/// lengths and prompt tokens (the workload of `eval latency` and of `sim trace --data`).
+pub fn test_prompts(data: &Path) -> anyhow::Result<(Vec<RequestRow>, Vec<Prompt>)> {
+    let req_path = requests_path(data);
+    let rows = read_requests(&req_path).with_context(|| format!("{}", req_path.display()))?;
+    let pool: Vec<Prompt> = rows
+        .iter()
+        .filter(|r| r.split == Split::Test)
+        .map(|r| Prompt {
+            request_id: r.request_id.clone(),
+            text: r.prompt.clone(),
+            output_tokens: r.output_tokens,
+            prompt_tokens: Some(r.prompt_tokens),
+        })
+        .collect();
+    anyhow::ensure!(
+        !pool.is_empty(),
+        "{}: no request in the test split",
+        req_path.display()
+    );
+    Ok((rows, pool))
 }
 
 fn cell_dir(out: &Path, policy: &str, load: f64, seed: u64) -> PathBuf {
@@ -328,22 +351,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     // The workload.
     let req_path = requests_path(&args.data);
-    let rows = read_requests(&req_path).with_context(|| format!("{}", req_path.display()))?;
-    let pool: Vec<Prompt> = rows
-        .iter()
-        .filter(|r| r.split == Split::Test)
-        .map(|r| Prompt {
-            request_id: r.request_id.clone(),
-            text: r.prompt.clone(),
-            output_tokens: r.output_tokens,
-            prompt_tokens: Some(r.prompt_tokens),
-        })
-        .collect();
-    anyhow::ensure!(
-        !pool.is_empty(),
-        "{}: no request in the test split",
-        req_path.display()
-    );
+    let (rows, pool) = test_prompts(&args.data)?;
     let lengths = if args.ignore_eos {
         Lengths::Profiled {
             clip: args.clip_output_tokens,
