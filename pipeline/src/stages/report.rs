@@ -36,6 +36,10 @@ pub struct Args {
     pub bootstrap: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// A run holding the same test requests at every position (`trail generate --split test
+    /// --sample all`, the selected layers): scores `refined_every_token` there.
+    #[arg(long)]
+    pub every_token: Option<PathBuf>,
 }
 
 fn fmt_iv(iv: &Option<Interval>, digits: usize) -> String {
@@ -261,6 +265,77 @@ pub fn test_plots(out: &Path, m: &Metrics, d: &Details) -> anyhow::Result<Vec<Pa
     Ok(files)
 }
 
+/// Scores `refined_every_token` on `dir`, a regeneration of `run`'s test requests with every
+/// position stored, and puts it into `metrics` with a note.
+fn every_token(
+    run: &Run,
+    dir: &Path,
+    opts: &ScoreOptions,
+    metrics: &mut Metrics,
+    manifest: &mut Manifest,
+) -> anyhow::Result<()> {
+    use std::collections::BTreeSet;
+    use trail_datasets::split::Split;
+
+    let data = Run::open(dir).with_context(|| format!("--every-token {}", dir.display()))?;
+    // The same requests with the same output lengths (the same kernels made both).
+    let ids = |r: &Run| -> BTreeSet<(String, u32)> {
+        r.requests
+            .iter()
+            .filter(|q| q.split == Split::Test)
+            .map(|q| (q.request_id.clone(), q.output_tokens))
+            .collect()
+    };
+    anyhow::ensure!(
+        ids(&data) == ids(run),
+        "--every-token {}: its test requests or their output lengths are not {}'s",
+        dir.display(),
+        run.dir.display()
+    );
+    let trained = scoring::Trained::open(run)
+        .with_context(|| format!("reading {}", run.models_dir().display()))?;
+    eprintln!("scoring refined_every_token on {}", dir.display());
+    let scored = scoring::score(&data, Some(Split::Test), &trained.predictors, opts)
+        .with_context(|| format!("scoring on {}", dir.display()))?;
+    let (m, _) = trained.metrics(scored, opts);
+    anyhow::ensure!(
+        m.test.every_position,
+        "--every-token {}: the test rows do not hold every position (generate with --sample all)",
+        dir.display()
+    );
+    const KEY: &str = "refined_every_token";
+    for (to, from) in [
+        (&mut metrics.test.mae_remaining, &m.test.mae_remaining),
+        (&mut metrics.test.mae_at_start, &m.test.mae_at_start),
+        (
+            &mut metrics.test.kendall_tau_at_start,
+            &m.test.kendall_tau_at_start,
+        ),
+    ] {
+        to.insert(KEY.to_string(), from.get(KEY).cloned().flatten());
+    }
+    metrics.notes.retain(|n| !n.starts_with(KEY));
+    let on_pairs = |k: &str| fmt_iv(&m.test.mae_remaining.get(k).cloned().flatten(), 1);
+    metrics.notes.push(format!(
+        "{KEY} is scored on `{}`: the same {} test requests regenerated with every position \
+         stored ({} (request, g) pairs; every output length equal to this run's). On those \
+         pairs, refined every {} tokens: {}; every token: {}.",
+        dir.display(),
+        m.test.requests,
+        m.test.pairs,
+        opts.refine_interval,
+        on_pairs("refined"),
+        on_pairs(KEY),
+    ));
+    manifest.input(&trail_datasets::schema::requests_path(dir), dir)?;
+    for l in [trained.best_layer] {
+        for part in trail_datasets::store::layer_parts(dir, l)? {
+            manifest.input(&part, dir)?;
+        }
+    }
+    Ok(())
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
     let run = Run::open(&args.run).with_context(|| format!("{}", args.run.display()))?;
     let out = args.out.clone().unwrap_or_else(|| run.dir.join("report"));
@@ -277,8 +352,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "scoring the predictors of {} on its test split",
         run.dir.display()
     );
-    let (metrics, details) = scoring::score_suite(&run, &opts)
+    let (mut metrics, details) = scoring::score_suite(&run, &opts)
         .with_context(|| format!("scoring {}", run.dir.display()))?;
+    if let Some(dir) = &args.every_token {
+        every_token(&run, dir, &opts, &mut metrics, &mut manifest)?;
+    }
     let models = run.models_dir();
     let mut inputs: Vec<PathBuf> = std::fs::read_dir(&models)
         .with_context(|| format!("{}: cannot list", models.display()))?
