@@ -135,9 +135,10 @@ impl Series {
     }
 }
 
-/// A colour-blind-friendly palette (Okabe–Ito).
+/// A colour-blind-friendly palette (Okabe–Ito, then four of Tol's muted colours, so a report's
+/// dozen predictors get distinct colours).
 pub fn color(i: usize) -> RGBColor {
-    const P: [RGBColor; 8] = [
+    const P: [RGBColor; 12] = [
         RGBColor(0, 114, 178),
         RGBColor(213, 94, 0),
         RGBColor(0, 158, 115),
@@ -146,6 +147,10 @@ pub fn color(i: usize) -> RGBColor {
         RGBColor(86, 180, 233),
         RGBColor(0, 0, 0),
         RGBColor(240, 228, 66),
+        RGBColor(136, 34, 85),
+        RGBColor(68, 170, 153),
+        RGBColor(136, 136, 136),
+        RGBColor(51, 34, 136),
     ];
     P[i % P.len()]
 }

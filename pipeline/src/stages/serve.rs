@@ -110,6 +110,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         http::serve(router, listener, shutdown_signal()).await?;
         anyhow::Ok(())
     })?;
+    // Connection tasks may still hold the router (and its engine handle) for a moment after
+    // the graceful shutdown returns: shutting the runtime down drops them.
+    rt.shutdown_timeout(std::time::Duration::from_secs(10));
     let engine = Arc::try_unwrap(engine)
         .map_err(|_| anyhow::anyhow!("the engine is still in use after the server stopped"))?;
     let report = engine.shutdown()?;

@@ -528,7 +528,7 @@ fn replicas_plot(path: &std::path::Path, rows: &[TraceRow]) -> anyhow::Result<()
         }
     }
     let mut series = Vec::new();
-    for p in policies {
+    for (i, p) in policies.into_iter().enumerate() {
         let of = |f: fn(&TraceRow) -> f64| -> Vec<(f64, f64)> {
             rows.iter()
                 .filter(|r| r.policy == p)
@@ -537,11 +537,13 @@ fn replicas_plot(path: &std::path::Path, rows: &[TraceRow]) -> anyhow::Result<()
         };
         series.push(
             Series::line(&format!("{p} p99"), of(|r| r.p99_latency))
-                .with_mark(plot::Mark::LinePoints),
+                .with_mark(plot::Mark::LinePoints)
+                .with_color(i),
         );
         series.push(
             Series::line(&format!("{p} mean"), of(|r| r.mean_latency))
-                .with_mark(plot::Mark::Points),
+                .with_mark(plot::Mark::Points)
+                .with_color(i),
         );
     }
     plot::line_chart(
