@@ -1,7 +1,9 @@
 //! The OpenAI-compatible HTTP front end (axum): `POST /v1/completions`,
 //! `POST /v1/chat/completions` (`max_tokens`, `temperature`, `top_p`, `seed`, `stream` as SSE
 //! ending in `[DONE]`, `usage`, and `ignore_eos` for benchmarks), `GET /health` and
-//! `GET /metrics` (Prometheus text).
+//! `GET /metrics` (Prometheus text). Beside `usage`, a response (or a stream's last chunk)
+//! carries `trail`: `queue_s` (arrival to first admission), `preemptions` and
+//! `recomputed_tokens`, for load generators.
 //!
 //! With a [`BertPredictor`], each request's user message (the last `user` message of a chat, the
 //! prompt of a completion) gets its initial length prediction before it is submitted.
@@ -321,6 +323,16 @@ fn usage(s: &Summary) -> Value {
     })
 }
 
+/// trail's extension beside `usage`: seconds from arrival to first admission and preemptions
+/// (what a load generator cannot observe from the outside).
+fn trail_extension(s: &Summary) -> Value {
+    json!({
+        "queue_s": s.times.first_scheduled.map(|f| (f - s.times.arrival).max(0.0)),
+        "preemptions": s.preemptions_policy + s.preemptions_memory,
+        "recomputed_tokens": s.recomputed_tokens,
+    })
+}
+
 fn now_unix() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -390,6 +402,7 @@ async fn run(
             "model": &*app.model,
             "choices": [choice],
             "usage": usage(&s),
+            "trail": trail_extension(&s),
         }))
         .into_response())
     }
@@ -408,7 +421,10 @@ struct Streamer {
 }
 
 impl Streamer {
-    fn chunk(&self, delta: &str, finish: Option<&str>, usage: Option<Value>) -> SseEvent {
+    /// One SSE chunk; the last carries `usage` and trail's extension.
+    fn chunk(&self, delta: &str, finish: Option<&str>, done: Option<&Summary>) -> SseEvent {
+        let usage = done.map(usage);
+        let trail = done.map(trail_extension);
         let created = now_unix();
         let model = &*self.app.model;
         let v = match self.kind {
@@ -416,6 +432,7 @@ impl Streamer {
                 "id": self.id, "object": "text_completion", "created": created, "model": model,
                 "choices": [{"index": 0, "text": delta, "logprobs": null, "finish_reason": finish}],
                 "usage": usage,
+                "trail": trail,
             }),
             Kind::Chat => {
                 let mut d = serde_json::Map::new();
@@ -430,6 +447,7 @@ impl Streamer {
                     "model": model,
                     "choices": [{"index": 0, "delta": d, "finish_reason": finish}],
                     "usage": usage,
+                    "trail": trail,
                 })
             }
         };
@@ -472,7 +490,7 @@ impl Streamer {
                 Some(Event::Done(s)) => {
                     self.tokens.clone_from(&s.tokens);
                     let d = self.delta();
-                    let ev = self.chunk(&d, Some(s.finish.as_str()), Some(usage(&s)));
+                    let ev = self.chunk(&d, Some(s.finish.as_str()), Some(&*s));
                     self.done = true;
                     return Some((Ok(ev), self));
                 }

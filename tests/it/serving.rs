@@ -82,8 +82,14 @@ fn serve_all(
         let h = engine.submit_blocking(req).expect("admitted");
         handles.push(h);
         if i == refs.len() / 2 {
-            // Let the first wave get going, so later short requests meet running long ones.
-            std::thread::sleep(std::time::Duration::from_millis(300));
+            // Let the first wave get going (decoding, however loaded the machine is), so later
+            // short requests meet running long ones.
+            let started = std::time::Instant::now();
+            while engine.stats().counters.generated_tokens < 6
+                && started.elapsed() < std::time::Duration::from_secs(60)
+            {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
         }
     }
     let summaries: Vec<Summary> = handles
@@ -375,6 +381,9 @@ fn http_front_end_serves_openai_requests() {
     assert_eq!(v["choices"][0]["message"]["content"], expected.as_str());
     assert_eq!(v["usage"]["prompt_tokens"], prompt.len());
     assert_eq!(v["usage"]["completion_tokens"], alone.tokens.len());
+    // trail's extension: queue time and preemptions, for load generators.
+    assert!(v["trail"]["queue_s"].as_f64().unwrap() >= 0.0, "{v}");
+    assert_eq!(v["trail"]["preemptions"], 0);
 
     // Streamed: SSE chunks whose deltas concatenate to the same text, usage last, then [DONE].
     let mut sreq = req.clone();
@@ -399,6 +408,7 @@ fn http_front_end_serves_openai_requests() {
     let last = chunks.last().unwrap();
     assert!(last["choices"][0]["finish_reason"].is_string());
     assert_eq!(last["usage"]["completion_tokens"], alone.tokens.len());
+    assert!(last["trail"]["queue_s"].as_f64().is_some(), "{last}");
 
     // Plain completion with ignore_eos runs to max_tokens.
     let creq =
