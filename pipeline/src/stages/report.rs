@@ -328,7 +328,13 @@ fn every_token(
         on_pairs(KEY),
     ));
     manifest.input(&trail_datasets::schema::requests_path(dir), dir)?;
-    for l in [trained.best_layer] {
+    let mut layers = vec![trained.best_layer];
+    if let Some((l, _)) = &trained.predictors.multi {
+        layers.extend(l);
+    }
+    layers.sort_unstable();
+    layers.dedup();
+    for l in layers {
         for part in trail_datasets::store::layer_parts(dir, l)? {
             manifest.input(&part, dir)?;
         }
