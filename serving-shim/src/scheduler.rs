@@ -169,6 +169,18 @@ impl StepPlan {
         self.prefill.iter().map(|c| c.len).sum()
     }
 
+    /// Adds `id`'s next row: a one-token decode, or the prefill chunk `[start, start + len)`.
+    /// Returns the prefill tokens it takes from the step's budget (0 for a decode).
+    fn push_row(&mut self, id: SeqId, decoding: bool, start: usize, len: usize) -> usize {
+        if decoding {
+            self.decode.push(id);
+            0
+        } else {
+            self.prefill.push(Chunk { id, start, len });
+            len
+        }
+    }
+
     fn remove(&mut self, id: SeqId) -> usize {
         self.decode.retain(|&d| d != id);
         let mut freed = 0;
@@ -521,16 +533,7 @@ impl Scheduler {
                     self.blocks
                         .append_slots(id, computed + n)
                         .expect("room was checked");
-                    if decoding {
-                        plan.decode.push(id);
-                    } else {
-                        plan.prefill.push(Chunk {
-                            id,
-                            start: computed,
-                            len: n,
-                        });
-                        budget = budget.saturating_sub(n);
-                    }
+                    budget = budget.saturating_sub(plan.push_row(id, decoding, computed, n));
                     break;
                 }
                 memory_pressure = true;
@@ -602,16 +605,7 @@ impl Scheduler {
                 s.waited += (now - s.waiting_since).max(0.0);
                 s.times.first_scheduled.get_or_insert(now);
                 self.counters.admitted += 1;
-                if decoding {
-                    plan.decode.push(id);
-                } else {
-                    plan.prefill.push(Chunk {
-                        id,
-                        start: computed,
-                        len: want,
-                    });
-                    budget = budget.saturating_sub(want);
-                }
+                budget = budget.saturating_sub(plan.push_row(id, decoding, computed, want));
                 self.running.push(id);
                 admitted_now.push(id);
             }

@@ -102,16 +102,25 @@ fn sprpt_preempts_a_longer_running_request() {
     assert_eq!(long.recomputed_tokens, 4 + 4);
 }
 
-#[test]
-fn readmission_prefills_prompt_and_generated() {
-    let mut d = Driver::new(cfg(4096, 1), Box::new(Sprpt)).with_predict(exact);
-    load(&mut d, &[(1, 6, 40, Some(40.0))]);
-    for _ in 0..4 {
+/// SPRPT, one running slot: request 1 (`prompt` tokens, 40 out) runs `steps` steps, then request
+/// 2 (4 prompt tokens, 1 out) arrives. Returns the driver after the step where 2 preempts 1 and
+/// finishes in its prefill, with that step's plan.
+fn long_preempted_by_short(c: SchedulerConfig, prompt: usize, steps: usize) -> (Driver, StepPlan) {
+    let mut d = Driver::new(c, Box::new(Sprpt)).with_predict(exact);
+    load(&mut d, &[(1, prompt, 40, Some(40.0))]);
+    for _ in 0..steps {
         d.step();
     }
     load(&mut d, &[(2, 4, 1, Some(1.0))]);
-    d.step(); // 2 preempts 1 and finishes in its prefill
+    let plan = d.step();
+    assert_eq!(plan.preempted, vec![(1, PreemptKind::Policy)]);
     assert_eq!(d.finish_order(), vec![2]);
+    (d, plan)
+}
+
+#[test]
+fn readmission_prefills_prompt_and_generated() {
+    let (mut d, _) = long_preempted_by_short(cfg(4096, 1), 6, 4);
     let plan = d.step();
     // 6 prompt + 4 generated tokens.
     assert_eq!(
@@ -134,21 +143,13 @@ fn swap_cfg(budget: usize, max_running: usize, swap: usize) -> SchedulerConfig {
 
 #[test]
 fn swap_readmission_resumes_with_a_decode() {
-    let mut d = Driver::new(swap_cfg(4096, 1, 4096), Box::new(Sprpt)).with_predict(exact);
-    load(&mut d, &[(1, 6, 40, Some(40.0))]);
-    for _ in 0..4 {
-        d.step();
-    }
-    load(&mut d, &[(2, 4, 1, Some(1.0))]);
-    let plan = d.step(); // 2 preempts 1 and finishes in its prefill
-    assert_eq!(plan.preempted, vec![(1, PreemptKind::Policy)]);
+    let (mut d, plan) = long_preempted_by_short(swap_cfg(4096, 1, 4096), 6, 4);
     assert_eq!(plan.swapped_out, vec![1]);
     let swapped = d.s.get(1).unwrap();
     // 6 prompt + 3 fed generated tokens stay in the (swapped) cache.
     assert_eq!(swapped.computed, 9);
     assert_eq!(d.s.swap().unwrap().blocks_of(1), 1);
     assert_eq!(d.s.blocks().blocks_of(1), 0);
-    assert_eq!(d.finish_order(), vec![2]);
     // Back in: its newest token is decoded, nothing is prefilled again.
     let plan = d.step();
     assert_eq!(plan.decode, vec![1]);
@@ -167,14 +168,7 @@ fn swap_readmission_resumes_with_a_decode() {
 #[test]
 fn swap_falls_back_to_recompute_when_the_swap_pool_is_full() {
     // A swap pool of one block of 16 tokens cannot hold 20 prompt + 5 generated.
-    let mut d = Driver::new(swap_cfg(4096, 1, 16), Box::new(Sprpt)).with_predict(exact);
-    load(&mut d, &[(1, 20, 40, Some(40.0))]);
-    for _ in 0..6 {
-        d.step();
-    }
-    load(&mut d, &[(2, 4, 1, Some(1.0))]);
-    let plan = d.step();
-    assert_eq!(plan.preempted, vec![(1, PreemptKind::Policy)]);
+    let (mut d, plan) = long_preempted_by_short(swap_cfg(4096, 1, 16), 20, 6);
     assert!(plan.swapped_out.is_empty());
     assert_eq!(d.s.get(1).unwrap().computed, 0);
     let plan = d.step();
