@@ -141,6 +141,16 @@ impl StepTimeModel {
         Self::fit(&samples)
     }
 
+    /// Every coefficient times `factor`: the same engine `factor` times slower.
+    pub fn scaled(&self, factor: f64) -> Self {
+        Self {
+            base_s: self.base_s * factor,
+            per_decode_row_s: self.per_decode_row_s * factor,
+            per_prefill_token_s: self.per_prefill_token_s * factor,
+            per_kv_token_s: self.per_kv_token_s * factor,
+        }
+    }
+
     /// Predicted seconds of a step of this shape.
     pub fn predict(&self, decode_rows: usize, prefill_tokens: usize, kv_tokens: usize) -> f64 {
         self.base_s

@@ -23,7 +23,8 @@
 //! full. The scheduler reads time only from its [`Clock`] and knows nothing of the model.
 
 use std::cmp::Ordering;
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::sync::Arc;
 
 use crate::block::BlockManager;
@@ -138,6 +139,34 @@ pub struct Chunk {
     /// Number of tokens.
     pub len: usize,
 }
+
+/// How soon a request should run: (rank, arrival, id), lower is more urgent. Ranks compare by
+/// `total_cmp`, ties go to the earlier arrival, then the lower id, so the order is total.
+#[derive(Debug, Clone, Copy)]
+struct Urgency(f64, f64, SeqId);
+
+impl Ord for Urgency {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.0
+            .total_cmp(&other.0)
+            .then(self.1.total_cmp(&other.1))
+            .then(self.2.cmp(&other.2))
+    }
+}
+
+impl PartialOrd for Urgency {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl PartialEq for Urgency {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+
+impl Eq for Urgency {}
 
 /// One model step: what to run and what was preempted to make it fit.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -448,16 +477,10 @@ impl Scheduler {
         Some(seq)
     }
 
-    /// Rank key of a running sequence: (rank, arrival, id), lower is more urgent.
-    fn running_key(&self, id: SeqId) -> (f64, f64, SeqId) {
+    /// Urgency of a running sequence.
+    fn running_key(&self, id: SeqId) -> Urgency {
         let s = &self.seqs[&id];
-        (self.policy.running_rank(s), s.times.arrival, id)
-    }
-
-    fn cmp_key(a: &(f64, f64, SeqId), b: &(f64, f64, SeqId)) -> Ordering {
-        a.0.total_cmp(&b.0)
-            .then(a.1.total_cmp(&b.1))
-            .then(a.2.cmp(&b.2))
+        Urgency(self.policy.running_rank(s), s.times.arrival, id)
     }
 
     fn preempt(&mut self, id: SeqId, kind: PreemptKind, now: f64, plan: &mut StepPlan) -> usize {
@@ -509,12 +532,12 @@ impl Scheduler {
         let mut preempted_now: Vec<SeqId> = Vec::new();
 
         // 1. Running requests, most urgent first.
-        let mut order: Vec<(f64, f64, SeqId)> = self
+        let mut order: Vec<Urgency> = self
             .running
             .iter()
             .map(|&id| self.running_key(id))
             .collect();
-        order.sort_by(Self::cmp_key);
+        order.sort_unstable();
         let mut queue: std::collections::VecDeque<SeqId> = order.into_iter().map(|k| k.2).collect();
         let mut memory_pressure = false;
         while let Some(id) = queue.pop_front() {
@@ -547,10 +570,13 @@ impl Scheduler {
         }
 
         // 2. Admission (not after a memory preemption: the pool is tight, admitting now would
-        //    only cause more preemption).
-        if !memory_pressure && !self.waiting.is_empty() {
+        //    only cause more preemption; nor into a full batch that the policy never preempts).
+        //    Most urgent first, popped from a heap: admission stops at the first request that
+        //    does not fit, so a long queue is never sorted whole (overloaded simulations).
+        let room = self.running.len() < self.cfg.max_running || self.policy.preempts();
+        if !memory_pressure && room && !self.waiting.is_empty() {
             let aging = self.cfg.aging;
-            let mut order: Vec<(f64, f64, SeqId)> = self
+            let mut order: BinaryHeap<Reverse<Urgency>> = self
                 .waiting
                 .iter()
                 .map(|&id| {
@@ -559,12 +585,11 @@ impl Scheduler {
                     if aging > 0.0 && rank.is_finite() {
                         rank -= aging * s.waited_at(now);
                     }
-                    (rank, s.times.arrival, id)
+                    Reverse(Urgency(rank, s.times.arrival, id))
                 })
                 .collect();
-            order.sort_by(Self::cmp_key);
             let mut admitted_now: Vec<SeqId> = Vec::new();
-            for (_, _, id) in order {
+            while let Some(Reverse(Urgency(_, _, id))) = order.pop() {
                 // A request swapped out while decoding resumes with a decode; any other
                 // admission prefills (from what its swapped KV already holds).
                 let (decoding, computed, uncomputed) = {
@@ -637,7 +662,7 @@ impl Scheduler {
         admitted_now: &[SeqId],
     ) -> Option<Vec<SeqId>> {
         let cand_rank = self.policy.waiting_rank(&self.seqs[&cand]);
-        let mut eligible: Vec<(f64, f64, SeqId)> = self
+        let mut eligible: Vec<Urgency> = self
             .running
             .iter()
             .filter(|id| !admitted_now.contains(id))
@@ -645,11 +670,11 @@ impl Scheduler {
             .map(|&id| self.running_key(id))
             .filter(|k| k.0 > cand_rank)
             .collect();
-        eligible.sort_by(|a, b| Self::cmp_key(b, a));
+        eligible.sort_unstable_by(|a, b| b.cmp(a));
         let mut slots = self.running.len();
         let mut free = self.blocks.free_blocks();
         let mut victims = Vec::new();
-        for (_, _, id) in eligible {
+        for Urgency(_, _, id) in eligible {
             if slots < self.cfg.max_running && free >= need {
                 break;
             }

@@ -236,6 +236,22 @@ fn every_request_is_accounted_for_on_the_real_engine() {
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
     assert_eq!(summary["summary"]["cells"].as_array().unwrap().len(), 2);
+    // Each server's speed against the step model fitted to every log, per seed.
+    for cell in summary["summary"]["cells"].as_array().unwrap() {
+        let rel = cell["engine"]["relative_step_time"].as_object().unwrap();
+        assert_eq!(rel.len(), 2, "{cell}");
+        assert!(rel.values().all(|r| r.as_f64().unwrap() > 0.0), "{cell}");
+    }
+    // The simulator on the grid's traces: the oracle's headroom and FCFS's sensitivity.
+    let sim = &summary["summary"]["simulated"];
+    assert_eq!(sim.as_array().unwrap().len(), 1, "{sim}");
+    assert_eq!(sim[0]["requests"], 16, "{sim}");
+    let headroom = sim[0]["fcfs_over_oracle"].as_f64().unwrap();
+    assert!(headroom > 0.9 && headroom.is_finite(), "{sim}");
+    assert!(
+        sim[0]["fcfs_sensitivity_to_slower_steps"].as_f64().unwrap() > -0.01,
+        "{sim}"
+    );
     for f in ["report.md", "manifest.json", "latency_vs_load.png"] {
         assert!(out.join(f).is_file(), "{f}");
     }

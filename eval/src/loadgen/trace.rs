@@ -38,6 +38,16 @@ impl TraceRequest {
             prompt_tokens: None,
         }
     }
+
+    /// Prompt tokens a simulator prefills for this request: `prompt_tokens` where the trace has
+    /// it, else the text's characters over `chars_per_token`, rounded up (an estimate that misses
+    /// the chat template); at least 1.
+    pub fn prompt_len(&self, chars_per_token: f64) -> usize {
+        match self.prompt_tokens {
+            Some(n) => (n as usize).max(1),
+            None => ((self.prompt.chars().count() as f64 / chars_per_token).ceil() as usize).max(1),
+        }
+    }
 }
 
 /// An arrival process.
@@ -193,5 +203,16 @@ mod tests {
         ];
         write_trace(&path, &trace).unwrap();
         assert_eq!(read_trace(&path).unwrap(), trace);
+    }
+
+    #[test]
+    fn prompt_length_is_the_known_count_or_an_estimate() {
+        let mut r = TraceRequest::new(0.0, "wörld".into(), None);
+        assert_eq!(r.prompt_len(4.0), 2); // 5 characters, not 6 bytes
+        assert_eq!(r.prompt_len(100.0), 1);
+        r.prompt_tokens = Some(37);
+        assert_eq!(r.prompt_len(4.0), 37);
+        r.prompt_tokens = Some(0);
+        assert_eq!(r.prompt_len(4.0), 1);
     }
 }

@@ -609,11 +609,7 @@ fn run_trace(a: &TraceArgs) -> anyhow::Result<()> {
             manifest.input(path, &a.out)?;
             let lens = trace
                 .iter()
-                .map(|r| match r.prompt_tokens {
-                    Some(n) => (n as usize).max(1),
-                    None => ((r.prompt.chars().count() as f64 / a.chars_per_token).ceil() as usize)
-                        .max(1),
-                })
+                .map(|r| r.prompt_len(a.chars_per_token))
                 .collect();
             (trace, lens)
         }
@@ -630,7 +626,7 @@ fn run_trace(a: &TraceArgs) -> anyhow::Result<()> {
                 )?;
                 let lens = trace
                     .iter()
-                    .map(|r| r.prompt_tokens.unwrap_or(1).max(1) as usize)
+                    .map(|r| r.prompt_len(a.chars_per_token))
                     .collect();
                 (trace, lens)
             }

@@ -12,9 +12,12 @@
 //!    ephemeral port, or the engine in process) replays the trace open-loop; the cell's
 //!    requests go to `cells/policy=P/load=L/seed=S/results.parquet` (written last and
 //!    atomically: a cell with that file is done and skipped on rerun) beside the server's step
-//!    log `steps.parquet`, `metrics.prom` and log.
+//!    log `steps.parquet`, `metrics.prom` and log. Policies run in the given order for the
+//!    first, third, ... seed of `--seeds` and in reverse for the second, fourth, ..., so a
+//!    slow drift of the machine's speed does not favour the policies that run first.
 //! 5. `results.parquet` (every cell merged), `summary.json`, `report.md`, plots, manifest.
 
+mod headroom;
 mod report;
 mod server;
 mod summary;
@@ -37,9 +40,13 @@ use trail_datasets::store::read_requests;
 use trail_eval::loadgen::workload::{self, Lengths, Prompt};
 use trail_eval::loadgen::write_trace;
 use trail_eval::loadgen::{ResultRow, TraceRequest, read_results, read_trace, write_results};
+use trail_eval::tracesim::{StepSample, StepTimeModel};
 use trail_serving_shim::{PolicyKind, StepRecord};
 
 pub use server::BackendKind;
+
+/// One seed's server step log.
+type SeedLog = (u64, Vec<StepRecord>);
 use server::{Launch, Server, ServerSettings};
 use summary::{BootstrapSettings, EngineFigures, load_key};
 
@@ -494,10 +501,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             traces.insert((seed, load_key(load)), t);
         }
     }
+    // Every other seed runs the policies in reverse (see the module doc).
     let mut todo = Vec::new();
-    for &seed in &args.seeds {
+    for (k, &seed) in args.seeds.iter().enumerate() {
+        let mut order = policies.clone();
+        if k % 2 == 1 {
+            order.reverse();
+        }
         for &load in &args.loads {
-            for &p in &policies {
+            for &p in &order {
                 if !cell_dir(&out, p.as_str(), load, seed)
                     .join("results.parquet")
                     .is_file()
@@ -559,7 +571,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // Merge every finished cell of the grid asked for.
     let mut all = Vec::new();
     let mut missing = Vec::new();
-    let mut step_logs: BTreeMap<(String, String), Vec<Vec<StepRecord>>> = BTreeMap::new();
+    let mut step_logs: BTreeMap<(String, String), Vec<SeedLog>> = BTreeMap::new();
     for &seed in &args.seeds {
         for &load in &args.loads {
             for &p in &policies {
@@ -574,7 +586,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     step_logs
                         .entry((p.as_str().to_string(), load_key(load)))
                         .or_default()
-                        .push(trail_serving_shim::steps::read(&steps)?);
+                        .push((seed, trail_serving_shim::steps::read(&steps)?));
                 }
                 let mut seen = vec![false; args.requests];
                 for r in &rows {
@@ -601,9 +613,34 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         seed: 0,
     };
     let mut summary = summary::summarize(&all, &names, boot);
+    let samples: Vec<StepSample> = step_logs
+        .values()
+        .flatten()
+        .flat_map(|(_, log)| log.iter().map(StepSample::from))
+        .collect();
+    summary.step_model = if samples.is_empty() {
+        None
+    } else {
+        Some(StepTimeModel::fit(&samples).context("fitting the step-time model to the step logs")?)
+    };
     for c in &mut summary.cells {
         if let Some(logs) = step_logs.get(&(c.policy.clone(), load_key(c.load))) {
-            c.engine = Some(EngineFigures::from_steps(logs));
+            c.engine = Some(EngineFigures::from_steps(logs, summary.step_model.as_ref()));
+        }
+    }
+    if let Some(model) = &summary.step_model {
+        for &load in &args.loads {
+            let per_seed: Vec<Vec<TraceRequest>> = args
+                .seeds
+                .iter()
+                .map(|&seed| traces[&(seed, load_key(load))].1.clone())
+                .collect();
+            // Without fixed lengths the simulator has nothing to replay.
+            if per_seed.iter().flatten().all(|r| r.output_tokens.is_some()) {
+                let h = headroom::simulate(load, &per_seed, &args.engine.scheduler(), model)
+                    .with_context(|| format!("simulating the traces of load {load}"))?;
+                summary.simulated.push(h);
+            }
         }
     }
     let summary_path = out.join("summary.json");

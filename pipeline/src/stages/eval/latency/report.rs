@@ -121,12 +121,13 @@ pub fn markdown(summary: &Summary, settings: &Settings, plots: &[PathBuf]) -> St
         md,
         "\nIntervals are 95 % request-bootstrap intervals ({} resamples); requests are pooled \
          over seeds. Latency and TTFT are measured from each request's scheduled arrival. Queue \
-         time and preemptions are the server's figures: \"–\" where the backend reports none \
-         (`trail serve`'s stream carries neither yet; the in-process backend reads them from the \
-         engine). The step-log columns come from each cell's server: preemptions it planned, and \
-         the median forward time per row of its decode-only steps, which should be the same for \
-         every cell; where it is not, the machine's speed changed between cells (other work on \
-         the cores) and the comparison is confounded by it.\n",
+         time and preemptions per request are the server's figures (\"–\" where the backend \
+         reported none). The step-log columns come from each cell's servers: the preemptions they \
+         planned, and per seed the relative step time: the server's decode steps took that many \
+         times the seconds a step-time model fitted to every cell's log gives them. On a quiet \
+         machine it is the same in every cell; where it is not, the machine's speed changed \
+         between cells (other work on the host) and the comparison is confounded by it: the \
+         simulated sensitivity under each load says by how much.\n",
         summary.bootstrap.resamples
     );
     let mut loads: Vec<f64> = summary.cells.iter().map(|c| c.load).collect();
@@ -144,7 +145,7 @@ pub fn markdown(summary: &Summary, settings: &Settings, plots: &[PathBuf]) -> St
             md,
             "| policy | requests | failed | mean latency (s) | p50 | p90 | p99 | mean TTFT (s) | \
              p50 TTFT | mean TPOT (ms) | mean queue (s) | preemptions/request | throughput (req/s) | \
-             preemptions policy/memory (step log) | decode ms/row (step log) |"
+             preemptions policy/memory (step log) | relative step time per seed (step log) |"
         );
         let _ = writeln!(
             md,
@@ -174,8 +175,13 @@ pub fn markdown(summary: &Summary, settings: &Settings, plots: &[PathBuf]) -> St
                 )),
                 c.engine
                     .as_ref()
-                    .and_then(|e| e.median_decode_ms_per_row)
-                    .map_or("–".into(), |m| format!("{m:.2}")),
+                    .filter(|e| !e.relative_step_time.is_empty())
+                    .map_or("–".into(), |e| e
+                        .relative_step_time
+                        .values()
+                        .map(|r| format!("{r:.3}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")),
             );
         }
         if let Some(cmp) = summary.comparisons.iter().find(|c| load_key(c.load) == key) {
@@ -205,7 +211,33 @@ pub fn markdown(summary: &Summary, settings: &Settings, plots: &[PathBuf]) -> St
                 );
             }
         }
+        if let Some(h) = summary.simulated.iter().find(|h| load_key(h.load) == key) {
+            let _ = writeln!(
+                md,
+                "\nSimulated on the same traces ({} requests) with the step-time model fitted to \
+                 every cell's log (`trail sim trace`'s scheduler): FCFS {:.2} s, oracle {:.2} s \
+                 in mean latency, so no policy can gain more than {:.2}× over FCFS here. With \
+                 every step {:.0} % slower, FCFS's mean latency grows {:.1} %.",
+                h.requests,
+                h.fcfs_mean_latency_s,
+                h.oracle_mean_latency_s,
+                h.fcfs_over_oracle,
+                100.0 * super::headroom::SLOWDOWN,
+                100.0 * h.fcfs_sensitivity_to_slower_steps
+            );
+        }
         let _ = writeln!(md);
+    }
+    if let Some(m) = &summary.step_model {
+        let _ = writeln!(
+            md,
+            "Step-time model (least squares on every cell's step log): {:.2} ms + {:.3} ms per \
+             decode row + {:.3} ms per prefill token + {:.2} µs per KV token.\n",
+            1e3 * m.base_s,
+            1e3 * m.per_decode_row_s,
+            1e3 * m.per_prefill_token_s,
+            1e6 * m.per_kv_token_s
+        );
     }
     let _ = writeln!(
         md,

@@ -8,7 +8,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use serde::Serialize;
 use trail_checkpoints::metrics::{Bootstrap, Interval, percentile};
 use trail_eval::loadgen::ResultRow;
+use trail_eval::tracesim::StepTimeModel;
 use trail_serving_shim::StepRecord;
+
+use super::headroom::Headroom;
 
 /// Bootstrap resamples and seed.
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -49,25 +52,30 @@ pub struct EngineFigures {
     pub steps: usize,
     pub policy_preemptions: usize,
     pub memory_preemptions: usize,
-    /// Median forward milliseconds per row over decode-only steps: the engine's speed, the same
-    /// in every cell on a quiet machine (higher means slower, e.g. other work on the cores).
-    pub median_decode_ms_per_row: Option<f64>,
+    /// Per seed, the server's speed against the step-time model fitted to every cell
+    /// ([`headroom::relative_step_time`]): the same in every cell on a quiet machine; 1.03 means
+    /// that server ran 3 % slower than the grid's average.
+    ///
+    /// [`headroom::relative_step_time`]: super::headroom::relative_step_time
+    pub relative_step_time: BTreeMap<u64, f64>,
 }
 
 impl EngineFigures {
-    pub fn from_steps(logs: &[Vec<StepRecord>]) -> Self {
-        let steps = logs.iter().flatten();
-        let mut per_row: Vec<f64> = steps
-            .clone()
-            .filter(|s| s.prefill_tokens == 0 && s.decode_rows > 0)
-            .map(|s| 1e3 * s.forward_secs / s.decode_rows as f64)
-            .collect();
-        per_row.sort_by(f64::total_cmp);
+    /// From each seed's step log, with the grid's step-time model where one was fitted.
+    pub fn from_steps(logs: &[(u64, Vec<StepRecord>)], model: Option<&StepTimeModel>) -> Self {
+        let steps = logs.iter().flat_map(|(_, l)| l);
         Self {
             steps: steps.clone().count(),
             policy_preemptions: steps.clone().map(|s| s.preempted_policy).sum(),
             memory_preemptions: steps.map(|s| s.preempted_memory).sum(),
-            median_decode_ms_per_row: (!per_row.is_empty()).then(|| percentile(&per_row, 0.5)),
+            relative_step_time: logs
+                .iter()
+                .filter_map(|(seed, l)| {
+                    model
+                        .and_then(|m| super::headroom::relative_step_time(l, m))
+                        .map(|r| (*seed, r))
+                })
+                .collect(),
         }
     }
 }
@@ -92,6 +100,11 @@ pub struct Summary {
     pub cells: Vec<CellStats>,
     pub comparisons: Vec<Comparison>,
     pub bootstrap: BootstrapSettings,
+    /// Step time fitted to every cell's step log (the grid's average engine), where the servers
+    /// wrote logs.
+    pub step_model: Option<StepTimeModel>,
+    /// Per load, the simulator on the grid's traces with `step_model` (lengths fixed only).
+    pub simulated: Vec<Headroom>,
 }
 
 fn mean(xs: &[f64], idx: &[usize]) -> Option<f64> {
@@ -273,6 +286,8 @@ pub fn summarize(rows: &[ResultRow], policies: &[String], boot: BootstrapSetting
         cells,
         comparisons,
         bootstrap: boot,
+        step_model: None,
+        simulated: Vec::new(),
     }
 }
 
