@@ -298,9 +298,8 @@ impl Replica {
     fn predicted_work(&self) -> f64 {
         self.sched
             .waiting_ids()
-            .iter()
-            .chain(self.sched.running_ids())
-            .filter_map(|&id| self.sched.get(id))
+            .chain(self.sched.running_ids().iter().copied())
+            .filter_map(|id| self.sched.get(id))
             .map(|s| s.estimated_remaining().unwrap_or(s.max_new_tokens as f64))
             .sum()
     }

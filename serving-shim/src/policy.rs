@@ -27,7 +27,8 @@ pub trait Policy: Send + Sync + fmt::Debug {
     /// Name as given to `--policy`.
     fn name(&self) -> &str;
 
-    /// Rank of a waiting request (lower is admitted sooner).
+    /// Rank of a waiting request (lower is admitted sooner). It must depend on the sequence
+    /// only, not on the time: the scheduler keeps the waiting queue sorted by it.
     fn waiting_rank(&self, seq: &Sequence) -> f64;
 
     /// Rank of a running request: lower is more urgent. The running request of the highest

@@ -23,8 +23,7 @@
 //! full. The scheduler reads time only from its [`Clock`] and knows nothing of the model.
 
 use std::cmp::Ordering;
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use crate::block::BlockManager;
@@ -287,7 +286,11 @@ pub struct Scheduler {
     /// The swap pool ([`PreemptionMode::Swap`]): KV of preempted requests, kept.
     swap: Option<BlockManager>,
     seqs: HashMap<SeqId, Sequence>,
-    waiting: Vec<SeqId>,
+    /// Waiting requests in admission order. A waiting request's key does not change while it
+    /// waits (its rank reads only the sequence, which does not move; aging lowers every
+    /// waiting rank at the same rate), so the queue is kept sorted instead of being ranked
+    /// at every step: a step costs O(admitted · log waiting), not O(waiting).
+    waiting: BTreeSet<Urgency>,
     running: Vec<SeqId>,
     finished: Vec<Sequence>,
     /// Planned chunk length per sequence of the step in flight, in plan order.
@@ -343,7 +346,7 @@ impl Scheduler {
             blocks,
             swap,
             seqs: HashMap::new(),
-            waiting: Vec::new(),
+            waiting: BTreeSet::new(),
             running: Vec::new(),
             finished: Vec::new(),
             in_flight: None,
@@ -396,9 +399,9 @@ impl Scheduler {
         self.running.len()
     }
 
-    /// Waiting ids (queue order is decided at each `schedule`).
-    pub fn waiting_ids(&self) -> &[SeqId] {
-        &self.waiting
+    /// Waiting ids, most urgent first (the order admission takes them in).
+    pub fn waiting_ids(&self) -> impl Iterator<Item = SeqId> + '_ {
+        self.waiting.iter().map(|k| k.2)
     }
 
     /// Running ids.
@@ -449,16 +452,19 @@ impl Scheduler {
         seq.computed = 0;
         seq.waiting_since = self.clock.now();
         self.counters.added += 1;
-        self.waiting.push(seq.id);
-        self.seqs.insert(seq.id, seq);
+        let id = seq.id;
+        self.seqs.insert(id, seq);
+        self.enqueue(id);
         Ok(())
     }
 
     /// Cancels a live request (client gone): its blocks go back to the pool. Returns it,
     /// finished with [`FinishReason::Aborted`]; `None` when the id is not live.
     pub fn abort(&mut self, id: SeqId) -> Option<Sequence> {
-        let mut seq = self.seqs.remove(&id)?;
-        self.waiting.retain(|&w| w != id);
+        if self.seqs.get(&id)?.state == SeqState::Waiting {
+            self.dequeue(id);
+        }
+        let mut seq = self.seqs.remove(&id).expect("checked above");
         self.running.retain(|&r| r != id);
         self.blocks.free(id);
         if let Some(swap) = self.swap.as_mut() {
@@ -475,6 +481,32 @@ impl Scheduler {
         seq.times.finish = Some(now);
         self.counters.aborted += 1;
         Some(seq)
+    }
+
+    /// Admission key of a waiting sequence: its policy rank, aged by the time it has waited,
+    /// minus the common `aging × now` (so the key does not change while it waits).
+    fn waiting_key(&self, id: SeqId) -> Urgency {
+        let s = &self.seqs[&id];
+        let mut rank = self.policy.waiting_rank(s);
+        if self.cfg.aging > 0.0 && rank.is_finite() {
+            rank -= self.cfg.aging * (s.waited - s.waiting_since);
+        }
+        Urgency(rank, s.times.arrival, id)
+    }
+
+    /// Puts waiting sequence `id` in the queue.
+    fn enqueue(&mut self, id: SeqId) {
+        let key = self.waiting_key(id);
+        self.waiting.insert(key);
+    }
+
+    /// Takes waiting sequence `id` out of the queue.
+    fn dequeue(&mut self, id: SeqId) {
+        let key = self.waiting_key(id);
+        if !self.waiting.remove(&key) {
+            // A policy whose rank moved while the request waited: find it by id.
+            self.waiting.retain(|k| k.2 != id);
+        }
     }
 
     /// Urgency of a running sequence.
@@ -571,25 +603,13 @@ impl Scheduler {
 
         // 2. Admission (not after a memory preemption: the pool is tight, admitting now would
         //    only cause more preemption; nor into a full batch that the policy never preempts).
-        //    Most urgent first, popped from a heap: admission stops at the first request that
-        //    does not fit, so a long queue is never sorted whole (overloaded simulations).
+        //    Most urgent first, from the sorted queue: admission stops at the first request
+        //    that does not fit, so a long queue costs nothing per step (overloaded simulations).
         let room = self.running.len() < self.cfg.max_running || self.policy.preempts();
-        if !memory_pressure && room && !self.waiting.is_empty() {
-            let aging = self.cfg.aging;
-            let mut order: BinaryHeap<Reverse<Urgency>> = self
-                .waiting
-                .iter()
-                .map(|&id| {
-                    let s = &self.seqs[&id];
-                    let mut rank = self.policy.waiting_rank(s);
-                    if aging > 0.0 && rank.is_finite() {
-                        rank -= aging * s.waited_at(now);
-                    }
-                    Reverse(Urgency(rank, s.times.arrival, id))
-                })
-                .collect();
+        if !memory_pressure && room {
             let mut admitted_now: Vec<SeqId> = Vec::new();
-            while let Some(Reverse(Urgency(_, _, id))) = order.pop() {
+            while let Some(&key) = self.waiting.first() {
+                let id = key.2;
                 // A request swapped out while decoding resumes with a decode; any other
                 // admission prefills (from what its swapped KV already holds).
                 let (decoding, computed, uncomputed) = {
@@ -619,6 +639,7 @@ impl Scheduler {
                 if !fits {
                     break;
                 }
+                self.waiting.pop_first();
                 self.blocks
                     .allocate(id, computed + want)
                     .expect("free blocks were checked");
@@ -634,9 +655,10 @@ impl Scheduler {
                 self.running.push(id);
                 admitted_now.push(id);
             }
-            self.waiting.retain(|w| !admitted_now.contains(w));
         }
-        self.waiting.extend(preempted_now);
+        for id in preempted_now {
+            self.enqueue(id);
+        }
 
         let lens: Vec<(SeqId, usize)> = plan
             .decode
@@ -784,9 +806,13 @@ impl Scheduler {
             held += b;
         }
         let mut swapped = 0;
-        for id in &self.waiting {
+        for key in &self.waiting {
+            let id = &key.2;
             let s = self.seqs.get(id).ok_or(format!("waiting {id} not live"))?;
             let in_swap = self.swap.as_ref().map_or(0, |p| p.blocks_of(*id));
+            if self.waiting_key(*id) != *key {
+                return Err(format!("waiting {id}: its queue key moved while it waited"));
+            }
             if s.state != SeqState::Waiting || in_swap != self.blocks.blocks_for(s.computed) {
                 return Err(format!(
                     "waiting {id}: {:?}, computed {}, {in_swap} swap blocks",

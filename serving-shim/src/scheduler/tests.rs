@@ -575,3 +575,24 @@ fn one_prompt_token_left_by_a_chunk_is_a_prefill_not_a_decode() {
     );
     assert_eq!(d.step().decode, vec![1]);
 }
+
+#[test]
+fn the_waiting_queue_lists_admission_order_and_forgets_aborted_requests() {
+    let mut d = Driver::new(cfg(4096, 1), Box::new(SjfBert));
+    load(
+        &mut d,
+        &[
+            (1, 4, 9, Some(30.0)),
+            (2, 4, 5, Some(10.0)),
+            (3, 4, 2, Some(20.0)),
+            (4, 4, 2, Some(10.0)),
+        ],
+    );
+    // Ties (2 and 4) go to the earlier arrival.
+    assert_eq!(d.s.waiting_ids().collect::<Vec<_>>(), vec![2, 4, 3, 1]);
+    assert!(d.s.abort(4).is_some());
+    assert_eq!(d.s.waiting_ids().collect::<Vec<_>>(), vec![2, 3, 1]);
+    d.s.check_invariants().unwrap();
+    d.run_to_idle(100);
+    assert_eq!(d.finish_order(), vec![2, 3, 1]);
+}
