@@ -134,6 +134,24 @@ pub struct Saturation {
     pub output_tokens_per_s: f64,
 }
 
+impl Saturation {
+    /// `1.199 requests/s (measured: …)` or `1.199 requests/s (given)`.
+    fn describe(&self) -> String {
+        if self.requests == 0 {
+            return format!("{:.3} requests/s ({})", self.rps, self.source);
+        }
+        format!(
+            "{:.3} requests/s ({}: FCFS burst of {} requests, {} completed in {:.1} s, {:.1} output tok/s)",
+            self.rps,
+            self.source,
+            self.requests,
+            self.completed,
+            self.makespan_s,
+            self.output_tokens_per_s
+        )
+    }
+}
+
 /// Which policies to run; a policy whose checkpoint is missing is an error naming the flag,
 /// or (with `all`) skipped with a warning.
 fn policies(args: &Args) -> anyhow::Result<Vec<PolicyKind>> {
@@ -487,10 +505,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .with_context(|| format!("{}: cannot read", sat_path.display()))?;
         serde_json::from_str(&text).with_context(|| format!("{}: bad JSON", sat_path.display()))?
     };
-    eprintln!(
-        "saturation: {:.3} requests/s ({}; {} of {} requests in {:.1} s, {:.1} output tok/s)",
-        sat.rps, sat.source, sat.completed, sat.requests, sat.makespan_s, sat.output_tokens_per_s
-    );
+    eprintln!("saturation: {}", sat.describe());
 
     // Traces, then the cells not done yet: seed outermost, so a partial run holds every
     // policy of the (load, seed) pairs it reached.
@@ -685,13 +700,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 Lengths::Free => format!("model stops freely, at most {max_tokens}"),
             },
         ),
-        (
-            "saturation".into(),
-            format!(
-                "{:.3} requests/s ({}; FCFS burst of {} requests, {:.1} output tok/s)",
-                sat.rps, sat.source, sat.requests, sat.output_tokens_per_s
-            ),
-        ),
+        ("saturation".into(), sat.describe()),
         (
             "engine".into(),
             format!(
@@ -793,4 +802,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         report_path.display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_with_a_float_read_back_equal_so_a_rerun_resumes() {
+        let dir = tempfile::tempdir().unwrap();
+        // serde_json's default float parser reads this one back one ulp off.
+        let settings = serde_json::json!({ "saturation_rps": 1.1985825176004705_f64 });
+        check_settings(dir.path(), &settings).unwrap();
+        check_settings(dir.path(), &settings).unwrap();
+        let other = serde_json::json!({ "saturation_rps": 1.2 });
+        let err = check_settings(dir.path(), &other).unwrap_err().to_string();
+        assert!(err.contains("saturation_rps"), "{err}");
+    }
 }
