@@ -290,6 +290,18 @@ impl Llama {
     /// last new position and, for `layers`, the hidden state of that position. Nothing is
     /// changed when an error is returned.
     pub fn step(&self, rows: &mut [Row<'_>], layers: LayerSet) -> Result<StepOutput> {
+        // The whole step runs on one of rayon's threads: its ~4 parallel regions per layer then
+        // fork and join between the pool's own threads, which spin briefly between regions,
+        // instead of parking the calling thread on a lock and waking it for every region.
+        // Which thread runs what never changes a bit (every split is fixed in advance).
+        if rayon::current_thread_index().is_some() {
+            self.forward(rows, layers)
+        } else {
+            rayon::scope(|_| self.forward(rows, layers))
+        }
+    }
+
+    fn forward(&self, rows: &mut [Row<'_>], layers: LayerSet) -> Result<StepOutput> {
         let cfg = &self.cfg;
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
         let (q_dim, kv_dim, ffn) = (cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size);
@@ -415,28 +427,38 @@ impl Llama {
             {
                 let caches: Vec<&LayerKv> = rows.iter().map(|r| &r.cache.layers[l]).collect();
                 let n_kv_heads = cfg.num_key_value_heads;
-                let group_dim = (cfg.num_attention_heads / n_kv_heads) * hd;
+                let group = cfg.num_attention_heads / n_kv_heads;
+                // A work item is one token's query heads of one KV head (each key and value
+                // read once for the group), or a single head when there are too few groups to
+                // keep every thread busy (batch-1 decode: 3 groups on 2 threads).
+                let heads = if n * n_kv_heads < 4 * rayon::current_num_threads() {
+                    1
+                } else {
+                    group
+                };
+                let item_dim = heads * hd;
+                let per_token = cfg.num_attention_heads / heads;
                 let attend_one = |(i, out): (usize, &mut [f32])| {
-                    let (t, g) = (i / n_kv_heads, i % n_kv_heads);
+                    let (t, j) = (i / per_token, i % per_token);
                     attend_group(
-                        &q[t * q_dim + g * group_dim..t * q_dim + (g + 1) * group_dim],
+                        &q[t * q_dim + j * item_dim..t * q_dim + (j + 1) * item_dim],
                         hd,
                         caches[tok_row[t]],
                         tok_pos[t],
-                        g * hd,
+                        j * heads / group * hd,
                         kv_dim,
                         out,
                     )
                 };
-                // Each (token, KV head) is computed alone in a fixed order, so splitting the
-                // pairs across threads does not change any bit.
+                // Each head is computed alone in a fixed order (the grouped path has the
+                // single-head path's bits), so neither the split nor the threads change a bit.
                 let work: usize = tok_pos.iter().map(|p| p + 1).sum();
                 if work * q_dim > 1 << 15 {
-                    att.par_chunks_mut(group_dim)
+                    att.par_chunks_mut(item_dim)
                         .enumerate()
                         .for_each(attend_one);
                 } else {
-                    att.chunks_mut(group_dim).enumerate().for_each(attend_one);
+                    att.chunks_mut(item_dim).enumerate().for_each(attend_one);
                 }
             }
             b.attn_output.forward(&att, n, &mut o);

@@ -1,6 +1,7 @@
 //! Runs llama.cpp's own benchmarks on the same GGUF and threads, for side-by-side ratios:
-//! `llama-bench` (prefill `pp N`, decode `tg N` at batch 1) and `llama-batched-bench`
-//! (decode with B sequences in parallel, each from an N-token prompt).
+//! `llama-bench` (prefill `pp N`, decode `tg N` at batch 1, from an empty cache and from an
+//! N-token one) and `llama-batched-bench` (decode with B sequences in parallel, each from an
+//! N-token prompt).
 
 use std::path::Path;
 use std::process::Command;
@@ -12,8 +13,11 @@ use serde::Serialize;
 #[derive(Debug, Clone, Serialize)]
 pub struct LlamaCpp {
     pub prefill_tok_s: f64,
-    /// `llama-bench` tg at batch 1.
+    /// `llama-bench` tg at batch 1 from a cache holding the prompt (`-d N`): the context
+    /// trail's decode rows and `llama-batched-bench`'s rows start from.
     pub decode_b1_tok_s: f64,
+    /// `llama-bench` tg at batch 1 from an empty cache (its default `tg` figure).
+    pub decode_b1_depth0_tok_s: f64,
     /// `llama-batched-bench` S_TG t/s per batch size (all rows together).
     pub batched: Vec<(usize, f64)>,
 }
@@ -69,9 +73,10 @@ pub fn run(
             .arg(model)
             .args(["-t", &threads.to_string()])
             .args(["-p", &prompt.to_string(), "-n", &generated.to_string()])
+            .args(["-d", &format!("0,{prompt}")])
             .args(["-r", "3", "-o", "json"]),
     )?;
-    let (prefill_tok_s, decode_b1_tok_s) = parse_llama_bench(&json)?;
+    let bench = parse_llama_bench(&json, prompt)?;
     let max_b = batches.iter().copied().max().unwrap_or(1);
     let npl: Vec<String> = batches
         .iter()
@@ -93,35 +98,52 @@ pub fn run(
         batched_rates = parse_batched_bench(&text)?;
     }
     Ok(LlamaCpp {
-        prefill_tok_s,
-        decode_b1_tok_s,
+        prefill_tok_s: bench.prefill,
+        decode_b1_tok_s: bench.decode_at_depth,
+        decode_b1_depth0_tok_s: bench.decode_depth0,
         batched: batched_rates,
     })
 }
 
-/// `(pp tok/s, tg tok/s)` from `llama-bench -o json`.
-pub fn parse_llama_bench(json: &str) -> anyhow::Result<(f64, f64)> {
+/// tok/s read from `llama-bench -o json`.
+#[derive(Debug, PartialEq)]
+pub struct BenchRows {
+    /// `pp` from an empty cache.
+    pub prefill: f64,
+    /// `tg` from an empty cache.
+    pub decode_depth0: f64,
+    /// `tg` from a cache `depth` tokens deep.
+    pub decode_at_depth: f64,
+}
+
+/// The rows of `llama-bench -o json -d 0,DEPTH` (a row without `n_depth` is at depth 0).
+pub fn parse_llama_bench(json: &str, depth: usize) -> anyhow::Result<BenchRows> {
     let v: serde_json::Value =
         serde_json::from_str(json).context("llama-bench did not print JSON")?;
     let rows = v.as_array().context("llama-bench JSON is not an array")?;
-    let mut pp = None;
-    let mut tg = None;
+    let (mut pp, mut tg0, mut tgd) = (None, None, None);
     for r in rows {
         let n_prompt = r["n_prompt"].as_u64().unwrap_or(0);
         let n_gen = r["n_gen"].as_u64().unwrap_or(0);
+        let d = r["n_depth"].as_u64().unwrap_or(0) as usize;
         let ts = r["avg_ts"]
             .as_f64()
             .context("llama-bench row without avg_ts")?;
-        if n_prompt > 0 && n_gen == 0 {
-            pp = Some(ts);
-        } else if n_gen > 0 && n_prompt == 0 {
-            tg = Some(ts);
+        match (n_prompt > 0, n_gen > 0) {
+            (true, false) if d == 0 => pp = Some(ts),
+            (false, true) if d == 0 => tg0 = Some(ts),
+            _ => {}
+        }
+        if n_prompt == 0 && n_gen > 0 && d == depth {
+            tgd = Some(ts);
         }
     }
-    Ok((
-        pp.context("llama-bench printed no pp row")?,
-        tg.context("llama-bench printed no tg row")?,
-    ))
+    Ok(BenchRows {
+        prefill: pp.context("llama-bench printed no pp row at depth 0")?,
+        decode_depth0: tg0.context("llama-bench printed no tg row at depth 0")?,
+        decode_at_depth: tgd
+            .with_context(|| format!("llama-bench printed no tg row at depth {depth}"))?,
+    })
 }
 
 /// `(B, S_TG t/s)` rows from `llama-batched-bench`'s markdown table.
@@ -157,8 +179,19 @@ mod tests {
 
     #[test]
     fn parses_both_tools() {
-        let json = r#"[{"n_prompt":128,"n_gen":0,"avg_ts":512.5},{"n_prompt":0,"n_gen":128,"avg_ts":190.25}]"#;
-        assert_eq!(parse_llama_bench(json).unwrap(), (512.5, 190.25));
+        let json = r#"[{"n_prompt":128,"n_gen":0,"n_depth":0,"avg_ts":512.5},
+            {"n_prompt":0,"n_gen":128,"n_depth":0,"avg_ts":190.25},
+            {"n_prompt":128,"n_gen":0,"n_depth":128,"avg_ts":480.0},
+            {"n_prompt":0,"n_gen":128,"n_depth":128,"avg_ts":170.5}]"#;
+        assert_eq!(
+            parse_llama_bench(json, 128).unwrap(),
+            BenchRows {
+                prefill: 512.5,
+                decode_depth0: 190.25,
+                decode_at_depth: 170.5
+            }
+        );
+        assert!(parse_llama_bench(json, 64).is_err());
         let table = "\
 |    PP |     TG |    B |   N_KV |   T_PP s | S_PP t/s |   T_TG s | S_TG t/s |      T s |    S t/s |
 |-------|--------|------|--------|----------|----------|----------|----------|----------|----------|

@@ -28,7 +28,8 @@ pub struct Args {
     /// Batch sizes for decode.
     #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
     pub batches: Vec<usize>,
-    /// Prefill repetitions (the median is reported).
+    /// Repetitions of every prefill and decode measurement; the median is reported (decode
+    /// alternates which capture setting runs first).
     #[arg(long, default_value_t = 3)]
     pub repeats: usize,
     /// Directory holding `llama-bench` and `llama-batched-bench`: run them side by side.
@@ -63,8 +64,12 @@ pub struct Decode {
     pub batch: usize,
     pub context: usize,
     pub steps: usize,
+    /// Medians over the repetitions.
     pub none_tok_s: f64,
     pub all_tok_s: f64,
+    /// Every repetition's tok/s, in run order.
+    pub none_runs: Vec<f64>,
+    pub all_runs: Vec<f64>,
     /// 1 − all/none: the throughput lost to capturing every layer.
     pub capture_cost: f64,
 }
@@ -182,7 +187,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         + args
             .batches
             .iter()
-            .map(|_| 1 + 2 * args.decode_steps as u64)
+            .map(|_| 1 + 2 * (args.repeats * args.decode_steps) as u64)
             .sum::<u64>();
     let bar = ProgressBar::new(work).with_style(
         ProgressStyle::with_template("{msg:>12} [{bar:30}] {pos}/{len} steps, eta {eta}")?
@@ -227,31 +232,41 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let (_, out) = timed_step(&runner, &mut rows, LayerSet::NONE, &mut steps)?;
         bar.inc(1);
         let first: Vec<u32> = (0..b).map(|r| out.argmax(r)).collect();
-        let mut copy = caches.clone();
-        let none = decode(
-            &runner,
-            &mut caches,
-            &first,
-            args.decode_steps,
-            LayerSet::NONE,
-            &mut steps,
-            &bar,
-        )?;
-        let with_all = decode(
-            &runner,
-            &mut copy,
-            &first,
-            args.decode_steps,
-            all,
-            &mut steps,
-            &bar,
-        )?;
+        let (mut none_runs, mut all_runs) = (Vec::new(), Vec::new());
+        for rep in 0..args.repeats {
+            let order = if rep % 2 == 0 {
+                [LayerSet::NONE, all]
+            } else {
+                [all, LayerSet::NONE]
+            };
+            for layers in order {
+                let mut run = caches.clone();
+                let rate = decode(
+                    &runner,
+                    &mut run,
+                    &first,
+                    args.decode_steps,
+                    layers,
+                    &mut steps,
+                    &bar,
+                )?;
+                if layers.is_empty() {
+                    none_runs.push(rate);
+                } else {
+                    all_runs.push(rate);
+                }
+            }
+        }
+        let none = median(none_runs.clone());
+        let with_all = median(all_runs.clone());
         decodes.push(Decode {
             batch: b,
             context: args.prompt_tokens,
             steps: args.decode_steps,
             none_tok_s: none,
             all_tok_s: with_all,
+            none_runs,
+            all_runs,
             capture_cost: 1.0 - with_all / none,
         });
     }
@@ -334,13 +349,25 @@ pub fn markdown(r: &Report) -> String {
         lc.map_or("–".into(), |l| format!("{:.0}", l.prefill_tok_s)),
         ratio("prefill"),
     );
+    let range = |runs: &[f64]| {
+        let (lo, hi) = runs
+            .iter()
+            .fold((f64::INFINITY, 0f64), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+        if runs.len() > 1 {
+            format!(" ({lo:.0}–{hi:.0})")
+        } else {
+            String::new()
+        }
+    };
     for d in &r.decode {
         let _ = writeln!(
             s,
-            "| decode batch {}, tok/s | {:.0} | {:.0} | {:.1} % | {} | {} |",
+            "| decode batch {}, tok/s | {:.0}{} | {:.0}{} | {:.1} % | {} | {} |",
             d.batch,
             d.none_tok_s,
+            range(&d.none_runs),
             d.all_tok_s,
+            range(&d.all_runs),
             100.0 * d.capture_cost,
             lc.and_then(|l| l.decode_tok_s(d.batch))
                 .map_or("–".into(), |x| format!("{x:.0}")),
@@ -350,11 +377,23 @@ pub fn markdown(r: &Report) -> String {
     if let Some(m) = r.peak_rss_mib {
         let _ = writeln!(s, "\npeak RSS: {m:.0} MiB");
     }
+    let context = r.decode.first().map_or(0, |d| d.context);
     let _ = writeln!(
         s,
-        "\nDecode rows start from a {}-token context; tok/s counts every row's tokens.\n",
-        r.decode.first().map_or(0, |d| d.context)
+        "\nDecode rows start from a {context}-token context; tok/s counts every row's tokens; \
+         each figure is the median of {} runs (range in brackets).",
+        r.decode.first().map_or(0, |d| d.all_runs.len())
     );
+    if let Some(l) = lc {
+        let _ = writeln!(
+            s,
+            "llama.cpp's batch-1 figure is `llama-bench` tg{} from the same {context}-token \
+             context (`-d {context}`); from an empty cache it reads {:.0} tok/s.",
+            r.decode.first().map_or(0, |d| d.steps),
+            l.decode_b1_depth0_tok_s
+        );
+    }
+    let _ = writeln!(s);
     let _ = writeln!(s, "## Step times (median per shape)\n");
     let _ = writeln!(
         s,
