@@ -50,7 +50,11 @@ pub struct SuiteConfig {
     pub bins_max: u32,
     pub hidden: usize,
     pub epochs: usize,
+    /// Batch of the token probes.
     pub batch: usize,
+    /// Batch of the prompt predictors (one row per request: far fewer rows than the probes).
+    #[serde(default = "default_prompt_batch")]
+    pub prompt_batch: usize,
     pub lr: f64,
     pub weight_decay: f64,
     pub patience: usize,
@@ -75,6 +79,7 @@ impl Default for SuiteConfig {
             hidden: t.hidden,
             epochs: t.epochs,
             batch: t.batch,
+            prompt_batch: t.batch,
             lr: t.lr,
             weight_decay: t.weight_decay,
             patience: t.patience,
@@ -85,6 +90,10 @@ impl Default for SuiteConfig {
             min_requests: 3,
         }
     }
+}
+
+fn default_prompt_batch() -> usize {
+    TrainConfig::default().batch
 }
 
 impl SuiteConfig {
@@ -109,7 +118,7 @@ impl SuiteConfig {
     fn probe_part(&self) -> serde_json::Value {
         serde_json::json!({
             "bins": [self.bins_k, self.bins_max], "hidden": self.hidden, "epochs": self.epochs,
-            "batch": self.batch, "lr": self.lr, "weight_decay": self.weight_decay,
+            "batch": self.batch, "prompt_batch": self.prompt_batch, "lr": self.lr, "weight_decay": self.weight_decay,
             "patience": self.patience, "seed": self.seed,
         })
     }
@@ -450,20 +459,27 @@ fn train_pair(
     let bins = cfg.bins()?;
     let tc = cfg.train_config();
     let max_new = run.info.max_new_tokens;
-    let fit = |r: &Rows| -> Result<(Probe, TrainReport, [usize; 2], String)> {
-        let caps = r.caps(max_new);
-        let data = Dataset {
-            features: &r.features,
-            dim: r.dim,
-            target: &r.remaining,
-            cap: Some(&caps),
+    let fit_with =
+        |r: &Rows, tc: &TrainConfig| -> Result<(Probe, TrainReport, [usize; 2], String)> {
+            let caps = r.caps(max_new);
+            let data = Dataset {
+                features: &r.features,
+                dim: r.dim,
+                target: &r.remaining,
+                cap: Some(&caps),
+            };
+            let (train, val) = (r.of_split(run, Split::Train), r.of_split(run, Split::Val));
+            let (p, rep) = train_probe(&data, &train, &val, &bins, tc)?;
+            Ok((p, rep, [train.len(), val.len()], data.sha256()))
         };
-        let (train, val) = (r.of_split(run, Split::Train), r.of_split(run, Split::Val));
-        let (p, rep) = train_probe(&data, &train, &val, &bins, &tc)?;
-        Ok((p, rep, [train.len(), val.len()], data.sha256()))
-    };
-    let (probe, token, token_rows, token_sha) = fit(&rows.token)?;
-    let (prompt, prompt_rep, prompt_rows, prompt_sha) = fit(&rows.prompt)?;
+    let (probe, token, token_rows, token_sha) = fit_with(&rows.token, &tc)?;
+    let (prompt, prompt_rep, prompt_rows, prompt_sha) = fit_with(
+        &rows.prompt,
+        &TrainConfig {
+            batch: cfg.prompt_batch,
+            ..tc.clone()
+        },
+    )?;
     let ckpt = Checkpoint {
         meta: CheckpointMeta {
             model_sha256: run.info.model_sha256.clone(),

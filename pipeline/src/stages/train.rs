@@ -29,12 +29,23 @@ pub struct Args {
     pub layers: String,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Probe epochs (cosine schedule over them; early stop on validation MAE).
-    #[arg(long, default_value_t = 30)]
+    /// Probe epochs (cosine schedule over them; early stop on validation MAE). The defaults of
+    /// this flag and the four below anneal fully before they stop; the paper's recipe is
+    /// `--epochs 30 --patience 3 --lr 0.01 --batch-size 32 --prompt-batch-size 32`.
+    #[arg(long, default_value_t = 12)]
     pub epochs: usize,
     /// Epochs without a better validation MAE before a probe stops.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 4)]
     pub patience: usize,
+    /// AdamW learning rate of the probes and prompt predictors (peak of the cosine).
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    /// Batch of the token probes.
+    #[arg(long, default_value_t = 256)]
+    pub batch_size: usize,
+    /// Batch of the prompt predictors (one row per request).
+    #[arg(long, default_value_t = 32)]
+    pub prompt_batch_size: usize,
     /// Fine-tuning epochs of the BERT baseline (0: no fine-tuned BERT).
     #[arg(long, default_value_t = 3)]
     pub bert_epochs: usize,
@@ -93,6 +104,9 @@ pub fn suite_config(args: &Args) -> anyhow::Result<SuiteConfig> {
         bins_max: args.bins_max,
         epochs: args.epochs,
         patience: args.patience,
+        lr: args.lr,
+        batch: args.batch_size,
+        prompt_batch: args.prompt_batch_size,
         seed: args.seed,
         bert_frozen: !args.no_bert,
         bert_tune: (!args.no_bert && args.bert_epochs > 0).then(|| TuneConfig {
