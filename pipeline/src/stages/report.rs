@@ -292,8 +292,11 @@ fn every_token(
         dir.display(),
         run.dir.display()
     );
-    let trained = scoring::Trained::open(run)
+    let mut trained = scoring::Trained::open(run)
         .with_context(|| format!("reading {}", run.models_dir().display()))?;
+    // Only the selected layer's `refined_every_token` is taken from this scoring, so the
+    // regeneration needs only that layer: the multi-layer probe's other layers may be missing.
+    trained.predictors.multi = None;
     eprintln!("scoring refined_every_token on {}", dir.display());
     let scored = scoring::score(&data, Some(Split::Test), &trained.predictors, opts)
         .with_context(|| format!("scoring on {}", dir.display()))?;
