@@ -645,7 +645,13 @@ pub fn train_suite(
                 models.join("bert-frozen.safetensors"),
                 models.join("bert-frozen.json"),
             );
-            let key = key_of(&[&probe_cfg, &run.info.requests_sha256, &bert_sha, "frozen"]);
+            // The head trains at the prompt predictors' batch (one row per request).
+            let key = key_of(&[
+                &probe_cfg,
+                &run.info.requests_sha256,
+                &bert_sha,
+                "frozen-prompt-batch",
+            ]);
             if fresh(
                 read_bert_record(&j).as_ref().map(|r| r.key.as_str()),
                 &key,
@@ -668,7 +674,12 @@ pub fn train_suite(
                     target: &totals,
                     cap: Some(&caps),
                 };
-                let (probe, report) = train_probe(&data, &train, &val, &bins, &cfg.train_config())?;
+                // One row per request, like the prompt predictors: their batch.
+                let tc = TrainConfig {
+                    batch: cfg.prompt_batch,
+                    ..cfg.train_config()
+                };
+                let (probe, report) = train_probe(&data, &train, &val, &bins, &tc)?;
                 let picked: Vec<f32> = scored
                     .iter()
                     .flat_map(|&r| data.features[r * data.dim..(r + 1) * data.dim].to_vec())
