@@ -903,7 +903,8 @@ pub fn concat_layers(run: &Run, parts: &[LayerRows]) -> Result<LayerRows> {
 #[derive(Debug, Clone, Serialize)]
 pub struct Exported {
     pub checkpoint: PathBuf,
-    pub layer: u32,
+    /// The exported probe's layers (one, or the multi-layer probe's).
+    pub layers: Vec<u32>,
     pub val_mae: f64,
     pub bert: Option<PathBuf>,
 }
@@ -920,7 +921,20 @@ pub fn best_layer(run: &Run) -> Result<(u32, f64)> {
         })
 }
 
-/// Write the selected layer's probe and prompt predictor to `out` with the run's metadata;
+/// Which trained probe [`export`] writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProbeChoice {
+    /// The single layer with the lowest validation MAE (the paper's selection).
+    Layer,
+    /// The multi-layer probe (`trail train --multi-layer N`).
+    Multi,
+    /// Whichever of the two has the lower validation MAE.
+    #[default]
+    Best,
+}
+
+/// Write the chosen probe and its prompt predictor to `out` with the run's metadata;
 /// with `bert`, also `bert.safetensors` beside it: the fine-tuned BERT with its head in f16,
 /// its `config.json` and `tokenizer.json` in the header metadata.
 pub fn export(
@@ -929,10 +943,29 @@ pub fn export(
     refine_interval: u32,
     git_commit: &str,
     bert: Option<&BertAssets>,
+    choice: ProbeChoice,
 ) -> Result<Exported> {
     let models = run.models_dir();
-    let (layer, val_mae) = best_layer(run)?;
-    let (w, j) = layer_files(&models, layer);
+    let (layer, layer_mae) = best_layer(run)?;
+    let multi_files = (models.join("multi.safetensors"), models.join("multi.json"));
+    let multi_mae = read_layer_record(&multi_files.1)
+        .filter(|_| multi_files.0.is_file())
+        .map(|r| r.token.best_val_mae);
+    let use_multi = match (choice, multi_mae) {
+        (ProbeChoice::Layer, _) => false,
+        (ProbeChoice::Multi, None) => {
+            return Err(Error::Data {
+                path: multi_files.0,
+                msg: "no multi-layer probe (train with --multi-layer 2 or more)".into(),
+            });
+        }
+        (ProbeChoice::Multi, Some(_)) => true,
+        (ProbeChoice::Best, m) => m.is_some_and(|m| m < layer_mae),
+    };
+    let ((w, j), val_mae) = match multi_mae.filter(|_| use_multi) {
+        Some(m) => (multi_files, m),
+        None => (layer_files(&models, layer), layer_mae),
+    };
     let mut c = Checkpoint::load(&w)?;
     let rec = read_layer_record(&j).ok_or_else(|| Error::Data {
         path: j.clone(),
@@ -990,7 +1023,7 @@ pub fn export(
     };
     Ok(Exported {
         checkpoint: out.to_path_buf(),
-        layer,
+        layers: c.meta.probe_layers.iter().map(|&l| l as u32).collect(),
         val_mae,
         bert: bert_out,
     })

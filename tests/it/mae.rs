@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use trail_checkpoints::scoring::{Metrics, score_suite};
-use trail_checkpoints::suite::{self, Run};
+use trail_checkpoints::suite::{self, ProbeChoice, Run};
 use trail_datasets::schema::{Dtype, FinishReason, Kind, RequestRow, requests_path};
 use trail_datasets::split::Split;
 use trail_datasets::store::{PartWriter, write_requests};
@@ -135,7 +135,7 @@ fn eval_mae_scores_models_and_checkpoints_on_other_runs() {
 
     // The exported checkpoint: the same probe and prompt predictor, the same refined estimate.
     let ckpt = tmp.path().join("predictor.safetensors");
-    suite::export(&run_a, &ckpt, 8, "test", None).unwrap();
+    suite::export(&run_a, &ckpt, 8, "test", None, ProbeChoice::Layer).unwrap();
     let exported = tmp.path().join("exported");
     mae::run(args(None, Some(&ckpt), &b, "all", &exported)).unwrap();
     let e = metrics(&exported);

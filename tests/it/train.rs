@@ -9,7 +9,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use trail_checkpoints::Checkpoint;
 use trail_checkpoints::scoring::{PREDICTORS, ScoreOptions, score_suite};
-use trail_checkpoints::suite::{self, Event, Run, SuiteConfig, layer_files};
+use trail_checkpoints::suite::{self, Event, ProbeChoice, Run, SuiteConfig, layer_files};
 use trail_datasets::schema::{Dtype, FinishReason, Kind, RequestRow, requests_path};
 use trail_datasets::split::Split;
 use trail_datasets::store::{PartWriter, write_requests};
@@ -161,8 +161,8 @@ fn train_report_export_round_trip_is_deterministic() {
 
     // Export and read back, for the right model only.
     let out = tmp.path().join("predictor.safetensors");
-    let e = suite::export(&run_a, &out, 8, "test", None).unwrap();
-    assert_eq!(e.layer, 1);
+    let e = suite::export(&run_a, &out, 8, "test", None, ProbeChoice::Layer).unwrap();
+    assert_eq!(e.layers, vec![1]);
     let c = Checkpoint::load_for(&out, &"ab".repeat(32), DIM).unwrap();
     assert_eq!(c.meta.probe_layers, vec![1]);
     assert_eq!(c.meta.kernel_id, "synthetic");
@@ -170,6 +170,17 @@ fn train_report_export_round_trip_is_deterministic() {
     assert!(c.prompt.is_some());
     assert!(Checkpoint::load_for(&out, &"cd".repeat(32), DIM).is_err());
     assert!(Checkpoint::load_for(&out, &"ab".repeat(32), DIM + 1).is_err());
+
+    // The multi-layer probe, and `best`: the lower validation MAE of the two.
+    let multi = tmp.path().join("multi.safetensors");
+    let em = suite::export(&run_a, &multi, 8, "test", None, ProbeChoice::Multi).unwrap();
+    assert_eq!(em.layers.len(), 2);
+    let cm = Checkpoint::load_for(&multi, &"ab".repeat(32), DIM).unwrap();
+    assert_eq!(cm.meta.probe_layers.len(), 2);
+    let best = tmp.path().join("best.safetensors");
+    let eb = suite::export(&run_a, &best, 8, "test", None, ProbeChoice::Best).unwrap();
+    let winner = if em.val_mae < e.val_mae { &em } else { &e };
+    assert_eq!(eb.layers, winner.layers);
 
     // Resumed: nothing is retrained.
     let mut events = Vec::new();

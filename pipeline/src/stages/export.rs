@@ -1,5 +1,6 @@
-//! `trail export --run runs/NAME --out predictor.safetensors [--bert]`: the selected layer's
-//! probe and prompt predictor with their standardization, in one safetensors checkpoint whose
+//! `trail export --run runs/NAME --out predictor.safetensors [--bert] [--probe layer|multi|best]`:
+//! the selected probe (by default the lower validation MAE of the best layer and the multi-layer
+//! probe) and its prompt predictor with their standardization, in one safetensors checkpoint whose
 //! metadata names the model (sha256), the runner's kernel id, the layers, hidden size, bins,
 //! refine interval, training-data hash, validation MAE and git commit
 //! ([`trail_checkpoints::Checkpoint`]). With `--bert`, also `bert.safetensors` beside it: the
@@ -10,7 +11,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use serde::Serialize;
 use trail_checkpoints::Checkpoint;
-use trail_checkpoints::suite::{self, BertAssets, Run};
+use trail_checkpoints::suite::{self, BertAssets, ProbeChoice, Run};
 
 use crate::manifest::{GIT_COMMIT, Manifest};
 
@@ -32,6 +33,29 @@ pub struct Args {
     /// all-MiniLM-L6-v2 directory (for its config and tokenizer); default: the trail cache.
     #[arg(long)]
     pub bert_dir: Option<PathBuf>,
+    /// Which probe: `layer` (the single layer with the lowest validation MAE, the paper's
+    /// selection), `multi` (the multi-layer probe) or `best` (the lower validation MAE of the two).
+    #[arg(long, value_enum, default_value_t = Probe::Best)]
+    pub probe: Probe,
+}
+
+/// `--probe`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Probe {
+    Layer,
+    Multi,
+    Best,
+}
+
+impl From<Probe> for ProbeChoice {
+    fn from(p: Probe) -> Self {
+        match p {
+            Probe::Layer => ProbeChoice::Layer,
+            Probe::Multi => ProbeChoice::Multi,
+            Probe::Best => ProbeChoice::Best,
+        }
+    }
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -51,6 +75,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         args.refine_interval,
         GIT_COMMIT,
         bert.as_ref(),
+        args.probe.into(),
     )
     .with_context(|| format!("exporting from {}", run.dir.display()))?;
     // Read it back: what the serving engine will load.
@@ -65,7 +90,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if let Some(b) = &e.bert {
         manifest.output(b, &base)?;
     }
-    manifest.result("layer", e.layer)?;
+    manifest.result("layers", &e.layers)?;
     manifest.result("val_mae", e.val_mae)?;
     manifest.result("hidden_size", c.meta.hidden_size)?;
     let stem = args
@@ -78,8 +103,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     std::fs::rename(&mpath, &named)
         .with_context(|| format!("{}: rename failed", named.display()))?;
     eprintln!(
-        "exported layer {} (validation MAE {:.2} tokens, hidden {}) to {}{}",
-        e.layer,
+        "exported the probe of layers {:?} (validation MAE {:.2} tokens, hidden {}) to {}{}",
+        e.layers,
         e.val_mae,
         c.meta.hidden_size,
         e.checkpoint.display(),
