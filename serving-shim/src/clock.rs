@@ -1,9 +1,11 @@
 //! Time source of the scheduler: [`Clock`] gives seconds as `f64`.
 //!
 //! The scheduler reads time only through this trait, so a discrete-event simulator (or a test)
-//! can drive it with a [`ManualClock`] while the engine uses the [`SystemClock`].
+//! can drive it with a [`ManualClock`] while the engine uses the [`SystemClock`], or, with a
+//! [`VirtualTime`], a [`ManualClock`] that each step moves by a modelled step time.
 
-use std::sync::Mutex;
+use std::fmt;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 /// A source of the current time in seconds.
@@ -72,6 +74,25 @@ impl ManualClock {
 impl Clock for ManualClock {
     fn now(&self) -> f64 {
         *self.now.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Seconds a step of a given shape takes: `(decode rows, prefill tokens, KV tokens attended)`.
+pub type StepCost = dyn Fn(usize, usize, usize) -> f64 + Send + Sync;
+
+/// Virtual time for the engine: its clock starts at 0, moves by `cost` of each step's shape
+/// (the step's tokens are stamped at its end), and jumps to the next arrival when the engine is
+/// idle. Latencies then depend on the schedule and the model, not on how fast or how loaded the
+/// machine is while the cell runs; the forward passes, tokens and predictions are real.
+#[derive(Clone)]
+pub struct VirtualTime {
+    /// Step time by shape (a fitted step-time model).
+    pub cost: Arc<StepCost>,
+}
+
+impl fmt::Debug for VirtualTime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("VirtualTime")
     }
 }
 

@@ -21,13 +21,13 @@ use tokio::sync::{mpsc, oneshot};
 use trail_checkpoints::{Checkpoint, RefineState};
 use trail_llm::{KvCache, LayerSet, Row, Runner, Sampler, Sampling};
 
-use crate::clock::{Clock, SystemClock};
+use crate::clock::{Clock, ManualClock, SystemClock, VirtualTime};
 use crate::error::EngineError;
 use crate::metrics::EngineStats;
 use crate::policy::PolicyKind;
 use crate::predictor::Predictor;
 use crate::scheduler::{PreemptKind, Scheduler, SchedulerConfig, StepResult};
-use crate::sequence::{FinishReason, SeqId, Sequence, Timestamps};
+use crate::sequence::{FinishReason, SeqId, SeqState, Sequence, Timestamps};
 use crate::steps::StepRecord;
 
 /// Engine settings.
@@ -42,6 +42,8 @@ pub struct EngineConfig {
     /// Refresh the refined prediction every N tokens (`--refine-every`); the checkpoint's
     /// interval when `None`.
     pub refine_every: Option<u32>,
+    /// Run on virtual time instead of the wall clock (see [`VirtualTime`]).
+    pub virtual_time: Option<VirtualTime>,
 }
 
 impl EngineConfig {
@@ -52,6 +54,7 @@ impl EngineConfig {
             policy,
             c: 0.8,
             refine_every: None,
+            virtual_time: None,
         }
     }
 }
@@ -71,6 +74,9 @@ pub struct GenRequest {
     pub initial_prediction: Option<f64>,
     /// True output length for the oracle policy (`max_new_tokens` with `ignore_eos`).
     pub true_len: Option<usize>,
+    /// Arrival on a virtual-time engine's clock, in seconds: the request reaches the scheduler
+    /// when the clock does. A wall-clock engine ignores it (a request arrives when submitted).
+    pub arrival: Option<f64>,
 }
 
 impl GenRequest {
@@ -83,6 +89,7 @@ impl GenRequest {
             ignore_eos: false,
             initial_prediction: None,
             true_len: None,
+            arrival: None,
         }
     }
 }
@@ -235,7 +242,15 @@ impl Engine {
             }
             None => None,
         };
-        let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
+        let manual = cfg
+            .virtual_time
+            .as_ref()
+            .map(|_| Arc::new(ManualClock::at(0.0)));
+        let clock: Arc<dyn Clock> = match &manual {
+            Some(m) => m.clone(),
+            None => Arc::new(SystemClock::new()),
+        };
+        let virtual_time = manual.zip(cfg.virtual_time.clone());
         let policy = cfg.policy.build(cfg.c);
         let sched = Scheduler::new(cfg.scheduler.clone(), policy, clock.clone())?;
         let stats = Arc::new(Mutex::new(EngineStats::new(
@@ -253,6 +268,8 @@ impl Engine {
             stats: stats.clone(),
             steps: Vec::new(),
             draining: false,
+            virtual_time,
+            pending: Vec::new(),
         };
         let thread = std::thread::Builder::new()
             .name("trail-engine".into())
@@ -403,6 +420,10 @@ struct Worker {
     stats: Arc<Mutex<EngineStats>>,
     steps: Vec<StepRecord>,
     draining: bool,
+    /// The clock to move and the step cost, on virtual time.
+    virtual_time: Option<(Arc<ManualClock>, VirtualTime)>,
+    /// Requests added before their virtual arrival, latest first (popped from the end).
+    pending: Vec<Sequence>,
 }
 
 /// One row of a step, before the caches are lent to the model.
@@ -418,7 +439,7 @@ impl Worker {
     fn run(&mut self) -> Result<Vec<StepRecord>, EngineError> {
         loop {
             // Commands: block when there is nothing to do.
-            if self.sched.is_idle() {
+            if self.sched.is_idle() && self.pending.is_empty() {
                 if self.draining {
                     break;
                 }
@@ -430,6 +451,7 @@ impl Worker {
             while let Ok(cmd) = self.rx.try_recv() {
                 self.command(cmd);
             }
+            self.release_arrivals();
             self.cancel_disconnected();
             if self.sched.is_idle() {
                 continue;
@@ -472,10 +494,23 @@ impl Worker {
                 context,
             });
         }
-        let mut seq = Sequence::new(id, req.prompt.len(), req.max_new_tokens, self.clock.now());
+        let now = self.clock.now();
+        let arrival = match (&self.virtual_time, req.arrival) {
+            (Some(_), Some(t)) if t.is_finite() => t.max(now),
+            _ => now,
+        };
+        let mut seq = Sequence::new(id, req.prompt.len(), req.max_new_tokens, arrival);
         seq.initial_prediction = req.initial_prediction;
         seq.true_len = req.true_len;
-        self.sched.add(seq)?;
+        if arrival > now {
+            // Latest first, so the next arrival pops from the end; ties by id.
+            let at = self
+                .pending
+                .partition_point(|p| (p.times.arrival, p.id) > (arrival, id));
+            self.pending.insert(at, seq);
+        } else {
+            self.sched.add(seq)?;
+        }
         let (tx, rx) = mpsc::unbounded_channel();
         self.ctxs.insert(
             id,
@@ -492,7 +527,46 @@ impl Worker {
         Ok(rx)
     }
 
+    /// Virtual time: hands the scheduler every request whose arrival the clock has reached,
+    /// first moving the clock to the next arrival when nothing else is live. A request the
+    /// scheduler refuses then (queue full) ends at once as aborted.
+    fn release_arrivals(&mut self) {
+        let Some((clock, _)) = &self.virtual_time else {
+            return;
+        };
+        if self.sched.is_idle()
+            && let Some(next) = self.pending.last()
+        {
+            clock.set(next.times.arrival.max(clock.now()));
+        }
+        let now = clock.now();
+        while self.pending.last().is_some_and(|p| p.times.arrival <= now) {
+            let seq = self.pending.pop().expect("checked");
+            let id = seq.id;
+            if let Err(e) = self.sched.add(seq.clone()) {
+                tracing::warn!("request {id} refused at its arrival: {e}");
+                self.end_unscheduled(seq, now);
+            }
+        }
+    }
+
+    /// Ends a request the scheduler does not hold (pending its virtual arrival) as aborted.
+    fn end_unscheduled(&mut self, mut seq: Sequence, now: f64) {
+        seq.state = SeqState::Finished(FinishReason::Aborted);
+        seq.times.finish = Some(now);
+        if let Some(ctx) = self.ctxs.remove(&seq.id) {
+            let _ = ctx
+                .tx
+                .send(Event::Done(Box::new(summary(seq, ctx.predictions))));
+        }
+    }
+
     fn abort(&mut self, id: SeqId) {
+        if let Some(pos) = self.pending.iter().position(|p| p.id == id) {
+            let seq = self.pending.remove(pos);
+            self.end_unscheduled(seq, self.clock.now());
+            return;
+        }
         if let Some(seq) = self.sched.abort(id)
             && let Some(ctx) = self.ctxs.remove(&id)
         {
@@ -647,6 +721,12 @@ impl Worker {
         }
         let predictor_secs = tp.elapsed().as_secs_f64();
 
+        // Virtual time: the step's tokens are reported at its modelled end.
+        if let Some((clock, vt)) = &self.virtual_time {
+            let kv: usize = specs.iter().map(|s| s.start + s.tokens.len()).sum();
+            let secs = (vt.cost)(plan.decode.len(), plan.prefill_tokens(), kv);
+            clock.advance(secs.max(0.0));
+        }
         self.sched.on_step_done(&results)?;
         for r in &results {
             let ctx = self.ctxs.get_mut(&r.id).expect("present");

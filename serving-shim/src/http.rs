@@ -357,6 +357,7 @@ async fn run(
         ignore_eos: c.ignore_eos,
         initial_prediction,
         true_len: c.ignore_eos.then_some(c.max_tokens),
+        arrival: None,
     };
     let handle = app.engine.submit(req).await?;
     let (prefix, object) = match kind {

@@ -35,7 +35,7 @@ pub mod steps;
 
 pub use bert::BertPredictor;
 pub use block::{AllocStatus, BlockManager};
-pub use clock::{Clock, ManualClock, SystemClock};
+pub use clock::{Clock, ManualClock, StepCost, SystemClock, VirtualTime};
 pub use engine::{Engine, EngineConfig, EngineReport, Event, GenRequest, RequestHandle, Summary};
 pub use error::{BlockError, EngineError, SchedulerError, StepLogError};
 pub use metrics::{EngineStats, Histogram};

@@ -143,18 +143,23 @@ fn tiny_run(dir: &Path) {
     write_requests(&requests_path(dir), &rows).unwrap();
 }
 
-#[test]
-fn every_request_is_accounted_for_on_the_real_engine() {
-    let model = trail_tests::smollm2_gguf();
-    let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("run");
+/// `trail eval latency` arguments for a tiny run in `tmp` (written by [`tiny_run`]): FCFS and
+/// the oracle, 8 requests a cell, batch 4, on `backend`, at `loads` and `seeds`; and the
+/// output directory.
+fn tiny_latency_args(
+    tmp: &Path,
+    backend: &str,
+    loads: &str,
+    seeds: &str,
+) -> (Vec<String>, std::path::PathBuf) {
+    let data = tmp.join("run");
     std::fs::create_dir_all(&data).unwrap();
     tiny_run(&data);
-    let out = tmp.path().join("latency");
+    let out = tmp.join("latency");
     let (data_s, out_s, model_s) = (
         data.display().to_string(),
         out.display().to_string(),
-        model.display().to_string(),
+        trail_tests::smollm2_gguf().display().to_string(),
     );
     let argv = [
         "--data",
@@ -164,15 +169,15 @@ fn every_request_is_accounted_for_on_the_real_engine() {
         "--model",
         &model_s,
         "--backend",
-        "inprocess",
+        backend,
         "--policies",
         "fcfs,oracle",
         "--loads",
-        "0.8",
+        loads,
         "--requests",
         "8",
         "--seeds",
-        "1,2",
+        seeds,
         "--max-running",
         "4",
         "--kv-budget-tokens",
@@ -181,7 +186,17 @@ fn every_request_is_accounted_for_on_the_real_engine() {
         "6",
         "--bootstrap",
         "50",
-    ];
+    ]
+    .map(String::from)
+    .to_vec();
+    (argv, out)
+}
+
+#[test]
+fn every_request_is_accounted_for_on_the_real_engine() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (argv, out) = tiny_latency_args(tmp.path(), "inprocess", "0.8", "1,2");
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
     eval_latency(&argv).unwrap();
 
     // The traces: Poisson at 0.8 × the measured capacity, seeded, prompts from the test split.
@@ -320,4 +335,36 @@ fn every_request_is_accounted_for_on_the_real_engine() {
     assert!(err.contains("--checkpoint"), "{err}");
     let err = eval_latency(&replaced(&argv, "fcfs,oracle", "sjf-bert")).unwrap_err();
     assert!(err.contains("--bert-checkpoint"), "{err}");
+}
+
+/// `--backend virtual`: the engine's clock moves by the step-time model fitted to the
+/// saturation burst, so running the cells again gives the same latencies to the bit, however
+/// loaded the machine is (the forward passes and tokens are real either way).
+#[test]
+fn virtual_time_cells_repeat_to_the_bit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (argv, out) = tiny_latency_args(tmp.path(), "virtual", "0.9", "1");
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    eval_latency(&argv).unwrap();
+    assert!(out.join("step_model.json").is_file());
+    let sorted = |mut rows: Vec<trail_eval::loadgen::ResultRow>| {
+        rows.sort_by(|a, b| (&a.policy, a.result.index).cmp(&(&b.policy, b.result.index)));
+        rows
+    };
+    let first = sorted(read_results(&out.join("results.parquet")).unwrap());
+    assert_eq!(first.len(), 2 * 8);
+    for r in &first {
+        assert!(r.result.error.is_none(), "{r:?}");
+        assert_eq!(Some(r.result.output_tokens), r.target_tokens, "{r:?}");
+        let ttft = r.result.ttft_s.unwrap();
+        assert!(ttft > 0.0 && ttft <= r.result.latency_s, "{r:?}");
+        assert_eq!(r.result.sent_s, r.result.arrival_s, "{r:?}");
+    }
+
+    // The same saturation, step model and traces; the cells run again.
+    std::fs::remove_dir_all(out.join("cells")).unwrap();
+    std::fs::remove_file(out.join("results.parquet")).unwrap();
+    eval_latency(&argv).unwrap();
+    let again = sorted(read_results(&out.join("results.parquet")).unwrap());
+    assert_eq!(first, again);
 }

@@ -810,3 +810,39 @@ fn bert_predicts_on_arrival_batched_and_sjf_bert_serves_by_it() {
         "every request had BERT's initial prediction"
     );
 }
+
+/// Virtual time: the clock moves by the step cost (here 1 s a step, whatever its shape), a
+/// request reaches the scheduler at its arrival, and the clock jumps to it when nothing runs.
+/// The tokens are the same as on the wall clock.
+#[test]
+fn virtual_time_moves_by_the_step_cost_and_jumps_to_arrivals() {
+    let refs = references();
+    let mut cfg = EngineConfig::new(4096, PolicyKind::Fcfs);
+    cfg.virtual_time = Some(trail_serving_shim::VirtualTime {
+        cost: Arc::new(|_, _, _| 1.0),
+    });
+    let engine = Engine::start(runner(), None, cfg).unwrap();
+    let reqs: Vec<GenRequest> = [(0usize, 0.5), (1, 100.0)]
+        .iter()
+        .map(|&(i, at)| {
+            let mut r = GenRequest::greedy(refs[i].0.clone(), 4);
+            r.arrival = Some(at);
+            r
+        })
+        .collect();
+    let handles = engine.submit_all_blocking(reqs).unwrap();
+    let s: Vec<Summary> = handles
+        .into_iter()
+        .map(|h| h.unwrap().wait().unwrap())
+        .collect();
+    // The first: arrives at 0.5, prefilled in the first step (its first token at 1.5), then one
+    // token a step. The second: the clock jumps from 4.5 to its arrival at 100.
+    assert_eq!(s[0].times.arrival, 0.5);
+    assert_eq!(s[0].times.tokens, vec![1.5, 2.5, 3.5, 4.5]);
+    assert_eq!(s[1].times.arrival, 100.0);
+    assert_eq!(s[1].times.tokens, vec![101.0, 102.0, 103.0, 104.0]);
+    for (sum, (_, reference)) in s.iter().zip(refs) {
+        assert_eq!(sum.tokens, reference[..4]);
+    }
+    engine.shutdown().unwrap();
+}

@@ -2,14 +2,18 @@
 //! process (no HTTP, no detokenization), with the same request semantics as `trail serve`'s
 //! chat endpoint: the prompt as one user message through the model's chat template, greedy,
 //! and with a fixed output length `ignore_eos` and the true length given to the oracle.
+//!
+//! On an engine running on virtual time ([`trail_serving_shim::VirtualTime`]),
+//! [`EngineBackend::replay_virtual`] hands it the whole trace at once with each arrival, and reads
+//! every time off the engine's clock.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use trail_serving_shim::{Engine, Event, FinishReason, GenRequest};
+use trail_serving_shim::{Engine, Event, FinishReason, GenRequest, Summary};
 
-use super::{Backend, Observed, TraceRequest};
+use super::{Backend, Observed, RequestResult, TraceRequest};
 
 /// Requests into an [`Engine`] of this process.
 #[derive(Debug, Clone)]
@@ -56,6 +60,86 @@ impl EngineBackend {
         g.initial_prediction = self.priors.get(&req.prompt).copied();
         Ok(g)
     }
+
+    /// Replays `trace` on an engine started with virtual time: every request is submitted at
+    /// once with its `arrival_s`, the engine admits each when its clock reaches it, and TTFT,
+    /// latency and TPOT are read off that clock. `on_done` is called per request, in trace
+    /// order. Results come back in trace order, one per request.
+    pub fn replay_virtual(
+        &self,
+        trace: &[TraceRequest],
+        mut on_done: impl FnMut(&RequestResult),
+    ) -> Vec<RequestResult> {
+        let built: Vec<Result<GenRequest, String>> = trace
+            .iter()
+            .map(|r| {
+                self.request(r).map(|mut g| {
+                    g.arrival = Some(r.arrival_s.max(0.0));
+                    g
+                })
+            })
+            .collect();
+        let ok: Vec<GenRequest> = built.iter().filter_map(|b| b.clone().ok()).collect();
+        let sent = ok.len();
+        let handles: Vec<Result<_, String>> = match self.engine.submit_all_blocking(ok) {
+            Ok(h) => h
+                .into_iter()
+                .map(|r| r.map_err(|e| e.to_string()))
+                .collect(),
+            Err(e) => (0..sent).map(|_| Err(e.to_string())).collect(),
+        };
+        let mut handles = handles.into_iter();
+        trace
+            .iter()
+            .zip(built)
+            .enumerate()
+            .map(|(index, (req, b))| {
+                let obs = b.and_then(|_| {
+                    let handle = handles
+                        .next()
+                        .ok_or("the engine answered fewer requests than were sent")??;
+                    let s = handle.wait().map_err(|e| e.to_string())?;
+                    virtual_observed(&s)
+                });
+                let done_s = obs
+                    .as_ref()
+                    .ok()
+                    .and_then(|o| o.last_token)
+                    .map_or(req.arrival_s, |d| req.arrival_s + d.as_secs_f64());
+                let r = RequestResult::from_observed(index, req, req.arrival_s, done_s, obs);
+                on_done(&r);
+                r
+            })
+            .collect()
+    }
+}
+
+/// What the engine reported at a request's end: tokens, queue time, preemptions; an aborted
+/// request is an error.
+fn ended(obs: &mut Observed, s: &Summary) -> Result<(), String> {
+    if s.finish == FinishReason::Aborted {
+        return Err(format!(
+            "request {} was aborted after {} tokens",
+            s.id,
+            s.tokens.len()
+        ));
+    }
+    obs.output_tokens = s.tokens.len() as u32;
+    obs.queue_s = s.times.first_scheduled.map(|f| f - s.times.arrival);
+    obs.preemptions = Some(s.preemptions_policy + s.preemptions_memory);
+    Ok(())
+}
+
+/// [`Observed`] from a virtual-time engine's timestamps (offsets from the arrival).
+fn virtual_observed(s: &Summary) -> Result<Observed, String> {
+    let since = |t: f64| Duration::from_secs_f64((t - s.times.arrival).max(0.0));
+    let mut obs = Observed {
+        first_token: s.times.tokens.first().map(|&t| since(t)),
+        last_token: s.times.tokens.last().map(|&t| since(t)),
+        ..Observed::default()
+    };
+    ended(&mut obs, s)?;
+    Ok(obs)
 }
 
 impl Backend for EngineBackend {
@@ -73,16 +157,7 @@ impl Backend for EngineBackend {
                     obs.output_tokens += 1;
                 }
                 Event::Done(s) => {
-                    if s.finish == FinishReason::Aborted {
-                        return Err(format!(
-                            "request {} was aborted after {} tokens",
-                            s.id,
-                            s.tokens.len()
-                        ));
-                    }
-                    obs.output_tokens = s.tokens.len() as u32;
-                    obs.queue_s = s.times.first_scheduled.map(|f| f - s.times.arrival);
-                    obs.preemptions = Some(s.preemptions_policy + s.preemptions_memory);
+                    ended(&mut obs, &s)?;
                     return Ok(obs);
                 }
             }

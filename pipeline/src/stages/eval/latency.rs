@@ -15,6 +15,10 @@
 //!    log `steps.parquet`, `metrics.prom` and log. Policies run in the given order for the
 //!    first, third, ... seed of `--seeds` and in reverse for the second, fourth, ..., so a
 //!    slow drift of the machine's speed does not favour the policies that run first.
+//!    `--backend virtual` takes the machine's speed out instead: the engine runs in process
+//!    on a clock that each step moves by the step-time model fitted to the saturation burst's
+//!    step log (`step_model.json`), with the whole trace handed over at once, so a cell's
+//!    latencies depend only on the schedule (and repeat to the bit).
 //! 5. `results.parquet` (every cell merged), `summary.json`, `report.md`, plots, manifest.
 
 mod headroom;
@@ -85,7 +89,8 @@ pub struct Args {
     #[arg(long)]
     pub out: PathBuf,
     /// `http`: `trail serve` as a child process, driven over HTTP with streaming; `inprocess`:
-    /// the engine in this process.
+    /// the engine in this process; `virtual`: the engine in this process on virtual time (step
+    /// times from the model fitted to the saturation burst's step log, `step_model.json`).
     #[arg(long, value_enum, default_value = "http")]
     pub backend: BackendKind,
     #[command(flatten)]
@@ -286,6 +291,29 @@ fn bar(total: u64) -> anyhow::Result<ProgressBar> {
     Ok(bar)
 }
 
+/// The virtual clock's step-time model: fitted to the saturation burst's step log
+/// (`saturation/steps.parquet`, every batch size from full to one as the burst drains) and kept
+/// in `step_model.json`, so every cell and every rerun uses the same one.
+fn virtual_step_model(out: &Path) -> anyhow::Result<StepTimeModel> {
+    let path = out.join("step_model.json");
+    if !path.is_file() {
+        let log = out.join("saturation").join("steps.parquet");
+        anyhow::ensure!(
+            log.is_file(),
+            "--backend virtual fits its step times to the saturation burst's step log, and {} \
+             is missing: measure the saturation here (without --saturation-rps)",
+            log.display()
+        );
+        let records = trail_serving_shim::steps::read(&log)?;
+        let model = StepTimeModel::fit_log(&records)
+            .with_context(|| format!("fitting the step-time model to {}", log.display()))?;
+        write_atomic(&path, serde_json::to_string_pretty(&model)?.as_bytes())?;
+    }
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: bad JSON", path.display()))
+}
+
 /// Runs a burst of requests at t = 0 under FCFS and returns completions per second.
 fn measure_saturation(
     launch: &Launch<'_>,
@@ -426,7 +454,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let needs_checkpoint = policies
         .iter()
         .any(|p| matches!(p, PolicyKind::Trail | PolicyKind::Sprpt));
-    let inprocess = args.backend == BackendKind::Inprocess;
+    let inprocess = args.backend.in_process();
     let runner = if inprocess {
         Some(Arc::new(args.model.load()?))
     } else {
@@ -464,7 +492,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         max_tokens,
         max_waiting: max_trace + 16,
     };
-    let launch = Launch {
+    let mut launch = Launch {
         backend: args.backend,
         settings: &server_settings,
         model: &args.model,
@@ -473,6 +501,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         bert_checkpoint_path: args.bert_checkpoint.as_deref(),
         checkpoint: checkpoint.as_ref(),
         priors: priors.as_ref(),
+        step_model: None,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -506,6 +535,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         serde_json::from_str(&text).with_context(|| format!("{}: bad JSON", sat_path.display()))?
     };
     eprintln!("saturation: {}", sat.describe());
+    if args.backend == BackendKind::Virtual {
+        let model = virtual_step_model(&out)?;
+        eprintln!(
+            "virtual time: {:.2} ms + {:.3} ms per decode row + {:.3} ms per prefill token + {:.2} µs per KV token",
+            model.base_s * 1e3,
+            model.per_decode_row_s * 1e3,
+            model.per_prefill_token_s * 1e3,
+            model.per_kv_token_s * 1e6
+        );
+        launch.step_model = Some(model);
+    }
 
     // Traces, then the cells not done yet: seed outermost, so a partial run holds every
     // policy of the (load, seed) pairs it reached.
@@ -633,7 +673,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .flatten()
         .flat_map(|(_, log)| log.iter().map(StepSample::from))
         .collect();
-    summary.step_model = if samples.is_empty() {
+    // On virtual time the cells' latencies follow the virtual clock's model, so the simulated
+    // headroom uses it too (the logs' wall-clock step times only say how busy the machine was).
+    summary.step_model_source = if launch.step_model.is_some() {
+        "the virtual clock's, fitted to the saturation burst's step log".into()
+    } else {
+        "fitted to every cell's step log".into()
+    };
+    summary.step_model = if let Some(m) = launch.step_model {
+        Some(m)
+    } else if samples.is_empty() {
         None
     } else {
         Some(StepTimeModel::fit(&samples).context("fitting the step-time model to the step logs")?)

@@ -214,11 +214,12 @@ pub fn markdown(summary: &Summary, settings: &Settings, plots: &[PathBuf]) -> St
         if let Some(h) = summary.simulated.iter().find(|h| load_key(h.load) == key) {
             let _ = writeln!(
                 md,
-                "\nSimulated on the same traces ({} requests) with the step-time model fitted to \
-                 every cell's log (`trail sim trace`'s scheduler): FCFS {:.2} s, oracle {:.2} s \
-                 in mean latency, so no policy can gain more than {:.2}× over FCFS here. With \
-                 every step {:.0} % slower, FCFS's mean latency grows {:.1} %.",
+                "\nSimulated on the same traces ({} requests) with the step-time model ({}; \
+                 `trail sim trace`'s scheduler): FCFS {:.2} s, oracle {:.2} s in mean latency, so \
+                 no policy can gain more than {:.2}× over FCFS here. With every step {:.0} % \
+                 slower, FCFS's mean latency grows {:.1} %.",
                 h.requests,
+                summary.step_model_source,
                 h.fcfs_mean_latency_s,
                 h.oracle_mean_latency_s,
                 h.fcfs_over_oracle,
@@ -231,8 +232,9 @@ pub fn markdown(summary: &Summary, settings: &Settings, plots: &[PathBuf]) -> St
     if let Some(m) = &summary.step_model {
         let _ = writeln!(
             md,
-            "Step-time model (least squares on every cell's step log): {:.2} ms + {:.3} ms per \
-             decode row + {:.3} ms per prefill token + {:.2} µs per KV token.\n",
+            "Step-time model ({}): {:.2} ms + {:.3} ms per decode row + {:.3} ms per prefill \
+             token + {:.2} µs per KV token.\n",
+            summary.step_model_source,
             1e3 * m.base_s,
             1e3 * m.per_decode_row_s,
             1e3 * m.per_prefill_token_s,

@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use trail_checkpoints::Checkpoint;
 use trail_eval::loadgen::{self, EngineBackend, HttpBackend, RequestResult, TraceRequest};
+use trail_eval::tracesim::StepTimeModel;
 use trail_llm::Runner;
-use trail_serving_shim::{Engine, EngineConfig, PolicyKind};
+use trail_serving_shim::{Engine, EngineConfig, PolicyKind, VirtualTime};
 
 use crate::manifest::write_atomic;
 use crate::stages::engine_args::EngineArgs;
@@ -27,6 +28,18 @@ pub enum BackendKind {
     Http,
     /// The engine in this process (no HTTP, no detokenization).
     Inprocess,
+    /// The engine in this process on virtual time: each step moves its clock by the step-time
+    /// model fitted to the saturation burst's step log, and the whole trace is handed to it at
+    /// once with its arrivals. Latencies depend on the schedule, not on how fast the machine
+    /// happens to be while a cell runs (a shared VM can be 1.5× slower for minutes).
+    Virtual,
+}
+
+impl BackendKind {
+    /// The engine runs in this process (`inprocess`, `virtual`).
+    pub fn in_process(self) -> bool {
+        matches!(self, Self::Inprocess | Self::Virtual)
+    }
 }
 
 /// Engine settings shared by every cell.
@@ -55,6 +68,9 @@ pub struct Launch<'a> {
     pub checkpoint: Option<&'a Checkpoint>,
     /// BERT's initial predictions by prompt (in-process backend).
     pub priors: Option<&'a HashMap<String, f64>>,
+    /// The step-time model of the virtual clock (`virtual` backend; the saturation burst runs
+    /// on the wall clock before it is fitted).
+    pub step_model: Option<StepTimeModel>,
 }
 
 /// A running server.
@@ -66,6 +82,8 @@ pub enum Server {
     },
     InProcess {
         backend: Arc<EngineBackend>,
+        /// On virtual time.
+        virtual_time: bool,
     },
 }
 
@@ -77,7 +95,7 @@ impl Server {
             .with_context(|| format!("{}: cannot create", dir.display()))?;
         let needs_checkpoint = matches!(policy, PolicyKind::Trail | PolicyKind::Sprpt);
         match cx.backend {
-            BackendKind::Inprocess => {
+            BackendKind::Inprocess | BackendKind::Virtual => {
                 let runner = cx
                     .runner
                     .context("the in-process backend needs the loaded model")?;
@@ -87,6 +105,10 @@ impl Server {
                 cfg.refine_every = s.refine_every;
                 cfg.scheduler = s.engine.scheduler();
                 cfg.scheduler.max_waiting = s.max_waiting;
+                let step_model = cx.step_model.filter(|_| cx.backend == BackendKind::Virtual);
+                cfg.virtual_time = step_model.map(|m| VirtualTime {
+                    cost: Arc::new(move |d, p, kv| m.predict(d, p, kv)),
+                });
                 let checkpoint = needs_checkpoint.then(|| cx.checkpoint.cloned()).flatten();
                 let engine = Engine::start(runner.clone(), checkpoint, cfg)?;
                 for w in engine.warnings() {
@@ -100,6 +122,7 @@ impl Server {
                 }
                 Ok(Self::InProcess {
                     backend: Arc::new(backend),
+                    virtual_time: step_model.is_some(),
                 })
             }
             BackendKind::Http => {
@@ -197,7 +220,11 @@ impl Server {
             Self::Http { backend, .. } => {
                 rt.block_on(loadgen::drive(backend.clone(), trace, on_done))
             }
-            Self::InProcess { backend } => {
+            Self::InProcess {
+                backend,
+                virtual_time: true,
+            } => backend.replay_virtual(trace, on_done),
+            Self::InProcess { backend, .. } => {
                 rt.block_on(loadgen::drive(backend.clone(), trace, on_done))
             }
         }
@@ -231,7 +258,7 @@ impl Server {
                     std::thread::sleep(Duration::from_millis(100));
                 }
             }
-            Self::InProcess { backend } => {
+            Self::InProcess { backend, .. } => {
                 let backend = Arc::try_unwrap(backend)
                     .map_err(|_| anyhow::anyhow!("the in-process backend is still in use"))?;
                 let engine = Arc::try_unwrap(backend.into_engine())

@@ -101,8 +101,10 @@ pub struct Summary {
     pub comparisons: Vec<Comparison>,
     pub bootstrap: BootstrapSettings,
     /// Step time fitted to every cell's step log (the grid's average engine), where the servers
-    /// wrote logs.
+    /// wrote logs; on virtual time, the virtual clock's model.
     pub step_model: Option<StepTimeModel>,
+    /// Where `step_model` comes from, as the report says it.
+    pub step_model_source: String,
     /// Per load, the simulator on the grid's traces with `step_model` (lengths fixed only).
     pub simulated: Vec<Headroom>,
 }
@@ -287,6 +289,7 @@ pub fn summarize(rows: &[ResultRow], policies: &[String], boot: BootstrapSetting
         comparisons,
         bootstrap: boot,
         step_model: None,
+        step_model_source: String::new(),
         simulated: Vec::new(),
     }
 }
