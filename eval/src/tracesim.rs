@@ -315,7 +315,6 @@ impl Replica {
             )));
         }
         let mut results = Vec::with_capacity(plan.num_rows());
-        let mut kv = 0;
         let rows = plan
             .decode
             .iter()
@@ -327,7 +326,6 @@ impl Replica {
                 None => s.computed + 1,
                 Some((start, len)) => start + len,
             };
-            kv += end;
             if end == s.total_len() {
                 let generated = s.num_generated() as f64 + 1.0;
                 results.push(StepResult {
@@ -338,6 +336,7 @@ impl Replica {
                 });
             }
         }
+        let kv = self.sched.context_tokens(&plan);
         let dt = model.predict(plan.decode.len(), plan.prefill_tokens(), kv);
         self.in_flight = Some((now + dt.max(0.0), results));
         self.steps += 1;

@@ -554,6 +554,11 @@ impl Worker {
     fn end_unscheduled(&mut self, mut seq: Sequence, now: f64) {
         seq.state = SeqState::Finished(FinishReason::Aborted);
         seq.times.finish = Some(now);
+        self.send_done(seq);
+    }
+
+    /// Sends an ended request's summary on its channel and drops its context.
+    fn send_done(&mut self, seq: Sequence) {
         if let Some(ctx) = self.ctxs.remove(&seq.id) {
             let _ = ctx
                 .tx
@@ -567,12 +572,8 @@ impl Worker {
             self.end_unscheduled(seq, self.clock.now());
             return;
         }
-        if let Some(seq) = self.sched.abort(id)
-            && let Some(ctx) = self.ctxs.remove(&id)
-        {
-            let _ = ctx
-                .tx
-                .send(Event::Done(Box::new(summary(seq, ctx.predictions))));
+        if let Some(seq) = self.sched.abort(id) {
+            self.send_done(seq);
         }
     }
 
@@ -723,7 +724,7 @@ impl Worker {
 
         // Virtual time: the step's tokens are reported at its modelled end.
         if let Some((clock, vt)) = &self.virtual_time {
-            let kv: usize = specs.iter().map(|s| s.start + s.tokens.len()).sum();
+            let kv = self.sched.context_tokens(&plan);
             let secs = (vt.cost)(plan.decode.len(), plan.prefill_tokens(), kv);
             clock.advance(secs.max(0.0));
         }

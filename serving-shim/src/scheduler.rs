@@ -414,6 +414,19 @@ impl Scheduler {
         self.seqs.is_empty()
     }
 
+    /// KV tokens the rows of `plan` attend: each row's context once it has run (a decode's
+    /// computed tokens + 1, a prefill chunk's end). Call before [`on_step_done`](Self::on_step_done).
+    /// The step-time feature of the simulator and of the engine on virtual time.
+    pub fn context_tokens(&self, plan: &StepPlan) -> usize {
+        let decode: usize = plan
+            .decode
+            .iter()
+            .map(|id| self.seqs[id].computed + 1)
+            .sum();
+        let prefill: usize = plan.prefill.iter().map(|c| c.start + c.len).sum();
+        decode + prefill
+    }
+
     /// KV tokens held by running requests (computed context).
     pub fn kv_tokens(&self) -> usize {
         self.running.iter().map(|id| self.seqs[id].computed).sum()
