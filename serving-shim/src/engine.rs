@@ -26,6 +26,7 @@ use crate::error::EngineError;
 use crate::metrics::EngineStats;
 use crate::policy::PolicyKind;
 use crate::predictor::Predictor;
+use crate::recording::{PredictorEvent, Recording, RecordingKey, Recordings, Replay};
 use crate::scheduler::{PreemptKind, Scheduler, SchedulerConfig, StepResult};
 use crate::sequence::{FinishReason, SeqId, SeqState, Sequence, Timestamps};
 use crate::steps::StepRecord;
@@ -44,6 +45,9 @@ pub struct EngineConfig {
     pub refine_every: Option<u32>,
     /// Run on virtual time instead of the wall clock (see [`VirtualTime`]).
     pub virtual_time: Option<VirtualTime>,
+    /// Replay requests recorded here instead of running the model for them, and record the
+    /// others (see [`crate::recording`]). Needs virtual time.
+    pub recordings: Option<Arc<Recordings>>,
 }
 
 impl EngineConfig {
@@ -55,6 +59,7 @@ impl EngineConfig {
             c: 0.8,
             refine_every: None,
             virtual_time: None,
+            recordings: None,
         }
     }
 }
@@ -242,6 +247,13 @@ impl Engine {
             }
             None => None,
         };
+        if cfg.recordings.is_some() && cfg.virtual_time.is_none() {
+            return Err(EngineError::Stopped(
+                "replaying recorded requests needs virtual time: on the wall clock, steps that \
+                 run no model would be timed"
+                    .into(),
+            ));
+        }
         let manual = cfg
             .virtual_time
             .as_ref()
@@ -270,6 +282,7 @@ impl Engine {
             draining: false,
             virtual_time,
             pending: Vec::new(),
+            recordings: cfg.recordings.clone(),
         };
         let thread = std::thread::Builder::new()
             .name("trail-engine".into())
@@ -408,6 +421,10 @@ struct Ctx {
     tx: mpsc::UnboundedSender<Event>,
     refine: Option<RefineState>,
     predictions: Vec<(u32, f64)>,
+    /// The recording this request replays: no forward runs for it.
+    replay: Option<Replay>,
+    /// Where this request's tokens and predictor outputs will be recorded when it finishes.
+    record: Option<(RecordingKey, Vec<PredictorEvent>)>,
 }
 
 struct Worker {
@@ -424,6 +441,8 @@ struct Worker {
     virtual_time: Option<(Arc<ManualClock>, VirtualTime)>,
     /// Requests added before their virtual arrival, latest first (popped from the end).
     pending: Vec<Sequence>,
+    /// Recorded requests to replay, and where to record the others.
+    recordings: Option<Arc<Recordings>>,
 }
 
 /// One row of a step, before the caches are lent to the model.
@@ -511,6 +530,16 @@ impl Worker {
         } else {
             self.sched.add(seq)?;
         }
+        let (replay, record) = match &self.recordings {
+            Some(recs) => {
+                let key = RecordingKey::of(&req);
+                match recs.get(&key, self.predictor.is_some()) {
+                    Some(rec) => (Some(Replay::new(rec)), None),
+                    None => (None, Some((key, Vec::new()))),
+                }
+            }
+            None => (None, None),
+        };
         let (tx, rx) = mpsc::unbounded_channel();
         self.ctxs.insert(
             id,
@@ -522,6 +551,8 @@ impl Worker {
                 tx,
                 refine: None,
                 predictions: Vec::new(),
+                replay,
+                record,
             },
         );
         Ok(rx)
@@ -651,10 +682,19 @@ impl Worker {
             });
         }
 
-        // Lend the caches to one forward step.
+        // Replayed requests run no model; the other rows share one forward step, with their
+        // caches lent to it.
+        let computed: Vec<usize> = (0..specs.len())
+            .filter(|&r| self.ctxs[&specs[r].id].replay.is_none())
+            .collect();
+        let mut out_row: Vec<Option<usize>> = vec![None; specs.len()];
+        for (j, &r) in computed.iter().enumerate() {
+            out_row[r] = Some(j);
+        }
         let model = self.runner.model();
-        let mut caches: Vec<KvCache> = Vec::with_capacity(specs.len());
-        for s in &specs {
+        let mut caches: Vec<KvCache> = Vec::with_capacity(computed.len());
+        for &r in &computed {
+            let s = &specs[r];
             let ctx = self
                 .ctxs
                 .get_mut(&s.id)
@@ -674,21 +714,21 @@ impl Worker {
             .as_ref()
             .map_or(LayerSet::NONE, Predictor::layers);
         let tf = Instant::now();
-        let out = {
-            let mut rows: Vec<Row<'_>> = specs
+        let out = (!computed.is_empty()).then(|| {
+            let mut rows: Vec<Row<'_>> = computed
                 .iter()
                 .zip(caches.iter_mut())
-                .map(|(s, c)| Row::new(c, &s.tokens, s.prompt_tokens))
+                .map(|(&r, c)| Row::new(c, &specs[r].tokens, specs[r].prompt_tokens))
                 .collect();
             model.step(&mut rows, layers)
-        };
+        });
         let forward_secs = tf.elapsed().as_secs_f64();
-        for (s, c) in specs.iter().zip(caches) {
-            self.ctxs.get_mut(&s.id).expect("present").cache = c;
+        for (&r, c) in computed.iter().zip(caches) {
+            self.ctxs.get_mut(&specs[r].id).expect("present").cache = c;
         }
-        let out = out?;
+        let out = out.transpose()?;
 
-        // Sample.
+        // Sample, or read the replayed token.
         let mut results: Vec<StepResult> = Vec::new();
         let mut produced_rows: Vec<usize> = Vec::new();
         for (r, s) in specs.iter().enumerate() {
@@ -696,7 +736,24 @@ impl Worker {
                 continue;
             }
             let ctx = self.ctxs.get_mut(&s.id).expect("present");
-            let token = ctx.sampler.sample(out.logits(r));
+            let token = match (&ctx.replay, &out, out_row[r]) {
+                (Some(rp), _, _) => {
+                    let generated = self
+                        .sched
+                        .get(s.id)
+                        .expect("planned sequences are live")
+                        .generated
+                        .len();
+                    rp.token(generated).ok_or_else(|| {
+                        EngineError::Stopped(format!(
+                            "request {}: its recording ends at {generated} tokens",
+                            s.id
+                        ))
+                    })?
+                }
+                (None, Some(out), Some(j)) => ctx.sampler.sample(out.logits(j)),
+                _ => unreachable!("computed rows are in the forward step"),
+            };
             let stop = !ctx.ignore_eos && self.runner.is_stop(token);
             results.push(StepResult {
                 id: s.id,
@@ -710,15 +767,13 @@ impl Worker {
         // Predict, batched over the rows that produced a token.
         let tp = Instant::now();
         if let Some(pred) = &self.predictor {
-            predict(
-                pred,
-                &self.sched,
-                &mut self.ctxs,
-                &specs,
-                &produced_rows,
-                &out,
-                &mut results,
-            )?;
+            let rows = ProducedRows {
+                specs: &specs,
+                produced: &produced_rows,
+                out: out.as_ref(),
+                out_row: &out_row,
+            };
+            predict(pred, &self.sched, &mut self.ctxs, &rows, &mut results)?;
         }
         let predictor_secs = tp.elapsed().as_secs_f64();
 
@@ -746,6 +801,16 @@ impl Worker {
                 .ctxs
                 .remove(&seq.id)
                 .expect("finished requests have a context");
+            if let (Some(recs), Some((key, events))) = (&self.recordings, ctx.record) {
+                let events = self.predictor.is_some().then_some(events);
+                recs.insert(
+                    key,
+                    Recording {
+                        tokens: seq.generated.clone(),
+                        events,
+                    },
+                );
+            }
             let sum = summary(seq, ctx.predictions);
             score(&mut st, &sum);
             let _ = ctx.tx.send(Event::Done(Box::new(sum)));
@@ -780,76 +845,106 @@ impl Worker {
     }
 }
 
+/// The rows of a step that produced a token, and where the forward step's output is.
+struct ProducedRows<'a> {
+    specs: &'a [RowSpec],
+    /// Indices into `specs`, in the order of the step's results.
+    produced: &'a [usize],
+    /// The forward step (absent when every row was replayed).
+    out: Option<&'a trail_llm::StepOutput>,
+    /// Each spec's row in `out` (`None` for replayed requests).
+    out_row: &'a [Option<usize>],
+}
+
 /// Runs the predictor for the rows that produced a token: first predictions (prompt
 /// predictor, or the decode probe on the last prompt token) and due refreshes, each kind in
-/// one batched call; then every such row reports its current remaining estimate.
+/// one batched call (a replayed request reads its recorded output instead); then every such
+/// row reports its current remaining estimate. Requests being recorded keep each output.
 fn predict(
     pred: &Predictor,
     sched: &Scheduler,
     ctxs: &mut HashMap<SeqId, Ctx>,
-    specs: &[RowSpec],
-    produced_rows: &[usize],
-    out: &trail_llm::StepOutput,
+    rows: &ProducedRows<'_>,
     results: &mut [StepResult],
 ) -> Result<(), EngineError> {
     let k = pred.k();
+    let generated = |id: SeqId| sched.get(id).map_or(0, |s| s.generated.len());
+    // (result index, is a start, probabilities), filled from three sources.
+    let mut outputs: Vec<(usize, bool, Vec<f32>)> = Vec::new();
     let mut start_prompt: Vec<(usize, Vec<f32>)> = Vec::new();
     let mut decode_feats: Vec<f32> = Vec::new();
     let mut decode_rows: Vec<(usize, bool)> = Vec::new(); // (result index, is a start)
-    for (i, &r) in produced_rows.iter().enumerate() {
-        let id = specs[r].id;
+    for (i, &r) in rows.produced.iter().enumerate() {
+        let id = rows.specs[r].id;
         let ctx = ctxs.get_mut(&id).expect("present");
-        match ctx.refine.as_mut() {
-            None => match pred.prompt_features(&ctx.cache) {
-                Some(f) => start_prompt.push((i, f)),
-                None => {
-                    pred.decode_features(out, r, &mut decode_feats);
-                    decode_rows.push((i, true));
-                }
-            },
+        let is_start = match ctx.refine.as_mut() {
+            None => true,
             Some(state) => {
                 state.advance(1);
-                if state.due(pred.filter()) {
-                    pred.decode_features(out, r, &mut decode_feats);
-                    decode_rows.push((i, false));
+                if !state.due(pred.filter()) {
+                    continue;
                 }
+                false
+            }
+        };
+        if let Some(rp) = ctx.replay.as_mut() {
+            let probs = rp
+                .next_probs(generated(id))
+                .map_err(|e| EngineError::Stopped(format!("request {id}: {e}")))?;
+            outputs.push((i, is_start, probs.to_vec()));
+            continue;
+        }
+        let (Some(out), Some(row)) = (rows.out, rows.out_row[r]) else {
+            unreachable!("computed rows are in the forward step");
+        };
+        match is_start.then(|| pred.prompt_features(&ctx.cache)).flatten() {
+            Some(f) => start_prompt.push((i, f)),
+            None => {
+                pred.decode_features(out, row, &mut decode_feats);
+                decode_rows.push((i, is_start));
             }
         }
     }
-    let prompt_probs = if start_prompt.is_empty() {
-        Vec::new()
-    } else {
+    if !start_prompt.is_empty() {
         let feats: Vec<f32> = start_prompt
             .iter()
             .flat_map(|(_, f)| f.iter().copied())
             .collect();
-        pred.prompt_proba(&feats)?
-    };
-    let decode_probs = pred.decode_proba(&decode_feats)?;
-    let max_new = |id: SeqId| sched.get(id).map_or(0, |s| s.max_new_tokens);
-    for (j, (i, _)) in start_prompt.iter().enumerate() {
-        let id = results[*i].id;
-        let mut st = pred.start(&prompt_probs[j * k..(j + 1) * k], max_new(id));
-        st.advance(1);
-        ctxs.get_mut(&id).expect("present").refine = Some(st);
+        let probs = pred.prompt_proba(&feats)?;
+        for (j, (i, _)) in start_prompt.iter().enumerate() {
+            outputs.push((*i, true, probs[j * k..(j + 1) * k].to_vec()));
+        }
     }
-    for (j, &(i, is_start)) in decode_rows.iter().enumerate() {
+    if !decode_rows.is_empty() {
+        let probs = pred.decode_proba(&decode_feats)?;
+        for (j, &(i, is_start)) in decode_rows.iter().enumerate() {
+            outputs.push((i, is_start, probs[j * k..(j + 1) * k].to_vec()));
+        }
+    }
+    let max_new = |id: SeqId| sched.get(id).map_or(0, |s| s.max_new_tokens);
+    for (i, is_start, probs) in outputs {
         let id = results[i].id;
-        let probs = &decode_probs[j * k..(j + 1) * k];
+        let at = generated(id);
         let ctx = ctxs.get_mut(&id).expect("present");
         if is_start {
-            let mut st = pred.start(probs, max_new(id));
+            let mut st = pred.start(&probs, max_new(id));
             st.advance(1);
             ctx.refine = Some(st);
         } else {
             ctx.refine
                 .as_mut()
                 .expect("refreshes have a state")
-                .refine(pred.filter(), probs);
+                .refine(pred.filter(), &probs);
+        }
+        if let Some((_, events)) = ctx.record.as_mut() {
+            events.push(PredictorEvent {
+                generated: at,
+                probs,
+            });
         }
     }
-    for (i, &r) in produced_rows.iter().enumerate() {
-        let ctx = &ctxs[&specs[r].id];
+    for (i, &r) in rows.produced.iter().enumerate() {
+        let ctx = &ctxs[&rows.specs[r].id];
         if let Some(st) = &ctx.refine {
             results[i].prediction = Some(st.remaining(pred.filter()));
         }

@@ -15,6 +15,8 @@
 //! - [`bert`]: initial length predictions from the prompt by the fine-tuned BERT, batched on
 //!   its own thread ([`BertPredictor`]).
 //! - [`engine`]: the engine thread over the `trail-llm` runner ([`Engine`]).
+//! - [`recording`]: requests' tokens and predictor outputs, replayed by engines on virtual
+//!   time instead of running the model again ([`Recordings`]).
 //! - [`metrics`]: statistics and their Prometheus exposition ([`EngineStats`]).
 //! - [`http`]: the OpenAI-compatible HTTP front end (axum).
 //! - [`steps`]: the step log ([`StepRecord`], `steps.parquet`) for the simulator's step-time
@@ -29,6 +31,7 @@ pub mod http;
 pub mod metrics;
 pub mod policy;
 pub mod predictor;
+pub mod recording;
 pub mod scheduler;
 pub mod sequence;
 pub mod steps;
@@ -41,6 +44,7 @@ pub use error::{BlockError, EngineError, SchedulerError, StepLogError};
 pub use metrics::{EngineStats, Histogram};
 pub use policy::{Fcfs, Oracle, Policy, PolicyKind, SjfBert, Sprpt, Trail};
 pub use predictor::Predictor;
+pub use recording::{PredictorEvent, Recording, RecordingKey, Recordings};
 pub use scheduler::{
     Chunk, Counters, PreemptKind, PreemptionMode, Scheduler, SchedulerConfig, StepPlan, StepResult,
 };

@@ -78,17 +78,19 @@ impl Predictor {
         Some(f)
     }
 
-    /// Bin probabilities of the decode probe for n rows of features (n×d).
+    /// Bin probabilities of the decode probe for n rows of features (n×d), row by row.
     pub fn decode_proba(&self, features: &[f32]) -> Result<Vec<f32>, EngineError> {
-        Ok(self.ckpt.probe.predict_proba(features)?)
+        let d = self.ckpt.meta.hidden_size * self.ckpt.meta.probe_layers.len();
+        per_row(features, d, |x| self.ckpt.probe.predict_proba(x))
     }
 
-    /// Bin probabilities of the prompt predictor for n rows of features.
+    /// Bin probabilities of the prompt predictor for n rows of features, row by row.
     pub fn prompt_proba(&self, features: &[f32]) -> Result<Vec<f32>, EngineError> {
         let p = self.ckpt.prompt.as_ref().ok_or_else(|| {
             EngineError::Predictor("the checkpoint has no prompt predictor".into())
         })?;
-        Ok(p.predict_proba(features)?)
+        let d = self.ckpt.meta.hidden_size * self.ckpt.meta.prompt_layers.len();
+        per_row(features, d, |x| p.predict_proba(x))
     }
 
     /// Bins.
@@ -104,4 +106,25 @@ impl Predictor {
             u32::try_from(max_new).unwrap_or(u32::MAX),
         )
     }
+}
+
+/// Runs `proba` on one row of `d` features at a time: the matmul's blocking (and so its
+/// rounding) may vary with the number of rows, and a request's probabilities must not depend on
+/// which other rows share its step, so that reruns and replayed recordings give the same bits.
+fn per_row(
+    features: &[f32],
+    d: usize,
+    proba: impl Fn(&[f32]) -> trail_checkpoints::Result<Vec<f32>>,
+) -> Result<Vec<f32>, EngineError> {
+    if d == 0 || !features.len().is_multiple_of(d) {
+        return Err(EngineError::Predictor(format!(
+            "{} features are not rows of {d}",
+            features.len()
+        )));
+    }
+    let mut out = Vec::new();
+    for row in features.chunks(d) {
+        out.extend(proba(row)?);
+    }
+    Ok(out)
 }

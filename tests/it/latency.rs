@@ -339,9 +339,10 @@ fn every_request_is_accounted_for_on_the_real_engine() {
 
 /// `--backend virtual`: the engine's clock moves by the step-time model fitted to the
 /// saturation burst, so running the cells again gives the same latencies to the bit, however
-/// loaded the machine is (the forward passes and tokens are real either way).
+/// loaded the machine is; and cells that replay the recording pass give what cells that run the
+/// model give.
 #[test]
-fn virtual_time_cells_repeat_to_the_bit() {
+fn virtual_time_cells_repeat_to_the_bit_replayed_or_not() {
     let tmp = tempfile::tempdir().unwrap();
     let (argv, out) = tiny_latency_args(tmp.path(), "virtual", "0.9", "1");
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
@@ -361,10 +362,13 @@ fn virtual_time_cells_repeat_to_the_bit() {
         assert_eq!(r.result.sent_s, r.result.arrival_s, "{r:?}");
     }
 
-    // The same saturation, step model and traces; the cells run again.
+    // The same saturation, step model and traces; the cells run again, this time running the
+    // model in every cell instead of replaying the recording pass.
     std::fs::remove_dir_all(out.join("cells")).unwrap();
     std::fs::remove_file(out.join("results.parquet")).unwrap();
-    eval_latency(&argv).unwrap();
+    let mut rerun = argv.clone();
+    rerun.push("--no-replay");
+    eval_latency(&rerun).unwrap();
     let again = sorted(read_results(&out.join("results.parquet")).unwrap());
     assert_eq!(first, again);
 }

@@ -11,7 +11,7 @@ use trail_checkpoints::{Bins, Checkpoint, CheckpointMeta, Probe, Standardizer};
 use trail_llm::{GenerateOptions, Runner};
 use trail_serving_shim::{
     BertPredictor, Engine, EngineConfig, EngineError, FinishReason, GenRequest, PolicyKind,
-    PreemptionMode, SchedulerError, Summary,
+    PreemptionMode, Recordings, SchedulerError, Summary,
 };
 
 fn runner() -> Arc<Runner> {
@@ -845,4 +845,60 @@ fn virtual_time_moves_by_the_step_cost_and_jumps_to_arrivals() {
         assert_eq!(sum.tokens, reference[..4]);
     }
     engine.shutdown().unwrap();
+}
+
+/// An engine on virtual time that replays recorded requests gives what one that runs the model
+/// gives: tokens, every timestamp, predictions and preemptions, under TRAIL with the predictor
+/// in the loop, chunked prefill and a tight KV budget. The recordings come from a third engine
+/// with another policy, batch and arrivals, so their bits owe nothing to the schedule.
+#[test]
+fn virtual_engines_replaying_recordings_match_engines_running_the_model() {
+    let r = runner();
+    let refs = references();
+    let virtual_time = || trail_serving_shim::VirtualTime {
+        cost: Arc::new(|d, p, kv| 0.01 + 0.004 * d as f64 + 0.0005 * p as f64 + 1e-5 * kv as f64),
+    };
+    let run = |policy: PolicyKind, recs: Option<Arc<Recordings>>, spaced: bool| {
+        let mut cfg = tight_config(policy);
+        cfg.virtual_time = Some(virtual_time());
+        cfg.recordings = recs;
+        if !spaced {
+            cfg.scheduler.max_running = 16;
+            cfg.scheduler.kv_budget_tokens = 16384;
+        }
+        let engine = Engine::start(r.clone(), Some(seeded_checkpoint(r.kernel_id())), cfg).unwrap();
+        let reqs: Vec<GenRequest> = refs
+            .iter()
+            .enumerate()
+            .map(|(i, (prompt, _))| {
+                let mut g = GenRequest::greedy(prompt.clone(), MAX_NEW);
+                g.arrival = Some(if spaced { 0.03 * i as f64 } else { 0.0 });
+                g
+            })
+            .collect();
+        let summaries: Vec<Summary> = engine
+            .submit_all_blocking(reqs)
+            .unwrap()
+            .into_iter()
+            .map(|h| h.unwrap().wait().unwrap())
+            .collect();
+        engine.shutdown().unwrap();
+        summaries
+    };
+    let computed = run(PolicyKind::Trail, None, true);
+    assert!(
+        computed
+            .iter()
+            .any(|s| s.preemptions_policy + s.preemptions_memory > 0),
+        "the schedule preempts, so replays must follow a different batch history"
+    );
+    let recs = Arc::new(Recordings::new());
+    run(PolicyKind::Fcfs, Some(recs.clone()), false);
+    assert_eq!((recs.len(), recs.hits()), (refs.len(), 0));
+    let replayed = run(PolicyKind::Trail, Some(recs.clone()), true);
+    assert_eq!(recs.hits(), refs.len(), "every request replayed");
+    for ((c, p), (_, reference)) in computed.iter().zip(&replayed).zip(refs) {
+        assert_eq!(c.tokens, *reference);
+        assert_eq!(c, p, "tokens, timestamps, predictions and preemptions");
+    }
 }

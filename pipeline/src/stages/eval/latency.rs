@@ -18,7 +18,9 @@
 //!    `--backend virtual` takes the machine's speed out instead: the engine runs in process
 //!    on a clock that each step moves by the step-time model fitted to the saturation burst's
 //!    step log (`step_model.json`), with the whole trace handed over at once, so a cell's
-//!    latencies depend only on the schedule (and repeat to the bit).
+//!    latencies depend only on the schedule (and repeat to the bit). Its cells replay what a
+//!    recording pass computed once per distinct request (tokens and predictor outputs, exact
+//!    since the runner is batch-invariant; `--no-replay` runs the model in every cell).
 //! 5. `results.parquet` (every cell merged), `summary.json`, `report.md`, plots, manifest.
 
 mod headroom;
@@ -26,7 +28,7 @@ mod report;
 mod server;
 mod summary;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
@@ -45,7 +47,7 @@ use trail_eval::loadgen::workload::{self, Lengths, Prompt};
 use trail_eval::loadgen::write_trace;
 use trail_eval::loadgen::{ResultRow, TraceRequest, read_results, read_trace, write_results};
 use trail_eval::tracesim::{StepSample, StepTimeModel};
-use trail_serving_shim::{PolicyKind, StepRecord};
+use trail_serving_shim::{PolicyKind, Recordings, StepRecord};
 
 pub use server::BackendKind;
 
@@ -93,6 +95,12 @@ pub struct Args {
     /// times from the model fitted to the saturation burst's step log, `step_model.json`).
     #[arg(long, value_enum, default_value = "http")]
     pub backend: BackendKind,
+    /// `--backend virtual`: run the model in every cell. By default each distinct request runs
+    /// once, in a recording pass before the cells, and the cells replay its tokens and
+    /// predictor outputs (the same bits: the runner is batch-invariant), so a cell costs only
+    /// its scheduling.
+    #[arg(long)]
+    pub no_replay: bool,
     #[command(flatten)]
     pub engine: EngineArgs,
     /// Release protocol: each request generates exactly its profiled output length
@@ -502,6 +510,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         checkpoint: checkpoint.as_ref(),
         priors: priors.as_ref(),
         step_model: None,
+        recordings: None,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -581,6 +590,32 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         total_cells - todo.len(),
         args.requests
     );
+    if args.backend == BackendKind::Virtual && !args.no_replay && !todo.is_empty() {
+        // Every distinct request of the cells to run, once.
+        let mut seen = HashSet::new();
+        let mut distinct = Vec::new();
+        for &(seed, load, _) in &todo {
+            for r in &traces[&(seed, load_key(load))].1 {
+                if seen.insert((r.prompt.as_str(), r.output_tokens)) {
+                    distinct.push(r.clone());
+                }
+            }
+        }
+        let with_predictor = checkpoint.is_some()
+            && todo
+                .iter()
+                .any(|(_, _, p)| matches!(p, PolicyKind::Trail | PolicyKind::Sprpt));
+        launch.recordings = Some(Arc::new(Recordings::new()));
+        let t0 = Instant::now();
+        let bar = bar(distinct.len() as u64)?;
+        bar.set_message("recording each distinct request once");
+        let n = server::record(&launch, with_predictor, &distinct, |_| bar.inc(1))?;
+        bar.finish_and_clear();
+        eprintln!(
+            "recorded {n} distinct requests in {:.0} s; the cells replay them",
+            t0.elapsed().as_secs_f64()
+        );
+    }
     let bar = bar((todo.len() * args.requests) as u64)?;
     for (k, &(seed, load, policy)) in todo.iter().enumerate() {
         let (rate, trace) = &traces[&(seed, load_key(load))];

@@ -14,7 +14,9 @@ use trail_checkpoints::Checkpoint;
 use trail_eval::loadgen::{self, EngineBackend, HttpBackend, RequestResult, TraceRequest};
 use trail_eval::tracesim::StepTimeModel;
 use trail_llm::Runner;
-use trail_serving_shim::{Engine, EngineConfig, PolicyKind, VirtualTime};
+use trail_serving_shim::{
+    Engine, EngineConfig, PolicyKind, Recordings, SchedulerConfig, VirtualTime,
+};
 
 use crate::manifest::write_atomic;
 use crate::stages::engine_args::EngineArgs;
@@ -71,6 +73,80 @@ pub struct Launch<'a> {
     /// The step-time model of the virtual clock (`virtual` backend; the saturation burst runs
     /// on the wall clock before it is fitted).
     pub step_model: Option<StepTimeModel>,
+    /// Recorded requests the virtual backend's engines replay (see [`record`]).
+    pub recordings: Option<Arc<Recordings>>,
+}
+
+/// The in-process engine of `policy` (on virtual time when the launch has a step model and
+/// the backend is `virtual`, then replaying the launch's recordings), with the predictor when
+/// `with_predictor` and the checkpoint is loaded; `scheduler` adjusts the scheduler's settings.
+fn start_engine(
+    cx: &Launch<'_>,
+    policy: PolicyKind,
+    with_predictor: bool,
+    scheduler: impl FnOnce(&mut SchedulerConfig),
+) -> anyhow::Result<(Engine, bool)> {
+    let runner = cx
+        .runner
+        .context("the in-process backend needs the loaded model")?;
+    let s = cx.settings;
+    let mut cfg = EngineConfig::new(s.engine.kv_budget_tokens, policy);
+    cfg.c = s.c;
+    cfg.refine_every = s.refine_every;
+    cfg.scheduler = s.engine.scheduler();
+    cfg.scheduler.max_waiting = s.max_waiting;
+    scheduler(&mut cfg.scheduler);
+    let step_model = cx.step_model.filter(|_| cx.backend == BackendKind::Virtual);
+    cfg.virtual_time = step_model.map(|m| VirtualTime {
+        cost: Arc::new(move |d, p, kv| m.predict(d, p, kv)),
+    });
+    if cfg.virtual_time.is_some() {
+        cfg.recordings = cx.recordings.clone();
+    }
+    let checkpoint = with_predictor.then(|| cx.checkpoint.cloned()).flatten();
+    let engine = Engine::start(runner.clone(), checkpoint, cfg)?;
+    for w in engine.warnings() {
+        eprintln!("warning: {w}");
+    }
+    Ok((engine, step_model.is_some()))
+}
+
+/// The virtual backend's recording pass: every request of `trace` (arrivals ignored) runs once
+/// through an FCFS engine on virtual time with the predictor (when `with_predictor`), batched
+/// as wide as the KV budget allows up to 16 rows, and lands in `recordings`. The cells then
+/// replay each request's tokens and predictor outputs instead of running the model: the
+/// runner is batch-invariant and its prefill equals its decode, so the bits are the ones the
+/// cell would compute, and each cell costs only its scheduling. `on_done` runs per request.
+pub fn record(
+    cx: &Launch<'_>,
+    with_predictor: bool,
+    trace: &[TraceRequest],
+    on_done: impl FnMut(&RequestResult),
+) -> anyhow::Result<usize> {
+    anyhow::ensure!(
+        cx.backend == BackendKind::Virtual && cx.step_model.is_some() && cx.recordings.is_some(),
+        "recording needs the virtual backend's step model and recordings"
+    );
+    let (engine, _) = start_engine(cx, PolicyKind::Fcfs, with_predictor, |s| {
+        s.max_running = s.max_running.max(16);
+        s.max_waiting = s.max_waiting.max(trace.len());
+    })?;
+    let backend = EngineBackend::new(Arc::new(engine), cx.settings.max_tokens);
+    let at_zero: Vec<TraceRequest> = trace
+        .iter()
+        .map(|r| TraceRequest {
+            arrival_s: 0.0,
+            ..r.clone()
+        })
+        .collect();
+    let results = backend.replay_virtual(&at_zero, on_done);
+    let engine = Arc::try_unwrap(backend.into_engine())
+        .map_err(|_| anyhow::anyhow!("the recording engine is still in use"))?;
+    engine.shutdown()?;
+    if let Some(e) = results.iter().find_map(|r| r.error.as_ref()) {
+        anyhow::bail!("recording: a request failed: {e}");
+    }
+    Ok(results.len())
 }
 
 /// A running server.
@@ -96,25 +172,8 @@ impl Server {
         let needs_checkpoint = matches!(policy, PolicyKind::Trail | PolicyKind::Sprpt);
         match cx.backend {
             BackendKind::Inprocess | BackendKind::Virtual => {
-                let runner = cx
-                    .runner
-                    .context("the in-process backend needs the loaded model")?;
-                let s = cx.settings;
-                let mut cfg = EngineConfig::new(s.engine.kv_budget_tokens, policy);
-                cfg.c = s.c;
-                cfg.refine_every = s.refine_every;
-                cfg.scheduler = s.engine.scheduler();
-                cfg.scheduler.max_waiting = s.max_waiting;
-                let step_model = cx.step_model.filter(|_| cx.backend == BackendKind::Virtual);
-                cfg.virtual_time = step_model.map(|m| VirtualTime {
-                    cost: Arc::new(move |d, p, kv| m.predict(d, p, kv)),
-                });
-                let checkpoint = needs_checkpoint.then(|| cx.checkpoint.cloned()).flatten();
-                let engine = Engine::start(runner.clone(), checkpoint, cfg)?;
-                for w in engine.warnings() {
-                    eprintln!("warning: {w}");
-                }
-                let mut backend = EngineBackend::new(Arc::new(engine), s.max_tokens);
+                let (engine, virtual_time) = start_engine(cx, policy, needs_checkpoint, |_| {})?;
+                let mut backend = EngineBackend::new(Arc::new(engine), cx.settings.max_tokens);
                 if uses_prior(policy)
                     && let Some(p) = cx.priors
                 {
@@ -122,7 +181,7 @@ impl Server {
                 }
                 Ok(Self::InProcess {
                     backend: Arc::new(backend),
-                    virtual_time: step_model.is_some(),
+                    virtual_time,
                 })
             }
             BackendKind::Http => {

@@ -1,0 +1,237 @@
+//! [`Recordings`]: what requests produced on earlier engines, so that an engine on virtual time
+//! replays a request instead of running the model for it.
+//!
+//! A [`Recording`] holds a finished request's tokens and, when the engine had a predictor, the
+//! predictor's class probabilities at each start and refresh, with the number of tokens
+//! generated before each. Replaying is exact, not an approximation: the runner is deterministic
+//! and batch-invariant, and its prefill equals its decode (all tested in `trail-llm`), so a
+//! request's tokens and hidden states do not depend on which requests share its steps, when it
+//! was preempted, or whether its cache was recomputed. What does depend on those, the schedule
+//! and the clock, still runs for real: the scheduler, the policy, the Bayesian filter and the
+//! virtual clock see the same steps either way.
+//!
+//! Share one [`Recordings`] only between engines over the same model, predictor checkpoint and
+//! refresh interval (`trail eval latency` shares one across the cells of a run).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use trail_llm::Sampling;
+
+use crate::engine::GenRequest;
+
+/// What decides a request's tokens: prompt, length limit, stop handling and sampling.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RecordingKey {
+    prompt: Vec<u32>,
+    max_new_tokens: usize,
+    ignore_eos: bool,
+    /// `None` for greedy; top-p's temperature and mass as bits, and its seed.
+    sampling: Option<(u64, u64, u64)>,
+}
+
+impl RecordingKey {
+    /// The key of a request.
+    pub fn of(req: &GenRequest) -> Self {
+        Self {
+            prompt: req.prompt.clone(),
+            max_new_tokens: req.max_new_tokens,
+            ignore_eos: req.ignore_eos,
+            sampling: match req.sampling {
+                Sampling::Greedy => None,
+                Sampling::TopP {
+                    temperature,
+                    top_p,
+                    seed,
+                } => Some((temperature.to_bits(), top_p.to_bits(), seed)),
+            },
+        }
+    }
+}
+
+/// A predictor output: tokens generated before the step that made it, and the class
+/// probabilities.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PredictorEvent {
+    /// Tokens the request had generated before this step.
+    pub generated: usize,
+    /// The classifier's probabilities over the bins.
+    pub probs: Vec<f32>,
+}
+
+/// One finished request: its tokens and, if the engine had a predictor, every predictor
+/// output in order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Recording {
+    /// Generated tokens (a stop token included).
+    pub tokens: Vec<u32>,
+    /// Predictor outputs, in order; `None` when recorded without a predictor.
+    pub events: Option<Vec<PredictorEvent>>,
+}
+
+/// Recordings by request, shared between engines.
+#[derive(Debug, Default)]
+pub struct Recordings {
+    map: Mutex<HashMap<RecordingKey, Arc<Recording>>>,
+    /// Requests handed a recording to replay.
+    hits: AtomicUsize,
+}
+
+impl Recordings {
+    /// An empty set.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The recording of `key` usable by an engine with (`with_predictor`) or without a
+    /// predictor: one made without a predictor cannot serve an engine that has one.
+    pub fn get(&self, key: &RecordingKey, with_predictor: bool) -> Option<Arc<Recording>> {
+        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        let rec = map
+            .get(key)
+            .filter(|r| !with_predictor || r.events.is_some())
+            .cloned();
+        if rec.is_some() {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+        }
+        rec
+    }
+
+    /// How many requests were handed a recording to replay.
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::Relaxed)
+    }
+
+    /// Keeps `rec` for `key`, unless one with predictor outputs is already there.
+    pub fn insert(&self, key: RecordingKey, rec: Recording) {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if map.get(&key).is_none_or(|r| r.events.is_none()) {
+            map.insert(key, Arc::new(rec));
+        }
+    }
+
+    /// Requests recorded.
+    pub fn len(&self) -> usize {
+        self.map.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Whether nothing is recorded.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A request being replayed: its recording and the next predictor output to hand out.
+#[derive(Debug)]
+pub(crate) struct Replay {
+    rec: Arc<Recording>,
+    next_event: usize,
+}
+
+impl Replay {
+    pub(crate) fn new(rec: Arc<Recording>) -> Self {
+        Self { rec, next_event: 0 }
+    }
+
+    /// The token produced after `generated` tokens.
+    pub(crate) fn token(&self, generated: usize) -> Option<u32> {
+        self.rec.tokens.get(generated).copied()
+    }
+
+    /// The next predictor output, which must have been made after `generated` tokens.
+    pub(crate) fn next_probs(&mut self, generated: usize) -> Result<&[f32], String> {
+        let ev = self
+            .rec
+            .events
+            .as_ref()
+            .and_then(|e| e.get(self.next_event))
+            .ok_or_else(|| {
+                format!(
+                    "the recording has no predictor output #{} (at {generated} tokens)",
+                    self.next_event
+                )
+            })?;
+        if ev.generated != generated {
+            return Err(format!(
+                "the recording's predictor output #{} came after {} tokens, this one after \
+                 {generated}: it was made with another refresh interval",
+                self.next_event, ev.generated
+            ));
+        }
+        self.next_event += 1;
+        Ok(&ev.probs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(max_new: usize) -> RecordingKey {
+        RecordingKey::of(&GenRequest::greedy(vec![1, 2, 3], max_new))
+    }
+
+    #[test]
+    fn a_recording_without_predictor_outputs_serves_only_engines_without_a_predictor() {
+        let r = Recordings::new();
+        r.insert(
+            key(4),
+            Recording {
+                tokens: vec![5, 6],
+                events: None,
+            },
+        );
+        assert!(r.get(&key(4), false).is_some());
+        assert!(r.get(&key(4), true).is_none());
+        assert!(
+            r.get(&key(5), false).is_none(),
+            "the length limit is part of the key"
+        );
+        let with = Recording {
+            tokens: vec![5, 6],
+            events: Some(vec![PredictorEvent {
+                generated: 0,
+                probs: vec![1.0],
+            }]),
+        };
+        r.insert(key(4), with.clone());
+        assert_eq!(*r.get(&key(4), true).unwrap(), with);
+        // A later recording without outputs does not replace it.
+        r.insert(
+            key(4),
+            Recording {
+                tokens: vec![5, 6],
+                events: None,
+            },
+        );
+        assert_eq!(*r.get(&key(4), false).unwrap(), with);
+        assert_eq!(r.len(), 1);
+        assert_eq!(r.hits(), 3, "every get that found a usable recording");
+    }
+
+    #[test]
+    fn replay_hands_out_outputs_in_order_and_names_a_mismatch() {
+        let rec = Arc::new(Recording {
+            tokens: vec![7, 8, 9],
+            events: Some(vec![
+                PredictorEvent {
+                    generated: 0,
+                    probs: vec![0.5, 0.5],
+                },
+                PredictorEvent {
+                    generated: 8,
+                    probs: vec![0.25, 0.75],
+                },
+            ]),
+        });
+        let mut rp = Replay::new(rec);
+        assert_eq!(rp.token(2), Some(9));
+        assert_eq!(rp.token(3), None);
+        assert_eq!(rp.next_probs(0).unwrap(), &[0.5, 0.5]);
+        let err = rp.next_probs(4).unwrap_err();
+        assert!(err.contains("after 8 tokens"), "{err}");
+        assert_eq!(rp.next_probs(8).unwrap(), &[0.25, 0.75]);
+        assert!(rp.next_probs(16).is_err());
+    }
+}
