@@ -17,12 +17,13 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use serde::{Deserialize, Serialize};
 use trail_llm::Sampling;
 
 use crate::engine::GenRequest;
 
 /// What decides a request's tokens: prompt, length limit, stop handling and sampling.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct RecordingKey {
     prompt: Vec<u32>,
     max_new_tokens: usize,
@@ -52,7 +53,7 @@ impl RecordingKey {
 
 /// A predictor output: tokens generated before the step that made it, and the class
 /// probabilities.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PredictorEvent {
     /// Tokens the request had generated before this step.
     pub generated: usize,
@@ -62,7 +63,7 @@ pub struct PredictorEvent {
 
 /// One finished request: its tokens and, if the engine had a predictor, every predictor
 /// output in order.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Recording {
     /// Generated tokens (a stop token included).
     pub tokens: Vec<u32>,
@@ -96,6 +97,12 @@ impl Recordings {
             self.hits.fetch_add(1, Ordering::Relaxed);
         }
         rec
+    }
+
+    /// Every recording (in no particular order), e.g. to save them.
+    pub fn entries(&self) -> Vec<(RecordingKey, Arc<Recording>)> {
+        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        map.iter().map(|(k, r)| (k.clone(), r.clone())).collect()
     }
 
     /// How many requests were handed a recording to replay.

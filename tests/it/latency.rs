@@ -371,4 +371,17 @@ fn virtual_time_cells_repeat_to_the_bit_replayed_or_not() {
     eval_latency(&rerun).unwrap();
     let again = sorted(read_results(&out.join("results.parquet")).unwrap());
     assert_eq!(first, again);
+
+    // A rerun reads the first run's recordings back (its pass runs no model) and replays them.
+    let recordings = std::fs::read_to_string(out.join("recordings.jsonl")).unwrap();
+    assert!(recordings.lines().count() > 0);
+    std::fs::remove_dir_all(out.join("cells")).unwrap();
+    std::fs::remove_file(out.join("results.parquet")).unwrap();
+    eval_latency(&argv).unwrap();
+    let replayed = sorted(read_results(&out.join("results.parquet")).unwrap());
+    assert_eq!(first, replayed);
+    assert_eq!(
+        std::fs::read_to_string(out.join("recordings.jsonl")).unwrap(),
+        recordings
+    );
 }

@@ -20,7 +20,8 @@
 //!    step log (`step_model.json`), with the whole trace handed over at once, so a cell's
 //!    latencies depend only on the schedule (and repeat to the bit). Its cells replay what a
 //!    recording pass computed once per distinct request (tokens and predictor outputs, exact
-//!    since the runner is batch-invariant; `--no-replay` runs the model in every cell).
+//!    since the runner is batch-invariant; kept in `recordings.jsonl` for reruns; `--no-replay`
+//!    runs the model in every cell).
 //! 5. `results.parquet` (every cell merged), `summary.json`, `report.md`, plots, manifest.
 
 mod headroom;
@@ -47,7 +48,7 @@ use trail_eval::loadgen::workload::{self, Lengths, Prompt};
 use trail_eval::loadgen::write_trace;
 use trail_eval::loadgen::{ResultRow, TraceRequest, read_results, read_trace, write_results};
 use trail_eval::tracesim::{StepSample, StepTimeModel};
-use trail_serving_shim::{PolicyKind, Recordings, StepRecord};
+use trail_serving_shim::{PolicyKind, Recording, RecordingKey, Recordings, StepRecord};
 
 pub use server::BackendKind;
 
@@ -297,6 +298,37 @@ fn bar(total: u64) -> anyhow::Result<ProgressBar> {
         .progress_chars("=> "),
     );
     Ok(bar)
+}
+
+/// The virtual backend's recordings, kept in `recordings.jsonl` (a line per request: its key
+/// and recording, as JSON, which round-trips f32 exactly), so a resumed run records only the
+/// requests it has not seen. `settings.json` pins the model, checkpoint and refresh interval
+/// they depend on.
+fn load_recordings(path: &Path) -> anyhow::Result<Recordings> {
+    let recs = Recordings::new();
+    if path.is_file() {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("{}: cannot read", path.display()))?;
+        for (i, line) in text.lines().enumerate() {
+            let (key, rec): (RecordingKey, Recording) = serde_json::from_str(line)
+                .with_context(|| format!("{}: line {}: not a recording", path.display(), i + 1))?;
+            recs.insert(key, rec);
+        }
+    }
+    Ok(recs)
+}
+
+/// Writes every recording to `path` (sorted lines, atomically).
+fn save_recordings(path: &Path, recs: &Recordings) -> anyhow::Result<()> {
+    let mut lines = recs
+        .entries()
+        .iter()
+        .map(|(k, r)| serde_json::to_string(&(k, &**r)))
+        .collect::<Result<Vec<String>, _>>()?;
+    lines.sort();
+    let mut text = lines.join("\n");
+    text.push('\n');
+    write_atomic(path, text.as_bytes())
 }
 
 /// The virtual clock's step-time model: fitted to the saturation burst's step log
@@ -605,14 +637,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             && todo
                 .iter()
                 .any(|(_, _, p)| matches!(p, PolicyKind::Trail | PolicyKind::Sprpt));
-        launch.recordings = Some(Arc::new(Recordings::new()));
+        let path = out.join("recordings.jsonl");
+        let recs = Arc::new(load_recordings(&path)?);
+        launch.recordings = Some(recs.clone());
         let t0 = Instant::now();
         let bar = bar(distinct.len() as u64)?;
         bar.set_message("recording each distinct request once");
         let n = server::record(&launch, with_predictor, &distinct, |_| bar.inc(1))?;
         bar.finish_and_clear();
+        save_recordings(&path, &recs)?;
         eprintln!(
-            "recorded {n} distinct requests in {:.0} s; the cells replay them",
+            "recording pass: {n} distinct requests ({} already in {}) in {:.0} s; the cells \
+             replay them",
+            recs.hits(),
+            path.display(),
             t0.elapsed().as_secs_f64()
         );
     }
