@@ -27,6 +27,6 @@ pub use error::{LlmError, Result};
 pub use layers::LayerSet;
 pub use linear::QLinear;
 pub use model::{Config, KvCache, Llama, Row, StepOutput};
-pub use runner::{GenerateOptions, Generation, Runner, StopReason};
+pub use runner::{GenerateOptions, Generation, Runner, StopReason, numerics_key, same_numerics};
 pub use sampler::{Sampler, Sampling};
 pub use tokenizer::{ChatTemplate, Message};

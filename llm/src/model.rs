@@ -22,6 +22,7 @@ use crate::error::{LlmError, Result};
 use crate::gguf::GgufFile;
 use crate::layers::LayerSet;
 use crate::linear::QLinear;
+use candle_core::quantized::GgmlDType;
 
 /// Hyper-parameters, named as in HF `LlamaConfig`, read from `llama.*` GGUF metadata.
 #[derive(Clone, Debug, PartialEq)]
@@ -213,10 +214,11 @@ impl Llama {
         &self.cfg
     }
 
-    /// The distinct weight formats, e.g. `["q4_1", "q8_0"]`, sorted.
+    /// The distinct weight formats, e.g. `["q4_1", "q8_0"]`, sorted; a format trail-kernels
+    /// runs that falls back to candle's kernels (rows not whole blocks) is `FORMAT@candle`.
     pub fn weight_formats(&self) -> Vec<String> {
-        let mut all = vec![self.token_embd.dtype()];
-        all.extend(self.output.iter().map(|o| o.dtype()));
+        let mut all = vec![&self.token_embd];
+        all.extend(self.output.iter());
         for b in &self.blocks {
             for m in [
                 &b.attn_q,
@@ -227,12 +229,21 @@ impl Llama {
                 &b.ffn_up,
                 &b.ffn_down,
             ] {
-                all.push(m.dtype());
+                all.push(m);
             }
         }
         let mut names: Vec<String> = all
             .into_iter()
-            .map(|d| format!("{d:?}").to_lowercase())
+            .map(|m| {
+                let d = m.dtype();
+                let name = format!("{d:?}").to_lowercase();
+                let fast_format = matches!(d, GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q8_0);
+                if fast_format && !m.is_fast() {
+                    format!("{name}@candle")
+                } else {
+                    name
+                }
+            })
             .collect();
         names.sort();
         names.dedup();

@@ -153,7 +153,8 @@ impl Runner {
     }
 
     /// Names the numerics: crate versions, weight formats, SIMD path, attention kernel. Two
-    /// runs with the same id produce the same bits.
+    /// runs with the same id produce the same bits; so do two whose ids [`same_numerics`] finds
+    /// equal.
     pub fn kernel_id(&self) -> &str {
         &self.kernel_id
     }
@@ -277,4 +278,40 @@ impl Runner {
             decode_secs: t1.elapsed().as_secs_f64(),
         })
     }
+}
+
+/// Whether two [`Runner::kernel_id`]s give the same bits, so that hidden states, and the
+/// predictors trained on them, carry over from one to the other: their [`numerics_key`]s are
+/// equal.
+pub fn same_numerics(a: &str, b: &str) -> bool {
+    numerics_key(a) == numerics_key(b)
+}
+
+/// A kernel id without the parts that name how, not what, it computes: trail-kernels' SIMD
+/// `path=` (every path runs the same float recurrence over exact integer block sums, tested
+/// bit-identical across paths), and candle's target features when every weight format runs on
+/// trail-kernels (`q4_0`, `q4_1`, `q8_0`; a weight that falls back to candle is named
+/// `FORMAT@candle`), since candle's kernels then compute nothing.
+pub fn numerics_key(id: &str) -> String {
+    let mut segs = id.split('/');
+    let head: Vec<&str> = segs.by_ref().take(2).collect();
+    let candle_unused = head.get(1).is_some_and(|formats| {
+        formats
+            .split('+')
+            .all(|f| matches!(f, "q4_0" | "q4_1" | "q8_0"))
+    });
+    let rest = segs.map(|s| {
+        let s = s.find(" path=").map_or(s, |i| &s[..i]);
+        match s.find('(') {
+            Some(i) if candle_unused && s.starts_with("candle-core-") => {
+                format!("{}(unused)", &s[..i])
+            }
+            _ => s.to_string(),
+        }
+    });
+    head.into_iter()
+        .map(str::to_string)
+        .chain(rest)
+        .collect::<Vec<_>>()
+        .join("/")
 }

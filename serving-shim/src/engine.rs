@@ -234,9 +234,10 @@ impl Engine {
                         "checkpoint reads layer {l}, model has {layers}"
                     )));
                 }
-                if ck.meta.kernel_id != runner.kernel_id() {
+                if !trail_llm::same_numerics(&ck.meta.kernel_id, runner.kernel_id()) {
                     let w = format!(
-                        "the predictor was trained on hidden states of kernels {:?}, the runner uses {:?}",
+                        "the predictor was trained on hidden states of kernels {:?}, the runner's {:?} \
+                         compute other bits",
                         ck.meta.kernel_id,
                         runner.kernel_id()
                     );

@@ -760,9 +760,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     } else {
         Some(StepTimeModel::fit(&samples).context("fitting the step-time model to the step logs")?)
     };
+    // A virtual cell's wall-clock step times are those of replaying, not of the machine's speed:
+    // no relative step time there.
+    let machine_model = summary
+        .step_model
+        .as_ref()
+        .filter(|_| launch.step_model.is_none());
     for c in &mut summary.cells {
         if let Some(logs) = step_logs.get(&(c.policy.clone(), load_key(c.load))) {
-            c.engine = Some(EngineFigures::from_steps(logs, summary.step_model.as_ref()));
+            c.engine = Some(EngineFigures::from_steps(logs, machine_model));
         }
     }
     if let Some(model) = &summary.step_model {

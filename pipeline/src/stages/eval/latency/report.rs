@@ -127,7 +127,8 @@ pub fn markdown(summary: &Summary, settings: &Settings, plots: &[PathBuf]) -> St
          times the seconds a step-time model fitted to every cell's log gives them. On a quiet \
          machine it is the same in every cell; where it is not, the machine's speed changed \
          between cells (other work on the host) and the comparison is confounded by it: the \
-         simulated sensitivity under each load says by how much.\n",
+         simulated sensitivity under each load says by how much. On virtual time (`--backend \
+         virtual`) it is \"–\": every step takes the step-time model's seconds by construction.\n",
         summary.bootstrap.resamples
     );
     let mut loads: Vec<f64> = summary.cells.iter().map(|c| c.load).collect();
