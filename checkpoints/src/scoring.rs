@@ -479,9 +479,10 @@ pub fn score(
         });
     }
     let mut notes = Vec::new();
-    if ckpt.meta.kernel_id != run.info.kernel_id {
+    if !trail_llm::same_numerics(&ckpt.meta.kernel_id, &run.info.kernel_id) {
         notes.push(format!(
-            "the predictors learned from hidden states of kernel `{}`; these rows come from `{}`",
+            "the predictors learned from hidden states of kernel `{}`; these rows come from `{}`, \
+             which computes other bits",
             ckpt.meta.kernel_id, run.info.kernel_id
         ));
     }
