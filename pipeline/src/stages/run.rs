@@ -2,7 +2,7 @@
 //!
 //! generate (a seeded sample of the carried Alpaca) → train (every layer's probe, the prompt
 //! predictors, the BERT baselines) → report → export (with the fine-tuned BERT) → a short
-//! latency comparison of FCFS and TRAIL on the real engine. Every stage is the same code as its
+//! latency comparison of FCFS and TRAIL on the real engine (on virtual time by default). Every stage is the same code as its
 //! own subcommand, with its arguments spelled as on the command line, so each step is resumable
 //! and a rerun skips what is done.
 
@@ -10,8 +10,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 
+use super::eval::latency::BackendKind;
 use super::{eval, export, generate, report, train};
 
 /// Arguments of `trail run`.
@@ -30,10 +31,17 @@ pub struct Args {
     #[arg(long, default_value_t = 0.9)]
     pub load: f64,
     /// Batch of the latency comparison's engine. A small batch lets a queue form, which is
-    /// where scheduling matters: at 48 on 2 cores, the batch absorbs a load of 0.8 and every
-    /// policy serves alike.
-    #[arg(long, default_value_t = 8)]
+    /// where scheduling matters: at batch 8 on 2 cores the batch absorbs most bursts (on the
+    /// quickstart's 60 requests at 0.9, FCFS and TRAIL came out equal), while batch 4 costs 4 %
+    /// of the throughput and lets TRAIL cut TTFT 4.6× (`reports/latency-smollm2/`).
+    #[arg(long, default_value_t = 4)]
     pub max_running: usize,
+    /// Backend of the latency comparison: `virtual` (the default) runs the real engine,
+    /// scheduler and predictor on a clock moved by the step-time model of its saturation
+    /// burst, so the comparison does not depend on how busy the machine is while it runs;
+    /// `inprocess` and `http` time it on the wall clock.
+    #[arg(long, value_enum, default_value = "virtual")]
+    pub backend: BackendKind,
     /// Skip the latency comparison.
     #[arg(long)]
     pub no_latency: bool,
@@ -109,6 +117,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     let latency_dir = out.join("latency");
     if !args.no_latency {
+        let backend = args
+            .backend
+            .to_possible_value()
+            .map_or("virtual".into(), |v| v.get_name().to_string());
         let argv: Vec<String> = [
             "eval",
             "latency",
@@ -128,6 +140,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             &seed,
             "--max-running",
             &args.max_running.to_string(),
+            "--backend",
+            &backend,
             "--out",
             &path(&latency_dir),
         ]
