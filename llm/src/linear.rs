@@ -124,13 +124,7 @@ impl QLinear {
             ));
         }
         let elems = out_features * in_features;
-        let fast = match dtype {
-            GgmlDType::Q4_0 => Some(BlockFormat::Q4_0),
-            GgmlDType::Q4_1 => Some(BlockFormat::Q4_1),
-            GgmlDType::Q8_0 => Some(BlockFormat::Q8_0),
-            _ => None,
-        };
-        if let Some(format) = fast
+        if let Some(format) = block_format(dtype)
             && in_features.is_multiple_of(32)
         {
             let bytes = storage_bytes(dtype, elems)
@@ -275,6 +269,17 @@ impl QLinear {
             Weights::Fast(m) => m.dequantize_row_into(r, out),
             Weights::Candle(blocks) => dispatch!(blocks, b => deq(b, r, self.in_features, out)),
         }
+    }
+}
+
+/// The trail-kernels format of a GGUF type, for the types trail-kernels runs (the rest run on
+/// candle's kernels).
+pub(crate) fn block_format(dtype: GgmlDType) -> Option<BlockFormat> {
+    match dtype {
+        GgmlDType::Q4_0 => Some(BlockFormat::Q4_0),
+        GgmlDType::Q4_1 => Some(BlockFormat::Q4_1),
+        GgmlDType::Q8_0 => Some(BlockFormat::Q8_0),
+        _ => None,
     }
 }
 

@@ -21,8 +21,7 @@ use rayon::prelude::*;
 use crate::error::{LlmError, Result};
 use crate::gguf::GgufFile;
 use crate::layers::LayerSet;
-use crate::linear::QLinear;
-use candle_core::quantized::GgmlDType;
+use crate::linear::{QLinear, block_format};
 
 /// Hyper-parameters, named as in HF `LlamaConfig`, read from `llama.*` GGUF metadata.
 #[derive(Clone, Debug, PartialEq)]
@@ -237,8 +236,7 @@ impl Llama {
             .map(|m| {
                 let d = m.dtype();
                 let name = format!("{d:?}").to_lowercase();
-                let fast_format = matches!(d, GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q8_0);
-                if fast_format && !m.is_fast() {
+                if block_format(d).is_some() && !m.is_fast() {
                     format!("{name}@candle")
                 } else {
                     name

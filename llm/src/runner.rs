@@ -290,7 +290,8 @@ pub fn same_numerics(a: &str, b: &str) -> bool {
 /// A kernel id without the parts that name how, not what, it computes: trail-kernels' SIMD
 /// `path=` (every path runs the same float recurrence over exact integer block sums, tested
 /// bit-identical across paths), and candle's target features when every weight format runs on
-/// trail-kernels (`q4_0`, `q4_1`, `q8_0`; a weight that falls back to candle is named
+/// trail-kernels (`q4_0`, `q4_1`, `q8_0`, the types of [`crate::linear`]'s `block_format`; a
+/// weight that falls back to candle is named
 /// `FORMAT@candle`), since candle's kernels then compute nothing.
 pub fn numerics_key(id: &str) -> String {
     let mut segs = id.split('/');

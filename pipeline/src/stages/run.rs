@@ -2,9 +2,9 @@
 //!
 //! generate (a seeded sample of the carried Alpaca) → train (every layer's probe, the prompt
 //! predictors, the BERT baselines) → report → export (with the fine-tuned BERT) → a short
-//! latency comparison of FCFS and TRAIL on the real engine (on virtual time by default). Every stage is the same code as its
-//! own subcommand, with its arguments spelled as on the command line, so each step is resumable
-//! and a rerun skips what is done.
+//! latency comparison of FCFS and TRAIL on the real engine (on virtual time by default). Every
+//! stage is the same code as its own subcommand, with its arguments spelled as on the command
+//! line, so each step is resumable and a rerun skips what is done.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -33,7 +33,7 @@ pub struct Args {
     /// Batch of the latency comparison's engine. A small batch lets a queue form, which is
     /// where scheduling matters: at batch 8 on 2 cores the batch absorbs most bursts (on the
     /// quickstart's 60 requests at 0.9, FCFS and TRAIL came out equal), while batch 4 costs 4 %
-    /// of the throughput and lets TRAIL cut TTFT 4.6× (`reports/latency-smollm2/`).
+    /// of the throughput (`reports/latency-smollm2/`) and there TRAIL cut TTFT 4.6×.
     #[arg(long, default_value_t = 4)]
     pub max_running: usize,
     /// Backend of the latency comparison: `virtual` (the default) runs the real engine,
@@ -120,7 +120,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let backend = args
             .backend
             .to_possible_value()
-            .map_or("virtual".into(), |v| v.get_name().to_string());
+            .expect("every backend has a value name");
         let argv: Vec<String> = [
             "eval",
             "latency",
@@ -141,7 +141,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "--max-running",
             &args.max_running.to_string(),
             "--backend",
-            &backend,
+            backend.get_name(),
             "--out",
             &path(&latency_dir),
         ]
