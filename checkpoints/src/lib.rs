@@ -5,6 +5,8 @@
 //!   and its batched inference.
 //! - [`train`]: seeded training (AdamW, cosine schedule, early stop on validation MAE).
 //! - [`refine`]: the Bayesian filter of the paper (§2.3 of the digest) and a per-request state.
+//! - [`schedule`]: when the filter starts and refreshes and which state each refresh reads: one
+//!   schedule for the server and the scorer.
 //! - [`baseline`]: readouts of total-length predictors and constant baselines.
 //! - [`checkpoint`]: the safetensors checkpoint format with its metadata.
 //! - [`bert`]: the BERT baseline's sentence encoder (all-MiniLM-L6-v2, frozen).
@@ -24,6 +26,7 @@ pub mod metrics;
 pub mod prior;
 pub mod probe;
 pub mod refine;
+pub mod schedule;
 pub mod scoring;
 pub mod suite;
 pub mod train;

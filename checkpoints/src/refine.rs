@@ -10,8 +10,10 @@
 //! prior = q · Tˢ;   q' ∝ max(prior ⊙ c, 1e-8)   (renormalized);   L = Σ_i q'_i·m_i
 //! ```
 //!
-//! clamped to `[0, max_new − generated]`. The first `q` is the prompt predictor's output.
-//! Refreshes happen every `interval` tokens (the release's `PREDICT_EVERY`, 8).
+//! clamped to `[0, cap − generated]`, where `cap` is the request's cap on generated tokens as its
+//! client sent it (never a profiled length). When the filter starts and refreshes, and which
+//! hidden state each refresh reads, is [`crate::schedule`]'s: the same for the server and the
+//! scorer. Refreshes happen every `interval` tokens (the release's `PREDICT_EVERY`, 8).
 //!
 //! Between refreshes §2.3 says the estimate counts down by one per generated token:
 //! [`Between::CountDown`] (the default) returns `L_last − s`. [`Between::Propagate`] is offered
@@ -164,7 +166,7 @@ pub struct RefineState {
     max_new: u32,
     /// Expectation of `q` at the last refresh (unclamped).
     estimate: f64,
-    /// The prompt predictor's expectation, the base for the preemption limit.
+    /// The first estimate of the total length, the base for the preemption limit.
     initial: f64,
 }
 
@@ -220,9 +222,15 @@ impl RefineState {
         clamp_remaining(raw, self.generated, self.max_new)
     }
 
-    /// The prompt predictor's expectation (total length), unclamped.
+    /// The first estimate of the total length, unclamped: the expectation of the distribution
+    /// the state started from, or the served start's (see [`crate::schedule::apply`]).
     pub fn initial(&self) -> f64 {
         self.initial
+    }
+
+    /// Makes the current estimate (plus the tokens generated) the initial total.
+    pub(crate) fn set_initial_to_estimate(&mut self) {
+        self.initial = f64::from(self.generated) + self.estimate;
     }
 
     /// The posterior at the last refresh.

@@ -9,7 +9,7 @@
 //!
 //! | key | estimate of the remaining length at g |
 //! |---|---|
-//! | `refined` | Bayesian filter over the probe's outputs, refreshed every `refine_interval` tokens, counting down between; first q from the prompt predictor |
+//! | `refined` | the Bayesian filter on the schedule the server runs ([`crate::schedule`]): at g = 0 the prompt predictor times the probe on the last prompt token, then the probe every `refine_interval` tokens, counting down between |
 //! | `refined_every_token` | the same refreshed at every token (only when the test rows hold every position; else `null`) |
 //! | `probe_no_refine` | the probe's expectation at g |
 //! | `prompt_embedding` | the prompt predictor's total, counted down |
@@ -18,7 +18,9 @@
 //! | `bert_frozen` | frozen-BERT head's total, counted down |
 //! | `constant`, `constant_conditional` | train's mean length counted down; train's mean residual life |
 //!
-//! Every estimate is clamped to `[0, max_new − g]`. With a multi-layer probe trained,
+//! Every estimate is clamped to `[0, max_new − g]`, with the run's `max_new_tokens` (the cap it
+//! generated under, never a request's own length). Probes run one row at a time, as in the
+//! engine ([`crate::schedule::probe_rows`]). With a multi-layer probe trained,
 //! `probe_multi_layer` and `refined_multi_layer` are added.
 
 use std::collections::{BTreeMap, HashMap};
@@ -31,7 +33,8 @@ use crate::baseline::{Constant, conditional_residual, countdown};
 use crate::bins::clamp_remaining;
 use crate::checkpoint::Checkpoint;
 use crate::metrics::{Bootstrap, ErrorSums, Interval, kendall_tau_b};
-use crate::refine::{Between, Filter, RefineState};
+use crate::refine::{Between, Filter};
+use crate::schedule::{self, RowOutputs, probe_rows};
 use crate::suite::{
     BertRecord, LayerRecord, LayerRows, Run, concat_layers, layer_files, layer_val_maes,
     load_layer, read_bert_record, read_layer_record,
@@ -122,6 +125,9 @@ pub struct Details {
     pub reliability: Vec<(f64, f64, usize)>,
     /// Training curves by predictor name.
     pub curves: Vec<(String, Vec<EpochRecord>)>,
+    /// `refined` by request id: (g, estimate at row g) at each scored row, what the engine
+    /// records for the same request ([`crate::schedule`]).
+    pub refined: BTreeMap<String, Vec<(u32, f64)>>,
 }
 
 /// Per-predictor accumulators.
@@ -209,7 +215,7 @@ fn predict(ckpt: &Checkpoint, rows: &LayerRows, reqs: &[Request]) -> Result<Prob
         rows.token.dim,
         token_idx.iter().copied(),
     );
-    let p = ckpt.probe.predict_proba(&x)?;
+    let p = probe_rows(&ckpt.probe, &x)?;
     let token: HashMap<usize, Vec<f32>> = token_idx
         .iter()
         .zip(p.chunks_exact(k))
@@ -224,27 +230,29 @@ fn predict(ckpt: &Checkpoint, rows: &LayerRows, reqs: &[Request]) -> Result<Prob
         rows.prompt.dim,
         reqs.iter().map(|q| q.prompt_row),
     );
-    let pp = prompt.predict_proba(&x)?;
+    let pp = probe_rows(prompt, &x)?;
     Ok((token, pp.chunks_exact(k).map(<[f32]>::to_vec).collect()))
 }
 
-/// Filter estimates along one request's rows (g ascending).
+/// Filter estimates along one request's rows (g ascending), on the schedule the server runs
+/// ([`crate::schedule`]): each row's estimate of the tokens still to come after its g.
 fn refine_along(
     filter: &Filter,
     prompt: &[f32],
     steps: &[(u32, &[f32])],
     max_new: u32,
 ) -> Vec<f64> {
-    let mut st = RefineState::new(filter, prompt, max_new);
-    let mut out = Vec::with_capacity(steps.len());
-    for (i, &(g, probs)) in steps.iter().enumerate() {
-        st.advance(g.saturating_sub(st.generated()));
-        if i == 0 || st.due(filter) {
-            st.refine(filter, probs);
-        }
-        out.push(st.remaining(filter));
-    }
-    out
+    let mut st = None;
+    steps
+        .iter()
+        .map(|&(g, probs)| {
+            let outputs = RowOutputs {
+                prompt: Some(prompt),
+                probe: Some(probs),
+            };
+            schedule::apply(&mut st, filter, g, max_new, outputs)
+        })
+        .collect()
 }
 
 /// The predictors [`score`] measures: one checkpoint's probe and prompt predictor (the refined
@@ -593,6 +601,7 @@ pub fn score(
         0 => (max_new / 16).max(8).div_ceil(8) * 8,
         b => b,
     };
+    let mut refined_by_request = BTreeMap::new();
     for (qi, q) in reqs.iter().enumerate() {
         let req = &run.requests[q.run_index];
         let steps: Vec<(u32, &[f32])> = q
@@ -601,6 +610,14 @@ pub fn score(
             .map(|&r| (rows.token.g[r], token_probs[&r].as_slice()))
             .collect();
         let refined = refine_along(&filter, &prompt_probs[qi], &steps, max_new);
+        refined_by_request.insert(
+            req.request_id.clone(),
+            steps
+                .iter()
+                .map(|s| s.0)
+                .zip(refined.iter().copied())
+                .collect(),
+        );
         let refined_1 =
             every_position.then(|| refine_along(&filter_1, &prompt_probs[qi], &steps, max_new));
         let prompt_total = bins.expectation(&prompt_probs[qi]);
@@ -761,6 +778,7 @@ pub fn score(
             confusion,
             reliability,
             curves: Vec::new(),
+            refined: refined_by_request,
         },
         notes,
         multi_scored: multi.is_some(),

@@ -475,7 +475,7 @@ pub fn simulate(
             let r = &mut replicas[k];
             r.clock.set(now);
             let mut seq = Sequence::new(next as SeqId, prompt_lens[i], out_lens[i], now)
-                .with_true_len(out_lens[i]);
+                .with_eval_stop(out_lens[i]);
             if let Some(p) = initial[i] {
                 seq = seq.with_initial_prediction(p);
             }

@@ -46,7 +46,7 @@ fn main() {
         .iter()
         .map(|(p, r)| {
             let mut req = GenRequest::greedy(p.clone(), max_new);
-            req.true_len = Some(r.len());
+            req.eval_stop = Some(r.len());
             engine.submit_blocking(req).unwrap()
         })
         .collect();

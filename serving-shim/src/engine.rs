@@ -18,6 +18,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
+use trail_checkpoints::schedule::{self, Need, RowOutputs};
 use trail_checkpoints::{Checkpoint, RefineState};
 use trail_llm::{KvCache, LayerSet, Row, Runner, Sampler, Sampling};
 
@@ -69,7 +70,8 @@ impl EngineConfig {
 pub struct GenRequest {
     /// Prompt tokens (chat template applied).
     pub prompt: Vec<u32>,
-    /// Most tokens to generate.
+    /// Most tokens to generate: the cap the client sent. Predictors clamp to it, and it is all
+    /// any policy but the oracle knows of the request's length.
     pub max_new_tokens: usize,
     /// Greedy or seeded top-p.
     pub sampling: Sampling,
@@ -77,8 +79,12 @@ pub struct GenRequest {
     pub ignore_eos: bool,
     /// Total-length prediction made before admission (BERT), if any.
     pub initial_prediction: Option<f64>,
-    /// True output length for the oracle policy (`max_new_tokens` with `ignore_eos`).
-    pub true_len: Option<usize>,
+    /// **Evaluation only**: end the request after exactly this many tokens (a profiled length),
+    /// stop tokens ignored. Only the engine's stop rule and the `oracle` policy read it; the
+    /// predictors, the filter's clamp and every other policy see `max_new_tokens`. At most
+    /// `max_new_tokens`. Over HTTP it is `eval_output_tokens`, accepted only by a server started
+    /// with `--allow-eval-output-tokens`.
+    pub eval_stop: Option<usize>,
     /// Arrival on a virtual-time engine's clock, in seconds: the request reaches the scheduler
     /// when the clock does. A wall-clock engine ignores it (a request arrives when submitted).
     pub arrival: Option<f64>,
@@ -93,7 +99,7 @@ impl GenRequest {
             sampling: Sampling::Greedy,
             ignore_eos: false,
             initial_prediction: None,
-            true_len: None,
+            eval_stop: None,
             arrival: None,
         }
     }
@@ -131,7 +137,9 @@ pub struct Summary {
     pub recomputed_tokens: usize,
     /// The first length prediction (total tokens).
     pub initial_prediction: Option<f64>,
-    /// `(generated, predicted remaining)` after each token that got a prediction.
+    /// `(g, estimate at row g)`, one per generated token: the estimate of the tokens still to
+    /// come after `g` generated, made in the step that sampled token `g + 1` (the row
+    /// convention of [`trail_checkpoints::schedule`]; `trail report` scores the same values).
     pub predictions: Vec<(u32, f64)>,
 }
 
@@ -519,9 +527,17 @@ impl Worker {
             (Some(_), Some(t)) if t.is_finite() => t.max(now),
             _ => now,
         };
+        if let Some(n) = req.eval_stop
+            && (n == 0 || n > req.max_new_tokens)
+        {
+            return Err(EngineError::EvalStop {
+                eval_stop: n,
+                max_new: req.max_new_tokens,
+            });
+        }
         let mut seq = Sequence::new(id, req.prompt.len(), req.max_new_tokens, arrival);
         seq.initial_prediction = req.initial_prediction;
-        seq.true_len = req.true_len;
+        seq.eval_stop = req.eval_stop;
         if arrival > now {
             // Latest first, so the next arrival pops from the end; ties by id.
             let at = self
@@ -548,7 +564,8 @@ impl Worker {
                 prompt: req.prompt,
                 cache: self.runner.model().new_cache(),
                 sampler: Sampler::new(req.sampling),
-                ignore_eos: req.ignore_eos,
+                // An evaluation stop ends the request at its profiled length, stop tokens or not.
+                ignore_eos: req.ignore_eos || req.eval_stop.is_some(),
                 tx,
                 refine: None,
                 predictions: Vec::new(),
@@ -787,9 +804,6 @@ impl Worker {
         self.sched.on_step_done(&results)?;
         for r in &results {
             let ctx = self.ctxs.get_mut(&r.id).expect("present");
-            if let (Some(p), Some(st)) = (r.prediction, &ctx.refine) {
-                ctx.predictions.push((st.generated(), p));
-            }
             // A closed channel is noticed by `cancel_disconnected` next iteration.
             let _ = ctx
                 .tx
@@ -857,10 +871,12 @@ struct ProducedRows<'a> {
     out_row: &'a [Option<usize>],
 }
 
-/// Runs the predictor for the rows that produced a token: first predictions (prompt
-/// predictor, or the decode probe on the last prompt token) and due refreshes, each kind in
-/// one batched call (a replayed request reads its recorded output instead); then every such
-/// row reports its current remaining estimate. Requests being recorded keep each output.
+/// Runs the predictor for the rows that produced a token, on the served schedule
+/// ([`trail_checkpoints::schedule`]): a row `g` (tokens generated before this step) starts the
+/// filter (prompt predictor and probe of the prefill) or refreshes it when due, each kind of
+/// predictor in one call over the rows that need it (a replayed request reads its recorded
+/// outputs instead). Each row records its estimate at `g`, then counts the token it produced and
+/// reports the remaining estimate to the scheduler. Requests being recorded keep each output.
 fn predict(
     pred: &Predictor,
     sched: &Scheduler,
@@ -868,89 +884,90 @@ fn predict(
     rows: &ProducedRows<'_>,
     results: &mut [StepResult],
 ) -> Result<(), EngineError> {
-    let k = pred.k();
-    let generated = |id: SeqId| sched.get(id).map_or(0, |s| s.generated.len());
-    // (result index, is a start, probabilities), filled from three sources.
-    let mut outputs: Vec<(usize, bool, Vec<f32>)> = Vec::new();
-    let mut start_prompt: Vec<(usize, Vec<f32>)> = Vec::new();
-    let mut decode_feats: Vec<f32> = Vec::new();
-    let mut decode_rows: Vec<(usize, bool)> = Vec::new(); // (result index, is a start)
+    let filter = pred.filter();
+    let seq = |id: SeqId| sched.get(id).expect("planned sequences are live");
+    let mut wants: Vec<Want> = Vec::with_capacity(rows.produced.len());
+    let (mut prompt_feats, mut prompt_of) = (Vec::new(), Vec::new());
+    let (mut probe_feats, mut probe_of) = (Vec::new(), Vec::new());
     for (i, &r) in rows.produced.iter().enumerate() {
         let id = rows.specs[r].id;
+        let g = u32::try_from(seq(id).generated.len()).unwrap_or(u32::MAX);
         let ctx = ctxs.get_mut(&id).expect("present");
-        let is_start = match ctx.refine.as_mut() {
-            None => true,
-            Some(state) => {
-                state.advance(1);
-                if !state.due(pred.filter()) {
-                    continue;
+        let need = schedule::need(ctx.refine.as_ref(), filter, g);
+        let mut want = Want {
+            result: i,
+            g,
+            prompt: None,
+            probe: None,
+        };
+        if need != Need::Nothing {
+            if let Some(rp) = ctx.replay.as_mut() {
+                let ev = rp
+                    .next_event(g as usize)
+                    .map_err(|e| EngineError::Stopped(format!("request {id}: {e}")))?;
+                want.prompt = ev.prompt.clone();
+                want.probe = Some(ev.probs.clone());
+            } else {
+                let (Some(out), Some(row)) = (rows.out, rows.out_row[r]) else {
+                    unreachable!("computed rows are in the forward step");
+                };
+                if need == Need::Start
+                    && let Some(f) = pred.prompt_features(&ctx.cache)
+                {
+                    prompt_feats.extend(f);
+                    prompt_of.push(wants.len());
                 }
-                false
-            }
-        };
-        if let Some(rp) = ctx.replay.as_mut() {
-            let probs = rp
-                .next_probs(generated(id))
-                .map_err(|e| EngineError::Stopped(format!("request {id}: {e}")))?;
-            outputs.push((i, is_start, probs.to_vec()));
-            continue;
-        }
-        let (Some(out), Some(row)) = (rows.out, rows.out_row[r]) else {
-            unreachable!("computed rows are in the forward step");
-        };
-        match is_start.then(|| pred.prompt_features(&ctx.cache)).flatten() {
-            Some(f) => start_prompt.push((i, f)),
-            None => {
-                pred.decode_features(out, row, &mut decode_feats);
-                decode_rows.push((i, is_start));
+                pred.decode_features(out, row, &mut probe_feats);
+                probe_of.push(wants.len());
             }
         }
+        wants.push(want);
     }
-    if !start_prompt.is_empty() {
-        let feats: Vec<f32> = start_prompt
-            .iter()
-            .flat_map(|(_, f)| f.iter().copied())
-            .collect();
-        let probs = pred.prompt_proba(&feats)?;
-        for (j, (i, _)) in start_prompt.iter().enumerate() {
-            outputs.push((*i, true, probs[j * k..(j + 1) * k].to_vec()));
+    let k = pred.k();
+    if !prompt_of.is_empty() {
+        let probs = pred.prompt_proba(&prompt_feats)?;
+        for (w, p) in prompt_of.iter().zip(probs.chunks_exact(k)) {
+            wants[*w].prompt = Some(p.to_vec());
         }
     }
-    if !decode_rows.is_empty() {
-        let probs = pred.decode_proba(&decode_feats)?;
-        for (j, &(i, is_start)) in decode_rows.iter().enumerate() {
-            outputs.push((i, is_start, probs[j * k..(j + 1) * k].to_vec()));
+    if !probe_of.is_empty() {
+        let probs = pred.decode_proba(&probe_feats)?;
+        for (w, p) in probe_of.iter().zip(probs.chunks_exact(k)) {
+            wants[*w].probe = Some(p.to_vec());
         }
     }
-    let max_new = |id: SeqId| sched.get(id).map_or(0, |s| s.max_new_tokens);
-    for (i, is_start, probs) in outputs {
-        let id = results[i].id;
-        let at = generated(id);
+    for w in wants {
+        let id = results[w.result].id;
+        let cap = u32::try_from(seq(id).max_new_tokens).unwrap_or(u32::MAX);
         let ctx = ctxs.get_mut(&id).expect("present");
-        if is_start {
-            let mut st = pred.start(&probs, max_new(id));
-            st.advance(1);
-            ctx.refine = Some(st);
-        } else {
-            ctx.refine
-                .as_mut()
-                .expect("refreshes have a state")
-                .refine(pred.filter(), &probs);
-        }
-        if let Some((_, events)) = ctx.record.as_mut() {
+        let outputs = RowOutputs {
+            prompt: w.prompt.as_deref(),
+            probe: w.probe.as_deref(),
+        };
+        let estimate = schedule::apply(&mut ctx.refine, filter, w.g, cap, outputs);
+        ctx.predictions.push((w.g, estimate));
+        if let (Some((_, events)), Some(probs)) = (ctx.record.as_mut(), w.probe) {
             events.push(PredictorEvent {
-                generated: at,
+                generated: w.g as usize,
                 probs,
+                prompt: w.prompt,
             });
         }
-    }
-    for (i, &r) in rows.produced.iter().enumerate() {
-        let ctx = &ctxs[&rows.specs[r].id];
-        if let Some(st) = &ctx.refine {
-            results[i].prediction = Some(st.remaining(pred.filter()));
-        }
+        let st = ctx.refine.as_mut().expect("applied");
+        st.advance(1);
+        results[w.result].prediction = Some(st.remaining(filter));
     }
     Ok(())
+}
+
+/// A produced row's predictor outputs, gathered before the filter applies them.
+struct Want {
+    /// Index into the step's results.
+    result: usize,
+    /// The row: tokens generated before this step.
+    g: u32,
+    prompt: Option<Vec<f32>>,
+    probe: Option<Vec<f32>>,
 }
 
 fn summary(seq: Sequence, predictions: Vec<(u32, f64)>) -> Summary {

@@ -107,6 +107,14 @@ pub enum EngineError {
         /// The model's context length.
         context: usize,
     },
+    /// An evaluation stop of zero tokens, or beyond the request's cap.
+    #[error("eval_output_tokens = {eval_stop} must be between 1 and max_tokens = {max_new}")]
+    EvalStop {
+        /// The evaluation stop asked for.
+        eval_stop: usize,
+        /// The request's cap.
+        max_new: usize,
+    },
     /// The engine is shutting down and admits nothing.
     #[error("the engine is shutting down")]
     ShuttingDown,

@@ -1,7 +1,10 @@
 //! The OpenAI-compatible HTTP front end (axum): `POST /v1/completions`,
 //! `POST /v1/chat/completions` (`max_tokens`, `temperature`, `top_p`, `seed`, `stream` as SSE
 //! ending in `[DONE]`, `usage`, and `ignore_eos` for benchmarks), `GET /health` and
-//! `GET /metrics` (Prometheus text). Beside `usage`, a response (or a stream's last chunk)
+//! `GET /metrics` (Prometheus text). A server started for evaluation also takes
+//! `eval_output_tokens`, a profiled length at which the request ends, seen only by the stop rule
+//! and the oracle ([`GenRequest::eval_stop`]); `max_tokens` stays the client's cap everywhere.
+//! Beside `usage`, a response (or a stream's last chunk)
 //! carries `trail`: `queue_s` (arrival to first admission), `preemptions` and
 //! `recomputed_tokens`, for load generators.
 //!
@@ -39,6 +42,8 @@ struct App {
     model: Arc<str>,
     default_max_tokens: usize,
     bert: Option<Arc<BertPredictor>>,
+    /// Whether requests may carry the evaluation-only `eval_output_tokens`.
+    allow_eval_stop: bool,
 }
 
 /// The router over `engine`; `model` is the name reported in responses.
@@ -53,11 +58,24 @@ pub fn router_with_bert(
     default_max_tokens: usize,
     bert: Option<Arc<BertPredictor>>,
 ) -> Router {
+    router_with_options(engine, model, default_max_tokens, bert, false)
+}
+
+/// [`router_with_bert`], accepting the evaluation-only `eval_output_tokens` field when
+/// `allow_eval_stop` (`trail serve --allow-eval-output-tokens`; refused with 400 otherwise).
+pub fn router_with_options(
+    engine: Arc<Engine>,
+    model: &str,
+    default_max_tokens: usize,
+    bert: Option<Arc<BertPredictor>>,
+    allow_eval_stop: bool,
+) -> Router {
     let app = App {
         engine,
         model: model.into(),
         default_max_tokens,
         bert,
+        allow_eval_stop,
     };
     Router::new()
         .route("/v1/completions", post(completions))
@@ -117,6 +135,7 @@ impl From<EngineError> for ApiError {
                 Self::bad("max_tokens", format!("{message} (the KV budget)"))
             }
             EngineError::ContextExceeded { .. } => Self::bad("max_tokens", message),
+            EngineError::EvalStop { .. } => Self::bad(EVAL_STOP, message),
             EngineError::Scheduler(SchedulerError::EmptyPrompt(_)) => Self::bad("prompt", message),
             EngineError::ShuttingDown => Self {
                 status: StatusCode::SERVICE_UNAVAILABLE,
@@ -157,6 +176,8 @@ struct Common {
     sampling: Sampling,
     stream: bool,
     ignore_eos: bool,
+    /// Evaluation only: the profiled length to stop at ([`GenRequest::eval_stop`]).
+    eval_stop: Option<usize>,
 }
 
 fn field_u64(v: &Value, name: &'static str) -> Result<Option<u64>, ApiError> {
@@ -198,7 +219,8 @@ fn parse_body(body: &Bytes) -> Result<Value, ApiError> {
     Ok(v)
 }
 
-fn common(v: &Value, default_max_tokens: usize) -> Result<Common, ApiError> {
+fn common(v: &Value, app: &App) -> Result<Common, ApiError> {
+    let default_max_tokens = app.default_max_tokens;
     let max_tokens = field_u64(v, "max_tokens")?.map_or(default_max_tokens, |m| m as usize);
     if max_tokens == 0 {
         return Err(ApiError::bad(
@@ -218,13 +240,26 @@ fn common(v: &Value, default_max_tokens: usize) -> Result<Common, ApiError> {
         return Err(ApiError::bad("top_p", "`top_p` must be in (0, 1]"));
     }
     let seed = field_u64(v, "seed")?.unwrap_or(0);
+    let eval_stop = field_u64(v, EVAL_STOP)?;
+    if eval_stop.is_some() && !app.allow_eval_stop {
+        return Err(ApiError::bad(
+            EVAL_STOP,
+            "`eval_output_tokens` is an evaluation-only stop (a profiled output length); this \
+             server was not started with --allow-eval-output-tokens",
+        ));
+    }
+    let eval_stop = eval_stop.map(|n| usize::try_from(n).unwrap_or(usize::MAX));
     Ok(Common {
         max_tokens,
         sampling: Sampling::new(temperature, top_p, seed),
         stream: field_bool(v, "stream")?,
         ignore_eos: field_bool(v, "ignore_eos")?,
+        eval_stop,
     })
 }
+
+/// The request field of the evaluation-only stop.
+const EVAL_STOP: &str = "eval_output_tokens";
 
 async fn health() -> impl IntoResponse {
     axum::Json(json!({"status": "ok"}))
@@ -247,7 +282,7 @@ async fn completions(State(app): State<App>, body: Bytes) -> Result<Response, Ap
         Some(_) => return Err(ApiError::bad("prompt", "`prompt` must be a string")),
         None => return Err(ApiError::bad("prompt", "missing field `prompt`")),
     };
-    let c = common(&v, app.default_max_tokens)?;
+    let c = common(&v, &app)?;
     let runner = app.engine.runner();
     let ids = runner
         .encode(&prompt)
@@ -287,7 +322,7 @@ async fn chat_completions(State(app): State<App>, body: Bytes) -> Result<Respons
     if owned.is_empty() {
         return Err(ApiError::bad("messages", "`messages` is empty"));
     }
-    let c = common(&v, app.default_max_tokens)?;
+    let c = common(&v, &app)?;
     let runner = app.engine.runner();
     let messages: Vec<Message<'_>> = owned
         .iter()
@@ -356,7 +391,7 @@ async fn run(
         sampling: c.sampling,
         ignore_eos: c.ignore_eos,
         initial_prediction,
-        true_len: c.ignore_eos.then_some(c.max_tokens),
+        eval_stop: c.eval_stop,
         arrival: None,
     };
     let handle = app.engine.submit(req).await?;

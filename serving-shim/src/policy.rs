@@ -307,8 +307,8 @@ mod tests {
 
     #[test]
     fn oracle_uses_true_remaining() {
-        let a = seq(1, 10).with_true_len(15);
-        let b = seq(2, 0).with_true_len(8);
+        let a = seq(1, 10).with_eval_stop(15);
+        let b = seq(2, 0).with_eval_stop(8);
         assert_eq!(Oracle.waiting_rank(&a), 5.0);
         assert!(Oracle.waiting_rank(&a) < Oracle.waiting_rank(&b));
     }

@@ -1,10 +1,12 @@
 //! [`Predictor`]: the TRAIL length predictor in the serving loop — the checkpoint's prompt
-//! predictor (or its decode probe on the last prompt token) gives each request its first
-//! remaining-length distribution at prefill; the decode probe, run batched on the captured layer
-//! state of the same forward step, refreshes it through the Bayesian [`Filter`] every
-//! `refine_every` tokens, and counts down in between.
+//! predictor and its decode probe on the last prompt token give each request its first
+//! remaining-length distribution at prefill; the decode probe, run on the captured layer state
+//! of the same forward step, refreshes it through the Bayesian [`Filter`] every `refine_every`
+//! tokens, and counts down in between. When each happens is [`schedule`]'s, shared with the
+//! scorer.
 
-use trail_checkpoints::{Between, Checkpoint, Filter, RefineState};
+use trail_checkpoints::schedule;
+use trail_checkpoints::{Between, Checkpoint, Filter};
 use trail_llm::{KvCache, LayerSet, StepOutput};
 
 use crate::error::EngineError;
@@ -78,10 +80,11 @@ impl Predictor {
         Some(f)
     }
 
-    /// Bin probabilities of the decode probe for n rows of features (n×d), row by row.
+    /// Bin probabilities of the decode probe for n rows of features (n×d), row by row
+    /// ([`schedule::probe_rows`], as the scorer computes them).
     pub fn decode_proba(&self, features: &[f32]) -> Result<Vec<f32>, EngineError> {
-        let d = self.ckpt.meta.hidden_size * self.ckpt.meta.probe_layers.len();
-        per_row(features, d, |x| self.ckpt.probe.predict_proba(x))
+        schedule::probe_rows(&self.ckpt.probe, features)
+            .map_err(|e| EngineError::Predictor(e.to_string()))
     }
 
     /// Bin probabilities of the prompt predictor for n rows of features, row by row.
@@ -89,42 +92,11 @@ impl Predictor {
         let p = self.ckpt.prompt.as_ref().ok_or_else(|| {
             EngineError::Predictor("the checkpoint has no prompt predictor".into())
         })?;
-        let d = self.ckpt.meta.hidden_size * self.ckpt.meta.prompt_layers.len();
-        per_row(features, d, |x| p.predict_proba(x))
+        schedule::probe_rows(p, features).map_err(|e| EngineError::Predictor(e.to_string()))
     }
 
     /// Bins.
     pub fn k(&self) -> usize {
         self.ckpt.meta.bins.k()
     }
-
-    /// A request's filter state from its first distribution.
-    pub fn start(&self, probs: &[f32], max_new: usize) -> RefineState {
-        RefineState::new(
-            &self.filter,
-            probs,
-            u32::try_from(max_new).unwrap_or(u32::MAX),
-        )
-    }
-}
-
-/// Runs `proba` on one row of `d` features at a time: the matmul's blocking (and so its
-/// rounding) may vary with the number of rows, and a request's probabilities must not depend on
-/// which other rows share its step, so that reruns and replayed recordings give the same bits.
-fn per_row(
-    features: &[f32],
-    d: usize,
-    proba: impl Fn(&[f32]) -> trail_checkpoints::Result<Vec<f32>>,
-) -> Result<Vec<f32>, EngineError> {
-    if d == 0 || !features.len().is_multiple_of(d) {
-        return Err(EngineError::Predictor(format!(
-            "{} features are not rows of {d}",
-            features.len()
-        )));
-    }
-    let mut out = Vec::new();
-    for row in features.chunks(d) {
-        out.extend(proba(row)?);
-    }
-    Ok(out)
 }

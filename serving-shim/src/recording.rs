@@ -22,23 +22,30 @@ use trail_llm::Sampling;
 
 use crate::engine::GenRequest;
 
-/// What decides a request's tokens: prompt, length limit, stop handling and sampling.
+/// What decides a request's tokens: prompt, length limit, evaluation stop, stop handling and
+/// sampling.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct RecordingKey {
     prompt: Vec<u32>,
     max_new_tokens: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    eval_stop: Option<usize>,
     ignore_eos: bool,
     /// `None` for greedy; top-p's temperature and mass as bits, and its seed.
     sampling: Option<(u64, u64, u64)>,
 }
 
 impl RecordingKey {
-    /// The key of a request.
+    /// The key of a request. With an evaluation stop the tokens end there whatever the cap and
+    /// stop tokens, and the predictor's outputs do not depend on the cap either (only the
+    /// filter's clamp does, which runs on replay too): requests that differ only in their cap
+    /// share one recording.
     pub fn of(req: &GenRequest) -> Self {
         Self {
             prompt: req.prompt.clone(),
-            max_new_tokens: req.max_new_tokens,
-            ignore_eos: req.ignore_eos,
+            max_new_tokens: req.eval_stop.map_or(req.max_new_tokens, |_| 0),
+            eval_stop: req.eval_stop,
+            ignore_eos: req.ignore_eos || req.eval_stop.is_some(),
             sampling: match req.sampling {
                 Sampling::Greedy => None,
                 Sampling::TopP {
@@ -51,14 +58,17 @@ impl RecordingKey {
     }
 }
 
-/// A predictor output: tokens generated before the step that made it, and the class
-/// probabilities.
+/// A predictor output at a start or refresh: the row (tokens generated before the step that
+/// made it) and the class probabilities.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PredictorEvent {
-    /// Tokens the request had generated before this step.
+    /// Tokens the request had generated before this step (the row `g`).
     pub generated: usize,
-    /// The classifier's probabilities over the bins.
+    /// The probe's probabilities over the bins.
     pub probs: Vec<f32>,
+    /// The prompt predictor's, at a start with a prompt predictor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<Vec<f32>>,
 }
 
 /// One finished request: its tokens and, if the engine had a predictor, every predictor
@@ -147,7 +157,7 @@ impl Replay {
     }
 
     /// The next predictor output, which must have been made after `generated` tokens.
-    pub(crate) fn next_probs(&mut self, generated: usize) -> Result<&[f32], String> {
+    pub(crate) fn next_event(&mut self, generated: usize) -> Result<&PredictorEvent, String> {
         let ev = self
             .rec
             .events
@@ -167,7 +177,7 @@ impl Replay {
             ));
         }
         self.next_event += 1;
-        Ok(&ev.probs)
+        Ok(ev)
     }
 }
 
@@ -195,11 +205,20 @@ mod tests {
             r.get(&key(5), false).is_none(),
             "the length limit is part of the key"
         );
+        // With an evaluation stop, the cap is not.
+        let stop_at = |cap: usize| {
+            let mut g = GenRequest::greedy(vec![1, 2, 3], cap);
+            g.eval_stop = Some(4);
+            RecordingKey::of(&g)
+        };
+        assert_eq!(stop_at(4), stop_at(512));
+        assert_ne!(stop_at(4), key(4));
         let with = Recording {
             tokens: vec![5, 6],
             events: Some(vec![PredictorEvent {
                 generated: 0,
                 probs: vec![1.0],
+                prompt: None,
             }]),
         };
         r.insert(key(4), with.clone());
@@ -225,20 +244,24 @@ mod tests {
                 PredictorEvent {
                     generated: 0,
                     probs: vec![0.5, 0.5],
+                    prompt: Some(vec![0.9, 0.1]),
                 },
                 PredictorEvent {
                     generated: 8,
                     probs: vec![0.25, 0.75],
+                    prompt: None,
                 },
             ]),
         });
         let mut rp = Replay::new(rec);
         assert_eq!(rp.token(2), Some(9));
         assert_eq!(rp.token(3), None);
-        assert_eq!(rp.next_probs(0).unwrap(), &[0.5, 0.5]);
-        let err = rp.next_probs(4).unwrap_err();
+        let start = rp.next_event(0).unwrap();
+        assert_eq!(start.probs, [0.5, 0.5]);
+        assert_eq!(start.prompt.as_deref(), Some(&[0.9, 0.1][..]));
+        let err = rp.next_event(4).unwrap_err();
         assert!(err.contains("after 8 tokens"), "{err}");
-        assert_eq!(rp.next_probs(8).unwrap(), &[0.25, 0.75]);
-        assert!(rp.next_probs(16).is_err());
+        assert_eq!(rp.next_event(8).unwrap().probs, [0.25, 0.75]);
+        assert!(rp.next_event(16).is_err());
     }
 }

@@ -722,7 +722,7 @@ impl Scheduler {
 
     /// Applies the results of the step planned last: advances each planned sequence by its
     /// chunk, appends sampled tokens, records predictions and finishes sequences that stopped
-    /// or reached `max_new_tokens` (their blocks go back to the pool). Results of sequences
+    /// or reached `max_new_tokens` or their evaluation stop (their blocks go back to the pool). Results of sequences
     /// aborted since the plan are ignored.
     pub fn on_step_done(&mut self, results: &[StepResult]) -> Result<(), SchedulerError> {
         let plan = self
@@ -757,18 +757,19 @@ impl Scheduler {
             s.computed += len;
             let Some(r) = by_id.get(&id) else { continue };
             let Some(token) = r.token else { continue };
-            let generated_before = s.generated.len() as f64;
             s.generated.push(token);
             s.times.tokens.push(now);
             s.times.first_token.get_or_insert(now);
             self.counters.generated_tokens += 1;
             if let Some(p) = r.prediction {
-                s.initial_prediction.get_or_insert(generated_before + p);
+                // The first prediction's total: tokens generated (this one included) + remaining.
+                s.initial_prediction
+                    .get_or_insert(s.generated.len() as f64 + p);
                 s.predicted_remaining = Some(p);
             }
             let reason = if r.stop {
                 Some(FinishReason::Stop)
-            } else if s.generated.len() >= s.max_new_tokens {
+            } else if s.generated.len() >= s.stop_len() {
                 Some(FinishReason::Length)
             } else {
                 None

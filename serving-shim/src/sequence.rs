@@ -80,8 +80,10 @@ pub struct Sequence {
     pub initial_prediction: Option<f64>,
     /// Latest (refined) prediction of the remaining output length.
     pub predicted_remaining: Option<f64>,
-    /// The true output length, known to an oracle (benchmarks with `ignore_eos`).
-    pub true_len: Option<usize>,
+    /// Evaluation only: the profiled output length, at which the request ends (see
+    /// [`GenRequest::eval_stop`](crate::engine::GenRequest::eval_stop)). Read by the stop rule
+    /// ([`Sequence::stop_len`]) and the oracle ([`Sequence::true_remaining`]), nothing else.
+    pub eval_stop: Option<usize>,
     /// Times the policy took this sequence's place for a more urgent one.
     pub preemptions_policy: u32,
     /// Times it was evicted because the KV pool was exhausted.
@@ -108,7 +110,7 @@ impl Sequence {
             state: SeqState::Waiting,
             initial_prediction: None,
             predicted_remaining: None,
-            true_len: None,
+            eval_stop: None,
             preemptions_policy: 0,
             preemptions_memory: 0,
             recomputed_tokens: 0,
@@ -127,10 +129,17 @@ impl Sequence {
         self
     }
 
-    /// With the true output length (oracle).
-    pub fn with_true_len(mut self, len: usize) -> Self {
-        self.true_len = Some(len);
+    /// With an evaluation stop: the request ends after exactly `len` tokens (see
+    /// [`Sequence::eval_stop`]).
+    pub fn with_eval_stop(mut self, len: usize) -> Self {
+        self.eval_stop = Some(len);
         self
+    }
+
+    /// Generation ends after this many tokens: the cap, or the evaluation stop when earlier.
+    pub fn stop_len(&self) -> usize {
+        self.eval_stop
+            .map_or(self.max_new_tokens, |e| e.min(self.max_new_tokens))
     }
 
     /// Prompt plus generated tokens.
@@ -154,9 +163,9 @@ impl Sequence {
         self.generated.len()
     }
 
-    /// True remaining length: `true_len − generated`, when known.
+    /// True remaining length (the oracle's): `eval_stop − generated`, when evaluating.
     pub fn true_remaining(&self) -> Option<f64> {
-        self.true_len
+        self.eval_stop
             .map(|t| t.saturating_sub(self.generated.len()) as f64)
     }
 
@@ -206,7 +215,7 @@ mod tests {
         s.predicted_remaining = Some(5.0);
         assert_eq!(s.estimated_remaining(), Some(5.0));
         assert_eq!(s.true_remaining(), None);
-        let s = s.with_true_len(20);
+        let s = s.with_eval_stop(20);
         assert_eq!(s.true_remaining(), Some(17.0));
     }
 

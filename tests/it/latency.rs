@@ -50,6 +50,11 @@ fn replaced<'a>(argv: &[&'a str], old: &str, new: &'a str) -> Vec<&'a str> {
         .collect()
 }
 
+const PROFILED: Lengths = Lengths::Profiled {
+    clip: None,
+    clamp: false,
+};
+
 fn pool(n: usize) -> Vec<Prompt> {
     (0..n)
         .map(|i| Prompt {
@@ -65,13 +70,13 @@ fn pool(n: usize) -> Vec<Prompt> {
 fn generated_arrivals_are_the_seeded_poisson_process() {
     let pool = pool(40);
     let (n, rate) = (20_000, 2.5);
-    let a = poisson_trace(&pool, n, rate, 11, Lengths::Profiled { clip: None }).unwrap();
+    let a = poisson_trace(&pool, n, rate, 11, PROFILED, 512).unwrap();
     let times: Vec<f64> = a.iter().map(|r| r.arrival_s).collect();
     // Exactly the arrival process of that seed and rate, and the same again for the same seed.
     assert_eq!(times, Arrivals::Poisson { rate }.times(n, 11).unwrap());
-    let again = poisson_trace(&pool, n, rate, 11, Lengths::Profiled { clip: None }).unwrap();
+    let again = poisson_trace(&pool, n, rate, 11, PROFILED, 512).unwrap();
     assert_eq!(a, again);
-    let other = poisson_trace(&pool, n, rate, 12, Lengths::Profiled { clip: None }).unwrap();
+    let other = poisson_trace(&pool, n, rate, 12, PROFILED, 512).unwrap();
     assert_ne!(
         times[..10],
         other.iter().map(|r| r.arrival_s).collect::<Vec<_>>()[..10]

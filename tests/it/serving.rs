@@ -14,7 +14,7 @@ use trail_serving_shim::{
     PreemptionMode, Recordings, SchedulerError, Summary,
 };
 
-fn runner() -> Arc<Runner> {
+pub(crate) fn runner() -> Arc<Runner> {
     static RUNNER: OnceLock<Arc<Runner>> = OnceLock::new();
     RUNNER
         .get_or_init(|| Arc::new(Runner::load(&trail_tests::smollm2_gguf()).expect("load SmolLM2")))
@@ -77,7 +77,7 @@ fn serve_all(
     for (i, (prompt, reference)) in refs.iter().enumerate() {
         let mut req = GenRequest::greedy(prompt.clone(), MAX_NEW);
         if oracle_lengths {
-            req.true_len = Some(reference.len());
+            req.eval_stop = Some(reference.len());
         }
         let h = engine.submit_blocking(req).expect("admitted");
         handles.push(h);
@@ -166,7 +166,7 @@ fn swapped_requests_resume_from_their_kept_cache_and_match_requests_run_alone() 
 
 /// A real checkpoint file with a seeded, untrained probe on layer 11 and a prompt predictor
 /// (no trained checkpoint is available to the tests): exercises the predictor in the loop.
-fn seeded_checkpoint(kernel_id: &str) -> Checkpoint {
+pub(crate) fn seeded_checkpoint(kernel_id: &str) -> Checkpoint {
     let r = runner();
     let d = r.config().hidden_size;
     let (h, k) = (32, 10);

@@ -39,14 +39,16 @@ impl Backend for FixedDelayBackend {
 }
 
 /// An OpenAI-compatible server (`trail serve`, vLLM, llama.cpp's server…), driven like vLLM's
-/// `benchmark_serving.py`: streaming chat completions, greedy, one SSE chunk per token, with
-/// `ignore_eos` and `max_tokens` fixed to the trace's output length when it has one.
+/// `benchmark_serving.py`: streaming chat completions, greedy, one SSE chunk per token.
+/// `max_tokens` is the trace's cap (the client's); a profiled output length goes as the
+/// evaluation-only `eval_output_tokens` with `ignore_eos`, which only a `trail serve` started
+/// with `--allow-eval-output-tokens` accepts, and which only its stop rule and oracle read.
 #[derive(Debug, Clone)]
 pub struct HttpBackend {
     /// e.g. `http://127.0.0.1:8000`.
     pub base_url: String,
     pub model: String,
-    /// Cap on output tokens when the trace fixes none.
+    /// Cap on output tokens when the trace gives none.
     pub max_tokens: u32,
     client: reqwest::Client,
 }
@@ -68,13 +70,14 @@ impl HttpBackend {
         let mut body = json!({
             "model": self.model,
             "messages": [{"role": "user", "content": req.prompt}],
-            "max_tokens": req.output_tokens.unwrap_or(self.max_tokens),
+            "max_tokens": req.max_tokens.unwrap_or(self.max_tokens),
             "temperature": 0.0,
             "stream": true,
             "stream_options": {"include_usage": true},
         });
-        if req.output_tokens.is_some() {
+        if let Some(n) = req.output_tokens {
             body["ignore_eos"] = json!(true);
+            body["eval_output_tokens"] = json!(n);
         }
         body
     }

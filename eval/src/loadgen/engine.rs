@@ -1,7 +1,8 @@
 //! The in-process backend: each request goes straight to a serving-shim [`Engine`] in this
 //! process (no HTTP, no detokenization), with the same request semantics as `trail serve`'s
 //! chat endpoint: the prompt as one user message through the model's chat template, greedy,
-//! and with a fixed output length `ignore_eos` and the true length given to the oracle.
+//! capped at the trace's `max_tokens`, and a profiled output length given as the engine's
+//! evaluation-only stop ([`GenRequest::eval_stop`]), which only the stop rule and the oracle read.
 //!
 //! On an engine running on virtual time ([`trail_serving_shim::VirtualTime`]),
 //! [`EngineBackend::replay_virtual`] hands it the whole trace at once with each arrival, and reads
@@ -19,7 +20,7 @@ use super::{Backend, Observed, RequestResult, TraceRequest};
 #[derive(Debug, Clone)]
 pub struct EngineBackend {
     engine: Arc<Engine>,
-    /// Cap on output tokens when the trace fixes none.
+    /// Cap on output tokens when the trace gives none.
     pub max_tokens: u32,
     /// Initial total-length predictions by prompt, made before admission (SJF on BERT's
     /// prediction); requests without one rank last, as the policy documents.
@@ -46,17 +47,18 @@ impl EngineBackend {
         self.engine
     }
 
-    fn request(&self, req: &TraceRequest) -> Result<GenRequest, String> {
+    /// The engine request of a trace request: the chat-templated prompt, greedy, the trace's
+    /// cap as `max_new_tokens`, its profiled length as the evaluation-only stop.
+    pub fn gen_request(&self, req: &TraceRequest) -> Result<GenRequest, String> {
         let prompt = self
             .engine
             .runner()
             .encode_chat(&req.prompt)
             .map_err(|e| format!("encoding the prompt: {e}"))?;
-        let fixed = req.output_tokens;
-        let max_new = fixed.unwrap_or(self.max_tokens).max(1) as usize;
-        let mut g = GenRequest::greedy(prompt, max_new);
-        g.ignore_eos = fixed.is_some();
-        g.true_len = fixed.map(|_| max_new);
+        let cap = req.max_tokens.unwrap_or(self.max_tokens).max(1) as usize;
+        let mut g = GenRequest::greedy(prompt, cap);
+        g.ignore_eos = req.output_tokens.is_some();
+        g.eval_stop = req.output_tokens.map(|n| n as usize);
         g.initial_prediction = self.priors.get(&req.prompt).copied();
         Ok(g)
     }
@@ -73,7 +75,7 @@ impl EngineBackend {
         let built: Vec<Result<GenRequest, String>> = trace
             .iter()
             .map(|r| {
-                self.request(r).map(|mut g| {
+                self.gen_request(r).map(|mut g| {
                     g.arrival = Some(r.arrival_s.max(0.0));
                     g
                 })
@@ -145,7 +147,7 @@ fn virtual_observed(s: &Summary) -> Result<Observed, String> {
 impl Backend for EngineBackend {
     async fn send(&self, req: &TraceRequest) -> Result<Observed, String> {
         let start = Instant::now();
-        let g = self.request(req)?;
+        let g = self.gen_request(req)?;
         let mut handle = self.engine.submit(g).await.map_err(|e| e.to_string())?;
         let mut obs = Observed::default();
         while let Some(ev) = handle.events.recv().await {

@@ -1,6 +1,6 @@
-//! `trace.jsonl`: one request a line (`arrival_s`, `prompt`, optional `output_tokens` and
-//! `request_id`), written by `trail eval latency` and replayed by the simulator; and the seeded
-//! arrival processes that make traces.
+//! `trace.jsonl`: one request a line (`arrival_s`, `prompt`, optional `output_tokens`,
+//! `max_tokens`, `request_id` and `prompt_tokens`), written by `trail eval latency` and replayed
+//! by the simulator; and the seeded arrival processes that make traces.
 
 use std::io::{BufRead, Write};
 use std::path::Path;
@@ -17,9 +17,15 @@ pub struct TraceRequest {
     /// Seconds from the start of the run.
     pub arrival_s: f64,
     pub prompt: String,
-    /// Fixed output length (sent as `max_tokens` with `ignore_eos`), when the run fixes lengths.
+    /// The profiled output length, when the run fixes lengths: **evaluation only**. The request
+    /// ends after exactly this many tokens; only the engine's stop rule and the `oracle` policy
+    /// see it (`eval_output_tokens` over HTTP), never a predictor or another policy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_tokens: Option<u32>,
+    /// The client's cap on generated tokens (`max_tokens`), what predictors clamp to and
+    /// policies see. Never defaulted from `output_tokens`; absent, the backend's cap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
     /// Prompt tokens after the chat template, when known (what the simulator prefills; without
@@ -34,6 +40,7 @@ impl TraceRequest {
             arrival_s,
             prompt,
             output_tokens,
+            max_tokens: None,
             request_id: None,
             prompt_tokens: None,
         }

@@ -6,6 +6,11 @@
 //! (cycled when `n` exceeds the pool; the `k`-th repeat of a request gets the id `ID#k`). The
 //! prompts depend on the seed only, never on the rate, so every load of one seed replays the
 //! same requests and the arrivals of two loads are the same process rescaled.
+//!
+//! Every request carries the client's cap (`max_tokens`, what predictors and policies see) apart
+//! from its profiled length (`output_tokens`, an evaluation-only stop that only the engine's stop
+//! rule and the oracle read). The cap is never taken from the profiled length, except where
+//! [`Lengths::Profiled`]'s `clamp` asks for the release protocol's leak, to measure it.
 
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -27,9 +32,11 @@ pub struct Prompt {
 /// How output lengths are fixed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Lengths {
-    /// The release protocol: every request generates exactly its profiled length (`ignore_eos`
-    /// with `max_tokens` = profiled length, clipped to `clip` when given).
-    Profiled { clip: Option<u32> },
+    /// Every request generates exactly its profiled length (clipped to `clip` when given), as an
+    /// evaluation-only stop. With `clamp`, its cap (`max_tokens`) is that length too: the
+    /// release protocol, which lets predictors clamp to the true length (a leak; kept to measure
+    /// what it was worth).
+    Profiled { clip: Option<u32>, clamp: bool },
     /// The model stops where it stops (`output_tokens` left out of the trace).
     Free,
 }
@@ -57,15 +64,17 @@ pub fn sample(pool: &[Prompt], n: usize, seed: u64) -> Result<Vec<Prompt>, Error
 }
 
 /// A trace of `n` requests with Poisson arrivals at `rate` requests per second.
+/// and `max_tokens` the client's cap.
 pub fn poisson_trace(
     pool: &[Prompt],
     n: usize,
     rate: f64,
     seed: u64,
     lengths: Lengths,
+    max_tokens: u32,
 ) -> Result<Vec<TraceRequest>, Error> {
     let times = Arrivals::Poisson { rate }.times(n, seed)?;
-    requests(pool, &times, seed, lengths)
+    requests(pool, &times, seed, lengths, max_tokens)
 }
 
 /// A trace of `n` requests all arriving at time 0 (a saturation burst).
@@ -74,8 +83,9 @@ pub fn burst(
     n: usize,
     seed: u64,
     lengths: Lengths,
+    max_tokens: u32,
 ) -> Result<Vec<TraceRequest>, Error> {
-    requests(pool, &vec![0.0; n], seed, lengths)
+    requests(pool, &vec![0.0; n], seed, lengths, max_tokens)
 }
 
 fn requests(
@@ -83,6 +93,7 @@ fn requests(
     times: &[f64],
     seed: u64,
     lengths: Lengths,
+    max_tokens: u32,
 ) -> Result<Vec<TraceRequest>, Error> {
     let prompts = sample(pool, times.len(), seed)?;
     Ok(times
@@ -90,16 +101,21 @@ fn requests(
         .zip(prompts)
         .map(|(&t, p)| {
             let fixed = match lengths {
-                Lengths::Profiled { clip } => Some(
+                Lengths::Profiled { clip, .. } => Some(
                     clip.map_or(p.output_tokens, |c| p.output_tokens.min(c))
                         .max(1),
                 ),
                 Lengths::Free => None,
             };
+            let cap = match (lengths, fixed) {
+                (Lengths::Profiled { clamp: true, .. }, Some(n)) => n,
+                _ => max_tokens.max(fixed.unwrap_or(1)),
+            };
             TraceRequest {
                 arrival_s: t,
                 prompt: p.text,
                 output_tokens: fixed,
+                max_tokens: Some(cap),
                 request_id: Some(p.request_id),
                 prompt_tokens: p.prompt_tokens,
             }
@@ -125,14 +141,23 @@ mod tests {
     #[test]
     fn prompts_depend_on_the_seed_only_and_cycle_with_repeat_ids() {
         let pool = pool(5);
-        let a = poisson_trace(&pool, 12, 2.0, 9, Lengths::Profiled { clip: Some(6) }).unwrap();
-        let b = poisson_trace(&pool, 12, 8.0, 9, Lengths::Profiled { clip: Some(6) }).unwrap();
+        let profiled = Lengths::Profiled {
+            clip: Some(6),
+            clamp: false,
+        };
+        let a = poisson_trace(&pool, 12, 2.0, 9, profiled, 64).unwrap();
+        let b = poisson_trace(&pool, 12, 8.0, 9, profiled, 64).unwrap();
         for (x, y) in a.iter().zip(&b) {
             assert_eq!(x.prompt, y.prompt);
             assert_eq!(x.request_id, y.request_id);
             // Same process, rescaled by the rate.
             assert!((x.arrival_s - 4.0 * y.arrival_s).abs() < 1e-9);
             assert!(x.output_tokens.unwrap() <= 6);
+            assert_eq!(
+                x.max_tokens,
+                Some(64),
+                "the client's cap, not the profiled length"
+            );
         }
         // Every prompt of the pool once per cycle.
         let mut first: Vec<_> = a[..5].iter().map(|r| r.prompt.clone()).collect();
@@ -143,14 +168,21 @@ mod tests {
         );
         assert!(a[5].request_id.as_deref().unwrap().ends_with("#1"));
         assert!(a[10].request_id.as_deref().unwrap().ends_with("#2"));
-        let c = poisson_trace(&pool, 12, 2.0, 10, Lengths::Free).unwrap();
+        let clamped = Lengths::Profiled {
+            clip: None,
+            clamp: true,
+        };
+        for r in burst(&pool, 5, 1, clamped, 64).unwrap() {
+            assert_eq!(r.max_tokens, r.output_tokens, "the release protocol's cap");
+        }
+        let c = poisson_trace(&pool, 12, 2.0, 10, Lengths::Free, 64).unwrap();
         assert_ne!(
             a.iter().map(|r| &r.prompt).collect::<Vec<_>>(),
             c.iter().map(|r| &r.prompt).collect::<Vec<_>>()
         );
         assert!(c.iter().all(|r| r.output_tokens.is_none()));
         assert!(
-            burst(&pool, 4, 1, Lengths::Free)
+            burst(&pool, 4, 1, Lengths::Free, 64)
                 .unwrap()
                 .iter()
                 .all(|r| r.arrival_s == 0.0)

@@ -48,6 +48,12 @@ pub struct Args {
     /// `max_tokens` when a request gives none.
     #[arg(long, default_value_t = 512)]
     pub default_max_tokens: usize,
+    /// Accept `eval_output_tokens` in requests: an evaluation-only stop at a profiled output
+    /// length, read by the engine's stop rule and the `oracle` policy and by nothing else
+    /// (`trail eval latency --backend http` starts its server with it). Without this flag such
+    /// a request is refused with 400; `max_tokens` is always the client's cap.
+    #[arg(long)]
+    pub allow_eval_output_tokens: bool,
     /// Write the step log (`steps.parquet`) and final statistics (`metrics.prom`) here on
     /// shutdown.
     #[arg(long)]
@@ -105,8 +111,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             args.engine.describe(),
             runner.kernel_id()
         );
-        let router =
-            http::router_with_bert(engine.clone(), &name, args.default_max_tokens, bert.clone());
+        let router = http::router_with_options(
+            engine.clone(),
+            &name,
+            args.default_max_tokens,
+            bert.clone(),
+            args.allow_eval_output_tokens,
+        );
         http::serve(router, listener, shutdown_signal()).await?;
         anyhow::Ok(())
     })?;

@@ -644,13 +644,13 @@ fn run_trace(a: &TraceArgs) -> anyhow::Result<()> {
             Some(data) => {
                 let (_, pool) = crate::stages::eval::latency::test_prompts(data)?;
                 manifest.input(&trail_datasets::schema::requests_path(data), data)?;
-                let trace = poisson_trace(
-                    &pool,
-                    a.requests,
-                    a.rate,
-                    a.seed,
-                    Lengths::Profiled { clip: None },
-                )?;
+                // The simulator reads the profiled lengths only; the cap is the longest.
+                let cap = pool.iter().map(|p| p.output_tokens).max().unwrap_or(1);
+                let profiled = Lengths::Profiled {
+                    clip: None,
+                    clamp: false,
+                };
+                let trace = poisson_trace(&pool, a.requests, a.rate, a.seed, profiled, cap)?;
                 let lens = trace
                     .iter()
                     .map(|r| r.prompt_len(a.chars_per_token))

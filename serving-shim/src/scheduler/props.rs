@@ -88,7 +88,7 @@ proptest! {
             match op {
                 Op::Add { prompt, max_new, out, bert } => {
                     let mut s = Sequence::new(next_id, prompt, max_new, d.clock.now())
-                        .with_true_len(out.min(max_new));
+                        .with_eval_stop(out.min(max_new));
                     s.initial_prediction = bert;
                     match d.s.add(s) {
                         Ok(()) => {

@@ -18,7 +18,7 @@ fn cfg(budget: usize, max_running: usize) -> SchedulerConfig {
 /// present before the first step.
 fn load(d: &mut Driver, reqs: &[(SeqId, usize, usize, Option<f64>)]) {
     for &(id, prompt, out, pred) in reqs {
-        let mut s = Sequence::new(id, prompt, out, id as f64).with_true_len(out);
+        let mut s = Sequence::new(id, prompt, out, id as f64).with_eval_stop(out);
         s.initial_prediction = pred;
         d.add(s, out);
     }
@@ -267,8 +267,8 @@ fn trail_never_preempts_past_c_times_initial() {
 
 #[test]
 fn trail_initial_prediction_is_the_first_one_received() {
-    // No BERT: the first prediction (at prefill) becomes the initial one; refinements do not
-    // move the limit.
+    // No BERT: the first prediction (at prefill) becomes the initial one, as a total: the token
+    // it came with plus the 10 predicted to remain; refinements do not move the limit.
     let mut d = Driver::new(cfg(4096, 1), Box::new(Trail { c: 0.8 })).with_predict(|seq, _| {
         Some(if seq.generated.is_empty() {
             10.0
@@ -279,15 +279,15 @@ fn trail_initial_prediction_is_the_first_one_received() {
     load(&mut d, &[(1, 4, 30, None)]);
     d.step();
     let s = d.s.get(1).unwrap();
-    assert_eq!(s.initial_prediction, Some(10.0));
+    assert_eq!(s.initial_prediction, Some(11.0));
     for _ in 0..8 {
         d.step();
     }
     let s = d.s.get(1).unwrap();
-    assert_eq!(s.initial_prediction, Some(10.0));
+    assert_eq!(s.initial_prediction, Some(11.0));
     assert_eq!(s.predicted_remaining, Some(100.0));
     assert_eq!(s.generated.len(), 9);
-    assert!(!Trail { c: 0.8 }.preemptible(s), "9 > 0.8 × 10");
+    assert!(!Trail { c: 0.8 }.preemptible(s), "9 > 0.8 × 11");
 }
 
 #[test]

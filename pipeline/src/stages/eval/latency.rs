@@ -111,9 +111,17 @@ pub struct Args {
     /// Clip profiled output lengths to this many tokens (short runs; recorded).
     #[arg(long)]
     pub clip_output_tokens: Option<u32>,
-    /// Output cap when lengths are not fixed (default: the longest profiled output).
+    /// Each request's cap on output tokens, as a client sends it (`max_tokens`): what the
+    /// predictors clamp to and the policies see. Default: the `--max-new-tokens` the data run was
+    /// generated with (else its longest output). A profiled length is never sent as the cap
+    /// (see --clamp-to-profiled-length).
     #[arg(long)]
     pub max_tokens: Option<u32>,
+    /// The release protocol's leak, to measure what it was worth: send each request's profiled
+    /// output length as its cap (`max_tokens`), so the predictors' estimates and every policy
+    /// are clamped to the true remaining length. Off by default.
+    #[arg(long)]
+    pub clamp_to_profiled_length: bool,
     /// TRAIL's preemption limit (fraction of the initial prediction).
     #[arg(long, default_value_t = 0.8)]
     pub c: f64,
@@ -392,6 +400,39 @@ fn measure_saturation(
     })
 }
 
+/// The cap a client of this data would send: the data run's `--max-new-tokens` (its
+/// manifest), else its longest output.
+fn generation_cap(data: &Path, rows: &[RequestRow]) -> anyhow::Result<u32> {
+    let manifest = data.join("manifest.json");
+    let from_manifest = std::fs::read_to_string(&manifest)
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|m| m["config"]["max_new_tokens"].as_u64());
+    match from_manifest {
+        Some(n) => u32::try_from(n)
+            .with_context(|| format!("{}: config.max_new_tokens {n}", manifest.display())),
+        None => Ok(rows.iter().map(|r| r.output_tokens).max().unwrap_or(1)),
+    }
+}
+
+/// The report's line on output lengths and caps.
+fn describe_lengths(lengths: Lengths, max_tokens: u32) -> String {
+    match lengths {
+        Lengths::Profiled { clip, clamp } => {
+            let clip = clip.map_or(String::new(), |c| format!(" clipped to {c}"));
+            let cap = if clamp {
+                "cap = the profiled length (the release protocol's clamp: predictions see the \
+                 true length)"
+                    .to_string()
+            } else {
+                format!("cap {max_tokens} (the client's; predictors never see the profiled length)")
+            };
+            format!("profiled output length{clip} as an evaluation-only stop; {cap}")
+        }
+        Lengths::Free => format!("model stops freely, at most {max_tokens}"),
+    }
+}
+
 /// The trace of (load, seed): regenerated from the seed, checked against the file a previous
 /// run wrote (cells already run replayed that file), written when new.
 fn trace_for(
@@ -402,9 +443,10 @@ fn trace_for(
     seed: u64,
     sat: &Saturation,
     lengths: Lengths,
+    max_tokens: u32,
 ) -> anyhow::Result<(f64, Vec<TraceRequest>)> {
     let rate = load * sat.rps;
-    let trace = workload::poisson_trace(pool, n, rate, seed, lengths)
+    let trace = workload::poisson_trace(pool, n, rate, seed, lengths, max_tokens)
         .with_context(|| format!("load {load}, seed {seed}"))?;
     let path = trace_path(out, load, seed);
     if path.is_file() {
@@ -415,6 +457,7 @@ fn trace_for(
                 (a.arrival_s - b.arrival_s).abs() <= 1e-9 * b.arrival_s.abs().max(1.0)
                     && a.prompt == b.prompt
                     && a.output_tokens == b.output_tokens
+                    && a.max_tokens == b.max_tokens
                     && a.request_id == b.request_id
             });
         anyhow::ensure!(
@@ -450,14 +493,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let lengths = if args.ignore_eos {
         Lengths::Profiled {
             clip: args.clip_output_tokens,
+            clamp: args.clamp_to_profiled_length,
         }
     } else {
+        anyhow::ensure!(
+            !args.clamp_to_profiled_length,
+            "--clamp-to-profiled-length needs profiled lengths (--ignore-eos true)"
+        );
         Lengths::Free
     };
-    let longest = rows.iter().map(|r| r.output_tokens).max().unwrap_or(1);
     let max_tokens = args
         .max_tokens
-        .unwrap_or(longest)
+        .unwrap_or(generation_cap(&args.data, &rows)?)
         .min(args.clip_output_tokens.unwrap_or(u32::MAX))
         .max(1);
     let saturation_requests = args
@@ -477,6 +524,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "ignore_eos": args.ignore_eos,
         "clip_output_tokens": args.clip_output_tokens,
         "max_tokens": max_tokens,
+        "clamp_to_profiled_length": args.clamp_to_profiled_length,
         "backend": args.backend,
         "engine": args.engine,
         "c": args.c,
@@ -566,7 +614,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     } else {
         if !sat_path.is_file() {
-            let burst = workload::burst(&pool, saturation_requests, 0, lengths)?;
+            let burst = workload::burst(&pool, saturation_requests, 0, lengths, max_tokens)?;
             let s = measure_saturation(&launch, &rt, &burst, &out.join("saturation"))?;
             write_atomic(&sat_path, serde_json::to_string_pretty(&s)?.as_bytes())?;
         }
@@ -593,7 +641,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut traces: BTreeMap<(u64, String), (f64, Vec<TraceRequest>)> = BTreeMap::new();
     for &seed in &args.seeds {
         for &load in &args.loads {
-            let t = trace_for(&out, &pool, args.requests, load, seed, &sat, lengths)?;
+            let t = trace_for(
+                &out,
+                &pool,
+                args.requests,
+                load,
+                seed,
+                &sat,
+                lengths,
+                max_tokens,
+            )?;
             traces.insert((seed, load_key(load)), t);
         }
     }
@@ -628,7 +685,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let mut distinct = Vec::new();
         for &(seed, load, _) in &todo {
             for r in &traces[&(seed, load_key(load))].1 {
-                if seen.insert((r.prompt.as_str(), r.output_tokens)) {
+                if seen.insert((r.prompt.as_str(), r.output_tokens, r.max_tokens)) {
                     distinct.push(r.clone());
                 }
             }
@@ -816,18 +873,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 args.requests, args.seeds
             ),
         ),
-        (
-            "lengths".into(),
-            match lengths {
-                Lengths::Profiled { clip: None } => {
-                    "profiled output length, ignore_eos (release protocol)".into()
-                }
-                Lengths::Profiled { clip: Some(c) } => {
-                    format!("profiled output length clipped to {c}, ignore_eos")
-                }
-                Lengths::Free => format!("model stops freely, at most {max_tokens}"),
-            },
-        ),
+        ("lengths".into(), describe_lengths(lengths, max_tokens)),
         ("saturation".into(), sat.describe()),
         (
             "engine".into(),

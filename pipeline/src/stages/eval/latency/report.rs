@@ -210,6 +210,11 @@ pub fn markdown(summary: &Summary, settings: &Settings, plots: &[PathBuf]) -> St
                      oracle beats FCFS).",
                     iv(Some(s))
                 );
+            } else if let Some(why) = &cmp.trail_share_of_oracle_gain_null_because {
+                let _ = writeln!(
+                    md,
+                    "\nTRAIL's share of the oracle's gain over FCFS is not reported: {why}."
+                );
             }
         }
         if let Some(h) = summary.simulated.iter().find(|h| load_key(h.load) == key) {

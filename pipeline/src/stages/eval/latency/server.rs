@@ -196,6 +196,8 @@ impl Server {
                     .args(s.engine.to_cli())
                     .args(["--max-waiting", &s.max_waiting.to_string()])
                     .args(["--default-max-tokens", &s.max_tokens.to_string()])
+                    // Profiled lengths go as the evaluation-only stop (see `HttpBackend`).
+                    .arg("--allow-eval-output-tokens")
                     .arg("--out")
                     .arg(dir);
                 if let Some(n) = s.refine_every {

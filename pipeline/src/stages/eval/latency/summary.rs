@@ -90,8 +90,13 @@ pub struct Comparison {
     pub fcfs_over_policy_mean_latency: BTreeMap<String, Interval>,
     /// FCFS mean TTFT over each other policy's.
     pub fcfs_over_policy_mean_ttft: BTreeMap<String, Interval>,
-    /// (FCFS − TRAIL) / (FCFS − oracle) in mean latency.
+    /// (FCFS − TRAIL) / (FCFS − oracle) in mean latency, where the oracle's gain is clearly
+    /// positive (its paired FCFS / oracle interval lies above 1); else `null`, with the reason in
+    /// `trail_share_of_oracle_gain_null_because`.
     pub trail_share_of_oracle_gain: Option<Interval>,
+    /// Why `trail_share_of_oracle_gain` is `null` when TRAIL and the oracle both ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trail_share_of_oracle_gain_null_because: Option<String>,
 }
 
 /// The whole summary.
@@ -244,17 +249,21 @@ fn comparison(
             ttft.insert(p.to_string(), x);
         }
     }
-    let share = match (others.get("trail"), others.get("oracle")) {
-        (Some(t), Some(o)) => {
-            let (t, o) = (column(t, false), column(o, false));
-            b.interval(|i| {
-                let f = mean(&f_lat, i)?;
-                let gain = f - mean(&o, i)?;
-                let trail = mean(&t, i)?;
-                (gain != 0.0).then(|| (f - trail) / gain)
-            })
-        }
-        _ => None,
+    let (share, share_null_because) = match (others.get("trail"), others.get("oracle")) {
+        (Some(t), Some(o)) => match lat.get("oracle") {
+            Some(gain) if gain.lo > 1.0 => {
+                let (t, o) = (column(t, false), column(o, false));
+                let share = b.interval(|i| {
+                    let f = mean(&f_lat, i)?;
+                    let gain = f - mean(&o, i)?;
+                    let trail = mean(&t, i)?;
+                    (gain != 0.0).then(|| (f - trail) / gain)
+                });
+                (share, None)
+            }
+            gain => (None, Some(no_clear_gain(gain))),
+        },
+        _ => (None, None),
     };
     Some(Comparison {
         load,
@@ -262,7 +271,20 @@ fn comparison(
         fcfs_over_policy_mean_latency: lat,
         fcfs_over_policy_mean_ttft: ttft,
         trail_share_of_oracle_gain: share,
+        trail_share_of_oracle_gain_null_because: share_null_because,
     })
+}
+
+/// Why the share of the oracle's gain is not reported, given FCFS / oracle in mean latency.
+fn no_clear_gain(gain: Option<&Interval>) -> String {
+    match gain {
+        Some(g) => format!(
+            "the oracle's gain over FCFS is not clearly positive: FCFS / oracle in mean latency is \
+             {:.3} [{:.3}, {:.3}], an interval that does not lie above 1",
+            g.value, g.lo, g.hi
+        ),
+        None => "no paired FCFS / oracle ratio".into(),
+    }
 }
 
 /// Summarizes every row; `policies` fixes the order of the cells.
@@ -355,6 +377,31 @@ mod tests {
         let share = c.trail_share_of_oracle_gain.unwrap();
         assert!((share.value - 0.75).abs() < 1e-9, "{share:?}");
         assert!((share.lo - 0.75).abs() < 1e-9 && (share.hi - 0.75).abs() < 1e-9);
+        assert!(c.trail_share_of_oracle_gain_null_because.is_none());
+    }
+
+    #[test]
+    fn the_oracle_share_is_null_with_its_reason_where_the_oracle_gains_nothing() {
+        let mut rows = Vec::new();
+        for i in 0..20 {
+            let base = 1.0 + i as f64 * 0.1;
+            // Both slower than FCFS (preemption by recompute): the ratio would read 2.33.
+            rows.push(row("fcfs", 1, i, 4.0 * base, 2.0 * base));
+            rows.push(row("trail", 1, i, 6.0 * base, 0.5 * base));
+            rows.push(row("oracle", 1, i, 4.6 * base, 0.4 * base));
+        }
+        let policies = ["fcfs", "trail", "oracle"].map(String::from).to_vec();
+        let boot = BootstrapSettings {
+            resamples: 100,
+            seed: 0,
+        };
+        let c = &summarize(&rows, &policies, boot).comparisons[0];
+        assert!(c.trail_share_of_oracle_gain.is_none());
+        let why = c
+            .trail_share_of_oracle_gain_null_because
+            .as_deref()
+            .unwrap();
+        assert!(why.contains("not clearly positive"), "{why}");
     }
 
     #[test]

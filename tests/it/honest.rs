@@ -1,0 +1,213 @@
+//! The honest evaluation: no profiled length reaches a predictor, and the filter the engine
+//! serves is the one `trail report` and `trail eval mae` score, to the bit.
+//!
+//! - A request whose profiled length is short, served with a predictor that expects it to run
+//!   long, keeps its long estimate until it stops: the profiled length goes to the engine only as
+//!   the evaluation-only stop. The release protocol's clamp, kept behind a flag to measure it,
+//!   is shown to leak.
+//! - A small run generated in f32 with positions at the refresh interval, scored by the scorer
+//!   and served through the engine with the same checkpoint: the engine's estimate at each row
+//!   `g` equals the scorer's, request by request and row by row.
+
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
+use clap::Parser;
+use trail_checkpoints::scoring::{self, Predictors, ScoreOptions};
+use trail_checkpoints::suite::Run;
+use trail_checkpoints::{Bins, Checkpoint, CheckpointMeta, Probe, Standardizer};
+use trail_eval::loadgen::EngineBackend;
+use trail_eval::loadgen::workload::{self, Lengths, Prompt};
+use trail_pipeline::stages::generate;
+use trail_serving_shim::{Engine, EngineConfig, GenRequest, PolicyKind, Summary};
+
+use crate::serving::{runner, seeded_checkpoint};
+
+/// A checkpoint whose probe and prompt predictor put (nearly) all their mass on the last bin,
+/// whatever the input: it expects every request to run to the cap.
+fn expects_long(kernel_id: &str) -> Checkpoint {
+    let r = runner();
+    let d = r.config().hidden_size;
+    let (h, k) = (8, 10);
+    let t = |v: Vec<f32>, shape: &[usize]| Tensor::from_vec(v, shape, &Device::Cpu).unwrap();
+    let probe = || {
+        let mut b2 = vec![0.0; k];
+        b2[k - 1] = 30.0;
+        Probe::new(
+            Standardizer {
+                mean: vec![0.0; d],
+                std: vec![1.0; d],
+            },
+            t(vec![0.0; h * d], &[h, d]),
+            t(vec![0.0; h], &[h]),
+            t(vec![0.0; k * h], &[k, h]),
+            t(b2, &[k]),
+        )
+        .unwrap()
+    };
+    Checkpoint {
+        meta: CheckpointMeta {
+            model_sha256: "test".into(),
+            kernel_id: kernel_id.into(),
+            probe_layers: vec![11],
+            prompt_layers: vec![11],
+            hidden_size: d,
+            bins: Bins::default(),
+            refine_interval: 4,
+            train_data_sha256: "none".into(),
+            val_mae: 0.0,
+            prompt_val_mae: None,
+            git_commit: "test".into(),
+        },
+        probe: probe(),
+        prompt: Some(probe()),
+    }
+}
+
+/// Serves one trace request through the evaluation backend's request mapping.
+fn serve(engine: &Arc<Engine>, lengths: Lengths) -> (GenRequest, Summary) {
+    let pool = [Prompt {
+        request_id: "short".into(),
+        text: "Say hi.".into(),
+        output_tokens: 6,
+        prompt_tokens: None,
+    }];
+    let trace = workload::burst(&pool, 1, 0, lengths, 512).unwrap();
+    let req = EngineBackend::new(engine.clone(), 512)
+        .gen_request(&trace[0])
+        .unwrap();
+    let summary = engine.submit_blocking(req.clone()).unwrap().wait().unwrap();
+    (req, summary)
+}
+
+#[test]
+fn a_short_request_keeps_a_long_estimate_until_it_stops() {
+    let r = runner();
+    let cfg = EngineConfig::new(4096, PolicyKind::Trail);
+    let engine =
+        Arc::new(Engine::start(r.clone(), Some(expects_long(r.kernel_id())), cfg).unwrap());
+    let (req, s) = serve(
+        &engine,
+        Lengths::Profiled {
+            clip: None,
+            clamp: false,
+        },
+    );
+    assert_eq!(req.max_new_tokens, 512, "the client's cap");
+    assert_eq!(
+        req.eval_stop,
+        Some(6),
+        "the profiled length, as a stop only"
+    );
+    assert_eq!(s.tokens.len(), 6, "the evaluation stop ends it");
+    assert_eq!(s.predictions.len(), 6);
+    for &(g, p) in &s.predictions {
+        // The last bin's midpoint is 486.4: the estimate stays there, counted down, capped at
+        // 512 − g; nothing pulls it to the 6 − g tokens actually left.
+        assert!(p > 480.0 - f64::from(g), "row {g}: {p}");
+    }
+    assert!(s.initial_prediction.unwrap() > 480.0);
+    // The release protocol's clamp (`--clamp-to-profiled-length`) hands the true length over.
+    let (req, s) = serve(
+        &engine,
+        Lengths::Profiled {
+            clip: None,
+            clamp: true,
+        },
+    );
+    assert_eq!(req.max_new_tokens, 6);
+    for &(g, p) in &s.predictions {
+        assert!(p <= 6.0 - f64::from(g), "row {g}: {p}");
+    }
+}
+
+#[derive(Parser)]
+struct GenerateCli {
+    #[command(flatten)]
+    args: generate::Args,
+}
+
+#[test]
+fn the_engine_serves_the_filter_that_the_scorer_scores() {
+    const MAX_NEW: u32 = 24;
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let gguf = trail_tests::smollm2_gguf();
+    let argv = [
+        "generate",
+        "--dataset",
+        "alpaca",
+        "--limit",
+        "6",
+        "--seed",
+        "5",
+        "--max-new-tokens",
+        "24",
+        // Rows at the checkpoint's refresh interval, every layer the checkpoint reads, in f32:
+        // the scorer sees exactly the states the engine computes.
+        "--sample",
+        "every:2",
+        "--layers",
+        "11",
+        "--dtype",
+        "f32",
+        "--batch",
+        "3",
+        "--model",
+        gguf.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+    ];
+    let args = GenerateCli::try_parse_from(argv).unwrap().args;
+    generate::generate(&args).unwrap();
+
+    let r = runner();
+    let data = Run::open(&run).unwrap();
+    let mut ckpt = seeded_checkpoint(r.kernel_id());
+    ckpt.meta.model_sha256 = data.info.model_sha256.clone();
+    assert_eq!(ckpt.meta.refine_interval, 2);
+    let path = dir.path().join("predictor.safetensors");
+    ckpt.save(&path).unwrap();
+    let opts = ScoreOptions {
+        refine_interval: ckpt.meta.refine_interval,
+        bootstrap: 10,
+        seed: 0,
+        g_bucket: 0,
+    };
+    let scored = scoring::score(&data, None, &Predictors::checkpoint(&path).unwrap(), &opts)
+        .expect("scores the run");
+
+    let cfg = EngineConfig::new(8192, PolicyKind::Trail);
+    let engine = Engine::start(r.clone(), Some(ckpt), cfg).unwrap();
+    let handles: Vec<_> = data
+        .requests
+        .iter()
+        .map(|q| {
+            let prompt = r.encode_chat(&q.prompt).unwrap();
+            let h = engine
+                .submit_blocking(GenRequest::greedy(prompt, MAX_NEW as usize))
+                .unwrap();
+            (q, h)
+        })
+        .collect();
+    let mut compared = 0;
+    for (q, h) in handles {
+        let s = h.wait().unwrap();
+        assert_eq!(s.tokens.len() as u32, q.output_tokens, "{}", q.request_id);
+        let served: std::collections::BTreeMap<u32, f64> = s.predictions.iter().copied().collect();
+        let rows = &scored.details.refined[&q.request_id];
+        assert_eq!(rows[0].0, 0, "row 0 is scored");
+        for &(g, want) in rows {
+            let got = served[&g];
+            assert_eq!(
+                got.to_bits(),
+                want.to_bits(),
+                "{} row {g}: engine {got}, scorer {want}",
+                q.request_id
+            );
+            compared += 1;
+        }
+    }
+    engine.shutdown().unwrap();
+    assert!(compared >= 6 * 3, "{compared} rows compared");
+}
