@@ -3,6 +3,7 @@
 mod checkpoints;
 mod datasets;
 mod generate;
+mod hostile;
 mod latency;
 mod mae;
 mod runner;

@@ -476,6 +476,10 @@ fn http_front_end_serves_openai_requests() {
     );
     assert_eq!(status, 429, "{body}");
     assert!(head.to_ascii_lowercase().contains("retry-after: 1"));
+    // OpenAI's shape, typed as a rate limit (not as an invalid request).
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"]["type"], "rate_limit_error", "{v}");
+    assert_eq!(v["error"]["code"], "rate_limit_exceeded", "{v}");
     server.stop(&rt);
 }
 
