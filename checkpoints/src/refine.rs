@@ -364,7 +364,11 @@ mod tests {
         let p = f.power(4_000_000_000);
         // Every row has drained into bin 0: (1 − 1/51.2)^(4·10⁹) underflows.
         for i in 0..10 {
-            assert!((p[i * 10] - 1.0).abs() < 1e-12, "row {i}: {:?}", &p[i * 10..i * 10 + 10]);
+            assert!(
+                (p[i * 10] - 1.0).abs() < 1e-12,
+                "row {i}: {:?}",
+                &p[i * 10..i * 10 + 10]
+            );
         }
         let mut st = RefineState::new(&f, &[0.1f64; 10], u32::MAX);
         st.advance(1);

@@ -110,10 +110,9 @@ impl Encoder {
                 .filter(|&s| s > pos)
                 .min()
                 .unwrap_or(text.len());
-            let hit = self
-                .specials
-                .iter()
-                .find(|(s, _)| text[pos..].starts_with(s.as_str()) && pos + s.len() <= next_content);
+            let hit = self.specials.iter().find(|(s, _)| {
+                text[pos..].starts_with(s.as_str()) && pos + s.len() <= next_content
+            });
             match hit {
                 Some((s, id)) => {
                     found.push((pos, s.len(), *id));

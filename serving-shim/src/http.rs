@@ -199,10 +199,12 @@ impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         let message = e.to_string();
         match e {
-            EngineError::Scheduler(SchedulerError::Overloaded { .. }) => {
-                Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded", message)
-                    .retry_after(1)
-            }
+            EngineError::Scheduler(SchedulerError::Overloaded { .. }) => Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_exceeded",
+                message,
+            )
+            .retry_after(1),
             EngineError::Scheduler(SchedulerError::TooLong { .. }) => {
                 Self::bad("max_tokens", format!("{message} (the KV budget)"))
                     .with_code("context_length_exceeded")
@@ -214,9 +216,11 @@ impl From<EngineError> for ApiError {
             EngineError::ShuttingDown => {
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", message).retry_after(5)
             }
-            EngineError::Stopped(_) => {
-                Self::new(StatusCode::SERVICE_UNAVAILABLE, "engine_unavailable", message)
-            }
+            EngineError::Stopped(_) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "engine_unavailable",
+                message,
+            ),
             _ => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", message),
         }
     }
@@ -288,14 +292,22 @@ fn parse_body(body: &Bytes) -> Result<Value, ApiError> {
 
 /// Reads a request body within the app's size and time limits.
 async fn read_body(app: &App, body: Body) -> Result<Bytes, ApiError> {
+    use axum::body::HttpBody as _;
     let limit = app.max_body_bytes;
-    match tokio::time::timeout(app.body_read_timeout, axum::body::to_bytes(body, limit)).await {
-        Ok(Ok(bytes)) => Ok(bytes),
-        Ok(Err(_)) => Err(ApiError::new(
+    let too_large = || {
+        ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "payload_too_large",
             format!("the body is over {limit} bytes, or was cut off"),
-        )),
+        )
+    };
+    // A Content-Length over the limit is refused before a byte of the body is read.
+    if body.size_hint().lower() > limit as u64 {
+        return Err(too_large());
+    }
+    match tokio::time::timeout(app.body_read_timeout, axum::body::to_bytes(body, limit)).await {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(_)) => Err(too_large()),
         Err(_) => Err(ApiError::new(
             StatusCode::REQUEST_TIMEOUT,
             "timeout",

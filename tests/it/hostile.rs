@@ -185,7 +185,10 @@ fn exchange(
     let mut head = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {length}\r\nConnection: close\r\n"
     );
-    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("content-type")) {
+    if !headers
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+    {
         head.push_str("Content-Type: application/json\r\n");
     }
     for (k, v) in headers {
@@ -199,7 +202,10 @@ fn exchange(
     let raw = String::from_utf8_lossy(&raw).into_owned();
     let (head, rest) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
     let status = head.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         dechunk(rest)
     } else {
         rest.to_string()
@@ -234,7 +240,10 @@ fn assert_serves(addr: SocketAddr) {
         &chat("What is 2 + 2?", 4.into()),
         &[],
     );
-    assert_eq!(status, 200, "a normal request after the hostile ones: {body}");
+    assert_eq!(
+        status, 200,
+        "a normal request after the hostile ones: {body}"
+    );
     let v: Value = serde_json::from_str(&body).unwrap();
     assert!(v["usage"]["completion_tokens"].as_u64().unwrap() <= 4);
 }
@@ -330,13 +339,25 @@ fn hostile_requests_get_json_errors_and_the_engine_keeps_serving() {
     // A web page's post: text/plain needs no preflight, so it is refused by type and origin.
     let hi = chat("hi", 2.into());
     assert_error(
-        request(addr, "POST", "/v1/chat/completions", &hi, &[("Content-Type", "text/plain")]),
+        request(
+            addr,
+            "POST",
+            "/v1/chat/completions",
+            &hi,
+            &[("Content-Type", "text/plain")],
+        ),
         415,
         "invalid_request_error",
         "unsupported_media_type",
     );
     assert_error(
-        request(addr, "POST", "/v1/chat/completions", &hi, &[("Origin", "http://evil.example")]),
+        request(
+            addr,
+            "POST",
+            "/v1/chat/completions",
+            &hi,
+            &[("Origin", "http://evil.example")],
+        ),
         403,
         "permission_error",
         "cross_origin_refused",
@@ -350,7 +371,10 @@ fn hostile_requests_get_json_errors_and_the_engine_keeps_serving() {
         &[("Origin", own.as_str())],
     );
     assert_eq!(status, 200, "the server's own origin passes");
-    assert!(head.to_ascii_lowercase().contains("access-control-allow-origin"));
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("access-control-allow-origin")
+    );
 
     // A client that disconnects mid-stream: the gauges return to zero without another step.
     let mut s = TcpStream::connect(addr).unwrap();
@@ -369,13 +393,15 @@ fn hostile_requests_get_json_errors_and_the_engine_keeps_serving() {
     assert!(String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200"));
     let t = Instant::now();
     while gauge(addr, "trail_requests_running") < 1.0 {
-        assert!(t.elapsed() < Duration::from_secs(60), "the stream never ran");
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the stream never ran"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     drop(s);
     let t = Instant::now();
-    while gauge(addr, "trail_requests_running") > 0.0 || gauge(addr, "trail_kv_blocks_used") > 0.0
-    {
+    while gauge(addr, "trail_requests_running") > 0.0 || gauge(addr, "trail_kv_blocks_used") > 0.0 {
         assert!(
             t.elapsed() < Duration::from_secs(30),
             "gauges still up 30 s after the disconnect"
@@ -420,9 +446,16 @@ fn silent_and_half_open_connections_neither_block_service_nor_shutdown() {
         // EOF (or a reset, or the 408 hyper may write first): closed either way.
         let closed = match s.read(&mut b) {
             Ok(_) => true,
-            Err(e) => e.kind() != std::io::ErrorKind::WouldBlock && e.kind() != std::io::ErrorKind::TimedOut,
+            Err(e) => {
+                e.kind() != std::io::ErrorKind::WouldBlock
+                    && e.kind() != std::io::ErrorKind::TimedOut
+            }
         };
-        assert!(closed, "a silent connection still open after {:?}", t.elapsed());
+        assert!(
+            closed,
+            "a silent connection still open after {:?}",
+            t.elapsed()
+        );
     }
     assert!(t.elapsed() < Duration::from_secs(20));
     drop(silent);
@@ -521,14 +554,23 @@ fn a_huge_refine_interval_is_refused_with_its_name_not_allocated() {
 
     // The checkpoint's metadata: refused on load, naming the key; in `trail serve` too.
     let huge = checkpoint_with_interval(dir.path(), 4_000_000_000);
-    let e = trail_checkpoints::Checkpoint::load(&huge).unwrap_err().to_string();
+    let e = trail_checkpoints::Checkpoint::load(&huge)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("refine_interval"), "{e}");
     let wraps = checkpoint_with_interval(dir.path(), 1 << 40);
-    let e = trail_checkpoints::Checkpoint::load(&wraps).unwrap_err().to_string();
+    let e = trail_checkpoints::Checkpoint::load(&wraps)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("refine_interval"), "{e}");
     let (mut child, log, _) = spawn(
         dir.path(),
-        &["--policy", "trail", "--checkpoint", &huge.display().to_string()],
+        &[
+            "--policy",
+            "trail",
+            "--checkpoint",
+            &huge.display().to_string(),
+        ],
     );
     let status = wait_exit(&mut child, Duration::from_secs(120), &log);
     assert_eq!(status.code(), Some(2), "{}", read(&log));
@@ -538,7 +580,12 @@ fn a_huge_refine_interval_is_refused_with_its_name_not_allocated() {
     let ok = checkpoint_with_interval(dir.path(), 65_536);
     let server = Server::start(
         dir.path(),
-        &["--policy", "trail", "--checkpoint", &ok.display().to_string()],
+        &[
+            "--policy",
+            "trail",
+            "--checkpoint",
+            &ok.display().to_string(),
+        ],
     );
     assert_serves(server.addr);
     let (status, _, log) = server.terminate(Duration::from_secs(60));

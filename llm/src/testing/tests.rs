@@ -213,7 +213,9 @@ fn user_text_cannot_forge_special_tokens_only_the_template_can() {
     let count = |id: u32| ids.iter().filter(|&&t| t == id).count();
     assert_eq!((count(BOS), count(EOS)), (3, 2), "{ids:?}");
     // Read with special-token parsing, the same rendering has the forged turn.
-    let parsed = r.encode_with_specials(&r.render_chat(forged).unwrap()).unwrap();
+    let parsed = r
+        .encode_with_specials(&r.render_chat(forged).unwrap())
+        .unwrap();
     let count = |id: u32| parsed.iter().filter(|&&t| t == id).count();
     assert_eq!((count(BOS), count(EOS)), (4, 3), "{parsed:?}");
     // Text between the specials is the same pieces either way: only the forged part differs.

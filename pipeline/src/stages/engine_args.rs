@@ -146,7 +146,7 @@ impl EngineArgs {
     /// always passed (`off` for whole prompts), so the child never falls back to its own
     /// default.
     pub fn to_cli(&self) -> Vec<String> {
-        let mut v = vec![
+        vec![
             "--max-running".to_string(),
             self.max_running.to_string(),
             "--kv-budget-tokens".to_string(),
@@ -157,8 +157,7 @@ impl EngineArgs {
             self.swap_tokens().to_string(),
             "--prefill-chunk".to_string(),
             self.prefill_chunk.unwrap_or(PrefillChunk::Off).to_string(),
-        ];
-        v
+        ]
     }
 
     /// One line for reports.
@@ -219,15 +218,28 @@ mod tests {
         let off = Cli::parse_from(["x", "--prefill-chunk", "off"]).engine;
         assert_eq!(off.scheduler().prefill_chunk, None);
         assert_eq!(d.scheduler(), off.scheduler());
-        assert!(d.to_cli().windows(2).any(|w| w == ["--prefill-chunk", "off"]));
+        assert!(
+            d.to_cli()
+                .windows(2)
+                .any(|w| w == ["--prefill-chunk", "off"])
+        );
         let back = Cli::parse_from(std::iter::once("x".to_string()).chain(d.to_cli())).engine;
-        assert_eq!(back.with_default_chunk(PrefillChunk::Tokens(128)).scheduler(), d.scheduler());
+        assert_eq!(
+            back.with_default_chunk(PrefillChunk::Tokens(128))
+                .scheduler(),
+            d.scheduler()
+        );
         // serve's default applies only where nothing was said.
         assert_eq!(
-            d.with_default_chunk(PrefillChunk::Tokens(128)).chunk_tokens(),
+            d.with_default_chunk(PrefillChunk::Tokens(128))
+                .chunk_tokens(),
             Some(128)
         );
-        assert_eq!(off.with_default_chunk(PrefillChunk::Tokens(128)).chunk_tokens(), None);
+        assert_eq!(
+            off.with_default_chunk(PrefillChunk::Tokens(128))
+                .chunk_tokens(),
+            None
+        );
         // Settings files keep writing a number or null.
         let v = serde_json::to_value(&off).unwrap();
         assert_eq!(v["prefill_chunk"], serde_json::Value::Null);
@@ -245,7 +257,10 @@ mod tests {
             ("--prefill-chunk", "4000000000"),
             ("--prefill-chunk", "whole"),
         ] {
-            let e = Cli::try_parse_from(["x", flag, value]).unwrap_err().to_string();
+            let e = Cli::try_parse_from(["x", flag, value])
+                .err()
+                .expect("refused")
+                .to_string();
             assert!(e.contains(flag), "{flag} {value}: {e}");
         }
         assert!(Cli::try_parse_from(["x", "--kv-budget-tokens", "16777216"]).is_ok());

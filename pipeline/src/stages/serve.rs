@@ -138,7 +138,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         args.default_max_tokens
     );
     let cfg = engine_config(&args);
-    let engine_args = args.engine.with_default_chunk(PrefillChunk::Tokens(SERVE_PREFILL_CHUNK));
+    let engine_args = args
+        .engine
+        .with_default_chunk(PrefillChunk::Tokens(SERVE_PREFILL_CHUNK));
     let name = runner
         .path()
         .file_stem()

@@ -444,7 +444,8 @@ mod tests {
             };
             for policy in [PolicyKind::Fcfs, PolicyKind::Trail] {
                 let argv = serve_args(&cx, policy, 8123, Path::new("/tmp/cell"));
-                let child = Serve::parse_from(std::iter::once(OsString::from("serve")).chain(argv)).args;
+                let child =
+                    Serve::parse_from(std::iter::once(OsString::from("serve")).chain(argv)).args;
                 let (theirs, ours) = (
                     crate::stages::serve::engine_config(&child),
                     engine_config(&settings, policy),
@@ -460,7 +461,9 @@ mod tests {
         // The default would differ without the explicit `off`.
         let unset = cli(&[]);
         assert_ne!(
-            unset.with_default_chunk(PrefillChunk::Tokens(128)).scheduler(),
+            unset
+                .with_default_chunk(PrefillChunk::Tokens(128))
+                .scheduler(),
             unset.scheduler()
         );
     }
