@@ -19,6 +19,14 @@ use crate::{Error, Result};
 pub const FORMAT: &str = "trail-checkpoint";
 pub const FORMAT_VERSION: u32 = 1;
 
+/// The longest refine interval a checkpoint (or `--refine-every`) may name, in tokens: longer
+/// than any context, so a larger one can only be a mistake or an attack.
+pub const MAX_REFINE_INTERVAL: u32 = 1 << 16;
+
+/// Bounds on the metadata numbers that size memory or arithmetic, checked on load.
+const MAX_HIDDEN_SIZE: u64 = 1 << 20;
+const MAX_BINS: u64 = 1 << 16;
+
 /// Everything about a checkpoint besides its weights.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CheckpointMeta {
@@ -64,6 +72,13 @@ fn vec_bytes(v: &[f32]) -> Vec<u8> {
 impl Checkpoint {
     fn check(&self) -> Result<()> {
         let m = &self.meta;
+        // 0 is allowed: a BERT checkpoint does not refine.
+        if m.refine_interval > MAX_REFINE_INTERVAL {
+            return Err(Error::Invalid(format!(
+                "refine_interval {} is above its bound of {MAX_REFINE_INTERVAL} tokens",
+                m.refine_interval
+            )));
+        }
         let want = m.hidden_size * m.probe_layers.len();
         if self.probe.dim() != want || self.probe.k() != m.bins.k() {
             return Err(Error::Invalid(format!(
@@ -173,6 +188,18 @@ impl Checkpoint {
                 .parse()
                 .map_err(|_| format_err(path, format!("metadata `{k}` is not a number")))
         };
+        // A number that sizes memory, at most `max` (a clear error rather than a wrap or a
+        // huge allocation).
+        let bounded = |k: &str, max: u64| -> Result<u64> {
+            let v = num(k)?;
+            if v > max {
+                return Err(format_err(
+                    path,
+                    format!("metadata `{k}` = {v} is above its bound {max}"),
+                ));
+            }
+            Ok(v)
+        };
         let list = |k: &str| -> Result<Vec<usize>> {
             serde_json::from_str(get(k)?)
                 .map_err(|_| format_err(path, format!("metadata `{k}` is not a list")))
@@ -190,7 +217,8 @@ impl Checkpoint {
                 format!("format version {version}, this build reads {FORMAT_VERSION}"),
             ));
         }
-        let bins = Bins::new(num("bins_k")? as usize, num("bins_max")? as u32)
+        let bins_max = bounded("bins_max", u32::MAX.into())? as u32;
+        let bins = Bins::new(bounded("bins_k", MAX_BINS)? as usize, bins_max)
             .map_err(|e| format_err(path, e))?;
         let float = |k: &str| -> Result<f64> {
             get(k)?
@@ -202,9 +230,9 @@ impl Checkpoint {
             kernel_id: get("kernel_id")?.clone(),
             probe_layers: list("probe_layers")?,
             prompt_layers: list("prompt_layers")?,
-            hidden_size: num("hidden_size")? as usize,
+            hidden_size: bounded("hidden_size", MAX_HIDDEN_SIZE)? as usize,
             bins,
-            refine_interval: num("refine_interval")? as u32,
+            refine_interval: bounded("refine_interval", MAX_REFINE_INTERVAL.into())? as u32,
             train_data_sha256: get("train_data_sha256")?.clone(),
             val_mae: float("val_mae")?,
             prompt_val_mae: match meta.get("prompt_val_mae") {

@@ -32,7 +32,7 @@ pub mod suite;
 pub mod train;
 
 pub use bins::Bins;
-pub use checkpoint::{Checkpoint, CheckpointMeta};
+pub use checkpoint::{Checkpoint, CheckpointMeta, MAX_REFINE_INTERVAL};
 pub use error::Error;
 pub use probe::{Probe, Standardizer};
 pub use refine::{Between, Filter, RefineState};

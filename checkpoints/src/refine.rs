@@ -20,11 +20,15 @@
 //! as the alternative reading, the expectation under `q·Tˢ` (it decays by about `p·m` per
 //! token rather than one token per token, so it lags the count-down on long outputs).
 //!
-//! `Tˢ` for `s ≤ max(interval, 64)` is cached at construction, built by repeated products;
-//! larger `s` is computed by squaring. A [`RefineState`] is `k` f64 plus a few counters; a
+//! `Tˢ` for `s ≤ 64` ([`CACHED_POWERS`]) is cached at construction, built by repeated products;
+//! larger `s` (an interval above 64 included) is computed by squaring, so no interval, however
+//! large, sizes the filter's memory. A [`RefineState`] is `k` f64 plus a few counters; a
 //! refresh with a cached power costs about `k² + 3k` multiply-adds (130 for k = 10).
 
 use crate::bins::{Bins, clamp_remaining};
+
+/// Powers of `T` cached at construction (`T⁰..=T⁶⁴`), whatever the interval.
+pub const CACHED_POWERS: usize = 64;
 
 /// Floor applied to the unnormalized posterior (the release's clamp).
 pub const POSTERIOR_FLOOR: f64 = 1e-8;
@@ -62,10 +66,9 @@ impl Filter {
             t[i * k + i - 1] = p;
         }
         let interval = interval.max(1);
-        let cached = interval.max(64) as usize;
-        let mut powers = Vec::with_capacity(cached + 1);
+        let mut powers = Vec::with_capacity(CACHED_POWERS + 1);
         powers.push(identity(k));
-        for s in 1..=cached {
+        for s in 1..=CACHED_POWERS {
             let next = matmul(&powers[s - 1], &t, k);
             powers.push(next);
         }
@@ -358,6 +361,26 @@ mod tests {
             }
             m = matmul(&m, &t, k);
         }
+    }
+
+    #[test]
+    fn a_huge_interval_costs_no_memory_and_squares_its_power() {
+        // 4·10⁹ cached powers would be 3.2 TB; the filter holds 65 and squares the rest.
+        let f = Filter::new(Bins::default(), 4_000_000_000, Between::CountDown);
+        assert_eq!(f.interval(), 4_000_000_000);
+        assert_eq!(f.powers.len(), CACHED_POWERS + 1);
+        let p = f.power(4_000_000_000);
+        // Every row has drained into bin 0: (1 − 1/51.2)^(4·10⁹) underflows.
+        for i in 0..10 {
+            assert!(
+                (p[i * 10] - 1.0).abs() < 1e-12,
+                "row {i}: {:?}",
+                &p[i * 10..i * 10 + 10]
+            );
+        }
+        let mut st = RefineState::new(&f, &[0.1f64; 10], u32::MAX);
+        st.advance(1);
+        assert!(!st.due(&f));
     }
 
     #[test]

@@ -10,6 +10,7 @@
 
 pub mod batch;
 pub mod device;
+pub mod encoder;
 pub mod error;
 pub mod gguf;
 pub mod hub;

@@ -6,6 +6,7 @@ use std::time::Instant;
 use tokenizers::Tokenizer;
 
 use crate::device::Device;
+use crate::encoder::Encoder;
 use crate::error::{LlmError, Result};
 use crate::gguf::GgufFile;
 use crate::layers::LayerSet;
@@ -23,7 +24,7 @@ pub const CANDLE_VERSION: &str = "0.11.1";
 pub struct Runner {
     path: PathBuf,
     model: Llama,
-    tokenizer: Tokenizer,
+    encoder: Encoder,
     template: ChatTemplate,
     stop_tokens: Vec<u32>,
     kernel_id: String,
@@ -115,7 +116,7 @@ impl Runner {
         Ok(Self {
             path: path.to_path_buf(),
             model,
-            tokenizer,
+            encoder: Encoder::new(tokenizer),
             template,
             stop_tokens,
             kernel_id,
@@ -135,7 +136,7 @@ impl Runner {
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {
-        &self.tokenizer
+        self.encoder.tokenizer()
     }
 
     pub fn template(&self) -> &ChatTemplate {
@@ -186,22 +187,59 @@ impl Runner {
         self.template.render(&messages)
     }
 
-    /// Token ids of [`Runner::render_chat`].
+    /// Token ids of [`Runner::render_chat`]: special tokens only where the template put them
+    /// (the user's text is text, whatever it holds; see [`crate::encoder`]).
     pub fn encode_chat(&self, user: &str) -> Result<Vec<u32>> {
-        self.encode(&self.render_chat(user)?)
+        self.encode_chat_with_system(None, user)
     }
 
-    /// Token ids of `text`; special tokens written in the text become their ids.
+    /// Token ids of [`Runner::render_chat_with_system`], special tokens as in
+    /// [`encode_chat`](Self::encode_chat).
+    pub fn encode_chat_with_system(&self, system: Option<&str>, user: &str) -> Result<Vec<u32>> {
+        if system.is_some() && !self.template.supports_system() {
+            return Err(LlmError::Template(
+                "this template has no system role".into(),
+            ));
+        }
+        let mut messages = Vec::with_capacity(2);
+        if let Some(content) = system {
+            messages.push(Message {
+                role: "system",
+                content,
+            });
+        }
+        messages.push(Message {
+            role: "user",
+            content: user,
+        });
+        self.encode_messages(&messages)
+    }
+
+    /// Token ids of `messages` through the chat template (generation prompt added): special
+    /// tokens only where the template put them, message contents encoded as text.
+    pub fn encode_messages(&self, messages: &[Message<'_>]) -> Result<Vec<u32>> {
+        self.encoder.encode_messages(&self.template, messages)
+    }
+
+    /// Token ids of user text: special-token text written in it (`<|im_end|>`) stays text.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        self.tokenizer
-            .encode_fast(text, false)
-            .map(|e| e.get_ids().to_vec())
-            .map_err(|e| LlmError::Tokenizer(e.to_string()))
+        self.encoder.encode(text)
+    }
+
+    /// Token ids of trusted text whose special-token texts all become special tokens (the
+    /// encoding of a rendered chat before user text was kept apart).
+    pub fn encode_with_specials(&self, text: &str) -> Result<Vec<u32>> {
+        self.encoder.encode_with_specials(text)
+    }
+
+    /// Whether `text` holds the text of one of the special tokens.
+    pub fn has_special_text(&self, text: &str) -> bool {
+        self.encoder.has_special_text(text)
     }
 
     /// Text of `ids`, special tokens skipped.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.tokenizer
+        self.tokenizer()
             .decode(ids, true)
             .map_err(|e| LlmError::Tokenizer(e.to_string()))
     }

@@ -197,7 +197,7 @@ enum Command {
 pub struct Engine {
     tx: std_mpsc::Sender<Command>,
     stats: Arc<Mutex<EngineStats>>,
-    thread: Option<JoinHandle<Result<Vec<StepRecord>, EngineError>>>,
+    thread: Option<JoinHandle<WorkerExit>>,
     next_id: AtomicU64,
     runner: Arc<Runner>,
     warnings: Vec<String>,
@@ -279,7 +279,7 @@ impl Engine {
             sched.blocks().total_blocks(),
         )));
         let (tx, rx) = std_mpsc::channel();
-        let mut worker = Worker {
+        let worker = Worker {
             runner: runner.clone(),
             sched,
             predictor,
@@ -295,7 +295,7 @@ impl Engine {
         };
         let thread = std::thread::Builder::new()
             .name("trail-engine".into())
-            .spawn(move || worker.run())
+            .spawn(move || worker.run_to_exit())
             .map_err(|e| EngineError::Stopped(format!("cannot start the engine thread: {e}")))?;
         Ok(Self {
             tx,
@@ -315,6 +315,12 @@ impl Engine {
     /// Warnings raised at start (kernel-id mismatch).
     pub fn warnings(&self) -> &[String] {
         &self.warnings
+    }
+
+    /// Whether the engine thread still runs (or ran to a clean shutdown has not been asked):
+    /// `false` once it died of an error or a panic.
+    pub fn is_alive(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
     }
 
     /// A snapshot of the statistics.
@@ -390,22 +396,36 @@ impl Engine {
         let _ = self.tx.send(Command::Abort(id));
     }
 
-    /// Stops admitting, lets every admitted request finish, joins the thread.
-    pub fn shutdown(mut self) -> Result<EngineReport, EngineError> {
-        let _ = self.tx.send(Command::Shutdown);
-        let steps = self.join()?;
-        Ok(EngineReport {
-            steps,
-            stats: self.stats(),
-        })
+    /// Stops admitting, lets every admitted request finish, joins the thread. An engine that
+    /// died is an error (its steps are lost: see [`shutdown_report`](Self::shutdown_report)).
+    pub fn shutdown(self) -> Result<EngineReport, EngineError> {
+        match self.shutdown_report() {
+            (report, None) => Ok(report),
+            (_, Some(e)) => Err(e),
+        }
     }
 
-    fn join(&mut self) -> Result<Vec<StepRecord>, EngineError> {
+    /// [`shutdown`](Self::shutdown) that keeps the steps run before an engine death: the
+    /// report, and the error the engine thread died of, if it did.
+    pub fn shutdown_report(mut self) -> (EngineReport, Option<EngineError>) {
+        let _ = self.tx.send(Command::Shutdown);
+        let (steps, error) = self.join();
+        let report = EngineReport {
+            steps,
+            stats: self.stats(),
+        };
+        (report, error)
+    }
+
+    fn join(&mut self) -> WorkerExit {
         match self.thread.take() {
-            Some(t) => t
-                .join()
-                .map_err(|_| EngineError::Stopped("the engine thread panicked".into()))?,
-            None => Ok(Vec::new()),
+            Some(t) => t.join().unwrap_or_else(|_| {
+                (
+                    Vec::new(),
+                    Some(EngineError::Stopped("the engine thread panicked".into())),
+                )
+            }),
+            None => (Vec::new(), None),
         }
     }
 }
@@ -420,6 +440,9 @@ impl Drop for Engine {
 }
 
 type AddReply = Result<mpsc::UnboundedReceiver<Event>, EngineError>;
+
+/// What the engine thread ends with: its steps, and the error it died of, if any.
+type WorkerExit = (Vec<StepRecord>, Option<EngineError>);
 
 /// Per-request state the scheduler does not know: tokens, cache, sampler, channel, filter.
 struct Ctx {
@@ -464,7 +487,27 @@ struct RowSpec {
 }
 
 impl Worker {
-    fn run(&mut self) -> Result<Vec<StepRecord>, EngineError> {
+    /// [`run`](Self::run), catching a panic: either way the steps so far come back.
+    fn run_to_exit(mut self) -> WorkerExit {
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run()));
+        let error = match ran {
+            Ok(()) => None,
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                tracing::error!("the engine thread panicked: {what}");
+                Some(EngineError::Stopped(format!(
+                    "the engine thread panicked: {what}"
+                )))
+            }
+        };
+        (std::mem::take(&mut self.steps), error)
+    }
+
+    fn run(&mut self) {
         loop {
             // Commands: block when there is nothing to do.
             if self.sched.is_idle() && self.pending.is_empty() {
@@ -486,11 +529,9 @@ impl Worker {
             }
             if let Err(e) = self.step() {
                 tracing::error!("engine step failed: {e}");
-                self.fail_all(&e);
-                return Err(e);
+                self.fail_step(&e);
             }
         }
-        Ok(std::mem::take(&mut self.steps))
     }
 
     fn command(&mut self, cmd: Command) {
@@ -515,7 +556,12 @@ impl Worker {
             return Err(EngineError::ShuttingDown);
         }
         let context = self.runner.config().max_position_embeddings;
-        if req.prompt.len() + req.max_new_tokens > context {
+        let fits = req
+            .prompt
+            .len()
+            .checked_add(req.max_new_tokens)
+            .is_some_and(|total| total <= context);
+        if !fits {
             return Err(EngineError::ContextExceeded {
                 prompt: req.prompt.len(),
                 max_new: req.max_new_tokens,
@@ -623,7 +669,17 @@ impl Worker {
         }
         if let Some(seq) = self.sched.abort(id) {
             self.send_done(seq);
+            self.publish_gauges();
         }
+    }
+
+    /// Running, waiting and KV gauges of `/metrics`, from the scheduler now.
+    fn publish_gauges(&self) {
+        let mut st = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+        st.waiting = self.sched.num_waiting();
+        st.running = self.sched.num_running();
+        st.kv_blocks_used = self.sched.blocks().used_blocks();
+        st.counters = self.sched.counters();
     }
 
     fn cancel_disconnected(&mut self) {
@@ -638,8 +694,14 @@ impl Worker {
         }
     }
 
-    fn fail_all(&mut self, e: &EngineError) {
-        let ids: Vec<SeqId> = self.ctxs.keys().copied().collect();
+    /// A step failed: the requests it planned end as aborted, the others go on. A failure
+    /// outside a planned step (none in flight) ends every live request, so the engine starts
+    /// clean either way; the loop itself never stops for a failed step.
+    fn fail_step(&mut self, e: &EngineError) {
+        let mut ids = self.sched.abandon_step();
+        if ids.is_empty() {
+            ids = self.ctxs.keys().copied().collect();
+        }
         for id in ids {
             tracing::warn!("request {id} aborted: {e}");
             self.abort(id);

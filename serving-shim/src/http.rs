@@ -3,8 +3,9 @@
 //! ending in `[DONE]`, `usage`, and `ignore_eos` for benchmarks), `GET /health` and
 //! `GET /metrics` (Prometheus text). A server started for evaluation also takes
 //! `eval_output_tokens`, a profiled length at which the request ends, seen only by the stop rule
-//! and the oracle ([`GenRequest::eval_stop`]); `max_tokens` stays the client's cap everywhere.
-//! Beside `usage`, a response (or a stream's last chunk)
+//! and the oracle ([`GenRequest::eval_stop`]; refused with 400 unless
+//! [`HttpOptions::allow_eval_stop`]); `max_tokens` stays the client's cap everywhere. Beside
+//! `usage`, a response (or a stream's last chunk)
 //! carries `trail`: `queue_s` (arrival to first admission), `preemptions` and
 //! `recomputed_tokens`, for load generators.
 //!
@@ -12,17 +13,24 @@
 //! prompt of a completion) gets its initial length prediction before it is submitted.
 //!
 //! Overload (the waiting queue at `max_waiting`) is 429 with `Retry-After`; a request beyond
-//! the context or the KV budget, or a malformed body, is 400 naming the limit or the field. A
-//! client that goes away drops its [`RequestHandle`](crate::engine::RequestHandle), which
-//! cancels the request and frees its blocks.
+//! the context or the KV budget, or a malformed body, is 400 naming the limit or the field; a
+//! body over [`HttpOptions::max_body_bytes`] is 413, one slower than
+//! [`HttpOptions::body_read_timeout`] 408; a POST that is not `application/json` is 415 and a
+//! browser request from a foreign origin 403 (see [`crate::gate`]); an unknown route is 404, a
+//! wrong method 405; a dead engine makes `/health` and every request 503. Every error is JSON in
+//! OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`. A client that goes away
+//! drops its [`RequestHandle`](crate::engine::RequestHandle), which cancels the request and
+//! frees its blocks. Connection limits (header-read timeout, open connections, the shutdown
+//! deadline) are the [`listener`](crate::listener)'s.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::sse::{Event as SseEvent, Sse};
@@ -34,6 +42,41 @@ use trail_llm::{Message, Sampling};
 use crate::bert::BertPredictor;
 use crate::engine::{Engine, Event, GenRequest, RequestHandle, Summary};
 use crate::error::{EngineError, SchedulerError};
+use crate::gate::{self, Gate};
+use crate::listener::{self, Limits};
+use crate::sequence::FinishReason;
+
+/// What the front end does with requests beyond the engine's own limits.
+#[derive(Debug, Clone)]
+pub struct HttpOptions {
+    /// `max_tokens` of a request that gives none.
+    pub default_max_tokens: usize,
+    /// Predicts each request's length before it is submitted.
+    pub bert: Option<Arc<BertPredictor>>,
+    /// Origins whose browser pages may call the API (see [`crate::gate`]).
+    pub allowed_origins: Vec<String>,
+    /// Most bytes in a request body (413 beyond).
+    pub max_body_bytes: usize,
+    /// Longest wait for a request's body once its headers are in (408 beyond).
+    pub body_read_timeout: Duration,
+    /// Whether requests may carry the evaluation-only `eval_output_tokens`
+    /// (`trail serve --allow-eval-output-tokens`).
+    pub allow_eval_stop: bool,
+}
+
+impl HttpOptions {
+    /// Defaults: no BERT, no foreign origin, bodies up to 2 MiB read within 30 s.
+    pub fn new(default_max_tokens: usize) -> Self {
+        Self {
+            default_max_tokens,
+            bert: None,
+            allowed_origins: Vec::new(),
+            max_body_bytes: 2 << 20,
+            body_read_timeout: Duration::from_secs(30),
+            allow_eval_stop: false,
+        }
+    }
+}
 
 /// Shared state of the handlers.
 #[derive(Clone)]
@@ -42,7 +85,8 @@ struct App {
     model: Arc<str>,
     default_max_tokens: usize,
     bert: Option<Arc<BertPredictor>>,
-    /// Whether requests may carry the evaluation-only `eval_output_tokens`.
+    max_body_bytes: usize,
+    body_read_timeout: Duration,
     allow_eval_stop: bool,
 }
 
@@ -58,42 +102,48 @@ pub fn router_with_bert(
     default_max_tokens: usize,
     bert: Option<Arc<BertPredictor>>,
 ) -> Router {
-    router_with_options(engine, model, default_max_tokens, bert, false)
+    let opts = HttpOptions {
+        bert,
+        ..HttpOptions::new(default_max_tokens)
+    };
+    router_with_options(engine, model, opts)
 }
 
-/// [`router_with_bert`], accepting the evaluation-only `eval_output_tokens` field when
-/// `allow_eval_stop` (`trail serve --allow-eval-output-tokens`; refused with 400 otherwise).
-pub fn router_with_options(
-    engine: Arc<Engine>,
-    model: &str,
-    default_max_tokens: usize,
-    bert: Option<Arc<BertPredictor>>,
-    allow_eval_stop: bool,
-) -> Router {
+/// The router over `engine` with every front-end option.
+pub fn router_with_options(engine: Arc<Engine>, model: &str, opts: HttpOptions) -> Router {
     let app = App {
         engine,
         model: model.into(),
-        default_max_tokens,
-        bert,
-        allow_eval_stop,
+        default_max_tokens: opts.default_max_tokens,
+        bert: opts.bert,
+        max_body_bytes: opts.max_body_bytes,
+        body_read_timeout: opts.body_read_timeout,
+        allow_eval_stop: opts.allow_eval_stop,
     };
+    let gate = Arc::new(Gate {
+        allowed_origins: opts.allowed_origins,
+    });
     Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(app)
+        .layer(axum::middleware::from_fn_with_state(gate, gate::check))
 }
 
-/// Serves `router` on `addr` until `shutdown` resolves, then finishes open responses.
+/// Serves `router` on `listener` with the default [`Limits`] until `shutdown` resolves, then
+/// finishes open responses (cut after the shutdown deadline).
 pub async fn serve(
     router: Router,
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
+    listener::serve(router, listener, Limits::default(), shutdown)
         .await
+        .map(drop)
 }
 
 /// Binds `addr` (127.0.0.1 unless told otherwise by the caller).
@@ -101,22 +151,56 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> 
     tokio::net::TcpListener::bind(addr).await
 }
 
-/// An OpenAI-style error response.
+/// An error response in OpenAI's shape: `{"error": {message, type, param, code}}`.
 #[derive(Debug)]
-struct ApiError {
+pub(crate) struct ApiError {
     status: StatusCode,
     message: String,
     param: Option<&'static str>,
+    code: Option<&'static str>,
     retry_after: Option<u32>,
 }
 
 impl ApiError {
+    /// An error of `status` with a machine-readable `code`.
+    pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            param: None,
+            code: Some(code),
+            retry_after: None,
+        }
+    }
+
     fn bad(param: &'static str, message: impl Into<String>) -> Self {
         Self {
             status: StatusCode::BAD_REQUEST,
             message: message.into(),
             param: Some(param),
+            code: None,
             retry_after: None,
+        }
+    }
+
+    fn with_code(mut self, code: &'static str) -> Self {
+        self.code = Some(code);
+        self
+    }
+
+    fn retry_after(mut self, secs: u32) -> Self {
+        self.retry_after = Some(secs);
+        self
+    }
+
+    /// OpenAI's `type` for the status.
+    fn kind(&self) -> &'static str {
+        match self.status {
+            StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
+            StatusCode::FORBIDDEN => "permission_error",
+            StatusCode::NOT_FOUND => "not_found_error",
+            s if s.is_client_error() => "invalid_request_error",
+            _ => "server_error",
         }
     }
 }
@@ -125,42 +209,42 @@ impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         let message = e.to_string();
         match e {
-            EngineError::Scheduler(SchedulerError::Overloaded { .. }) => Self {
-                status: StatusCode::TOO_MANY_REQUESTS,
+            EngineError::Scheduler(SchedulerError::Overloaded { .. }) => Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_exceeded",
                 message,
-                param: None,
-                retry_after: Some(1),
-            },
+            )
+            .retry_after(1),
             EngineError::Scheduler(SchedulerError::TooLong { .. }) => {
                 Self::bad("max_tokens", format!("{message} (the KV budget)"))
+                    .with_code("context_length_exceeded")
             }
-            EngineError::ContextExceeded { .. } => Self::bad("max_tokens", message),
+            EngineError::ContextExceeded { .. } => {
+                Self::bad("max_tokens", message).with_code("context_length_exceeded")
+            }
             EngineError::EvalStop { .. } => Self::bad(EVAL_STOP, message),
             EngineError::Scheduler(SchedulerError::EmptyPrompt(_)) => Self::bad("prompt", message),
-            EngineError::ShuttingDown => Self {
-                status: StatusCode::SERVICE_UNAVAILABLE,
+            EngineError::ShuttingDown => {
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", message).retry_after(5)
+            }
+            EngineError::Stopped(_) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "engine_unavailable",
                 message,
-                param: None,
-                retry_after: Some(5),
-            },
-            _ => Self {
-                status: StatusCode::INTERNAL_SERVER_ERROR,
-                message,
-                param: None,
-                retry_after: None,
-            },
+            ),
+            _ => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", message),
         }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let kind = if self.status.is_client_error() {
-            "invalid_request_error"
-        } else {
-            "server_error"
-        };
-        let body = json!({"error": {"message": self.message, "type": kind, "param": self.param}});
+        let body = json!({"error": {
+            "message": self.message,
+            "type": self.kind(),
+            "param": self.param,
+            "code": self.code,
+        }});
         let mut r = (self.status, axum::Json(body)).into_response();
         if let Some(s) = self.retry_after {
             r.headers_mut()
@@ -219,15 +303,79 @@ fn parse_body(body: &Bytes) -> Result<Value, ApiError> {
     Ok(v)
 }
 
-fn common(v: &Value, app: &App) -> Result<Common, ApiError> {
-    let default_max_tokens = app.default_max_tokens;
-    let max_tokens = field_u64(v, "max_tokens")?.map_or(default_max_tokens, |m| m as usize);
-    if max_tokens == 0 {
+/// Reads a request body within the app's size and time limits.
+async fn read_body(app: &App, body: Body) -> Result<Bytes, ApiError> {
+    use axum::body::HttpBody as _;
+    let limit = app.max_body_bytes;
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the body is over {limit} bytes, or was cut off"),
+        )
+    };
+    // A Content-Length over the limit is refused before a byte of the body is read.
+    if body.size_hint().lower() > limit as u64 {
+        return Err(too_large());
+    }
+    match tokio::time::timeout(app.body_read_timeout, axum::body::to_bytes(body, limit)).await {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(_)) => Err(too_large()),
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "timeout",
+            format!(
+                "the body did not arrive within {} s",
+                app.body_read_timeout.as_secs_f64()
+            ),
+        )),
+    }
+}
+
+/// `max_tokens` (the default when absent), at least 1 and at most the model's `context`:
+/// checked before any arithmetic meets it.
+fn max_tokens(v: &Value, default: usize, context: usize) -> Result<usize, ApiError> {
+    let Some(m) = field_u64(v, "max_tokens")? else {
+        return Ok(default);
+    };
+    if m == 0 {
         return Err(ApiError::bad(
             "max_tokens",
             "`max_tokens` must be at least 1",
         ));
     }
+    usize::try_from(m)
+        .ok()
+        .filter(|&m| m <= context)
+        .ok_or_else(|| {
+            ApiError::bad(
+                "max_tokens",
+                format!("`max_tokens` {m} exceeds the context of {context} tokens"),
+            )
+            .with_code("context_length_exceeded")
+        })
+}
+
+/// The request field of the evaluation-only stop.
+const EVAL_STOP: &str = "eval_output_tokens";
+
+/// The evaluation-only stop of a request, refused unless the app allows it.
+fn eval_stop(v: &Value, app: &App) -> Result<Option<usize>, ApiError> {
+    let Some(n) = field_u64(v, EVAL_STOP)? else {
+        return Ok(None);
+    };
+    if !app.allow_eval_stop {
+        return Err(ApiError::bad(
+            EVAL_STOP,
+            "`eval_output_tokens` is an evaluation-only stop (a profiled output length); this \
+             server was not started with --allow-eval-output-tokens",
+        ));
+    }
+    Ok(Some(usize::try_from(n).unwrap_or(usize::MAX)))
+}
+
+fn common(v: &Value, app: &App) -> Result<Common, ApiError> {
+    let max_tokens = max_tokens(v, app.default_max_tokens, context(app))?;
     let temperature = field_f64(v, "temperature")?.unwrap_or(0.0);
     if !(0.0..=2.0).contains(&temperature) {
         return Err(ApiError::bad(
@@ -240,29 +388,47 @@ fn common(v: &Value, app: &App) -> Result<Common, ApiError> {
         return Err(ApiError::bad("top_p", "`top_p` must be in (0, 1]"));
     }
     let seed = field_u64(v, "seed")?.unwrap_or(0);
-    let eval_stop = field_u64(v, EVAL_STOP)?;
-    if eval_stop.is_some() && !app.allow_eval_stop {
-        return Err(ApiError::bad(
-            EVAL_STOP,
-            "`eval_output_tokens` is an evaluation-only stop (a profiled output length); this \
-             server was not started with --allow-eval-output-tokens",
-        ));
-    }
-    let eval_stop = eval_stop.map(|n| usize::try_from(n).unwrap_or(usize::MAX));
     Ok(Common {
         max_tokens,
         sampling: Sampling::new(temperature, top_p, seed),
         stream: field_bool(v, "stream")?,
         ignore_eos: field_bool(v, "ignore_eos")?,
-        eval_stop,
+        eval_stop: eval_stop(v, app)?,
     })
 }
 
-/// The request field of the evaluation-only stop.
-const EVAL_STOP: &str = "eval_output_tokens";
+/// 200 while the engine thread runs, 503 once it died.
+async fn health(State(app): State<App>) -> Response {
+    if app.engine.is_alive() {
+        axum::Json(json!({"status": "ok"})).into_response()
+    } else {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "engine_unavailable",
+            "the engine stopped",
+        )
+        .into_response()
+    }
+}
 
-async fn health() -> impl IntoResponse {
-    axum::Json(json!({"status": "ok"}))
+async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "unknown_url",
+        format!(
+            "no route {}: the API has POST /v1/completions, POST /v1/chat/completions, \
+             GET /health and GET /metrics",
+            uri.path()
+        ),
+    )
+}
+
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{method} is not allowed on {}", uri.path()),
+    )
 }
 
 async fn metrics(State(app): State<App>) -> impl IntoResponse {
@@ -272,8 +438,8 @@ async fn metrics(State(app): State<App>) -> impl IntoResponse {
     )
 }
 
-async fn completions(State(app): State<App>, body: Bytes) -> Result<Response, ApiError> {
-    let v = parse_body(&body)?;
+async fn completions(State(app): State<App>, body: Body) -> Result<Response, ApiError> {
+    let v = parse_body(&read_body(&app, body).await?)?;
     let prompt = match v.get("prompt") {
         Some(Value::String(s)) => s.clone(),
         Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => {
@@ -284,6 +450,7 @@ async fn completions(State(app): State<App>, body: Bytes) -> Result<Response, Ap
     };
     let c = common(&v, &app)?;
     let runner = app.engine.runner();
+    // User text: special-token text in it stays text.
     let ids = runner
         .encode(&prompt)
         .map_err(|e| ApiError::bad("prompt", e.to_string()))?;
@@ -293,8 +460,8 @@ async fn completions(State(app): State<App>, body: Bytes) -> Result<Response, Ap
     run(app, ids, prompt, c, Kind::Text).await
 }
 
-async fn chat_completions(State(app): State<App>, body: Bytes) -> Result<Response, ApiError> {
-    let v = parse_body(&body)?;
+async fn chat_completions(State(app): State<App>, body: Body) -> Result<Response, ApiError> {
+    let v = parse_body(&read_body(&app, body).await?)?;
     let Some(Value::Array(msgs)) = v.get("messages") else {
         return Err(ApiError::bad(
             "messages",
@@ -328,20 +495,24 @@ async fn chat_completions(State(app): State<App>, body: Bytes) -> Result<Respons
         .iter()
         .map(|(role, content)| Message { role, content })
         .collect();
-    let text = runner
-        .template()
-        .render(&messages)
-        .map_err(|e| ApiError::bad("messages", e.to_string()))?;
+    // Special tokens only where the template puts them: a message cannot forge a turn.
     let ids = runner
-        .encode(&text)
+        .encode_messages(&messages)
         .map_err(|e| ApiError::bad("messages", e.to_string()))?;
     // What the length predictor reads: the user's message, as in training.
-    let user = owned
-        .iter()
-        .rev()
-        .find(|(role, _)| role == "user")
-        .map_or_else(|| text.clone(), |(_, content)| content.clone());
+    let user = match owned.iter().rev().find(|(role, _)| role == "user") {
+        Some((_, content)) => content.clone(),
+        None => runner
+            .template()
+            .render(&messages)
+            .map_err(|e| ApiError::bad("messages", e.to_string()))?,
+    };
     run(app, ids, user, c, Kind::Chat).await
+}
+
+/// The model's context length: the most `max_tokens` can be.
+fn context(app: &App) -> usize {
+    app.engine.runner().config().max_position_embeddings
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -416,6 +587,14 @@ async fn run(
                 "the request ended without a result".into(),
             ))
         })?;
+        if s.finish == FinishReason::Aborted {
+            // The client is here, so the engine gave up on the request (a failed step).
+            return Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "engine_error",
+                "the engine failed while running this request; the server goes on",
+            ));
+        }
         let text = app
             .engine
             .runner()

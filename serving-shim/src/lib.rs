@@ -18,7 +18,10 @@
 //! - [`recording`]: requests' tokens and predictor outputs, replayed by engines on virtual
 //!   time instead of running the model again ([`Recordings`]).
 //! - [`metrics`]: statistics and their Prometheus exposition ([`EngineStats`]).
-//! - [`http`]: the OpenAI-compatible HTTP front end (axum).
+//! - [`http`]: the OpenAI-compatible HTTP front end (axum), every error in OpenAI's shape.
+//! - [`gate`]: what the front end refuses before a handler runs (foreign origins, non-JSON
+//!   posts).
+//! - [`listener`]: the accept loop: header-read timeout, connection cap, shutdown deadline.
 //! - [`steps`]: the step log ([`StepRecord`], `steps.parquet`) for the simulator's step-time
 //!   model.
 
@@ -27,7 +30,9 @@ pub mod block;
 pub mod clock;
 pub mod engine;
 pub mod error;
+pub mod gate;
 pub mod http;
+pub mod listener;
 pub mod metrics;
 pub mod policy;
 pub mod predictor;

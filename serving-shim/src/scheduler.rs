@@ -451,7 +451,8 @@ impl Scheduler {
         if seq.max_new_tokens == 0 {
             return Err(SchedulerError::NoNewTokens(seq.id));
         }
-        let tokens = seq.prompt_len + seq.max_new_tokens;
+        // Client numbers meet lengths here: saturate rather than wrap.
+        let tokens = seq.prompt_len.saturating_add(seq.max_new_tokens);
         if tokens > self.blocks.capacity_tokens() {
             return Err(SchedulerError::TooLong {
                 tokens,
@@ -494,6 +495,16 @@ impl Scheduler {
         seq.times.finish = Some(now);
         self.counters.aborted += 1;
         Some(seq)
+    }
+
+    /// Forgets the step in flight after the engine failed to run it, and returns the sequences
+    /// it planned (still live): the caller aborts them, so their blocks go back to the pool and
+    /// the next [`schedule`](Self::schedule) plans afresh. Empty when no step is in flight.
+    pub fn abandon_step(&mut self) -> Vec<SeqId> {
+        self.in_flight
+            .take()
+            .map(|plan| plan.into_iter().map(|(id, _)| id).collect())
+            .unwrap_or_default()
     }
 
     /// Admission key of a waiting sequence: its policy rank, aged by the time it has waited,

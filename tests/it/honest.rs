@@ -8,6 +8,8 @@
 //! - A small run generated in f32 with positions at the refresh interval, scored by the scorer
 //!   and served through the engine with the same checkpoint: the engine's estimate at each row
 //!   `g` equals the scorer's, request by request and row by row.
+//! - Over HTTP the profiled length is `eval_output_tokens`, refused (400) unless the server was
+//!   started for evaluation, and never above the request's `max_tokens`.
 
 use std::sync::Arc;
 
@@ -21,7 +23,7 @@ use trail_eval::loadgen::workload::{self, Lengths, Prompt};
 use trail_pipeline::stages::generate;
 use trail_serving_shim::{Engine, EngineConfig, GenRequest, PolicyKind, Summary};
 
-use crate::serving::{runner, seeded_checkpoint};
+use crate::serving::{http, runner, runtime, seeded_checkpoint};
 
 /// A checkpoint whose probe and prompt predictor put (nearly) all their mass on the last bin,
 /// whatever the input: it expects every request to run to the cap.
@@ -210,4 +212,49 @@ fn the_engine_serves_the_filter_that_the_scorer_scores() {
     }
     engine.shutdown().unwrap();
     assert!(compared >= 6 * 3, "{compared} rows compared");
+}
+
+/// Posts a chat request with `max_tokens` 64 and `eval_output_tokens` = `stop` to a front end
+/// that does (`allow`) or does not accept the evaluation-only stop.
+fn post_eval_stop(allow: bool, stop: u64) -> (u16, serde_json::Value) {
+    use trail_serving_shim::http::{self as front, HttpOptions};
+    let rt = runtime();
+    let engine = Arc::new(
+        Engine::start(runner(), None, EngineConfig::new(4096, PolicyKind::Oracle)).unwrap(),
+    );
+    let opts = HttpOptions {
+        allow_eval_stop: allow,
+        ..HttpOptions::new(16)
+    };
+    let router = front::router_with_options(engine.clone(), "smollm2", opts);
+    let listener = rt
+        .block_on(front::bind("127.0.0.1:0".parse().unwrap()))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop_tx, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = rt.spawn(front::serve(router, listener, async {
+        let _ = stopped.await;
+    }));
+    let body = serde_json::json!({
+        "messages": [{"role": "user", "content": "Say hi."}],
+        "max_tokens": 64,
+        "eval_output_tokens": stop,
+    });
+    let (status, _, text) = http(addr, "POST", "/v1/chat/completions", &body.to_string());
+    stop_tx.send(()).unwrap();
+    rt.block_on(task).unwrap().unwrap();
+    (status, serde_json::from_str(&text).unwrap())
+}
+
+#[test]
+fn eval_output_tokens_is_accepted_only_by_a_server_started_for_evaluation() {
+    let (status, body) = post_eval_stop(false, 3);
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["param"], "eval_output_tokens", "{body}");
+    let (status, body) = post_eval_stop(true, 3);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["usage"]["completion_tokens"], 3, "{body}");
+    let (status, body) = post_eval_stop(true, 65);
+    assert_eq!(status, 400, "above max_tokens: {body}");
+    assert_eq!(body["error"]["param"], "eval_output_tokens", "{body}");
 }

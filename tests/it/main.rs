@@ -4,6 +4,7 @@ mod checkpoints;
 mod datasets;
 mod generate;
 mod honest;
+mod hostile;
 mod latency;
 mod mae;
 mod runner;

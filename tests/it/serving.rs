@@ -304,7 +304,12 @@ fn kernel_mismatch_warns_and_admission_errors_name_the_limit() {
 }
 
 /// A minimal HTTP/1.1 client over a raw socket: returns (status, headers, body), de-chunked.
-fn http(addr: std::net::SocketAddr, method: &str, path: &str, body: &str) -> (u16, String, String) {
+pub(crate) fn http(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> (u16, String, String) {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     write!(
@@ -476,6 +481,10 @@ fn http_front_end_serves_openai_requests() {
     );
     assert_eq!(status, 429, "{body}");
     assert!(head.to_ascii_lowercase().contains("retry-after: 1"));
+    // OpenAI's shape, typed as a rate limit (not as an invalid request).
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"]["type"], "rate_limit_error", "{v}");
+    assert_eq!(v["error"]["code"], "rate_limit_exceeded", "{v}");
     server.stop(&rt);
 }
 
@@ -534,7 +543,7 @@ json.dump({
     (text("stream"), text("plain"))
 }
 
-fn runtime() -> tokio::runtime::Runtime {
+pub(crate) fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -55,8 +55,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 /// Streams the answer to `args.message` on stdout.
 pub fn answer(runner: &trail_llm::Runner, args: &Args) -> anyhow::Result<ChatStats> {
-    let text = runner.render_chat_with_system(args.system.as_deref(), &args.message)?;
-    let prompt = runner.encode(&text)?;
+    let prompt = runner.encode_chat_with_system(args.system.as_deref(), &args.message)?;
     let sampling = Sampling::new(args.temperature, Some(args.top_p), args.seed);
     let opts = GenerateOptions {
         max_new_tokens: args.max_new_tokens,

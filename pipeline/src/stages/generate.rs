@@ -163,6 +163,11 @@ fn corpus(args: &Args) -> anyhow::Result<(String, Corpus)> {
         }
         path => {
             let p = PathBuf::from(path);
+            anyhow::ensure!(
+                !p.is_dir(),
+                "--dataset {path}: is a directory; give one corpus file (.json, .jsonl, .zst or \
+                 .parquet): a directory of parts is not read, concatenate them first"
+            );
             anyhow::ensure!(p.is_file(), "--dataset {path}: no such file");
             let name = p
                 .file_stem()
@@ -753,6 +758,30 @@ mod tests {
         assert!(parse_layers("30", 30).is_err());
         assert!(parse_layers("5-3", 30).is_err());
         assert!(parse_layers("x", 30).is_err());
+    }
+
+    #[test]
+    fn a_dataset_directory_is_named_a_directory() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: Args,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let spec = dir.path().to_string_lossy().into_owned();
+        let args = Cli::parse_from(["x", "--dataset", &spec, "--out", &spec]).args;
+        let e = corpus(&args).err().expect("refused").to_string();
+        assert!(e.contains("is a directory") && e.contains(&spec), "{e}");
+        let missing = dir.path().join("nope.jsonl").to_string_lossy().into_owned();
+        let args = Cli::parse_from(["x", "--dataset", &missing, "--out", &spec]).args;
+        assert!(
+            corpus(&args)
+                .err()
+                .expect("refused")
+                .to_string()
+                .contains("no such file")
+        );
     }
 
     #[test]

@@ -1,18 +1,51 @@
 //! `trail serve`: the continuous-batching engine with a pluggable scheduler and the TRAIL
 //! predictor in the loop, behind an OpenAI-compatible HTTP API. Binds 127.0.0.1 by default;
-//! SIGTERM or Ctrl-C stops admitting, finishes open responses and writes the step log.
+//! SIGTERM or Ctrl-C stops admitting, finishes open responses (cut after `--shutdown-timeout`)
+//! and writes the step log. Every limit a client meets is a flag with a bounded default; if
+//! the engine thread dies, `/health` answers 503 and the process writes its step log and exits
+//! with status 2, for a supervisor to restart it.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
-use trail_checkpoints::Checkpoint;
-use trail_serving_shim::{BertPredictor, Engine, EngineConfig, PolicyKind, http};
+use trail_checkpoints::{Checkpoint, MAX_REFINE_INTERVAL};
+use trail_serving_shim::http::HttpOptions;
+use trail_serving_shim::listener::Limits;
+use trail_serving_shim::{BertPredictor, Engine, EngineConfig, PolicyKind, http, listener};
 
 use crate::manifest::write_atomic;
-use crate::stages::engine_args::EngineArgs;
+use crate::stages::engine_args::{EngineArgs, PrefillChunk, bounded};
 use crate::stages::model_args::ModelArgs;
+
+/// `trail serve`'s prefill chunk when `--prefill-chunk` is not given. From `trail bench
+/// runner`'s step table (reports/bench/runner.md): prefill runs at the same speed from 128
+/// tokens up (1,009 tok/s at 128, 955 at 1,024, 954 at 4,096), and a 128-token chunk (127 ms)
+/// adds less than two batch-32 decode steps (74 ms) to every running stream's inter-token
+/// gap, where a whole 6,000-token prompt would hold them for seconds.
+pub const SERVE_PREFILL_CHUNK: usize = 128;
+
+fn seconds(s: &str) -> Result<Duration, String> {
+    let v: f64 = s.parse().map_err(|_| "expected seconds".to_string())?;
+    if !(v > 0.0 && v <= 3600.0) {
+        return Err("must be above 0 and at most 3600 seconds".into());
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+fn connections(s: &str) -> Result<usize, String> {
+    bounded(s, 1, 65_536, "connections")
+}
+
+fn waiting(s: &str) -> Result<usize, String> {
+    bounded(s, 0, 1 << 20, "requests")
+}
+
+fn body_bytes(s: &str) -> Result<usize, String> {
+    bounded(s, 1024, 64 << 20, "bytes")
+}
 
 /// Arguments of `trail serve`.
 #[derive(Debug, clap::Args)]
@@ -34,18 +67,20 @@ pub struct Args {
     /// TRAIL's limit: preemptible only while generated ≤ c × the initial prediction.
     #[arg(long, default_value_t = 0.8)]
     pub c: f64,
-    /// Refresh the refined prediction every N tokens (default: the checkpoint's interval).
-    #[arg(long)]
+    /// Refresh the refined prediction every N tokens, 1 to 65536 (default: the checkpoint's
+    /// interval).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_REFINE_INTERVAL)))]
     pub refine_every: Option<u32>,
     #[command(flatten)]
     pub engine: EngineArgs,
-    /// Waiting requests beyond this get 429 with Retry-After.
-    #[arg(long, default_value_t = 1024)]
+    /// Waiting requests beyond this get 429 with Retry-After (at most 1048576).
+    #[arg(long, default_value_t = 1024, value_parser = waiting)]
     pub max_waiting: usize,
     /// Lower a waiting request's rank by this much per second waited (anti-starvation).
     #[arg(long, default_value_t = 0.0)]
     pub aging: f64,
-    /// `max_tokens` when a request gives none.
+    /// `max_tokens` when a request gives none (at most the model's context, as is any
+    /// request's `max_tokens`: beyond it is 400).
     #[arg(long, default_value_t = 512)]
     pub default_max_tokens: usize,
     /// Accept `eval_output_tokens` in requests: an evaluation-only stop at a profiled output
@@ -54,6 +89,27 @@ pub struct Args {
     /// a request is refused with 400; `max_tokens` is always the client's cap.
     #[arg(long)]
     pub allow_eval_output_tokens: bool,
+    /// A connection must send a request's headers within this many seconds (idle kept-alive
+    /// connections included), or it is closed.
+    #[arg(long, default_value = "10", value_parser = seconds)]
+    pub header_read_timeout: Duration,
+    /// A request's body must arrive within this many seconds of its headers (408 beyond).
+    #[arg(long, default_value = "30", value_parser = seconds)]
+    pub body_read_timeout: Duration,
+    /// Most bytes in a request body (413 beyond); 1024 to 67108864.
+    #[arg(long, default_value_t = 2 << 20, value_parser = body_bytes)]
+    pub max_body_bytes: usize,
+    /// Most connections open at once (1 to 65536); more wait in the listen backlog.
+    #[arg(long, default_value_t = 256, value_parser = connections)]
+    pub max_connections: usize,
+    /// After SIGTERM or Ctrl-C, open responses may finish for this many seconds; then they are
+    /// cut, the step log is written and the process exits.
+    #[arg(long, default_value = "30", value_parser = seconds)]
+    pub shutdown_timeout: Duration,
+    /// Origins (`scheme://host[:port]`, comma-separated, `*` for any) whose browser pages may
+    /// call the API. Default: none; a request with another `Origin` header is refused (403).
+    #[arg(long, value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
     /// Write the step log (`steps.parquet`) and final statistics (`metrics.prom`) here on
     /// shutdown.
     #[arg(long)]
@@ -81,12 +137,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if bert.is_none() && args.policy == PolicyKind::SjfBert {
         eprintln!("warning: sjf-bert without --bert-checkpoint orders waiting requests FCFS");
     }
-    let mut cfg = EngineConfig::new(args.engine.kv_budget_tokens, args.policy);
-    cfg.c = args.c;
-    cfg.refine_every = args.refine_every;
-    cfg.scheduler = args.engine.scheduler();
-    cfg.scheduler.max_waiting = args.max_waiting;
-    cfg.scheduler.aging = args.aging;
+    let context = runner.config().max_position_embeddings;
+    anyhow::ensure!(
+        (1..=context).contains(&args.default_max_tokens),
+        "--default-max-tokens {}: must be 1 to the model's context of {context} tokens",
+        args.default_max_tokens
+    );
+    let cfg = engine_config(&args);
+    let engine_args = args
+        .engine
+        .with_default_chunk(PrefillChunk::Tokens(SERVE_PREFILL_CHUNK));
     let name = runner
         .path()
         .file_stem()
@@ -100,6 +160,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
+    let limits = Limits {
+        header_read_timeout: args.header_read_timeout,
+        max_connections: args.max_connections,
+        shutdown_timeout: args.shutdown_timeout,
+    };
+    let opts = HttpOptions {
+        bert: bert.clone(),
+        allowed_origins: args.allowed_origins.clone(),
+        max_body_bytes: args.max_body_bytes,
+        body_read_timeout: args.body_read_timeout,
+        allow_eval_stop: args.allow_eval_output_tokens,
+        ..HttpOptions::new(args.default_max_tokens)
+    };
     rt.block_on(async {
         let listener = http::bind(args.addr)
             .await
@@ -108,17 +181,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "serving {name} on http://{} (policy {}, {}, kernel {})",
             args.addr,
             args.policy,
-            args.engine.describe(),
+            engine_args.describe(),
             runner.kernel_id()
         );
-        let router = http::router_with_options(
-            engine.clone(),
-            &name,
-            args.default_max_tokens,
-            bert.clone(),
-            args.allow_eval_output_tokens,
-        );
-        http::serve(router, listener, shutdown_signal()).await?;
+        let router = http::router_with_options(engine.clone(), &name, opts);
+        let stop = stop_signal(engine.clone());
+        let stopped = listener::serve(router, listener, limits, stop).await?;
+        if stopped.cut > 0 {
+            eprintln!(
+                "cut {} connections still open {} s after the shutdown signal",
+                stopped.cut,
+                limits.shutdown_timeout.as_secs_f64()
+            );
+        }
         anyhow::Ok(())
     })?;
     // Connection tasks may still hold the router (and its engine handle) for a moment after
@@ -126,7 +201,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     rt.shutdown_timeout(std::time::Duration::from_secs(10));
     let engine = Arc::try_unwrap(engine)
         .map_err(|_| anyhow::anyhow!("the engine is still in use after the server stopped"))?;
-    let report = engine.shutdown()?;
+    let (report, died) = engine.shutdown_report();
     if let Some(dir) = &args.out {
         std::fs::create_dir_all(dir)?;
         trail_serving_shim::steps::write(&dir.join("steps.parquet"), &report.steps)?;
@@ -135,7 +210,38 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             report.stats.render_prometheus().as_bytes(),
         )?;
     }
+    if let Some(e) = died {
+        anyhow::bail!("the engine died ({e}); the step log was written");
+    }
     Ok(())
+}
+
+/// The engine settings of `args`, as `trail serve` runs them (chunked prefill by default).
+pub fn engine_config(args: &Args) -> EngineConfig {
+    let mut cfg = EngineConfig::new(args.engine.kv_budget_tokens, args.policy);
+    cfg.c = args.c;
+    cfg.refine_every = args.refine_every;
+    cfg.scheduler = args
+        .engine
+        .with_default_chunk(PrefillChunk::Tokens(SERVE_PREFILL_CHUNK))
+        .scheduler();
+    cfg.scheduler.max_waiting = args.max_waiting;
+    cfg.scheduler.aging = args.aging;
+    cfg
+}
+
+/// Resolves on SIGTERM, Ctrl-C, or the engine thread's death (then the server stops too, so
+/// the process exits non-zero instead of answering 503 forever).
+async fn stop_signal(engine: Arc<Engine>) {
+    let died = async {
+        while engine.is_alive() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    tokio::select! {
+        () = shutdown_signal() => {},
+        () = died => eprintln!("the engine stopped: shutting the server down"),
+    }
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

@@ -436,6 +436,47 @@ fn abort_frees_blocks_at_any_time() {
 }
 
 #[test]
+fn an_abandoned_step_leaves_its_requests_to_abort_and_the_rest_running() {
+    let mut d = Driver::new(cfg(4096, 4), Box::new(Fcfs));
+    load(&mut d, &[(1, 40, 50, None), (2, 4, 50, None)]);
+    d.step();
+    d.s.schedule().unwrap();
+    let mut planned = d.s.abandon_step();
+    planned.sort_unstable();
+    assert_eq!(planned, vec![1, 2]);
+    assert!(
+        d.s.abandon_step().is_empty(),
+        "nothing is in flight any more"
+    );
+    d.s.abort(1).unwrap();
+    d.s.check_invariants().unwrap();
+    // The survivor is planned afresh and runs to its end.
+    d.run_to_idle(100);
+    assert_eq!(d.finish_order(), vec![2]);
+    assert_eq!(d.s.blocks().used_blocks(), 0);
+}
+
+#[test]
+fn a_max_new_tokens_near_usize_max_is_too_long_not_wrapped() {
+    let mut s =
+        Scheduler::new(cfg(4096, 4), Box::new(Fcfs), Arc::new(ManualClock::at(0.0))).unwrap();
+    let err = s
+        .add(Sequence::new(1, 10, usize::MAX - 5, 0.0))
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            SchedulerError::TooLong {
+                tokens: usize::MAX,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(s.is_idle());
+}
+
+#[test]
 fn add_refuses_overload_oversize_and_duplicates() {
     let c = SchedulerConfig {
         max_waiting: 2,

@@ -4,6 +4,7 @@
 //! (`steps.parquet`) and final statistics (`metrics.prom`) land in the cell's directory.
 
 use std::collections::HashMap;
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -89,12 +90,7 @@ fn start_engine(
     let runner = cx
         .runner
         .context("the in-process backend needs the loaded model")?;
-    let s = cx.settings;
-    let mut cfg = EngineConfig::new(s.engine.kv_budget_tokens, policy);
-    cfg.c = s.c;
-    cfg.refine_every = s.refine_every;
-    cfg.scheduler = s.engine.scheduler();
-    cfg.scheduler.max_waiting = s.max_waiting;
+    let mut cfg = engine_config(cx.settings, policy);
     scheduler(&mut cfg.scheduler);
     let step_model = cx.step_model.filter(|_| cx.backend == BackendKind::Virtual);
     cfg.virtual_time = step_model.map(|m| VirtualTime {
@@ -109,6 +105,59 @@ fn start_engine(
         eprintln!("warning: {w}");
     }
     Ok((engine, step_model.is_some()))
+}
+
+/// The engine settings of a cell of `policy`: the in-process engine's, and what the HTTP
+/// backend's child `trail serve` must arrive at from [`serve_args`].
+fn engine_config(s: &ServerSettings, policy: PolicyKind) -> EngineConfig {
+    let mut cfg = EngineConfig::new(s.engine.kv_budget_tokens, policy);
+    cfg.c = s.c;
+    cfg.refine_every = s.refine_every;
+    cfg.scheduler = s.engine.scheduler();
+    cfg.scheduler.max_waiting = s.max_waiting;
+    cfg
+}
+
+/// The arguments of the HTTP backend's child `trail serve` (after `serve`) for `policy` on
+/// `port`, writing its step log into `dir`. Every engine setting is passed, the prefill chunk
+/// included (`off` for whole prompts), so the child runs the parent's scheduler, not
+/// `trail serve`'s defaults.
+fn serve_args(cx: &Launch<'_>, policy: PolicyKind, port: u16, dir: &Path) -> Vec<OsString> {
+    let s = cx.settings;
+    let needs_checkpoint = matches!(policy, PolicyKind::Trail | PolicyKind::Sprpt);
+    let mut v: Vec<OsString> = Vec::new();
+    let mut push = |a: &str, b: &str| v.extend([OsString::from(a), OsString::from(b)]);
+    push("--addr", &format!("127.0.0.1:{port}"));
+    push("--policy", policy.as_str());
+    push("--c", &s.c.to_string());
+    for pair in s.engine.to_cli().chunks(2) {
+        push(&pair[0], &pair[1]);
+    }
+    push("--max-waiting", &s.max_waiting.to_string());
+    push("--default-max-tokens", &s.max_tokens.to_string());
+    if let Some(n) = s.refine_every {
+        push("--refine-every", &n.to_string());
+    }
+    if let Some(m) = &cx.model.model {
+        push("--model", m);
+    }
+    if let Some(t) = cx.model.threads {
+        push("--threads", &t.to_string());
+    }
+    push("--device", &cx.model.device.to_string());
+    // Profiled lengths go as the evaluation-only stop (see `HttpBackend`).
+    v.push("--allow-eval-output-tokens".into());
+    let mut path = |flag: &str, p: &Path| v.extend([OsString::from(flag), p.into()]);
+    path("--out", dir);
+    if needs_checkpoint && let Some(p) = cx.checkpoint_path {
+        path("--checkpoint", p);
+    }
+    if uses_prior(policy)
+        && let Some(p) = cx.bert_checkpoint_path
+    {
+        path("--bert-checkpoint", p);
+    }
+    v
 }
 
 /// The virtual backend's recording pass: every request of `trace` (arrivals ignored) runs once
@@ -189,35 +238,7 @@ impl Server {
                 let exe = std::env::current_exe().context("locating the trail binary")?;
                 let s = cx.settings;
                 let mut cmd = Command::new(&exe);
-                cmd.arg("serve")
-                    .args(["--addr", &format!("127.0.0.1:{port}")])
-                    .args(["--policy", policy.as_str()])
-                    .args(["--c", &s.c.to_string()])
-                    .args(s.engine.to_cli())
-                    .args(["--max-waiting", &s.max_waiting.to_string()])
-                    .args(["--default-max-tokens", &s.max_tokens.to_string()])
-                    // Profiled lengths go as the evaluation-only stop (see `HttpBackend`).
-                    .arg("--allow-eval-output-tokens")
-                    .arg("--out")
-                    .arg(dir);
-                if let Some(n) = s.refine_every {
-                    cmd.args(["--refine-every", &n.to_string()]);
-                }
-                if needs_checkpoint && let Some(p) = cx.checkpoint_path {
-                    cmd.arg("--checkpoint").arg(p);
-                }
-                if uses_prior(policy)
-                    && let Some(p) = cx.bert_checkpoint_path
-                {
-                    cmd.arg("--bert-checkpoint").arg(p);
-                }
-                if let Some(m) = &cx.model.model {
-                    cmd.args(["--model", m]);
-                }
-                if let Some(t) = cx.model.threads {
-                    cmd.args(["--threads", &t.to_string()]);
-                }
-                cmd.args(["--device", &cx.model.device.to_string()]);
+                cmd.arg("serve").args(serve_args(cx, policy, port, dir));
                 let log = dir.join("server.log");
                 let out = std::fs::File::create(&log)
                     .with_context(|| format!("{}: cannot create", log.display()))?;
@@ -366,4 +387,86 @@ fn health_ok(port: u16) -> bool {
 fn free_port() -> anyhow::Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
     Ok(l.local_addr()?.port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stages::engine_args::PrefillChunk;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Serve {
+        #[command(flatten)]
+        args: crate::stages::serve::Args,
+    }
+
+    /// The child `trail serve` of the HTTP backend, parsed from the arguments the parent
+    /// passes, runs the parent's engine settings: whole prompts stay whole though `trail
+    /// serve` chunks by default, and a chunk, a budget or a policy setting carries over.
+    #[test]
+    fn the_child_servers_scheduler_settings_equal_the_parents() {
+        let model = ModelArgs {
+            model: Some("model.gguf".into()),
+            device: Default::default(),
+            threads: Some(2),
+        };
+        let cli = |extra: &[&str]| {
+            #[derive(Parser)]
+            struct Parent {
+                #[command(flatten)]
+                engine: EngineArgs,
+            }
+            Parent::parse_from(std::iter::once("x").chain(extra.iter().copied())).engine
+        };
+        for engine in [
+            cli(&[]),
+            cli(&["--prefill-chunk", "off", "--max-running", "4"]),
+            cli(&["--prefill-chunk", "64", "--kv-budget-tokens", "4096"]),
+            cli(&["--preemption", "recompute", "--swap-budget-tokens", "0"]),
+        ] {
+            let settings = ServerSettings {
+                engine,
+                c: 0.6,
+                refine_every: Some(4),
+                max_tokens: 300,
+                max_waiting: 5000,
+            };
+            let cx = Launch {
+                backend: BackendKind::Http,
+                settings: &settings,
+                model: &model,
+                runner: None,
+                checkpoint_path: None,
+                bert_checkpoint_path: None,
+                checkpoint: None,
+                priors: None,
+                step_model: None,
+                recordings: None,
+            };
+            for policy in [PolicyKind::Fcfs, PolicyKind::Trail] {
+                let argv = serve_args(&cx, policy, 8123, Path::new("/tmp/cell"));
+                let child =
+                    Serve::parse_from(std::iter::once(OsString::from("serve")).chain(argv)).args;
+                let (theirs, ours) = (
+                    crate::stages::serve::engine_config(&child),
+                    engine_config(&settings, policy),
+                );
+                assert_eq!(theirs.scheduler, ours.scheduler, "{:?}", settings.engine);
+                assert_eq!(
+                    (theirs.policy, theirs.c, theirs.refine_every),
+                    (ours.policy, ours.c, ours.refine_every)
+                );
+                assert_eq!(child.default_max_tokens, 300);
+            }
+        }
+        // The default would differ without the explicit `off`.
+        let unset = cli(&[]);
+        assert_ne!(
+            unset
+                .with_default_chunk(PrefillChunk::Tokens(128))
+                .scheduler(),
+            unset.scheduler()
+        );
+    }
 }
