@@ -217,6 +217,7 @@ impl Server {
                 }
                 cmd.args(["--device", &cx.model.device.to_string()]);
                 let log = dir.join("server.log");
+                #[allow(clippy::disallowed_methods)] // a log the child streams into, not an output
                 let out = std::fs::File::create(&log)
                     .with_context(|| format!("{}: cannot create", log.display()))?;
                 let err = out.try_clone()?;
