@@ -10,7 +10,7 @@
 //!
 //! Overload (the waiting queue at `max_waiting`) is 429 with `Retry-After`; a request beyond
 //! the context or the KV budget, or a malformed body, is 400 naming the limit or the field. A
-//! client that goes away drops its [`RequestHandle`](crate::engine::RequestHandle), which
+//! client that goes away drops its [`RequestHandle`], which
 //! cancels the request and frees its blocks.
 
 use std::convert::Infallible;

@@ -22,7 +22,7 @@
 //! | `forward_secs` | float64 | seconds of the forward pass |
 //! | `predictor_secs` | float64 | seconds of the length predictor (probe + filter) |
 //!
-//! [`write`] writes through `trail_fs::AtomicFile` (a temporary name, synced, renamed into
+//! [`write()`] writes through `trail_fs::AtomicFile` (a temporary name, synced, renamed into
 //! place), so a file under its final name is always whole; [`read`] names the file and the column in every error.
 
 use std::fs::File;
@@ -159,7 +159,7 @@ pub fn write(path: &Path, records: &[StepRecord]) -> Result<(), StepLogError> {
         .map_err(|e| StepLogError::io(&e.path, e.source))
 }
 
-/// Reads a step log written by [`write`] (or any parquet file with its columns).
+/// Reads a step log written by [`write()`] (or any parquet file with its columns).
 pub fn read(path: &Path) -> Result<Vec<StepRecord>, StepLogError> {
     let file = File::open(path).map_err(|e| StepLogError::io(path, e))?;
     let parquet = |e| StepLogError::Parquet {

@@ -2,7 +2,7 @@
 //! (`trail report`, `trail eval mae`) and the scheduling reports (`trail eval latency`,
 //! `trail sim trace`, `trail bench`) compute them the same way:
 //!
-//! - [`quantile`]: numpy's default (`method="linear"`) quantile, to the bit, so a reader can
+//! - [`quantile()`]: numpy's default (`method="linear"`) quantile, to the bit, so a reader can
 //!   check any reported percentile or median with `numpy.quantile`;
 //! - [`kendall`]: Kendall's τ-b with ties on both sides;
 //! - [`bootstrap`]: seeded request-level percentile bootstrap intervals.
