@@ -82,7 +82,7 @@ struct Norm {
 }
 
 impl Norm {
-    fn new(n: usize, eps: f64, vb: VarBuilder) -> candle_core::Result<Self> {
+    fn new(n: usize, eps: f64, vb: VarBuilder<'_>) -> candle_core::Result<Self> {
         Ok(Self {
             weight: vb.get_with_hints(n, "weight", candle_nn::Init::Const(1.0))?,
             bias: vb.get_with_hints(n, "bias", candle_nn::Init::Const(0.0))?,
@@ -114,7 +114,7 @@ struct Layer {
 }
 
 impl Layer {
-    fn new(cfg: &Config, vb: VarBuilder) -> candle_core::Result<Self> {
+    fn new(cfg: &Config, vb: VarBuilder<'_>) -> candle_core::Result<Self> {
         let h = cfg.hidden_size;
         let lin = |i, o, vb| candle_nn::linear(i, o, vb);
         let a = vb.pp("attention");
@@ -181,8 +181,8 @@ impl TunableBert {
     /// `frozen` provides the embedding tables, `vb` everything else (`head.w1`, `head.w2`).
     pub fn new(
         cfg: &Config,
-        frozen: VarBuilder,
-        vb: VarBuilder,
+        frozen: VarBuilder<'_>,
+        vb: VarBuilder<'_>,
         k: usize,
         head_hidden: usize,
     ) -> candle_core::Result<Self> {
@@ -503,8 +503,8 @@ pub fn from_base(
 /// the length head on `train`, keeping the epoch with the best MAE on `val`.
 pub fn fine_tune(
     dir: &Path,
-    train: Prompts,
-    val: Prompts,
+    train: Prompts<'_>,
+    val: Prompts<'_>,
     bins: &Bins,
     cfg: &TuneConfig,
     progress: &mut dyn FnMut(Step),
@@ -624,85 +624,4 @@ pub fn loss_and_accuracy(bins: &Bins, probs: &[f32], target: &[u32]) -> (f64, f6
     }
     let n = target.len().max(1) as f64;
     (loss / n, hits as f64 / n)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn model_dir() -> Option<std::path::PathBuf> {
-        let d = std::path::PathBuf::from(std::env::var_os("HOME")?)
-            .join(".cache/trail/bert/all-MiniLM-L6-v2");
-        d.join("model.safetensors").is_file().then_some(d)
-    }
-
-    #[test]
-    fn encoder_matches_candle_bert() {
-        let Some(dir) = model_dir() else {
-            eprintln!("all-MiniLM-L6-v2 not in ~/.cache/trail/bert: skipped");
-            return;
-        };
-        let texts = [
-            "How do I bake bread?",
-            "Write a long essay about the history of Rome.",
-        ];
-        let mut rng = ChaCha8Rng::seed_from_u64(0);
-        let (tuned, _, _) = from_base(&dir, 10, &TuneConfig::default(), &mut rng).unwrap();
-        let (ids, types, mask) = encode_batch(&tuned.tokenizer, &texts).unwrap();
-        let x = tuned.model.encode(&ids, &types, &mask).unwrap();
-        let m = mask.to_dtype(DType::F32).unwrap().unsqueeze(2).unwrap();
-        let mean = x
-            .broadcast_mul(&m)
-            .unwrap()
-            .sum(1)
-            .unwrap()
-            .broadcast_div(&m.sum(1).unwrap())
-            .unwrap();
-        let norm = mean.sqr().unwrap().sum_keepdim(1).unwrap().sqrt().unwrap();
-        let ours: Vec<f32> = mean
-            .broadcast_div(&norm)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let theirs = crate::bert::BertEncoder::load(&dir, 256)
-            .unwrap()
-            .embed(&texts)
-            .unwrap();
-        let diff = ours
-            .iter()
-            .zip(&theirs)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
-        assert!(diff < 1e-4, "max diff {diff}");
-    }
-
-    #[test]
-    fn one_epoch_runs_and_predicts() {
-        let Some(dir) = model_dir() else {
-            eprintln!("all-MiniLM-L6-v2 not in ~/.cache/trail/bert: skipped");
-            return;
-        };
-        let texts = [
-            "How do I bake bread?",
-            "Write a long essay about the history of Rome.",
-        ];
-        let target = [20u32, 400];
-        let bins = Bins::default();
-        let cfg = TuneConfig {
-            epochs: 1,
-            batch: 2,
-            ..Default::default()
-        };
-        let p = Prompts {
-            texts: &texts,
-            target: &target,
-        };
-        let (tuned, report) = fine_tune(&dir, p, p, &bins, &cfg, &mut |_| {}).unwrap();
-        assert_eq!(report.curve.len(), 1);
-        let probs = tuned.predict_proba(&texts, 2).unwrap();
-        assert_eq!(probs.len(), 2 * bins.k());
-        assert!(probs.iter().all(|p| p.is_finite()));
-    }
 }

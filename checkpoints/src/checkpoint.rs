@@ -7,7 +7,7 @@
 //! [`FORMAT_VERSION`].
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
@@ -309,7 +309,7 @@ impl Checkpoint {
 }
 
 /// Writes `(name, shape, little-endian bytes)` tensors of one dtype with metadata as
-/// safetensors, atomically (temporary file + rename). The header's keys are sorted, so the same
+/// safetensors, atomically (`trail_fs`). The header's keys are sorted, so the same
 /// tensors and metadata always give the same bytes (the safetensors crate writes its metadata
 /// map in hash order).
 pub(crate) fn write_safetensors(
@@ -329,15 +329,7 @@ pub(crate) fn write_safetensors(
         .collect::<Result<Vec<_>>>()?;
     let mut bytes = safetensors::serialize(views, Some(meta)).map_err(|e| format_err(path, e))?;
     sort_header(&mut bytes).map_err(|e| format_err(path, e))?;
-    let tmp = tmp_path(path);
-    std::fs::write(&tmp, &bytes).map_err(|source| Error::Io {
-        path: tmp.clone(),
-        source,
-    })?;
-    std::fs::rename(&tmp, path).map_err(|source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    })
+    Ok(trail_fs::write_atomic(path, &bytes)?)
 }
 
 /// Rewrites a serialized safetensors header with its JSON keys sorted, in place: the same
@@ -359,12 +351,6 @@ fn sort_header(bytes: &mut [u8]) -> std::result::Result<(), String> {
     }
     bytes[8..8 + sorted.len()].copy_from_slice(sorted.as_bytes());
     Ok(())
-}
-
-fn tmp_path(path: &Path) -> PathBuf {
-    let mut s = path.as_os_str().to_owned();
-    s.push(".tmp");
-    PathBuf::from(s)
 }
 
 fn format_err(path: &Path, msg: impl std::fmt::Display) -> Error {

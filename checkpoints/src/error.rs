@@ -35,3 +35,12 @@ pub enum Error {
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
+
+impl From<trail_fs::Error> for Error {
+    fn from(e: trail_fs::Error) -> Self {
+        Error::Io {
+            path: e.path,
+            source: e.source,
+        }
+    }
+}

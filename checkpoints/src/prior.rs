@@ -63,10 +63,7 @@ impl BertPrior {
         })?;
         let write = |name: &str, key: &str| -> Result<PathBuf> {
             let p = dir.path().join(name);
-            std::fs::write(&p, get(key)?).map_err(|source| Error::Io {
-                path: p.clone(),
-                source,
-            })?;
+            trail_fs::write_atomic(&p, get(key)?.as_bytes())?;
             Ok(p)
         };
         let config = write("config.json", "config_json")?;

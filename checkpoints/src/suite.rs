@@ -153,10 +153,9 @@ fn io_err(path: &Path, source: std::io::Error) -> Error {
     }
 }
 
-/// sha256 of a file, hex.
+/// sha256 of a file, hex (streamed by `trail_fs`).
 pub fn sha256_file(path: &Path) -> Result<String> {
-    let bytes = std::fs::read(path).map_err(|e| io_err(path, e))?;
-    Ok(hex::encode(Sha256::digest(&bytes)))
+    Ok(trail_fs::sha256_file(path)?)
 }
 
 impl Run {
@@ -418,11 +417,7 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Option<T> {
 
 fn write_json(path: &Path, v: &impl Serialize) -> Result<()> {
     let text = serde_json::to_string_pretty(v).map_err(|e| Error::Invalid(e.to_string()))?;
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    std::fs::write(&tmp, text).map_err(|e| io_err(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| io_err(path, e))
+    Ok(trail_fs::write_atomic(path, text.as_bytes())?)
 }
 
 /// A layer record, if present and readable.

@@ -241,7 +241,7 @@ impl FusedAdamW {
 
 /// Gather and standardize `rows` into an n×d tensor, with their labels.
 fn batch(
-    data: &Dataset,
+    data: &Dataset<'_>,
     st: &Standardizer,
     bins: &Bins,
     rows: &[usize],
@@ -272,7 +272,7 @@ pub struct Metrics {
 /// Loss, MAE and accuracy of `probe` on `rows` of `data`.
 pub fn evaluate(
     probe: &Probe,
-    data: &Dataset,
+    data: &Dataset<'_>,
     rows: &[usize],
     bins: &Bins,
     eval_batch: usize,
@@ -289,7 +289,7 @@ pub fn evaluate(
 }
 
 fn eval_parts(
-    data: &Dataset,
+    data: &Dataset<'_>,
     rows: &[usize],
     bins: &Bins,
     eval_batch: usize,
@@ -332,7 +332,7 @@ fn eval_parts(
 
 /// Train a probe on `train_rows`, early-stopping on the MAE over `val_rows`.
 pub fn train_probe(
-    data: &Dataset,
+    data: &Dataset<'_>,
     train_rows: &[usize],
     val_rows: &[usize],
     bins: &Bins,

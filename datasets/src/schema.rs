@@ -21,7 +21,7 @@
 //! | `kind` | utf8 | `prompt_mean` (mean over prompt tokens) \| `token` |
 //! | `g` | uint32 | tokens generated before this state (0 = last prompt token) |
 //! | `remaining` | uint32 | `output_tokens - g` |
-//! | `embedding` | fixed_size_list<float16 or float32>[dim] | the residual stream after layer L |
+//! | `embedding` | `fixed_size_list<float16 or float32>[dim]` | the residual stream after layer L |
 //!
 //! All columns are non-null. Rows of a part are sorted by (request order, kind, g).
 

@@ -33,6 +33,7 @@ use parquet::basic::{Compression, Encoding, ZstdLevel};
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::file::reader::SerializedFileReader;
 use parquet::schema::types::ColumnPath;
+use trail_fs::AtomicFile;
 
 use crate::schema::{
     self, Dtype, ELEMENT_FIELD, FinishReason, Kind, RequestRow, embeddings_schema, layer_dir,
@@ -83,6 +84,15 @@ pub enum StoreError {
         layers: usize,
         dim: usize,
     },
+}
+
+impl From<trail_fs::Error> for StoreError {
+    fn from(e: trail_fs::Error) -> Self {
+        StoreError::Io {
+            path: e.path,
+            source: e.source,
+        }
+    }
 }
 
 impl StoreError {
@@ -142,11 +152,12 @@ pub fn embeddings_properties(dtype: Dtype) -> WriterProperties {
     b.build()
 }
 
-/// A parquet file under its temporary name, renamed into place by [`AtomicParquet::finish`].
+/// A parquet file under its temporary name `NAME.tmp` (which [`part_complete`] looks for),
+/// put in place by [`AtomicParquet::finish`] through `trail_fs`.
 struct AtomicParquet {
     path: PathBuf,
     tmp: PathBuf,
-    writer: ArrowWriter<File>,
+    writer: ArrowWriter<AtomicFile>,
 }
 
 impl AtomicParquet {
@@ -155,11 +166,8 @@ impl AtomicParquet {
         schema: arrow::datatypes::SchemaRef,
         props: WriterProperties,
     ) -> Result<Self> {
-        if let Some(dir) = path.parent() {
-            fs::create_dir_all(dir).map_err(|e| StoreError::io(dir, e))?;
-        }
         let tmp = tmp_path(path);
-        let file = File::create(&tmp).map_err(|e| StoreError::io(&tmp, e))?;
+        let file = AtomicFile::create_named(path, &tmp)?;
         let writer = ArrowWriter::try_new(file, schema, Some(props))
             .map_err(|e| StoreError::parquet(&tmp, e))?;
         Ok(AtomicParquet {
@@ -180,15 +188,7 @@ impl AtomicParquet {
             .writer
             .into_inner()
             .map_err(|e| StoreError::parquet(&self.tmp, e))?;
-        file.sync_all().map_err(|e| StoreError::io(&self.tmp, e))?;
-        drop(file);
-        fs::rename(&self.tmp, &self.path).map_err(|e| StoreError::io(&self.path, e))?;
-        if let Some(dir) = self.path.parent() {
-            // Make the rename durable where the platform allows it.
-            if let Ok(d) = File::open(dir) {
-                let _ = d.sync_all();
-            }
-        }
+        file.commit()?;
         Ok(self.path)
     }
 }

@@ -21,7 +21,7 @@ use crate::theory::check_load;
 /// What to simulate.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct SimConfig {
-    /// Offered load ρ = λ·E[X].
+    /// Offered load ρ = λ·E\[X\].
     pub load: f64,
     /// Jobs whose response times are measured (after the warm-up).
     pub jobs: u64,

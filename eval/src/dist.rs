@@ -287,7 +287,7 @@ impl Sizes {
         }
     }
 
-    /// E[Xᵏ], k in {0, 1, 2}.
+    /// E\[Xᵏ\], k in {0, 1, 2}.
     pub fn moment(&self, k: i32) -> f64 {
         self.partial_moment(k, f64::INFINITY, true)
     }

@@ -44,8 +44,17 @@ pub enum Error {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("font {}: {reason} (on Debian/Ubuntu: apt-get install fonts-dejavu-core)", path.display())]
+    #[error("font {}: {reason}", path.display())]
     Font { path: PathBuf, reason: String },
     #[error("plot {}: {reason}", path.display())]
     Plot { path: PathBuf, reason: String },
+}
+
+impl From<trail_fs::Error> for Error {
+    fn from(e: trail_fs::Error) -> Self {
+        Error::Io {
+            path: e.path,
+            source: e.source,
+        }
+    }
 }

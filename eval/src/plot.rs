@@ -1,9 +1,10 @@
 //! PNG charts shared by the pipeline's stages: multi-series lines (optional error bars, log
 //! axes), CDFs, bars, heatmaps (confusion matrices) and reliability scatters with a y = x line.
 //!
-//! Text is rendered in pure Rust (plotters' `ab_glyph` backend) with a TrueType font loaded
-//! at run time from [`DEFAULT_FONT`] (Debian's `fonts-dejavu-core`), or from the file named by
-//! the `TRAIL_FONT` environment variable. A missing font is an [`Error::Font`].
+//! Text is rendered in pure Rust (plotters' `ab_glyph` backend) with DejaVu Sans, embedded in
+//! the binary ([`EMBEDDED_FONT`], `eval/fonts/`, licence beside it), so charts render on any
+//! machine; the `TRAIL_FONT` environment variable names another TrueType file instead (one that
+//! cannot be read is an [`Error::Font`]).
 //!
 //! ```no_run
 //! use trail_eval::plot::{Axes, Series, line_chart};
@@ -11,7 +12,7 @@
 //! line_chart("out.png".as_ref(), &Axes::new("E[T] vs load", "load", "E[T]"), &[s]).unwrap();
 //! ```
 //!
-//! Every chart is written atomically (a temporary file in the same directory, then a rename).
+//! Every chart is written atomically (`trail_fs::AtomicFile`).
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -22,8 +23,9 @@ use plotters::prelude::*;
 
 use crate::Error;
 
-/// The font used unless `TRAIL_FONT` names another.
-pub const DEFAULT_FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+/// The font used unless `TRAIL_FONT` names another: DejaVu Sans 2.37 (Bitstream Vera licence,
+/// `eval/fonts/LICENSE-DejaVu`).
+pub static EMBEDDED_FONT: &[u8] = include_bytes!("../fonts/DejaVuSans.ttf");
 
 /// Chart size in pixels.
 pub const SIZE: (u32, u32) = (1000, 700);
@@ -33,13 +35,16 @@ static FONT: OnceLock<Result<(), (PathBuf, String)>> = OnceLock::new();
 /// Loads and registers the font (once per process) as plotters' "sans-serif".
 pub fn init_font() -> Result<(), Error> {
     FONT.get_or_init(|| {
-        let path = std::env::var_os("TRAIL_FONT")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_FONT));
-        let bytes = std::fs::read(&path).map_err(|e| (path.clone(), e.to_string()))?;
-        let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+        let (path, bytes) = match std::env::var_os("TRAIL_FONT").map(PathBuf::from) {
+            Some(path) => {
+                let bytes = std::fs::read(&path).map_err(|e| (path.clone(), e.to_string()))?;
+                let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+                (path, bytes)
+            }
+            None => (PathBuf::from("<embedded DejaVuSans.ttf>"), EMBEDDED_FONT),
+        };
         plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
-            .map_err(|_| (path.clone(), "not a TrueType font".to_string()))
+            .map_err(|_| (path, "not a TrueType font".to_string()))
     })
     .clone()
     .map_err(|(path, reason)| Error::Font { path, reason })
@@ -162,35 +167,21 @@ fn plot_err(path: &Path, e: impl std::fmt::Display) -> Error {
     }
 }
 
-/// Renders into a temporary PNG beside `path`, then renames it into place.
+/// Renders into a temporary PNG beside `path` (plotters writes it by path; the temporary name
+/// keeps the `.png` it picks the format by), then commits it into place.
 fn atomic_png(
     path: &Path,
     draw: impl FnOnce(&DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>) -> Result<(), Error>,
 ) -> Result<(), Error> {
     init_font()?;
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|source| Error::Io {
-        path: dir.into(),
-        source,
-    })?;
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or("chart.png");
-    let tmp = dir.join(format!(".{name}.{}.tmp.png", std::process::id()));
+    let file = trail_fs::AtomicFile::create(path)?;
     {
-        let root = BitMapBackend::new(&tmp, SIZE).into_drawing_area();
+        let root = BitMapBackend::new(file.temp_path(), SIZE).into_drawing_area();
         root.fill(&WHITE).map_err(|e| plot_err(path, e))?;
         draw(&root)?;
         root.present().map_err(|e| plot_err(path, e))?;
     }
-    std::fs::rename(&tmp, path).map_err(|source| Error::Io {
-        path: path.into(),
-        source,
-    })
+    Ok(file.commit()?)
 }
 
 /// Data bounds padded by 5 % (or by a factor on log axes).

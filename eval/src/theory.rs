@@ -1,4 +1,4 @@
-//! Mean response time of the M/G/1 queue (Poisson arrivals at rate λ = ρ/E[X]) under FCFS,
+//! Mean response time of the M/G/1 queue (Poisson arrivals at rate λ = ρ/E\[X\]) under FCFS,
 //! SRPT, SPRPT and SPRPT with limited preemption, from the joint law of (size X, prediction Y).
 //!
 //! # Derivation (SOAP, with atoms)
@@ -11,7 +11,7 @@
 //!
 //! For a tagged job (x, r = y) SOAP gives
 //!
-//! E[T(x,r)] = λ·Σᵢ E[Xᵢᵒˡᵈ[r]²] / (2(1 − ρ₀ᵒˡᵈ[r])(1 − ρⁿᵉʷ[r])) + ∫₀ˣ da / (1 − ρⁿᵉʷ[r_w(a)]).
+//! E\[T(x,r)\] = λ·Σᵢ E\[Xᵢᵒˡᵈ\[r\]²\] / (2(1 − ρ₀ᵒˡᵈ\[r\])(1 − ρⁿᵉʷ\[r\])) + ∫₀ˣ da / (1 − ρⁿᵉʷ\[r_w(a)\]).
 //!
 //! Because ranks only fall, an *old* job (arrived earlier) is served ahead of the tagged job
 //! while its rank is **≤** r (the tie goes to the older job): all of it if y' ≤ r, otherwise
@@ -19,17 +19,17 @@
 //! job preempts only with rank **<** r (the tie goes to the tagged job): all of it if y' < r,
 //! nothing otherwise. Hence, with A<(r) = E[X·1{Y<r}], A≤(r) = E[X·1{Y≤r}]:
 //!
-//! * ρⁿᵉʷ[r] = λ·A<(r),  ρ₀ᵒˡᵈ[r] = λ·A≤(r);
+//! * ρⁿᵉʷ\[r\] = λ·A<(r),  ρ₀ᵒˡᵈ\[r\] = λ·A≤(r);
 //! * S(r) = E[X²·1{Y≤r}] + E[((X − min(Y−r, c·Y))⁺)²·1{Y>r}];
 //! * W(r) = λ·S(r) / (2(1 − λA≤(r))(1 − λA<(r)));
 //! * R(x,r) = ∫_{r−min(x,c·r)}^{r} du / (1 − λA<(u)) + (x − c·r)⁺ (for u ≤ 0, A<(u) = 0);
-//! * E[T] = E[W(Y) + R(X,Y)].
+//! * E\[T\] = E\[W(Y) + R(X,Y)\].
 //!
 //! For continuous Y, A< = A≤ and this is the paper's §4.3 (c = ∞) and §4.4 (limited
 //! preemption) — §4.4 checks out, for every c ≥ 0, not only c ≤ 1 (for c ≥ 1 the min is y' − r).
 //! With atoms the squared denominator (1 − ρ'_r)² is wrong: it must be (1 − λA≤)(1 − λA<), and
 //! the residence integrand uses strict inequality. For SRPT (y = x) this is §4.2 with
-//! ρ(x−) = λE[X·1{X<x}]. FCFS is Pollaczek–Khinchine: λE[X²]/(2(1 − ρ)) + E[X].
+//! ρ(x−) = λE\[X·1{X<x}\]. FCFS is Pollaczek–Khinchine: λE\[X²\]/(2(1 − ρ)) + E\[X\].
 //!
 //! # Numerics
 //!
@@ -79,12 +79,12 @@ pub fn check_load(load: f64) -> Result<(), Error> {
     Ok(())
 }
 
-/// Mean response time E[T] at load ρ = λE[X] with default [`Options`].
+/// Mean response time E\[T\] at load ρ = λE\[X\] with default [`Options`].
 pub fn mean_response(joint: &Joint, policy: Policy, load: f64) -> Result<f64, Error> {
     mean_response_with(joint, policy, load, Options::default())
 }
 
-/// Mean response time E[T] at load ρ = λE[X].
+/// Mean response time E\[T\] at load ρ = λE\[X\].
 pub fn mean_response_with(
     joint: &Joint,
     policy: Policy,
@@ -233,7 +233,7 @@ impl Fenwick {
     }
 }
 
-/// E[T] for a discrete law at load ρ under the rank y − a (a ≤ c·y), −∞ after.
+/// E\[T\] for a discrete law at load ρ under the rank y − a (a ≤ c·y), −∞ after.
 pub fn atoms_mean_response(atoms: &Atoms, c: f64, load: f64) -> f64 {
     let mut pts = atoms.points.clone();
     let total_w: f64 = pts.iter().map(|p| p.2).sum();

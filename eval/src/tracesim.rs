@@ -535,12 +535,9 @@ fn initial_predictions(p: &Predictions, out_lens: &[usize]) -> Result<Vec<Option
         .collect()
 }
 
-/// Linear-interpolated quantile of sorted values.
+/// numpy's linear quantile of sorted values (`trail_stats`); NaN when there are none.
 fn quantile(sorted: &[f64], q: f64) -> f64 {
-    let pos = q * (sorted.len() - 1) as f64;
-    let lo = pos.floor() as usize;
-    let hi = pos.ceil() as usize;
-    sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - lo as f64)
+    trail_stats::quantile_sorted(sorted, q).unwrap_or(f64::NAN)
 }
 
 fn summarize(

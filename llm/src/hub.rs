@@ -272,7 +272,7 @@ impl PipAsset {
                 path: dest.clone(),
                 source,
             };
-            let mut tmp = tempfile::NamedTempFile::new_in(&dir).map_err(io)?;
+            let mut tmp = trail_fs::AtomicFile::create(&dest)?;
             let mut hasher = Sha256::new();
             let mut buf = vec![0u8; 1 << 20];
             loop {
@@ -291,14 +291,7 @@ impl PipAsset {
                     actual,
                 });
             }
-            // NamedTempFile is created 0600; a cache file is an ordinary readable file.
-            #[cfg(unix)]
-            {
-                use std::os::unix::fs::PermissionsExt;
-                let perms = std::fs::Permissions::from_mode(0o644);
-                tmp.as_file().set_permissions(perms).map_err(io)?;
-            }
-            tmp.persist(&dest).map_err(|e| io(e.error))?;
+            tmp.commit()?;
             write_sidecar(&dest, &actual)?;
         }
         Ok(())
@@ -324,9 +317,10 @@ fn sidecar_fresh(path: &Path) -> bool {
 }
 
 fn write_sidecar(path: &Path, sha256: &str) -> Result<()> {
-    let side = sidecar(path);
-    std::fs::write(&side, format!("{sha256}\n"))
-        .map_err(|source| HubError::Io { path: side, source })
+    Ok(trail_fs::write_atomic(
+        &sidecar(path),
+        format!("{sha256}\n").as_bytes(),
+    )?)
 }
 
 fn verify(path: &Path, expected: &str) -> Result<()> {
@@ -349,14 +343,16 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     {
         return Ok(s.trim().to_string());
     }
-    let io = |source| HubError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let mut file = std::fs::File::open(path).map_err(io)?;
-    let mut hasher = Sha256::new();
-    std::io::copy(&mut file, &mut hasher).map_err(io)?;
-    Ok(hex::encode(hasher.finalize()))
+    Ok(trail_fs::sha256_file(path)?)
+}
+
+impl From<trail_fs::Error> for HubError {
+    fn from(e: trail_fs::Error) -> Self {
+        HubError::Io {
+            path: e.path,
+            source: e.source,
+        }
+    }
 }
 
 /// Which kind of hub repository a spec names.
@@ -432,6 +428,7 @@ pub fn local(path: &Path) -> Result<PathBuf> {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
 

@@ -91,7 +91,7 @@ fn read_blocks<T: GgmlType>(gguf: &mut GgufFile, name: &str, elems: usize) -> Re
     let bytes =
         storage_bytes(T::DTYPE, elems).ok_or_else(|| gguf.bad_tensor(name, "not whole blocks"))?;
     assert_eq!(
-        std::mem::size_of::<T>() * n_blocks,
+        size_of::<T>() * n_blocks,
         bytes,
         "{:?} block layout",
         T::DTYPE

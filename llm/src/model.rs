@@ -661,7 +661,7 @@ impl KvCache {
 
     /// Bytes of keys and values held (f32).
     pub fn bytes(&self) -> usize {
-        2 * self.len * self.kv_dim * self.layers.len() * std::mem::size_of::<f32>()
+        2 * self.len * self.kv_dim * self.layers.len() * size_of::<f32>()
     }
 
     /// Keys of `layer`: `len × kv_heads × head_dim`, RoPE applied.

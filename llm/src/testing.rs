@@ -347,7 +347,7 @@ pub fn tiny_gguf_with(
     // candle writes version 2; v3 differs only in allowing big-endian files, which this is not.
     bytes[4..8].copy_from_slice(&3u32.to_le_bytes());
     let path = dir.join(name);
-    std::fs::write(&path, bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    trail_fs::write_atomic(&path, &bytes).unwrap_or_else(|e| panic!("{e}"));
     path
 }
 
@@ -369,4 +369,5 @@ pub fn byte_level_chars() -> Vec<char> {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)]
 mod tests;

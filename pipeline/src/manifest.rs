@@ -96,35 +96,22 @@ impl Manifest {
     }
 
     /// Writes `manifest.json` into `dir` atomically and returns its path.
-    pub fn finish(mut self, dir: &Path) -> anyhow::Result<PathBuf> {
+    pub fn finish(self, dir: &Path) -> anyhow::Result<PathBuf> {
+        self.finish_as(&dir.join("manifest.json"))
+    }
+
+    /// Writes the manifest to `path` atomically (e.g. `NAME.manifest.json` beside an export).
+    pub fn finish_as(mut self, path: &Path) -> anyhow::Result<PathBuf> {
         self.wall_s = self.clock.elapsed().as_secs_f64();
         self.outputs.sort_by(|a, b| a.path.cmp(&b.path));
-        let path = dir.join("manifest.json");
-        write_atomic(&path, serde_json::to_string_pretty(&self)?.as_bytes())?;
-        Ok(path)
+        write_atomic(path, serde_json::to_string_pretty(&self)?.as_bytes())?;
+        Ok(path.to_path_buf())
     }
 }
 
-/// Writes `bytes` to `path` through a temporary file in the same directory and a rename, so a
-/// reader never sees a half-written file and a crash never destroys the previous version.
+/// Writes `bytes` to `path` atomically ([`trail_fs::write_atomic`]: a unique temporary file in
+/// the same directory, fsync, rename), so a reader never sees a half-written file and a crash
+/// never destroys the previous version.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
-        .with_context(|| format!("{}: cannot create a temporary file", dir.display()))?;
-    std::io::Write::write_all(&mut tmp, bytes)
-        .with_context(|| format!("{}: write failed", path.display()))?;
-    // Temporary files are created 0600; outputs are ordinary files, readable by others.
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o644))
-            .with_context(|| format!("{}: cannot set permissions", path.display()))?;
-    }
-    tmp.persist(path)
-        .with_context(|| format!("{}: rename failed", path.display()))?;
-    Ok(())
+    Ok(trail_fs::write_atomic(path, bytes)?)
 }

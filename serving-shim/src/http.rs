@@ -19,9 +19,9 @@
 //! browser request from a foreign origin 403 (see [`crate::gate`]); an unknown route is 404, a
 //! wrong method 405; a dead engine makes `/health` and every request 503. Every error is JSON in
 //! OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`. A client that goes away
-//! drops its [`RequestHandle`](crate::engine::RequestHandle), which cancels the request and
+//! drops its [`RequestHandle`], which cancels the request and
 //! frees its blocks. Connection limits (header-read timeout, open connections, the shutdown
-//! deadline) are the [`listener`](crate::listener)'s.
+//! deadline) are the [`crate::listener`] module's.
 
 use std::convert::Infallible;
 use std::future::Future;

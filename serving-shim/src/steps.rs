@@ -22,11 +22,11 @@
 //! | `forward_secs` | float64 | seconds of the forward pass |
 //! | `predictor_secs` | float64 | seconds of the length predictor (probe + filter) |
 //!
-//! [`write`] writes `NAME.tmp`, syncs it and renames it into place, so a file under its final
-//! name is always whole; [`read`] names the file and the column in every error.
+//! [`write()`] writes through `trail_fs::AtomicFile` (a temporary name, synced, renamed into
+//! place), so a file under its final name is always whole; [`read`] names the file and the column in every error.
 
-use std::fs::{self, File};
-use std::path::{Path, PathBuf};
+use std::fs::File;
+use std::path::Path;
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, AsArray, Float64Array, RecordBatch, UInt64Array};
@@ -36,6 +36,7 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 use serde::{Deserialize, Serialize};
+use trail_fs::AtomicFile;
 
 use crate::error::StepLogError;
 
@@ -118,7 +119,7 @@ pub fn schema() -> SchemaRef {
     Arc::new(Schema::new(fields))
 }
 
-/// Writes `records` to `path` atomically (`NAME.tmp`, synced, renamed), creating its directory.
+/// Writes `records` to `path` atomically (`trail_fs`), creating its directory.
 pub fn write(path: &Path, records: &[StepRecord]) -> Result<(), StepLogError> {
     let schema = schema();
     let mut columns: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
@@ -142,11 +143,8 @@ pub fn write(path: &Path, records: &[StepRecord]) -> Result<(), StepLogError> {
         source: e,
     })?;
 
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        fs::create_dir_all(dir).map_err(|e| StepLogError::io(dir, e))?;
-    }
-    let tmp = tmp_path(path);
-    let file = File::create(&tmp).map_err(|e| StepLogError::io(&tmp, e))?;
+    let file = AtomicFile::create(path).map_err(|e| StepLogError::io(&e.path, e.source))?;
+    let tmp = file.temp_path().to_path_buf();
     let props = WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).expect("level 1")))
         .build();
@@ -157,13 +155,11 @@ pub fn write(path: &Path, records: &[StepRecord]) -> Result<(), StepLogError> {
     let mut writer = ArrowWriter::try_new(file, schema, Some(props)).map_err(parquet)?;
     writer.write(&batch).map_err(parquet)?;
     let file = writer.into_inner().map_err(parquet)?;
-    file.sync_all().map_err(|e| StepLogError::io(&tmp, e))?;
-    drop(file);
-    fs::rename(&tmp, path).map_err(|e| StepLogError::io(path, e))?;
-    Ok(())
+    file.commit()
+        .map_err(|e| StepLogError::io(&e.path, e.source))
 }
 
-/// Reads a step log written by [`write`] (or any parquet file with its columns).
+/// Reads a step log written by [`write()`] (or any parquet file with its columns).
 pub fn read(path: &Path) -> Result<Vec<StepRecord>, StepLogError> {
     let file = File::open(path).map_err(|e| StepLogError::io(path, e))?;
     let parquet = |e| StepLogError::Parquet {
@@ -261,13 +257,8 @@ fn column<'a>(
     Ok(col)
 }
 
-fn tmp_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".tmp");
-    path.with_file_name(name)
-}
-
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
 
@@ -298,7 +289,11 @@ mod tests {
         let records: Vec<StepRecord> = (0..5).map(record).collect();
         write(&path, &records).unwrap();
         assert_eq!(read(&path).unwrap(), records);
-        assert!(!tmp_path(&path).exists());
+        let names: Vec<_> = std::fs::read_dir(path.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["steps.parquet"]);
         // An empty log is a valid file too.
         write(&path, &[]).unwrap();
         assert!(read(&path).unwrap().is_empty());
@@ -313,7 +308,7 @@ mod tests {
         assert!(e.contains("missing.parquet"), "{e}");
 
         let not_parquet = dir.join("steps.json");
-        fs::write(&not_parquet, b"[]").unwrap();
+        std::fs::write(&not_parquet, b"[]").unwrap();
         let e = read(&not_parquet).unwrap_err().to_string();
         assert!(e.contains("steps.json") && e.contains("parquet"), "{e}");
 

@@ -198,6 +198,10 @@ fn tiny_latency_args(
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "model"),
+    ignore = "needs the real model (feature `model`)"
+)]
 fn every_request_is_accounted_for_on_the_real_engine() {
     let tmp = tempfile::tempdir().unwrap();
     let (argv, out) = tiny_latency_args(tmp.path(), "inprocess", "0.8", "1,2");
@@ -347,6 +351,10 @@ fn every_request_is_accounted_for_on_the_real_engine() {
 /// loaded the machine is; and cells that replay the recording pass give what cells that run the
 /// model give.
 #[test]
+#[cfg_attr(
+    not(feature = "model"),
+    ignore = "needs the real model (feature `model`)"
+)]
 fn virtual_time_cells_repeat_to_the_bit_replayed_or_not() {
     let tmp = tempfile::tempdir().unwrap();
     let (argv, out) = tiny_latency_args(tmp.path(), "virtual", "0.9", "1");

@@ -123,35 +123,21 @@ fn batch(rows: &[ResultRow]) -> Result<RecordBatch, arrow::error::ArrowError> {
     RecordBatch::try_new(results_schema(), columns)
 }
 
-/// Writes `rows` to `path` atomically (temporary file in the same directory, then a rename).
+/// Writes `rows` to `path` atomically (`trail_fs`).
 pub fn write_results(path: &Path, rows: &[ResultRow]) -> Result<(), Error> {
     let io = |source: std::io::Error| Error::Io {
         path: path.to_path_buf(),
         source,
     };
     let other = |e: &dyn std::fmt::Display| io(std::io::Error::other(e.to_string()));
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(io)?;
-    let tmp = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
+    let tmp = trail_fs::AtomicFile::create(path)?;
     let props = WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::default()))
         .build();
     let batch = batch(rows).map_err(|e| other(&e))?;
-    let mut w = ArrowWriter::try_new(tmp.as_file(), results_schema(), Some(props))
-        .map_err(|e| other(&e))?;
+    let mut w = ArrowWriter::try_new(tmp, results_schema(), Some(props)).map_err(|e| other(&e))?;
     w.write(&batch).map_err(|e| other(&e))?;
-    w.close().map_err(|e| other(&e))?;
-    tmp.as_file().sync_all().map_err(io)?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o644)).map_err(io)?;
-    }
-    tmp.persist(path).map_err(|e| io(e.error))?;
-    Ok(())
+    Ok(w.into_inner().map_err(|e| other(&e))?.commit()?)
 }
 
 fn column<'a, T: 'static>(batch: &'a RecordBatch, name: &str, path: &Path) -> Result<&'a T, Error> {

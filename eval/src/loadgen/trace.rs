@@ -95,28 +95,22 @@ impl Arrivals {
     }
 }
 
-/// Writes a trace atomically (temporary file + rename).
+/// Writes a trace atomically (`trail_fs`).
 pub fn write_trace(path: &Path, trace: &[TraceRequest]) -> Result<(), Error> {
     let io = |source| Error::Io {
         path: path.to_path_buf(),
         source,
     };
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(io)?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
+    let mut tmp = trail_fs::AtomicFile::create(path)?;
     {
-        let mut w = std::io::BufWriter::new(tmp.as_file_mut());
+        let mut w = std::io::BufWriter::new(&mut tmp);
         for r in trace {
             serde_json::to_writer(&mut w, r).map_err(|e| io(e.into()))?;
             w.write_all(b"\n").map_err(io)?;
         }
         w.flush().map_err(io)?;
     }
-    tmp.persist(path).map_err(|e| io(e.error))?;
-    Ok(())
+    Ok(tmp.commit()?)
 }
 
 /// Reads a trace; a bad line is an error naming the file and line.
@@ -155,6 +149,7 @@ pub fn read_trace(path: &Path) -> Result<Vec<TraceRequest>, Error> {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
 

@@ -1,7 +1,7 @@
 //! trail-kernels: quantized matmul kernels (GGUF `Q4_0`, `Q4_1`, `Q8_0` weights × Q8
 //! activations) for the runner's CPU hot path.
 //!
-//! Weights are repacked at load into tiles of 16 outputs ([`format`]); activations are quantized
+//! Weights are repacked at load into tiles of 16 outputs ([`format`](mod@format)); activations are quantized
 //! once per step into Q8 blocks ([`QActivations`]); a tile kernel ([`kernel`]) reads each weight
 //! block once for up to 8 rows of the batch; tiles of outputs are spread over rayon's threads.
 //! The SIMD path (AVX-512 VNNI, AVX2, scalar) is chosen at compile time, and every path gives

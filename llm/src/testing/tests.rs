@@ -476,7 +476,7 @@ impl Reference {
     }
 
     /// The weights as stored in `path`, dequantized.
-    fn dequantized(spec: TinySpec, path: &std::path::Path) -> Self {
+    fn dequantized(spec: TinySpec, path: &Path) -> Self {
         let mut file = std::fs::File::open(path).unwrap();
         let content = gguf_file::Content::read(&mut file).unwrap();
         let w = content

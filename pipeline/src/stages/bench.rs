@@ -75,13 +75,7 @@ pub fn cpu_model() -> String {
         .unwrap_or_else(|| std::env::consts::ARCH.to_string())
 }
 
-/// Median of a non-empty sample.
-pub fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    let n = xs.len();
-    if n % 2 == 1 {
-        xs[n / 2]
-    } else {
-        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
-    }
+/// Median of a non-empty sample (`trail_stats::median`, numpy's `quantile(x, 0.5)`).
+pub fn median(xs: Vec<f64>) -> f64 {
+    trail_stats::median(&xs).expect("a non-empty sample")
 }

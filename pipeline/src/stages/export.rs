@@ -98,10 +98,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .file_stem()
         .map(|s| s.to_string_lossy().to_string())
         .unwrap_or_else(|| "predictor".into());
-    let mpath = manifest.finish(&base)?;
-    let named = base.join(format!("{stem}.manifest.json"));
-    std::fs::rename(&mpath, &named)
-        .with_context(|| format!("{}: rename failed", named.display()))?;
+    manifest.finish_as(&base.join(format!("{stem}.manifest.json")))?;
     eprintln!(
         "exported the probe of layers {:?} (validation MAE {:.2} tokens, hidden {}) to {}{}",
         e.layers,

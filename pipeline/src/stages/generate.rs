@@ -25,7 +25,7 @@ use trail_datasets::{
 use trail_llm::batch::{BatchGenerator, Finished, Job, Positions};
 use trail_llm::{LayerSet, Runner, StopReason, hub};
 
-use crate::manifest::{Manifest, write_atomic};
+use crate::manifest::Manifest;
 use crate::stages::model_args::ModelArgs;
 
 /// Arguments of `trail generate`.
@@ -241,7 +241,8 @@ impl LengthStats {
         }
         let mut v = lengths.to_vec();
         v.sort_unstable();
-        let q = |p: f64| v[((p * (v.len() - 1) as f64).round() as usize).min(v.len() - 1)] as f64;
+        let sorted: Vec<f64> = v.iter().map(|&x| f64::from(x)).collect();
+        let q = |p: f64| trail_stats::quantile_sorted(&sorted, p).expect("non-empty");
         Self {
             mean: v.iter().map(|&x| x as f64).sum::<f64>() / v.len() as f64,
             p50: q(0.5),
@@ -710,31 +711,15 @@ fn count_rows(out: &Path, layer: u32) -> anyhow::Result<u64> {
     Ok(n)
 }
 
-/// Records the run's binding on first use; later runs must match it.
+/// Records the run's binding on first use; later runs must match it (`trail_fs::bind_settings`).
 fn bind(out: &Path, binding: &Binding) -> anyhow::Result<()> {
-    let path = out.join(".parts").join("binding.json");
-    if path.exists() {
-        let text = std::fs::read_to_string(&path)?;
-        let old: Binding = serde_json::from_str(&text)
-            .with_context(|| format!("{}: unreadable; remove the run dir", path.display()))?;
-        if &old != binding {
-            let (a, b) = (serde_json::to_value(&old)?, serde_json::to_value(binding)?);
-            let diff: Vec<String> = a
-                .as_object()
-                .expect("object")
-                .iter()
-                .filter(|(k, v)| b.get(k.as_str()) != Some(v))
-                .map(|(k, v)| format!("{k}: was {v}, now {}", b[k.as_str()]))
-                .collect();
-            anyhow::bail!(
-                "{} holds a run with other settings ({}); use another --out or remove it",
-                out.display(),
-                diff.join("; ")
-            );
-        }
-        return Ok(());
-    }
-    write_atomic(&path, &serde_json::to_vec_pretty(binding)?)
+    let serde_json::Value::Object(settings) = serde_json::to_value(binding)? else {
+        unreachable!("a struct serializes to an object");
+    };
+    Ok(trail_fs::bind_settings(
+        &out.join(".parts").join("binding.json"),
+        &settings,
+    )?)
 }
 
 #[cfg(test)]
@@ -771,24 +756,25 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spec = dir.path().to_string_lossy().into_owned();
         let args = Cli::parse_from(["x", "--dataset", &spec, "--out", &spec]).args;
-        let e = corpus(&args).err().expect("refused").to_string();
+        let refused = |args: &Args| match corpus(args) {
+            Ok(_) => panic!("accepted"),
+            Err(e) => e.to_string(),
+        };
+        let e = refused(&args);
         assert!(e.contains("is a directory") && e.contains(&spec), "{e}");
         let missing = dir.path().join("nope.jsonl").to_string_lossy().into_owned();
         let args = Cli::parse_from(["x", "--dataset", &missing, "--out", &spec]).args;
-        assert!(
-            corpus(&args)
-                .err()
-                .expect("refused")
-                .to_string()
-                .contains("no such file")
-        );
+        assert!(refused(&args).contains("no such file"));
     }
 
     #[test]
     fn length_stats() {
         let s = LengthStats::of(&[1, 2, 3, 512, 512], 512);
         assert_eq!(s.p50, 3.0);
+        assert_eq!(s.p90, 512.0);
         assert_eq!(s.max, 512);
+        // numpy's linear quantile, not the nearest rank: halfway between 2 and 3.
+        assert_eq!(LengthStats::of(&[4, 1, 3, 2], 512).p50, 2.5);
         assert!((s.share_at_cap - 0.4).abs() < 1e-12);
         assert!((s.mean - 206.0).abs() < 1e-12);
     }

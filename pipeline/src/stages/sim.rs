@@ -64,6 +64,7 @@ pub struct Workload {
     #[arg(long)]
     pub pred_sigma: Option<f64>,
     /// Loads ρ = λ·E[X].
+    #[allow(rustdoc::broken_intra_doc_links)] // E[X] is maths (and `--help` text), not a link
     #[arg(long, value_delimiter = ',', default_value = "0.5,0.7,0.9,0.95")]
     pub loads: Vec<f64>,
     /// The preemption limit c of SPRPT-limited in the per-load table.

@@ -267,34 +267,13 @@ fn sha256(path: &Path) -> anyhow::Result<String> {
 /// Settings every finished cell depends on: written once, and a rerun with other values is
 /// refused (it would mix incomparable cells).
 fn check_settings(out: &Path, settings: &Value) -> anyhow::Result<()> {
-    let path = out.join("settings.json");
-    if path.is_file() {
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("{}: cannot read", path.display()))?;
-        let old: Value =
-            serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
-        let (Value::Object(a), Value::Object(b)) = (&old, settings) else {
-            anyhow::bail!("{}: not a JSON object", path.display());
-        };
-        let differ: Vec<String> = b
-            .iter()
-            .filter(|(k, v)| a.get(*k) != Some(*v))
-            .map(|(k, v)| {
-                format!(
-                    "{k}: {} then, {v} now",
-                    a.get(k).map_or("absent".into(), Value::to_string)
-                )
-            })
-            .collect();
-        anyhow::ensure!(
-            differ.is_empty(),
-            "{} was made with other settings ({}); use another --out",
-            path.display(),
-            differ.join("; ")
-        );
-        return Ok(());
-    }
-    write_atomic(&path, serde_json::to_string_pretty(settings)?.as_bytes())
+    let Value::Object(settings) = settings else {
+        anyhow::bail!("settings must be a JSON object");
+    };
+    Ok(trail_fs::bind_settings(
+        &out.join("settings.json"),
+        settings,
+    )?)
 }
 
 /// A progress bar over requests (hidden when stderr is not a terminal).
@@ -439,8 +418,7 @@ fn trace_for(
     out: &Path,
     pool: &[Prompt],
     n: usize,
-    load: f64,
-    seed: u64,
+    (load, seed): (f64, u64),
     sat: &Saturation,
     lengths: Lengths,
     max_tokens: u32,
@@ -645,8 +623,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 &out,
                 &pool,
                 args.requests,
-                load,
-                seed,
+                (load, seed),
                 &sat,
                 lengths,
                 max_tokens,

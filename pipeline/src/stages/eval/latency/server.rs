@@ -240,6 +240,7 @@ impl Server {
                 let mut cmd = Command::new(&exe);
                 cmd.arg("serve").args(serve_args(cx, policy, port, dir));
                 let log = dir.join("server.log");
+                #[allow(clippy::disallowed_methods)] // a log the child streams into, not an output
                 let out = std::fs::File::create(&log)
                     .with_context(|| format!("{}: cannot create", log.display()))?;
                 let err = out.try_clone()?;

@@ -6,10 +6,10 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::Serialize;
-use trail_checkpoints::metrics::{Bootstrap, Interval, percentile};
 use trail_eval::loadgen::ResultRow;
 use trail_eval::tracesim::StepTimeModel;
 use trail_serving_shim::StepRecord;
+use trail_stats::{Bootstrap, Interval};
 
 use super::headroom::Headroom;
 
@@ -119,12 +119,8 @@ fn mean(xs: &[f64], idx: &[usize]) -> Option<f64> {
 }
 
 fn quantile(xs: &[f64], idx: &[usize], q: f64) -> Option<f64> {
-    if idx.is_empty() {
-        return None;
-    }
-    let mut v: Vec<f64> = idx.iter().map(|&i| xs[i]).collect();
-    v.sort_by(f64::total_cmp);
-    Some(percentile(&v, q))
+    let v: Vec<f64> = idx.iter().map(|&i| xs[i]).collect();
+    trail_stats::quantile(&v, q)
 }
 
 fn plain_mean(xs: impl Iterator<Item = f64>) -> Option<f64> {
