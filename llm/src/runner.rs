@@ -168,6 +168,16 @@ impl Runner {
 
     /// As [`Runner::render_chat`] with an explicit system message.
     pub fn render_chat_with_system(&self, system: Option<&str>, user: &str) -> Result<String> {
+        self.template.render(&self.chat_messages(system, user)?)
+    }
+
+    /// An optional system message and the user's, refused when the template has no system
+    /// role.
+    fn chat_messages<'m>(
+        &self,
+        system: Option<&'m str>,
+        user: &'m str,
+    ) -> Result<Vec<Message<'m>>> {
         let mut messages = Vec::with_capacity(2);
         if let Some(content) = system {
             if !self.template.supports_system() {
@@ -184,7 +194,7 @@ impl Runner {
             role: "user",
             content: user,
         });
-        self.template.render(&messages)
+        Ok(messages)
     }
 
     /// Token ids of [`Runner::render_chat`]: special tokens only where the template put them
@@ -196,23 +206,7 @@ impl Runner {
     /// Token ids of [`Runner::render_chat_with_system`], special tokens as in
     /// [`encode_chat`](Self::encode_chat).
     pub fn encode_chat_with_system(&self, system: Option<&str>, user: &str) -> Result<Vec<u32>> {
-        if system.is_some() && !self.template.supports_system() {
-            return Err(LlmError::Template(
-                "this template has no system role".into(),
-            ));
-        }
-        let mut messages = Vec::with_capacity(2);
-        if let Some(content) = system {
-            messages.push(Message {
-                role: "system",
-                content,
-            });
-        }
-        messages.push(Message {
-            role: "user",
-            content: user,
-        });
-        self.encode_messages(&messages)
+        self.encode_messages(&self.chat_messages(system, user)?)
     }
 
     /// Token ids of `messages` through the chat template (generation prompt added): special

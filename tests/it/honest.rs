@@ -13,57 +13,26 @@
 
 use std::sync::Arc;
 
-use candle_core::{Device, Tensor};
 use clap::Parser;
+use trail_checkpoints::Checkpoint;
 use trail_checkpoints::scoring::{self, Predictors, ScoreOptions};
 use trail_checkpoints::suite::Run;
-use trail_checkpoints::{Bins, Checkpoint, CheckpointMeta, Probe, Standardizer};
 use trail_eval::loadgen::EngineBackend;
 use trail_eval::loadgen::workload::{self, Lengths, Prompt};
 use trail_pipeline::stages::generate;
 use trail_serving_shim::{Engine, EngineConfig, GenRequest, PolicyKind, Summary};
 
-use crate::serving::{http, runner, runtime, seeded_checkpoint};
+use crate::serving::{checkpoint_of, http, runner, runtime, seeded_checkpoint};
 
 /// A checkpoint whose probe and prompt predictor put (nearly) all their mass on the last bin,
 /// whatever the input: it expects every request to run to the cap.
 fn expects_long(kernel_id: &str) -> Checkpoint {
-    let r = runner();
-    let d = r.config().hidden_size;
+    let d = runner().config().hidden_size;
     let (h, k) = (8, 10);
-    let t = |v: Vec<f32>, shape: &[usize]| Tensor::from_vec(v, shape, &Device::Cpu).unwrap();
-    let probe = || {
-        let mut b2 = vec![0.0; k];
-        b2[k - 1] = 30.0;
-        Probe::new(
-            Standardizer {
-                mean: vec![0.0; d],
-                std: vec![1.0; d],
-            },
-            t(vec![0.0; h * d], &[h, d]),
-            t(vec![0.0; h], &[h]),
-            t(vec![0.0; k * h], &[k, h]),
-            t(b2, &[k]),
-        )
-        .unwrap()
-    };
-    Checkpoint {
-        meta: CheckpointMeta {
-            model_sha256: "test".into(),
-            kernel_id: kernel_id.into(),
-            probe_layers: vec![11],
-            prompt_layers: vec![11],
-            hidden_size: d,
-            bins: Bins::default(),
-            refine_interval: 4,
-            train_data_sha256: "none".into(),
-            val_mae: 0.0,
-            prompt_val_mae: None,
-            git_commit: "test".into(),
-        },
-        probe: probe(),
-        prompt: Some(probe()),
-    }
+    let mut b2 = vec![0.0; k];
+    b2[k - 1] = 30.0;
+    let weights = (vec![0.0; h * d], vec![0.0; h], vec![0.0; k * h], b2);
+    checkpoint_of(kernel_id, 4, weights.clone(), Some(weights))
 }
 
 /// Serves one trace request through the evaluation backend's request mapping.

@@ -181,22 +181,40 @@ pub(crate) fn seeded_checkpoint(kernel_id: &str) -> Checkpoint {
             })
             .collect()
     };
-    let mut probe = || {
+    let mut probe =
+        |h: usize, k: usize| (rnd(h * d, 0.2), rnd(h, 0.2), rnd(k * h, 2.0), rnd(k, 0.5));
+    let decode = probe(h, k);
+    let prompt = probe(h, k);
+    checkpoint_of(kernel_id, 2, decode, Some(prompt))
+}
+
+/// A probe's weights `(w1, b1, w2, b2)`, row-major.
+pub(crate) type ProbeWeights = (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>);
+
+/// A checkpoint on layer 11 of SmolLM2 with the given probe and prompt predictor (identity
+/// standardization), through the file format as the engine gets it in production.
+pub(crate) fn checkpoint_of(
+    kernel_id: &str,
+    refine_interval: u32,
+    decode: ProbeWeights,
+    prompt: Option<ProbeWeights>,
+) -> Checkpoint {
+    let d = runner().config().hidden_size;
+    let probe = |(w1, b1, w2, b2): ProbeWeights| {
+        let (h, k) = (b1.len(), b2.len());
         let t = |v: Vec<f32>, shape: &[usize]| Tensor::from_vec(v, shape, &Device::Cpu).unwrap();
         Probe::new(
             Standardizer {
                 mean: vec![0.0; d],
                 std: vec![1.0; d],
             },
-            t(rnd(h * d, 0.2), &[h, d]),
-            t(rnd(h, 0.2), &[h]),
-            t(rnd(k * h, 2.0), &[k, h]),
-            t(rnd(k, 0.5), &[k]),
+            t(w1, &[h, d]),
+            t(b1, &[h]),
+            t(w2, &[k, h]),
+            t(b2, &[k]),
         )
         .unwrap()
     };
-    let decode = probe();
-    let prompt = probe();
     let ck = Checkpoint {
         meta: CheckpointMeta {
             model_sha256: "test".into(),
@@ -205,16 +223,15 @@ pub(crate) fn seeded_checkpoint(kernel_id: &str) -> Checkpoint {
             prompt_layers: vec![11],
             hidden_size: d,
             bins: Bins::default(),
-            refine_interval: 2,
+            refine_interval,
             train_data_sha256: "none".into(),
             val_mae: 0.0,
             prompt_val_mae: None,
             git_commit: "test".into(),
         },
-        probe: decode,
-        prompt: Some(prompt),
+        probe: probe(decode),
+        prompt: prompt.map(probe),
     };
-    // Through the file format, as the engine gets it in production.
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("probe.safetensors");
     ck.save(&path).unwrap();
