@@ -14,7 +14,9 @@ mod checkpoints;
 mod datasets;
 #[cfg(feature = "model")]
 mod generate;
+#[cfg(feature = "model")]
 mod honest;
+#[cfg(feature = "model")]
 mod hostile;
 mod latency;
 mod mae;
