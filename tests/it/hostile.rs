@@ -529,7 +529,7 @@ fn checkpoint_with_interval(dir: &Path, interval: u64) -> PathBuf {
     let mut header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
     header["__metadata__"]["refine_interval"] = interval.to_string().into();
     let mut text = header.to_string().into_bytes();
-    while text.len() % 8 != 0 {
+    while !text.len().is_multiple_of(8) {
         text.push(b' ');
     }
     let mut patched = (text.len() as u64).to_le_bytes().to_vec();

@@ -771,14 +771,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spec = dir.path().to_string_lossy().into_owned();
         let args = Cli::parse_from(["x", "--dataset", &spec, "--out", &spec]).args;
-        let e = corpus(&args).err().expect("refused").to_string();
+        let e = corpus(&args).expect_err("refused").to_string();
         assert!(e.contains("is a directory") && e.contains(&spec), "{e}");
         let missing = dir.path().join("nope.jsonl").to_string_lossy().into_owned();
         let args = Cli::parse_from(["x", "--dataset", &missing, "--out", &spec]).args;
         assert!(
             corpus(&args)
-                .err()
-                .expect("refused")
+                .expect_err("refused")
                 .to_string()
                 .contains("no such file")
         );
