@@ -904,6 +904,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "ignore_eos": args.ignore_eos,
         "clip_output_tokens": args.clip_output_tokens,
         "max_tokens": max_tokens,
+        "clamp_to_profiled_length": args.clamp_to_profiled_length,
         "c": args.c,
         "refine_every": args.refine_every,
         "saturation_requests": saturation_requests,
