@@ -10,22 +10,15 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
 use serde_json::{Value, json};
-use trail_llm::Runner;
 use trail_pipeline::stages::serve;
 
-const CHILD_ENV: &str = "TRAIL_IT_SERVE_ARGS";
+use crate::serving::runner;
 
-fn runner() -> Arc<Runner> {
-    static RUNNER: OnceLock<Arc<Runner>> = OnceLock::new();
-    RUNNER
-        .get_or_init(|| Arc::new(Runner::load(&trail_tests::smollm2_gguf()).expect("load SmolLM2")))
-        .clone()
-}
+const CHILD_ENV: &str = "TRAIL_IT_SERVE_ARGS";
 
 #[derive(Parser)]
 struct ServeCli {
