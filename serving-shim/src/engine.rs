@@ -257,7 +257,7 @@ impl Engine {
             None => None,
         };
         if cfg.recordings.is_some() && cfg.virtual_time.is_none() {
-            return Err(EngineError::Stopped(
+            return Err(EngineError::Config(
                 "replaying recorded requests needs virtual time: on the wall clock, steps that \
                  run no model would be timed"
                     .into(),
@@ -780,7 +780,7 @@ impl Worker {
                 .get_mut(&s.id)
                 .expect("planned requests have a context");
             if ctx.cache.len() != s.start {
-                return Err(EngineError::Stopped(format!(
+                return Err(EngineError::Internal(format!(
                     "request {}: cache holds {} tokens, the plan starts at {}",
                     s.id,
                     ctx.cache.len(),
@@ -825,7 +825,7 @@ impl Worker {
                         .generated
                         .len();
                     rp.token(generated).ok_or_else(|| {
-                        EngineError::Stopped(format!(
+                        EngineError::Replay(format!(
                             "request {}: its recording ends at {generated} tokens",
                             s.id
                         ))
@@ -966,7 +966,7 @@ fn predict(
             if let Some(rp) = ctx.replay.as_mut() {
                 let ev = rp
                     .next_event(g as usize)
-                    .map_err(|e| EngineError::Stopped(format!("request {id}: {e}")))?;
+                    .map_err(|e| EngineError::Replay(format!("request {id}: {e}")))?;
                 want.prompt = ev.prompt.clone();
                 want.probe = Some(ev.probs.clone());
             } else {

@@ -115,6 +115,16 @@ pub enum EngineError {
         /// The request's cap.
         max_new: usize,
     },
+    /// The engine was configured in a way it cannot run.
+    #[error("engine configuration: {0}")]
+    Config(String),
+    /// A replayed request's recording does not match what the engine asks of it (made with
+    /// another model, checkpoint or refresh interval).
+    #[error("replay: {0}")]
+    Replay(String),
+    /// An invariant between the scheduler's plan and the engine's state broke (a bug).
+    #[error("internal: {0}")]
+    Internal(String),
     /// The engine is shutting down and admits nothing.
     #[error("the engine is shutting down")]
     ShuttingDown,

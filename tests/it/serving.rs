@@ -928,3 +928,14 @@ fn virtual_engines_replaying_recordings_match_engines_running_the_model() {
         assert_eq!(c, p, "tokens, timestamps, predictions and preemptions");
     }
 }
+
+#[test]
+fn replay_on_the_wall_clock_is_refused_as_a_configuration_error() {
+    let mut cfg = EngineConfig::new(4096, PolicyKind::Fcfs);
+    cfg.recordings = Some(Arc::new(Recordings::new()));
+    match Engine::start(runner(), None, cfg) {
+        Err(EngineError::Config(m)) => assert!(m.contains("virtual time"), "{m}"),
+        Err(e) => panic!("not a configuration error: {e}"),
+        Ok(_) => panic!("replay without virtual time started"),
+    }
+}
