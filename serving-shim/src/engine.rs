@@ -675,11 +675,10 @@ impl Worker {
 
     /// Running, waiting and KV gauges of `/metrics`, from the scheduler now.
     fn publish_gauges(&self) {
-        let mut st = self.stats.lock().unwrap_or_else(|e| e.into_inner());
-        st.waiting = self.sched.num_waiting();
-        st.running = self.sched.num_running();
-        st.kv_blocks_used = self.sched.blocks().used_blocks();
-        st.counters = self.sched.counters();
+        set_gauges(
+            &mut self.stats.lock().unwrap_or_else(|e| e.into_inner()),
+            &self.sched,
+        );
     }
 
     fn cancel_disconnected(&mut self) {
@@ -893,10 +892,7 @@ impl Worker {
             let _ = ctx.tx.send(Event::Done(Box::new(sum)));
         }
         let step_secs = t0.elapsed().as_secs_f64();
-        st.waiting = self.sched.num_waiting();
-        st.running = self.sched.num_running();
-        st.kv_blocks_used = self.sched.blocks().used_blocks();
-        st.counters = self.sched.counters();
+        set_gauges(&mut st, &self.sched);
         st.step_secs += step_secs;
         st.predictor_secs += predictor_secs;
         drop(st);
@@ -1030,6 +1026,14 @@ struct Want {
     g: u32,
     prompt: Option<Vec<f32>>,
     probe: Option<Vec<f32>>,
+}
+
+/// The gauges and counters of `st` from the scheduler's state now.
+fn set_gauges(st: &mut EngineStats, sched: &Scheduler) {
+    st.waiting = sched.num_waiting();
+    st.running = sched.num_running();
+    st.kv_blocks_used = sched.blocks().used_blocks();
+    st.counters = sched.counters();
 }
 
 fn summary(seq: Sequence, predictions: Vec<(u32, f64)>) -> Summary {
