@@ -158,6 +158,30 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     Ok(trail_fs::sha256_file(path)?)
 }
 
+/// A run's `manifest.json`, `Null` when it is absent or unreadable (runs made by other tools).
+fn read_manifest(dir: &Path) -> serde_json::Value {
+    std::fs::read_to_string(dir.join("manifest.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default()
+}
+
+/// The cap the run in `dir` was generated under: its manifest's `--max-new-tokens`, else the
+/// longest output of `requests`.
+pub fn generation_cap(dir: &Path, requests: &[RequestRow]) -> Result<u32> {
+    cap_from(&read_manifest(dir), dir, requests)
+}
+
+fn cap_from(manifest: &serde_json::Value, dir: &Path, requests: &[RequestRow]) -> Result<u32> {
+    match manifest["config"]["max_new_tokens"].as_u64() {
+        None => Ok(requests.iter().map(|r| r.output_tokens).max().unwrap_or(0)),
+        Some(n) => u32::try_from(n).map_err(|_| Error::Data {
+            path: dir.join("manifest.json"),
+            msg: format!("config.max_new_tokens = {n} does not fit 32 bits"),
+        }),
+    }
+}
+
 impl Run {
     /// Read `requests.parquet` and `manifest.json` (optional) of a run directory.
     pub fn open(dir: &Path) -> Result<Self> {
@@ -167,11 +191,7 @@ impl Run {
             .enumerate()
             .map(|(i, r)| (r.request_id.clone(), i))
             .collect();
-        let manifest: serde_json::Value = std::fs::read_to_string(dir.join("manifest.json"))
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .unwrap_or_default();
-        let longest = requests.iter().map(|r| r.output_tokens).max().unwrap_or(0);
+        let manifest = read_manifest(dir);
         let info = RunInfo {
             model_sha256: manifest["results"]["model_sha256"]
                 .as_str()
@@ -181,10 +201,7 @@ impl Run {
                 .as_str()
                 .unwrap_or("unknown")
                 .to_string(),
-            max_new_tokens: manifest["config"]["max_new_tokens"]
-                .as_u64()
-                .map(|v| v as u32)
-                .unwrap_or(longest),
+            max_new_tokens: cap_from(&manifest, dir, &requests)?,
             sample: manifest["config"]["sample"].as_str().map(str::to_string),
             requests_sha256: sha256_file(&requests_path(dir))?,
         };

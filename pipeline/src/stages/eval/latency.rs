@@ -379,21 +379,6 @@ fn measure_saturation(
     })
 }
 
-/// The cap a client of this data would send: the data run's `--max-new-tokens` (its
-/// manifest), else its longest output.
-fn generation_cap(data: &Path, rows: &[RequestRow]) -> anyhow::Result<u32> {
-    let manifest = data.join("manifest.json");
-    let from_manifest = std::fs::read_to_string(&manifest)
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .and_then(|m| m["config"]["max_new_tokens"].as_u64());
-    match from_manifest {
-        Some(n) => u32::try_from(n)
-            .with_context(|| format!("{}: config.max_new_tokens {n}", manifest.display())),
-        None => Ok(rows.iter().map(|r| r.output_tokens).max().unwrap_or(1)),
-    }
-}
-
 /// The report's line on output lengths and caps.
 fn describe_lengths(lengths: Lengths, max_tokens: u32) -> String {
     match lengths {
@@ -482,7 +467,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let max_tokens = args
         .max_tokens
-        .unwrap_or(generation_cap(&args.data, &rows)?)
+        .unwrap_or(trail_checkpoints::suite::generation_cap(&args.data, &rows)?)
         .min(args.clip_output_tokens.unwrap_or(u32::MAX))
         .max(1);
     let saturation_requests = args
