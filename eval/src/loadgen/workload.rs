@@ -100,16 +100,19 @@ fn requests(
         .iter()
         .zip(prompts)
         .map(|(&t, p)| {
+            // A request stops at its cap, as it would for a real client: the profiled length
+            // never raises the cap (a per-request cap would carry the length).
             let fixed = match lengths {
                 Lengths::Profiled { clip, .. } => Some(
                     clip.map_or(p.output_tokens, |c| p.output_tokens.min(c))
+                        .min(max_tokens)
                         .max(1),
                 ),
                 Lengths::Free => None,
             };
             let cap = match (lengths, fixed) {
                 (Lengths::Profiled { clamp: true, .. }, Some(n)) => n,
-                _ => max_tokens.max(fixed.unwrap_or(1)),
+                _ => max_tokens,
             };
             TraceRequest {
                 arrival_s: t,
@@ -174,6 +177,16 @@ mod tests {
         };
         for r in burst(&pool, 5, 1, clamped, 64).unwrap() {
             assert_eq!(r.max_tokens, r.output_tokens, "the release protocol's cap");
+        }
+        // A cap below some profiled lengths (3..=7) stops those requests at the cap; it is the
+        // same cap for every request.
+        let honest = Lengths::Profiled {
+            clip: None,
+            clamp: false,
+        };
+        for r in burst(&pool, 5, 1, honest, 5).unwrap() {
+            assert_eq!(r.max_tokens, Some(5));
+            assert!(r.output_tokens.unwrap() <= 5);
         }
         let c = poisson_trace(&pool, 12, 2.0, 10, Lengths::Free, 64).unwrap();
         assert_ne!(
