@@ -10,6 +10,7 @@
 //! References: Vaswani et al. 2017 (scaled dot-product attention), Ainslie et al. 2023 (GQA).
 
 use rayon::prelude::*;
+use trail_kernels::simd::Isa;
 use trail_kernels::{SimdPath, simd_dispatch};
 
 use crate::cache::LayerKv;
@@ -117,6 +118,7 @@ simd_dispatch! {
 
 #[inline(always)]
 fn attend_group_body(
+    isa: Isa,
     q: &[f32],
     hd: usize,
     head: KvHead<'_>,
@@ -127,7 +129,7 @@ fn attend_group_body(
     scores.clear();
     scores.resize(group * len, 0.0);
     if hd == 64 && group <= MAX_GROUP {
-        attend_group_fixed(q, head, scores, out);
+        attend_group_fixed(isa, q, head, scores, out);
     } else {
         for ((qh, oh), sh) in q
             .chunks_exact(hd)
@@ -193,7 +195,7 @@ fn attend_any(q: &[f32], head: KvHead<'_>, scores: &mut [f32], out: &mut [f32]) 
 /// advance together for each head ([`dots4`]), and each value row, read once, is added into
 /// every head's local accumulator.
 #[inline(always)]
-fn attend_group_fixed(q: &[f32], head: KvHead<'_>, scores: &mut [f32], out: &mut [f32]) {
+fn attend_group_fixed(isa: Isa, q: &[f32], head: KvHead<'_>, scores: &mut [f32], out: &mut [f32]) {
     let group = q.len() / 64;
     let len = scores.len() / group;
     let scale = 1.0 / (64f32).sqrt();
@@ -207,7 +209,7 @@ fn attend_group_fixed(q: &[f32], head: KvHead<'_>, scores: &mut [f32], out: &mut
     for j0 in (0..full).step_by(4) {
         let ks = [key(j0), key(j0 + 1), key(j0 + 2), key(j0 + 3)];
         for (h, qh) in qs.iter().enumerate() {
-            for (b, d) in dots4(qh, ks).into_iter().enumerate() {
+            for (b, d) in dots4(isa, qh, ks).into_iter().enumerate() {
                 let s = d * scale;
                 scores[h * len + j0 + b] = s;
                 max[h] = max[h].max(s);
@@ -249,23 +251,45 @@ fn wide(x: &[f32]) -> &[f32; 64] {
     x.try_into().expect("64 wide")
 }
 
-/// [`dot`] of `q` with four keys at once, sharing each load of `q`: per key the same eight
-/// lanes (a multiply, then an add: no fused multiply-add) and the same reduction, so every
-/// result has [`dot`]'s bits. Written as plain lanes that vectorize to one `ymm` (or two `xmm`)
-/// accumulator per key.
+/// [`dot`] of `q` with four keys at once: with AVX, per key the same eight lanes (a multiply,
+/// then an add: no fused multiply-add) and the same reduction as [`dot`], sharing each load of
+/// `q`, so every result has [`dot`]'s bits; without, four [`dot`]s.
 #[inline(always)]
-fn dots4(q: &[f32; 64], ks: [&[f32; 64]; 4]) -> [f32; 4] {
-    let mut acc = [[0f32; 8]; 4];
-    for c in 0..8 {
-        let qc = &q[c * 8..c * 8 + 8];
-        for (a, k) in acc.iter_mut().zip(ks) {
-            let kc = &k[c * 8..c * 8 + 8];
-            for i in 0..8 {
-                a[i] += qc[i] * kc[i];
+fn dots4(isa: Isa, q: &[f32; 64], ks: [&[f32; 64]; 4]) -> [f32; 4] {
+    #[cfg(target_arch = "x86_64")]
+    if isa.has_avx2() {
+        // SAFETY: `isa` proves the CPU runs its path, and every x86 path but scalar has AVX.
+        return unsafe { dots4_avx(q, ks) };
+    }
+    let _ = isa;
+    ks.map(|k| dot(q, k))
+}
+
+/// [`dots4`] with AVX intrinsics (inlined into the copies compiled with AVX).
+///
+/// # Safety
+/// The CPU must support AVX.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn dots4_avx(q: &[f32; 64], ks: [&[f32; 64]; 4]) -> [f32; 4] {
+    use std::arch::x86_64::*;
+    // SAFETY: AVX per the contract; every load reads 8 floats inside a 64-float array.
+    unsafe {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for c in 0..8 {
+            let qc = _mm256_loadu_ps(q.as_ptr().add(c * 8));
+            for (a, k) in acc.iter_mut().zip(&ks) {
+                let kc = _mm256_loadu_ps(k.as_ptr().add(c * 8));
+                *a = _mm256_add_ps(*a, _mm256_mul_ps(qc, kc));
             }
         }
+        acc.map(|a| {
+            // [a0+a4, a1+a5, a2+a6, a3+a7], then (v0+v1) + (v2+v3).
+            let v = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps::<1>(a));
+            let h = _mm_hadd_ps(v, v);
+            _mm_cvtss_f32(_mm_hadd_ps(h, h))
+        })
     }
-    acc.map(|a| ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7])))
 }
 
 #[cfg(test)]
