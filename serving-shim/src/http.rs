@@ -40,10 +40,11 @@ use serde_json::{Value, json};
 use trail_llm::{Message, Sampling};
 
 use crate::bert::BertPredictor;
-use crate::engine::{Engine, Event, GenRequest, RequestHandle, Summary};
+use crate::engine::Engine;
 use crate::error::{EngineError, SchedulerError};
 use crate::gate::{self, Gate};
 use crate::listener::{self, Limits};
+use crate::request::{Event, GenRequest, RequestHandle, Summary};
 use crate::sequence::FinishReason;
 
 /// What the front end does with requests beyond the engine's own limits.
