@@ -11,12 +11,13 @@
 //! [`RequestHandle`] whose channel yields [`Event::Token`]s and one [`Event::Done`]. Dropping
 //! the handle cancels the request and frees its blocks.
 //!
-//! - [`worker`]: the engine thread's state, its loop, admission, arrivals and aborts.
-//! - [`step`]: one step: plan → rows → executors → results → clock, statistics, step log.
-//! - [`row`]: a step's rows, built from the scheduler's plan.
-//! - [`executor`]: who runs a request's rows: the model, or its recording.
-//! - [`live`]: a live request's state that the scheduler does not hold.
-//! - [`stats`]: the engine's statistics from its requests and its scheduler.
+//! Inside (private modules):
+//! - `worker`: the engine thread's state, its loop, admission, arrivals and aborts.
+//! - `step`: one step: plan → rows → executors → results → clock, statistics, step log.
+//! - `row`: a step's rows, built from the scheduler's plan.
+//! - `executor`: who runs a request's rows: the model, or its recording.
+//! - `live`: a live request's state that the scheduler does not hold.
+//! - `stats`: the engine's statistics from its requests and its scheduler.
 
 mod executor;
 mod live;
