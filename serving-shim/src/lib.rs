@@ -27,6 +27,7 @@
 //! - [`steps`]: the step log ([`StepRecord`], `steps.parquet`) for the simulator's step-time
 //!   model.
 
+mod api_error;
 pub mod bert;
 pub mod block;
 pub mod clock;

@@ -10,14 +10,12 @@
 //! Either way a row that produced a token comes back as a [`Produced`], so the step applies
 //! both alike; the recording is exact, so the two give the same bits.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
 use trail_checkpoints::schedule::Need;
 use trail_llm::{KvCache, LayerSet, Row, Runner, Sampler, StepOutput};
 
-use super::live::LiveRequest;
 use super::row::RowSpec;
 use crate::error::EngineError;
 use crate::predictor::Predictor;
@@ -126,6 +124,14 @@ impl Executor {
     }
 }
 
+/// Where a step finds its requests' executors (the live requests, by id).
+pub(super) trait Executors {
+    /// The executor of live request `id`.
+    fn executor(&self, id: SeqId) -> &Executor;
+    /// The same, to run it.
+    fn executor_mut(&mut self, id: SeqId) -> &mut Executor;
+}
+
 /// What a row that produced a token brings back.
 pub(super) struct Produced {
     /// The token.
@@ -152,10 +158,10 @@ pub(super) struct Ran {
 pub(super) fn run(
     model: &ModelExecutor<'_>,
     rows: &[RowSpec],
-    live: &mut HashMap<SeqId, LiveRequest>,
+    live: &mut impl Executors,
 ) -> Result<Ran, EngineError> {
     let (replayed, computed): (Vec<usize>, Vec<usize>) =
-        (0..rows.len()).partition(|&r| live[&rows[r].id].executor.is_replay());
+        (0..rows.len()).partition(|&r| live.executor(rows[r].id).is_replay());
     let mut produced: Vec<Option<Produced>> = rows.iter().map(|_| None).collect();
     let (forward_secs, probe_secs) = model.run(rows, &computed, live, &mut produced)?;
     replay(rows, &replayed, live, &mut produced)?;
@@ -173,16 +179,12 @@ pub(super) fn run(
 fn replay(
     rows: &[RowSpec],
     mine: &[usize],
-    live: &mut HashMap<SeqId, LiveRequest>,
+    live: &mut impl Executors,
     produced: &mut [Option<Produced>],
 ) -> Result<(), EngineError> {
     for &r in mine.iter().filter(|&&r| rows[r].produces) {
         let row = &rows[r];
-        let rp = live
-            .get_mut(&row.id)
-            .expect("planned requests are live")
-            .executor
-            .replay_mut();
+        let rp = live.executor_mut(row.id).replay_mut();
         let token = rp.token(row.generated).ok_or_else(|| {
             EngineError::Replay(format!(
                 "request {}: its recording ends at {} tokens",
@@ -225,7 +227,7 @@ impl ModelExecutor<'_> {
         &self,
         rows: &[RowSpec],
         mine: &[usize],
-        live: &mut HashMap<SeqId, LiveRequest>,
+        live: &mut impl Executors,
         produced: &mut [Option<Produced>],
     ) -> Result<(f64, f64), EngineError> {
         if mine.is_empty() {
@@ -235,9 +237,9 @@ impl ModelExecutor<'_> {
         let out = self.forward(rows, mine, live)?;
         let forward_secs = tf.elapsed().as_secs_f64();
         for (j, &r) in mine.iter().enumerate().filter(|(_, r)| rows[**r].produces) {
-            let executor = &mut live.get_mut(&rows[r].id).expect("present").executor;
+            let sampler = live.executor_mut(rows[r].id).sampler_mut();
             produced[r] = Some(Produced {
-                token: executor.sampler_mut().sample(out.logits(j)),
+                token: sampler.sample(out.logits(j)),
                 prompt: None,
                 probe: None,
             });
@@ -256,17 +258,13 @@ impl ModelExecutor<'_> {
         &self,
         rows: &[RowSpec],
         mine: &[usize],
-        live: &mut HashMap<SeqId, LiveRequest>,
+        live: &mut impl Executors,
     ) -> Result<StepOutput, EngineError> {
         let model = self.runner.model();
         let mut caches: Vec<KvCache> = Vec::with_capacity(mine.len());
         for &r in mine {
             let row = &rows[r];
-            let cache = live
-                .get_mut(&row.id)
-                .expect("planned requests have a context")
-                .executor
-                .cache_mut();
+            let cache = live.executor_mut(row.id).cache_mut();
             if cache.len() != row.start {
                 return Err(EngineError::Internal(format!(
                     "request {}: cache holds {} tokens, the plan starts at {}",
@@ -286,11 +284,7 @@ impl ModelExecutor<'_> {
             model.step(&mut batch, self.layers())
         };
         for (&r, c) in mine.iter().zip(caches) {
-            *live
-                .get_mut(&rows[r].id)
-                .expect("present")
-                .executor
-                .cache_mut() = c;
+            *live.executor_mut(rows[r].id).cache_mut() = c;
         }
         Ok(out?)
     }
@@ -306,7 +300,7 @@ fn probe(
     out: &StepOutput,
     rows: &[RowSpec],
     mine: &[usize],
-    live: &HashMap<SeqId, LiveRequest>,
+    live: &impl Executors,
     produced: &mut [Option<Produced>],
 ) -> Result<(), EngineError> {
     let mut prompt = Features::default();
@@ -317,7 +311,7 @@ fn probe(
             continue;
         }
         if row.need == Need::Start
-            && let Some(f) = pred.prompt_features(live[&row.id].executor.cache())
+            && let Some(f) = pred.prompt_features(live.executor(row.id).cache())
         {
             prompt.push(r, f);
         }

@@ -3,18 +3,20 @@
 //! the estimates it made. Applying a row's product (a token and the predictor's outputs) and
 //! ending the request happen here.
 
+use std::collections::HashMap;
+
 use tokio::sync::mpsc;
-use trail_checkpoints::schedule::{self, RowOutputs};
+use trail_checkpoints::schedule::{self, Need, RowOutputs};
 use trail_checkpoints::{Filter, RefineState};
 
-use super::executor::{Executor, Produced};
+use super::executor::{Executor, Executors, Produced};
 use super::row::RowSpec;
 use super::stats::score;
 use crate::metrics::EngineStats;
 use crate::recording::PredictorEvent;
 use crate::request::{Event, GenRequest, Summary};
 use crate::scheduler::StepResult;
-use crate::sequence::Sequence;
+use crate::sequence::{SeqId, Sequence};
 
 /// A live request's state that the scheduler does not hold.
 pub(super) struct LiveRequest {
@@ -24,7 +26,7 @@ pub(super) struct LiveRequest {
     ignore_eos: bool,
     tx: mpsc::UnboundedSender<Event>,
     /// The filter's state, from the request's first produced row on.
-    pub(super) refine: Option<RefineState>,
+    refine: Option<RefineState>,
     /// `(g, estimate at row g)`, one per produced row (see [`Summary::predictions`]).
     predictions: Vec<(u32, f64)>,
     /// Who runs its rows.
@@ -47,6 +49,13 @@ impl LiveRequest {
             executor,
         };
         (live, rx)
+    }
+
+    /// What the predictor's `filter` (if any) needs from the request's row `g`.
+    pub(super) fn need(&self, filter: Option<&Filter>, g: u32) -> Need {
+        filter.map_or(Need::Nothing, |f| {
+            schedule::need(self.refine.as_ref(), f, g)
+        })
     }
 
     /// The caller dropped its handle.
@@ -122,5 +131,18 @@ impl LiveRequest {
         let sum = Summary::of(seq, self.predictions);
         score(st, &sum);
         let _ = self.tx.send(Event::Done(Box::new(sum)));
+    }
+}
+
+impl Executors for HashMap<SeqId, LiveRequest> {
+    fn executor(&self, id: SeqId) -> &Executor {
+        &self[&id].executor
+    }
+
+    fn executor_mut(&mut self, id: SeqId) -> &mut Executor {
+        &mut self
+            .get_mut(&id)
+            .expect("planned requests are live")
+            .executor
     }
 }

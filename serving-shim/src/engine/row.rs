@@ -3,12 +3,8 @@
 //! where it starts in the request's context, whether it produces a token, and what the
 //! predictor's filter needs from it ([`Need`]).
 
-use std::collections::HashMap;
+use trail_checkpoints::schedule::Need;
 
-use trail_checkpoints::Filter;
-use trail_checkpoints::schedule::{self, Need};
-
-use super::live::LiveRequest;
 use crate::scheduler::{Chunk, Scheduler, StepPlan};
 use crate::sequence::{SeqId, Sequence};
 
@@ -33,25 +29,24 @@ pub(super) struct RowSpec {
     pub(super) need: Need,
 }
 
-/// The rows of `plan`: decodes, then prefill chunks of prompt + generated. `filter` is the
-/// predictor's, if the engine has one.
-pub(super) fn build(
+/// The rows of `plan`: decodes, then prefill chunks of prompt + generated. `prompt` gives a
+/// request's prompt tokens; `need` what the filter needs from a request's row `g` that
+/// produces a token.
+pub(super) fn build<'a>(
     plan: &StepPlan,
     sched: &Scheduler,
-    live: &HashMap<SeqId, LiveRequest>,
-    filter: Option<&Filter>,
+    prompt: impl Fn(SeqId) -> &'a [u32],
+    need: impl Fn(SeqId, u32) -> Need,
 ) -> Vec<RowSpec> {
     let seq = |id: SeqId| sched.get(id).expect("planned sequences are live");
     let decodes = plan.decode.iter().map(|&id| decode(seq(id)));
     let prefills = plan
         .prefill
         .iter()
-        .map(|c| prefill(c, seq(c.id), &live[&c.id].prompt));
+        .map(|c| prefill(c, seq(c.id), prompt(c.id)));
     let mut rows: Vec<RowSpec> = decodes.chain(prefills).collect();
-    if let Some(filter) = filter {
-        for row in rows.iter_mut().filter(|r| r.produces) {
-            row.need = schedule::need(live[&row.id].refine.as_ref(), filter, row.g);
-        }
+    for row in rows.iter_mut().filter(|r| r.produces) {
+        row.need = need(row.id, row.g);
     }
     rows
 }

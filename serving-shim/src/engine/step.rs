@@ -38,7 +38,13 @@ impl Worker {
             return Ok(());
         }
         let filter = self.predictor.as_ref().map(Predictor::filter);
-        let rows = row::build(&plan, &self.sched, &self.live, filter);
+        let live = &self.live;
+        let rows = row::build(
+            &plan,
+            &self.sched,
+            |id| &live[&id].prompt,
+            |id, g| live[&id].need(filter, g),
+        );
         let model = ModelExecutor {
             runner: &self.runner,
             predictor: self.predictor.as_ref(),

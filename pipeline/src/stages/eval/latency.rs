@@ -210,7 +210,10 @@ fn run_cells(
             cell.load,
             cell.seed
         ));
-        let line = cell.run(launch, rt, grid.trace(cell), &args.out, || bar.inc(1))?;
+        let trace = grid.trace(cell);
+        let line = cell.run(launch, rt, (trace.rate, &trace.requests), &args.out, || {
+            bar.inc(1)
+        })?;
         if bar.is_hidden() {
             eprintln!("{line}");
         } else {

@@ -7,10 +7,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use trail_eval::loadgen::{ResultRow, write_results};
+use trail_eval::loadgen::{ResultRow, TraceRequest, write_results};
 use trail_serving_shim::PolicyKind;
 
-use super::grid::Trace;
 use super::server::{Launch, Server};
 use super::summary::load_key;
 
@@ -46,13 +45,13 @@ impl Cell {
         matches!(self.policy, PolicyKind::Trail | PolicyKind::Sprpt)
     }
 
-    /// Runs the cell on a fresh server replaying `trace` (`on_done` per request) and writes its
-    /// results; returns the line that reports it.
+    /// Runs the cell on a fresh server replaying `trace`, whose arrivals come at `rate`
+    /// (`on_done` per request), and writes its results; returns the line that reports it.
     pub fn run(
         &self,
         launch: &Launch<'_>,
         rt: &tokio::runtime::Runtime,
-        trace: &Trace,
+        (rate, trace): (f64, &[TraceRequest]),
         out: &Path,
         on_done: impl Fn(),
     ) -> anyhow::Result<String> {
@@ -60,15 +59,15 @@ impl Cell {
         let dir = self.dir(out);
         let t0 = Instant::now();
         let server = Server::start(launch, policy, &dir)?;
-        let results = server.drive(rt, &trace.requests, |_| on_done());
+        let results = server.drive(rt, trace, |_| on_done());
         server.stop(&dir)?;
         let rows: Vec<ResultRow> = results
             .into_iter()
-            .zip(&trace.requests)
+            .zip(trace)
             .map(|(result, req)| ResultRow {
                 policy: policy.as_str().to_string(),
                 load,
-                rate_rps: trace.rate,
+                rate_rps: rate,
                 seed,
                 target_tokens: req.output_tokens,
                 result,
