@@ -59,20 +59,26 @@ impl Worker {
             let token = r.token.expect("results carry tokens");
             self.live[&r.id].send_token(token);
         }
+        let timing = self.end_step(t0, ran.forward_secs, predictor_secs);
+        self.log_step(&plan, t, &timing);
+        Ok(())
+    }
+
+    /// Under one hold of the statistics: ends the requests the step finished, then sets the
+    /// gauges and adds the step's times (it started at `t0`).
+    fn end_step(&mut self, t0: Instant, forward_secs: f64, predictor_secs: f64) -> Timing {
         let stats = self.stats.clone();
         let mut st = stats.lock().unwrap_or_else(|e| e.into_inner());
         self.finish_requests(&mut st);
         let timing = Timing {
             step_secs: t0.elapsed().as_secs_f64(),
-            forward_secs: ran.forward_secs,
+            forward_secs,
             predictor_secs,
         };
         set_gauges(&mut st, &self.sched);
         st.step_secs += timing.step_secs;
         st.predictor_secs += timing.predictor_secs;
-        drop(st);
-        self.log_step(&plan, t, &timing);
-        Ok(())
+        timing
     }
 
     /// Recomputed victims lose their cache; swapped ones keep it (the swap pool is this RAM).
