@@ -17,7 +17,7 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use crate::http::ApiError;
+use crate::api_error::ApiError;
 
 /// The gate's settings.
 #[derive(Debug, Clone, Default)]

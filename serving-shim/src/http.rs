@@ -32,18 +32,20 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
 use trail_llm::{Message, Sampling};
 
+use crate::api_error::ApiError;
 use crate::bert::BertPredictor;
-use crate::engine::{Engine, Event, GenRequest, RequestHandle, Summary};
+use crate::engine::Engine;
 use crate::error::{EngineError, SchedulerError};
 use crate::gate::{self, Gate};
 use crate::listener::{self, Limits};
+use crate::request::{Event, GenRequest, RequestHandle, Summary};
 use crate::sequence::FinishReason;
 
 /// What the front end does with requests beyond the engine's own limits.
@@ -151,60 +153,6 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> 
     tokio::net::TcpListener::bind(addr).await
 }
 
-/// An error response in OpenAI's shape: `{"error": {message, type, param, code}}`.
-#[derive(Debug)]
-pub(crate) struct ApiError {
-    status: StatusCode,
-    message: String,
-    param: Option<&'static str>,
-    code: Option<&'static str>,
-    retry_after: Option<u32>,
-}
-
-impl ApiError {
-    /// An error of `status` with a machine-readable `code`.
-    pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            message: message.into(),
-            param: None,
-            code: Some(code),
-            retry_after: None,
-        }
-    }
-
-    fn bad(param: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            status: StatusCode::BAD_REQUEST,
-            message: message.into(),
-            param: Some(param),
-            code: None,
-            retry_after: None,
-        }
-    }
-
-    fn with_code(mut self, code: &'static str) -> Self {
-        self.code = Some(code);
-        self
-    }
-
-    fn retry_after(mut self, secs: u32) -> Self {
-        self.retry_after = Some(secs);
-        self
-    }
-
-    /// OpenAI's `type` for the status.
-    fn kind(&self) -> &'static str {
-        match self.status {
-            StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
-            StatusCode::FORBIDDEN => "permission_error",
-            StatusCode::NOT_FOUND => "not_found_error",
-            s if s.is_client_error() => "invalid_request_error",
-            _ => "server_error",
-        }
-    }
-}
-
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         let message = e.to_string();
@@ -234,23 +182,6 @@ impl From<EngineError> for ApiError {
             ),
             _ => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", message),
         }
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let body = json!({"error": {
-            "message": self.message,
-            "type": self.kind(),
-            "param": self.param,
-            "code": self.code,
-        }});
-        let mut r = (self.status, axum::Json(body)).into_response();
-        if let Some(s) = self.retry_after {
-            r.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(s));
-        }
-        r
     }
 }
 

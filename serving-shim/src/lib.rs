@@ -14,6 +14,8 @@
 //! - [`predictor`]: the TRAIL probe and Bayesian filter in the loop ([`Predictor`]).
 //! - [`bert`]: initial length predictions from the prompt by the fine-tuned BERT, batched on
 //!   its own thread ([`BertPredictor`]).
+//! - [`request`]: a request as callers see it ([`GenRequest`], its [`Event`]s, its
+//!   [`Summary`], its [`RequestHandle`]).
 //! - [`engine`]: the engine thread over the `trail-llm` runner ([`Engine`]).
 //! - [`recording`]: requests' tokens and predictor outputs, replayed by engines on virtual
 //!   time instead of running the model again ([`Recordings`]).
@@ -25,6 +27,7 @@
 //! - [`steps`]: the step log ([`StepRecord`], `steps.parquet`) for the simulator's step-time
 //!   model.
 
+mod api_error;
 pub mod bert;
 pub mod block;
 pub mod clock;
@@ -37,6 +40,7 @@ pub mod metrics;
 pub mod policy;
 pub mod predictor;
 pub mod recording;
+pub mod request;
 pub mod scheduler;
 pub mod sequence;
 pub mod steps;
@@ -44,12 +48,13 @@ pub mod steps;
 pub use bert::BertPredictor;
 pub use block::{AllocStatus, BlockManager};
 pub use clock::{Clock, ManualClock, StepCost, SystemClock, VirtualTime};
-pub use engine::{Engine, EngineConfig, EngineReport, Event, GenRequest, RequestHandle, Summary};
+pub use engine::{Engine, EngineConfig, EngineReport};
 pub use error::{BlockError, EngineError, SchedulerError, StepLogError};
 pub use metrics::{EngineStats, Histogram};
 pub use policy::{Fcfs, Oracle, Policy, PolicyKind, SjfBert, Sprpt, Trail};
 pub use predictor::Predictor;
 pub use recording::{PredictorEvent, Recording, RecordingKey, Recordings};
+pub use request::{Event, GenRequest, RequestHandle, Summary};
 pub use scheduler::{
     Chunk, Counters, PreemptKind, PreemptionMode, Scheduler, SchedulerConfig, StepPlan, StepResult,
 };

@@ -4,6 +4,7 @@
 //! request run alone through the bare runner. Over HTTP too: 64 concurrent requests, and the
 //! official `openai` Python client (installed by `.ci/run`) reading a streamed chat completion.
 
+use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 
 use candle_core::{Device, Tensor};
@@ -11,7 +12,7 @@ use trail_checkpoints::{Bins, Checkpoint, CheckpointMeta, Probe, Standardizer};
 use trail_llm::{GenerateOptions, Runner};
 use trail_serving_shim::{
     BertPredictor, Engine, EngineConfig, EngineError, FinishReason, GenRequest, PolicyKind,
-    PreemptionMode, Recordings, SchedulerError, Summary,
+    PreemptionMode, Recording, RecordingKey, Recordings, SchedulerError, Summary,
 };
 
 pub(crate) fn runner() -> Arc<Runner> {
@@ -927,6 +928,78 @@ fn virtual_engines_replaying_recordings_match_engines_running_the_model() {
         assert_eq!(c.tokens, *reference);
         assert_eq!(c, p, "tokens, timestamps, predictions and preemptions");
     }
+}
+
+/// One engine, two executors: with recordings of only every other request, an engine replays
+/// those and runs the model for the others in the same steps (recording them as it goes), and
+/// gives what an engine running the model for every request gives (TRAIL with the predictor
+/// in the loop, preemptions, chunked prefill); the recordings it makes equal the first's.
+#[test]
+fn an_engine_replaying_some_requests_and_running_the_others_matches_one_running_all() {
+    let r = runner();
+    let refs = references();
+    let run = |recs: Arc<Recordings>| {
+        let mut cfg = tight_config(PolicyKind::Trail);
+        cfg.virtual_time = Some(trail_serving_shim::VirtualTime {
+            cost: Arc::new(|d, p, kv| {
+                0.01 + 0.004 * d as f64 + 0.0005 * p as f64 + 1e-5 * kv as f64
+            }),
+        });
+        cfg.recordings = Some(recs);
+        let engine = Engine::start(r.clone(), Some(seeded_checkpoint(r.kernel_id())), cfg).unwrap();
+        let reqs: Vec<GenRequest> = refs
+            .iter()
+            .enumerate()
+            .map(|(i, (prompt, _))| {
+                let mut g = GenRequest::greedy(prompt.clone(), MAX_NEW);
+                g.arrival = Some(0.03 * i as f64);
+                g
+            })
+            .collect();
+        let summaries: Vec<Summary> = engine
+            .submit_all_blocking(reqs)
+            .unwrap()
+            .into_iter()
+            .map(|h| h.unwrap().wait().unwrap())
+            .collect();
+        engine.shutdown().unwrap();
+        summaries
+    };
+    // Nothing recorded yet: every request runs the model, and is recorded.
+    let all = Arc::new(Recordings::new());
+    let computed = run(all.clone());
+    assert_eq!((all.len(), all.hits()), (refs.len(), 0));
+    assert!(
+        computed
+            .iter()
+            .any(|s| s.preemptions_policy + s.preemptions_memory > 0),
+        "the schedule preempts"
+    );
+    let key = |i: usize| RecordingKey::of(&GenRequest::greedy(refs[i].0.clone(), MAX_NEW));
+    let recorded: HashMap<RecordingKey, Recording> = all
+        .entries()
+        .into_iter()
+        .map(|(k, rec)| (k, (*rec).clone()))
+        .collect();
+    let half = Arc::new(Recordings::new());
+    for i in (0..refs.len()).step_by(2) {
+        half.insert(key(i), recorded[&key(i)].clone());
+    }
+    let mixed = run(half.clone());
+    assert_eq!(
+        half.hits(),
+        refs.len().div_ceil(2),
+        "every other request replayed"
+    );
+    for (c, m) in computed.iter().zip(&mixed) {
+        assert_eq!(c, m, "tokens, timestamps, predictions and preemptions");
+    }
+    let remade: HashMap<RecordingKey, Recording> = half
+        .entries()
+        .into_iter()
+        .map(|(k, rec)| (k, (*rec).clone()))
+        .collect();
+    assert_eq!(remade, recorded, "the others were recorded, to the bit");
 }
 
 #[test]

@@ -9,6 +9,7 @@ pub mod fetch;
 pub mod generate;
 pub mod model_args;
 pub mod predict;
+pub mod predictor_args;
 pub mod report;
 pub mod run;
 pub mod serve;

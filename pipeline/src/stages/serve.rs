@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use trail_checkpoints::{Checkpoint, MAX_REFINE_INTERVAL};
+use trail_checkpoints::Checkpoint;
 use trail_serving_shim::http::HttpOptions;
 use trail_serving_shim::listener::Limits;
 use trail_serving_shim::{BertPredictor, Engine, EngineConfig, PolicyKind, http, listener};
@@ -19,6 +19,7 @@ use trail_serving_shim::{BertPredictor, Engine, EngineConfig, PolicyKind, http, 
 use crate::manifest::write_atomic;
 use crate::stages::engine_args::{EngineArgs, PrefillChunk, bounded};
 use crate::stages::model_args::ModelArgs;
+use crate::stages::predictor_args::{PredictorArgs, RankingArgs};
 
 /// `trail serve`'s prefill chunk when `--prefill-chunk` is not given. From `trail bench
 /// runner`'s step table (reports/bench/runner.md): prefill runs at the same speed from 128
@@ -56,21 +57,10 @@ pub struct Args {
     /// `fcfs`, `sjf-bert`, `sprpt`, `trail` or `oracle`.
     #[arg(long, default_value = "fcfs")]
     pub policy: PolicyKind,
-    /// The exported predictor (`trail export`); needed by `trail` and `sprpt`.
-    #[arg(long)]
-    pub checkpoint: Option<PathBuf>,
-    /// The fine-tuned BERT (`bert.safetensors` of `trail export --bert`): predicts each
-    /// request's length from its prompt on arrival (batched, off the engine thread);
-    /// `sjf-bert`, `sprpt` and `trail` order waiting requests by it.
-    #[arg(long)]
-    pub bert_checkpoint: Option<PathBuf>,
-    /// TRAIL's limit: preemptible only while generated ≤ c × the initial prediction.
-    #[arg(long, default_value_t = 0.8)]
-    pub c: f64,
-    /// Refresh the refined prediction every N tokens, 1 to 65536 (default: the checkpoint's
-    /// interval).
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_REFINE_INTERVAL)))]
-    pub refine_every: Option<u32>,
+    #[command(flatten)]
+    pub predictor: PredictorArgs,
+    #[command(flatten)]
+    pub ranking: RankingArgs,
     #[command(flatten)]
     pub engine: EngineArgs,
     /// Waiting requests beyond this get 429 with Retry-After (at most 1048576).
@@ -121,11 +111,13 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let runner = Arc::new(args.model.load()?);
     let checkpoint = args
+        .predictor
         .checkpoint
         .as_ref()
         .map(|p| Checkpoint::load(p).with_context(|| format!("loading {}", p.display())))
         .transpose()?;
     let bert = args
+        .ranking
         .bert_checkpoint
         .as_ref()
         .map(|w| {
@@ -219,8 +211,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 /// The engine settings of `args`, as `trail serve` runs them (chunked prefill by default).
 pub fn engine_config(args: &Args) -> EngineConfig {
     let mut cfg = EngineConfig::new(args.engine.kv_budget_tokens, args.policy);
-    cfg.c = args.c;
-    cfg.refine_every = args.refine_every;
+    cfg.c = args.ranking.c;
+    cfg.refine_every = args.predictor.refine_every;
     cfg.scheduler = args
         .engine
         .with_default_chunk(PrefillChunk::Tokens(SERVE_PREFILL_CHUNK))

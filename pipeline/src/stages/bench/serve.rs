@@ -30,6 +30,7 @@ use trail_serving_shim::{Engine, EngineConfig, GenRequest, PolicyKind};
 use super::{cpu_model, median, peak_rss_mib};
 use crate::manifest::GIT_COMMIT;
 use crate::stages::model_args::{ModelArgs, threads};
+use crate::stages::predictor_args::PredictorArgs;
 
 /// The throughput the engine should keep, as a fraction of the bare runner's.
 const TARGET_RATIO: f64 = 0.9;
@@ -49,12 +50,8 @@ pub struct Args {
     /// Engine policies to run.
     #[arg(long, value_delimiter = ',', default_value = "fcfs,trail")]
     pub policy: Vec<PolicyKind>,
-    /// The exported predictor (`trail export`), run in the loop by `trail` and `sprpt`.
-    #[arg(long)]
-    pub checkpoint: Option<PathBuf>,
-    /// Refresh the refined prediction every N tokens (default: the checkpoint's interval).
-    #[arg(long)]
-    pub refine_every: Option<u32>,
+    #[command(flatten)]
+    pub predictor: PredictorArgs,
     /// Repetitions of the whole comparison (medians are reported).
     #[arg(long, default_value_t = 1)]
     pub repeats: usize,
@@ -174,7 +171,7 @@ fn engine(
         .sum();
     let mut cfg = EngineConfig::new(budget, policy);
     cfg.scheduler.max_running = a.batch;
-    cfg.refine_every = a.refine_every;
+    cfg.refine_every = a.predictor.refine_every;
     let engine = Engine::start(runner.clone(), checkpoint, cfg)?;
     for w in engine.warnings() {
         eprintln!("warning: {w}");
@@ -242,12 +239,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let runner = Arc::new(args.model.load()?);
     let load =
         |p: &PathBuf| Checkpoint::load(p).with_context(|| format!("loading {}", p.display()));
-    if let Some(p) = &args.checkpoint {
+    if let Some(p) = &args.predictor.checkpoint {
         load(p)?; // fail early on a bad file
     }
     let prompts = prompts(&runner, args.requests, args.max_new)?;
     let uses_predictor = |p: PolicyKind| {
-        args.checkpoint.is_some() && matches!(p, PolicyKind::Trail | PolicyKind::Sprpt)
+        args.predictor.checkpoint.is_some() && matches!(p, PolicyKind::Trail | PolicyKind::Sprpt)
     };
 
     // Every repeat runs bare, then each policy, so slow phases of a shared machine spread
@@ -263,7 +260,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             if !args.json {
                 eprintln!("repeat {}/{}: engine, {policy} …", rep + 1, args.repeats);
             }
-            let ck = match (&args.checkpoint, uses_predictor(policy)) {
+            let ck = match (&args.predictor.checkpoint, uses_predictor(policy)) {
                 (Some(p), true) => Some(load(p)?),
                 _ => None,
             };
@@ -333,7 +330,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         repeats: args.repeats,
         prompt_tokens: prompts.iter().map(Vec::len).sum(),
         at_max_new: reference.iter().filter(|t| t.len() == args.max_new).count(),
-        checkpoint: args.checkpoint.as_ref().map(|p| p.display().to_string()),
+        checkpoint: args
+            .predictor
+            .checkpoint
+            .as_ref()
+            .map(|p| p.display().to_string()),
         target_ratio: TARGET_RATIO,
         runs,
         peak_rss_mib: peak_rss_mib(),

@@ -10,7 +10,7 @@
 //!   policy; each cell's speed against the model is its relative step time (a stretch of
 //!   other work on the cores during one cell shows there as well).
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use trail_eval::loadgen::TraceRequest;
 use trail_eval::tracesim::{
     self, PolicyKind, Predictions, Router, SchedulerConfig, SimConfig, StepTimeModel,
@@ -21,7 +21,7 @@ use trail_serving_shim::StepRecord;
 pub const SLOWDOWN: f64 = 0.05;
 
 /// Simulated figures at one load, over the traces of every seed.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Headroom {
     pub load: f64,
     /// Requests simulated (every seed's trace).

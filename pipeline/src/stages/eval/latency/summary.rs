@@ -4,24 +4,29 @@
 //! bootstrap over the requests every policy served (same trace, same index).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
 
-use serde::Serialize;
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
 use trail_eval::loadgen::ResultRow;
 use trail_eval::tracesim::StepTimeModel;
 use trail_serving_shim::StepRecord;
 use trail_stats::{Bootstrap, Interval};
 
+use super::config::Settings;
 use super::headroom::Headroom;
+use super::saturation::Saturation;
+use crate::manifest::write_atomic;
 
 /// Bootstrap resamples and seed.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct BootstrapSettings {
     pub resamples: usize,
     pub seed: u64,
 }
 
 /// One policy at one load, pooled over seeds.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CellStats {
     pub policy: String,
     pub load: f64,
@@ -47,7 +52,7 @@ pub struct CellStats {
 }
 
 /// What the servers' step logs say about one policy at one load (pooled over seeds).
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct EngineFigures {
     pub steps: usize,
     pub policy_preemptions: usize,
@@ -81,7 +86,7 @@ impl EngineFigures {
 }
 
 /// Paired comparisons at one load.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Comparison {
     pub load: f64,
     /// Requests (seed, index) that every compared policy completed.
@@ -100,7 +105,7 @@ pub struct Comparison {
 }
 
 /// The whole summary.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Summary {
     pub cells: Vec<CellStats>,
     pub comparisons: Vec<Comparison>,
@@ -112,6 +117,39 @@ pub struct Summary {
     pub step_model_source: String,
     /// Per load, the simulator on the grid's traces with `step_model` (lengths fixed only).
     pub simulated: Vec<Headroom>,
+}
+
+/// `summary.json`: the summary, with the capacity, the settings and the grid it is of.
+#[derive(Debug, Serialize)]
+pub struct SummaryFile<'a> {
+    pub saturation: &'a Saturation,
+    pub settings: &'a Settings,
+    pub policies: &'a [String],
+    pub loads: &'a [f64],
+    pub seeds: &'a [u64],
+    pub summary: &'a Summary,
+}
+
+impl SummaryFile<'_> {
+    /// Writes the file atomically. It goes through a JSON value, whose keys sort (as in every
+    /// `summary.json` written so far), whatever the order of the fields here.
+    pub fn write(&self, path: &Path) -> anyhow::Result<()> {
+        let value = serde_json::to_value(self)?;
+        write_atomic(path, serde_json::to_string_pretty(&value)?.as_bytes())
+    }
+}
+
+/// The summary of a `summary.json` that `trail eval latency` wrote.
+pub fn read_summary(path: &Path) -> anyhow::Result<Summary> {
+    #[derive(Deserialize)]
+    struct File {
+        summary: Summary,
+    }
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let file: File =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    Ok(file.summary)
 }
 
 fn mean(xs: &[f64], idx: &[usize]) -> Option<f64> {
@@ -398,6 +436,119 @@ mod tests {
             .as_deref()
             .unwrap();
         assert!(why.contains("not clearly positive"), "{why}");
+    }
+
+    /// `trail run` reads `summary.json` back through the typed summary: every figure comes
+    /// back (floats to the bit), and the file's keys sort as before.
+    #[test]
+    fn summary_json_reads_back_as_the_summary_it_was_written_from() {
+        use crate::stages::engine_args::EngineArgs;
+        use trail_serving_shim::PreemptionMode;
+
+        let mut rows = Vec::new();
+        for i in 0..20 {
+            let base = 1.0 + i as f64 * 0.137;
+            rows.push(row("fcfs", 3, i, 4.0 * base, 2.0 * base));
+            rows.push(row("trail", 3, i, 2.5 * base, 0.5 * base));
+            rows.push(row("oracle", 3, i, 2.0 * base, 0.4 * base));
+        }
+        let policies = ["fcfs", "trail", "oracle"].map(String::from).to_vec();
+        let boot = BootstrapSettings {
+            resamples: 50,
+            seed: 0,
+        };
+        let mut s = summarize(&rows, &policies, boot);
+        s.step_model = Some(StepTimeModel::constant(0.1));
+        s.step_model_source = "given".into();
+        s.cells[0].engine = Some(EngineFigures {
+            steps: 7,
+            policy_preemptions: 1,
+            memory_preemptions: 2,
+            relative_step_time: BTreeMap::from([(3, 1.0 / 3.0)]),
+        });
+        s.simulated.push(Headroom {
+            load: 0.8,
+            requests: 20,
+            fcfs_mean_latency_s: 1.5,
+            oracle_mean_latency_s: 1.25,
+            fcfs_over_oracle: 1.2,
+            fcfs_sensitivity_to_slower_steps: 0.1,
+        });
+        let engine = EngineArgs {
+            max_running: 8,
+            kv_budget_tokens: 16384,
+            prefill_chunk: None,
+            preemption: PreemptionMode::Swap,
+            swap_budget_tokens: None,
+        };
+        let settings = Settings {
+            common: super::super::config::Common {
+                requests: 20,
+                ignore_eos: true,
+                clip_output_tokens: None,
+                max_tokens: 512,
+                clamp_to_profiled_length: false,
+                backend: super::super::BackendKind::Virtual,
+                engine,
+                c: 0.8,
+                refine_every: None,
+                saturation_requests: 64,
+                saturation_rps: None,
+            },
+            data_requests_sha256: "00".into(),
+            checkpoint_sha256: None,
+            bert_checkpoint_sha256: Some("11".into()),
+            model: "model.gguf".into(),
+            model_sha256: "22".into(),
+        };
+        let sat = Saturation {
+            rps: 0.5668665776748135,
+            source: "measured".into(),
+            requests: 64,
+            completed: 64,
+            makespan_s: 112.9,
+            output_tokens_per_s: 131.66804860038968,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("summary.json");
+        SummaryFile {
+            saturation: &sat,
+            settings: &settings,
+            policies: &policies,
+            loads: &[0.8],
+            seeds: &[3],
+            summary: &s,
+        }
+        .write(&path)
+        .unwrap();
+        let back = read_summary(&path).unwrap();
+        assert_eq!(
+            serde_json::to_value(&back).unwrap(),
+            serde_json::to_value(&s).unwrap()
+        );
+        let text = std::fs::read_to_string(&path).unwrap();
+        let keys: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("  \"") && l.contains("\":"))
+            .map(|l| l.trim().split('"').nth(1).unwrap())
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "loads",
+                "policies",
+                "saturation",
+                "seeds",
+                "settings",
+                "summary"
+            ]
+        );
+        assert!(
+            text.contains("\"bootstrap\": {")
+                && text.find("\"bootstrap\"") < text.find("\"cells\"")
+                && text.find("\"backend\"") < text.find("\"bert_checkpoint_sha256\""),
+            "nested keys sort too"
+        );
     }
 
     #[test]
