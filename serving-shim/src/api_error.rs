@@ -11,7 +11,7 @@ use serde_json::json;
 pub(crate) struct ApiError {
     status: StatusCode,
     message: String,
-    param: Option<&'static str>,
+    param: Option<String>,
     code: Option<&'static str>,
     retry_after: Option<u32>,
 }
@@ -28,14 +28,21 @@ impl ApiError {
         }
     }
 
-    pub(crate) fn bad(param: &'static str, message: impl Into<String>) -> Self {
+    /// 400, naming the request field at fault.
+    pub(crate) fn bad(param: impl Into<String>, message: impl Into<String>) -> Self {
         Self {
             status: StatusCode::BAD_REQUEST,
             message: message.into(),
-            param: Some(param),
+            param: Some(param.into()),
             code: None,
             retry_after: None,
         }
+    }
+
+    /// This error with `param` naming the field at fault.
+    pub(crate) fn with_param(mut self, param: impl Into<String>) -> Self {
+        self.param = Some(param.into());
+        self
     }
 
     pub(crate) fn with_code(mut self, code: &'static str) -> Self {

@@ -21,6 +21,9 @@
 //!   time instead of running the model again ([`Recordings`]).
 //! - [`metrics`]: statistics and their Prometheus exposition ([`EngineStats`]).
 //! - [`http`]: the OpenAI-compatible HTTP front end (axum), every error in OpenAI's shape.
+//! - [`openai`]: its wire types (requests, responses, stream chunks, the model list);
+//!   `params` checks a request against the server's limits, `sse` streams its answer.
+//! - [`stop`]: stop strings, looked for by the engine and cut by the front end.
 //! - [`gate`]: what the front end refuses before a handler runs (foreign origins, non-JSON
 //!   posts).
 //! - [`listener`]: the accept loop: header-read timeout, connection cap, shutdown deadline.
@@ -37,13 +40,17 @@ pub mod gate;
 pub mod http;
 pub mod listener;
 pub mod metrics;
+pub mod openai;
+mod params;
 pub mod policy;
 pub mod predictor;
 pub mod recording;
 pub mod request;
 pub mod scheduler;
 pub mod sequence;
+mod sse;
 pub mod steps;
+pub mod stop;
 
 pub use bert::BertPredictor;
 pub use block::{AllocStatus, BlockManager};
@@ -60,3 +67,4 @@ pub use scheduler::{
 };
 pub use sequence::{FinishReason, SeqId, SeqState, Sequence, Timestamps};
 pub use steps::StepRecord;
+pub use stop::StopStrings;

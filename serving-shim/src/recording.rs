@@ -22,8 +22,8 @@ use trail_llm::Sampling;
 
 use crate::request::GenRequest;
 
-/// What decides a request's tokens: prompt, length limit, evaluation stop, stop handling and
-/// sampling.
+/// What decides a request's tokens: prompt, length limit, evaluation stop, stop handling (stop
+/// tokens and stop strings) and sampling.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct RecordingKey {
     prompt: Vec<u32>,
@@ -31,6 +31,9 @@ pub struct RecordingKey {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     eval_stop: Option<usize>,
     ignore_eos: bool,
+    /// Stop strings (none under an evaluation stop, which ignores them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    stop: Vec<String>,
     /// `None` for greedy; top-p's temperature and mass as bits, and its seed.
     sampling: Option<(u64, u64, u64)>,
 }
@@ -46,6 +49,10 @@ impl RecordingKey {
             max_new_tokens: req.eval_stop.map_or(req.max_new_tokens, |_| 0),
             eval_stop: req.eval_stop,
             ignore_eos: req.ignore_eos || req.eval_stop.is_some(),
+            stop: match req.eval_stop {
+                Some(_) => Vec::new(),
+                None => req.stop.as_slice().to_vec(),
+            },
             sampling: match req.sampling {
                 Sampling::Greedy => None,
                 Sampling::TopP {
@@ -244,6 +251,11 @@ mod tests {
         };
         assert_eq!(stop_at(4), stop_at(512));
         assert_ne!(stop_at(4), key(4));
+        // Stop strings end a request early: part of the key, and written only when present.
+        let mut g = GenRequest::greedy(vec![1, 2, 3], 4);
+        g.stop = crate::stop::StopStrings::new(vec!["\n".into()]).unwrap();
+        assert_ne!(RecordingKey::of(&g), key(4));
+        assert!(!serde_json::to_string(&key(4)).unwrap().contains("stop"));
         let with = Recording {
             tokens: vec![5, 6],
             events: Some(vec![PredictorEvent {

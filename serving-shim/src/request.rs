@@ -7,6 +7,7 @@ use trail_llm::Sampling;
 
 use crate::error::EngineError;
 use crate::sequence::{FinishReason, SeqId, SeqState, Sequence, Timestamps};
+use crate::stop::StopStrings;
 
 /// A generation request, already tokenized.
 #[derive(Debug, Clone, PartialEq)]
@@ -20,6 +21,9 @@ pub struct GenRequest {
     pub sampling: Sampling,
     /// Keep generating past stop tokens (benchmarks).
     pub ignore_eos: bool,
+    /// End when the decoded text holds one of these (OpenAI's `stop`; the front end cuts the
+    /// text before it). Ignored under an evaluation stop, which fixes the length.
+    pub stop: StopStrings,
     /// Total-length prediction made before admission (BERT), if any.
     pub initial_prediction: Option<f64>,
     /// **Evaluation only**: end the request after exactly this many tokens (a profiled length),
@@ -41,6 +45,7 @@ impl GenRequest {
             max_new_tokens,
             sampling: Sampling::Greedy,
             ignore_eos: false,
+            stop: StopStrings::default(),
             initial_prediction: None,
             eval_stop: None,
             arrival: None,

@@ -1,6 +1,6 @@
 //! [`LiveRequest`]: what the engine holds for a live request beyond the scheduler's
-//! [`Sequence`]: its prompt, its channel, its executor, and the Bayesian filter's state with
-//! the estimates it made. Applying a row's product (a token and the predictor's outputs) and
+//! [`Sequence`]: its prompt, its channel, its executor, its stop strings with the text they are
+//! looked for in, and the Bayesian filter's state with the estimates it made. Applying a row's product (a token and the predictor's outputs) and
 //! ending the request happen here.
 
 use std::collections::HashMap;
@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use tokio::sync::mpsc;
 use trail_checkpoints::schedule::{self, Need, RowOutputs};
 use trail_checkpoints::{Filter, RefineState};
+use trail_llm::Runner;
 
 use super::executor::{Executor, Executors, Produced};
 use super::row::RowSpec;
@@ -17,6 +18,7 @@ use crate::recording::PredictorEvent;
 use crate::request::{Event, GenRequest, Summary};
 use crate::scheduler::StepResult;
 use crate::sequence::{SeqId, Sequence};
+use crate::stop::StopStrings;
 
 /// A live request's state that the scheduler does not hold.
 pub(super) struct LiveRequest {
@@ -24,6 +26,8 @@ pub(super) struct LiveRequest {
     pub(super) prompt: Vec<u32>,
     /// Stop tokens do not end it.
     ignore_eos: bool,
+    /// Its stop strings and the tokens generated so far, when it has stop strings.
+    stop_text: Option<StopText>,
     tx: mpsc::UnboundedSender<Event>,
     /// The filter's state, from the request's first produced row on.
     refine: Option<RefineState>,
@@ -40,8 +44,13 @@ impl LiveRequest {
         executor: Executor,
     ) -> (Self, mpsc::UnboundedReceiver<Event>) {
         let (tx, rx) = mpsc::unbounded_channel();
+        let stop_text = (!req.stop.is_empty() && req.eval_stop.is_none()).then(|| StopText {
+            strings: req.stop.clone(),
+            tokens: Vec::new(),
+        });
         let live = Self {
             ignore_eos: req.ignores_eos(),
+            stop_text,
             prompt: req.prompt,
             tx,
             refine: None,
@@ -64,16 +73,21 @@ impl LiveRequest {
     }
 
     /// The scheduler's result of `row`, which produced `p`: the token, whether it stops the
-    /// request, and with a predictor (its `filter`) the remaining estimate after applying the
-    /// row's outputs. `is_stop` says which tokens are stop tokens.
+    /// request (a stop token of `runner`'s, or a stop string completed in the text), and with
+    /// a predictor (its `filter`) the remaining estimate after applying the row's outputs.
     pub(super) fn result(
         &mut self,
         row: &RowSpec,
         p: Produced,
         filter: Option<&Filter>,
-        is_stop: impl Fn(u32) -> bool,
+        runner: &Runner,
     ) -> StepResult {
-        let stop = !self.ignore_eos && is_stop(p.token);
+        let stop_token = !self.ignore_eos && runner.is_stop(p.token);
+        let stop_string = self
+            .stop_text
+            .as_mut()
+            .is_some_and(|s| s.push(p.token, runner));
+        let stop = stop_token || stop_string;
         let prediction = filter.map(|f| self.refine(f, row, p.prompt, p.probe));
         StepResult {
             id: row.id,
@@ -131,6 +145,23 @@ impl LiveRequest {
         let sum = Summary::of(seq, self.predictions);
         score(st, &sum);
         let _ = self.tx.send(Event::Done(Box::new(sum)));
+    }
+}
+
+/// A request's stop strings and its generated tokens, whose decoded text they are looked for in.
+struct StopText {
+    strings: StopStrings,
+    tokens: Vec<u32>,
+}
+
+impl StopText {
+    /// Adds a generated token; whether the text now holds a stop string. The whole text is
+    /// decoded (a token's text depends on its neighbours), as the front end decodes it.
+    fn push(&mut self, token: u32, runner: &Runner) -> bool {
+        self.tokens.push(token);
+        runner
+            .decode(&self.tokens)
+            .is_ok_and(|text| self.strings.find(&text).is_some())
     }
 }
 

@@ -93,7 +93,8 @@ impl Worker {
     }
 
     /// The scheduler's results of the rows that produced a token, in row order: each token,
-    /// whether it stops its request, and with a predictor the filter's remaining estimate.
+    /// whether it stops its request (a stop token or a stop string), and with a predictor the
+    /// filter's remaining estimate.
     fn apply(&mut self, rows: &[RowSpec], produced: Vec<Option<Produced>>) -> Vec<StepResult> {
         let filter = self.predictor.as_ref().map(Predictor::filter);
         let runner = &self.runner;
@@ -101,7 +102,7 @@ impl Worker {
             .zip(produced)
             .filter_map(|(row, p)| {
                 let live = self.live.get_mut(&row.id).expect("present");
-                Some(live.result(row, p?, filter, |t| runner.is_stop(t)))
+                Some(live.result(row, p?, filter, runner))
             })
             .collect()
     }
