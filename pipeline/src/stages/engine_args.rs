@@ -84,8 +84,10 @@ fn ser_chunk<S: serde::Serializer>(c: &Option<PrefillChunk>, s: S) -> Result<S::
 }
 
 /// `--max-running`, `--kv-budget-tokens`, `--prefill-chunk`, `--preemption`,
-/// `--swap-budget-tokens`.
+/// `--swap-budget-tokens`: listed under "Engine" in each subcommand's help, with that
+/// subcommand's defaults (`serve` chunks prefill by 128, `eval latency` runs batch 8).
 #[derive(Debug, Clone, PartialEq, clap::Args, Serialize)]
+#[command(next_help_heading = "Engine")]
 pub struct EngineArgs {
     /// Most requests running at once (the batch), at most 4096.
     #[arg(long, default_value_t = 48, value_parser = running)]
@@ -95,7 +97,7 @@ pub struct EngineArgs {
     pub kv_budget_tokens: usize,
     /// Most prefill tokens per step (chunked prefill, 1 to 65536), or `off` for whole prompts.
     /// Default: whole prompts, except `trail serve`, which chunks by 128 so one long prompt
-    /// does not stall every stream.
+    /// does not stall every stream (its help shows the default).
     #[arg(long)]
     #[serde(serialize_with = "ser_chunk")]
     pub prefill_chunk: Option<PrefillChunk>,

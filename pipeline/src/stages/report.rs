@@ -28,8 +28,8 @@ pub struct Args {
     /// Output directory (default: RUN/report).
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Refresh interval of the refined estimate, in tokens (the release's default 8).
-    #[arg(long, default_value_t = 8)]
+    /// Refresh the refined estimate every N tokens (the release's default 8).
+    #[arg(long = "refine-every", alias = "refine-interval", default_value_t = 8)]
     pub refine_interval: u32,
     /// Bootstrap resamples of the 95 % intervals.
     #[arg(long, default_value_t = 1000)]

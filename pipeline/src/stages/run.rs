@@ -129,7 +129,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             &path(&checkpoint),
             "--bert-checkpoint",
             &path(&bert),
-            "--data",
+            "--run",
             &path(out),
             "--policies",
             "fcfs,trail",

@@ -38,6 +38,10 @@ pub enum SimCommand {
     /// Closed forms against a discrete-event simulation (batch-means 95 % intervals).
     Des(DesArgs),
     /// Trace-driven serving simulation: the shim's scheduler, replicas behind a router.
+    ///
+    /// Engine defaults: --max-running 48, --kv-budget-tokens 16384, --prefill-chunk off (whole
+    /// prompts), --preemption swap. `trail serve` and `trail eval latency` share these flags with
+    /// other defaults (see their --help).
     Trace(TraceArgs),
 }
 
@@ -486,9 +490,10 @@ pub struct TraceArgs {
     /// per_prefill_token_s, per_kv_token_s}`.
     #[arg(long)]
     pub steps: PathBuf,
-    /// Policies to simulate.
+    /// Policies to simulate, comma-separated.
     #[arg(
-        long,
+        long = "policies",
+        alias = "policy",
         value_delimiter = ',',
         default_value = "fcfs,sjf-bert,sprpt,trail,oracle"
     )]
@@ -516,7 +521,7 @@ pub struct TraceArgs {
     /// Synthetic trace from a generated run: prompts (with their tokens) and profiled output
     /// lengths sampled from its test split, as `trail eval latency` samples them; without it,
     /// exponential lengths (--mean-output).
-    #[arg(long, conflicts_with = "trace")]
+    #[arg(long = "run", alias = "data", conflicts_with = "trace")]
     pub data: Option<PathBuf>,
     /// Synthetic trace: requests.
     #[arg(long, default_value_t = 10_000)]
@@ -615,7 +620,7 @@ fn run_trace(a: &TraceArgs) -> anyhow::Result<()> {
         .iter()
         .map(|p| p.parse())
         .collect::<Result<_, _>>()?;
-    anyhow::ensure!(!policies.is_empty(), "--policy: at least one policy");
+    anyhow::ensure!(!policies.is_empty(), "--policies: at least one policy");
     anyhow::ensure!(
         !a.replicas.is_empty() && a.replicas.iter().all(|&r| r > 0),
         "--replicas: counts must be ≥ 1"

@@ -2,11 +2,11 @@
 //! batch, and the predictor's share of step time.
 //!
 //! The same Alpaca prompts (the first `--requests` of the carried corpus, chat template
-//! applied; greedy, up to `--max-new` tokens) go through
-//! 1. the runner's [`BatchGenerator`] at batch `--batch`: offline continuous batching with no
-//!    scheduler, no channels, no predictor;
-//! 2. the serving engine in-process (no HTTP), once per `--policy`, with `max_running` =
-//!    `--batch`, a KV budget that holds every request (no preemption), whole-prompt prefill and
+//! applied; greedy, up to `--max-tokens` tokens) go through
+//! 1. the runner's [`BatchGenerator`] at batch `--batch-size`: offline continuous batching with
+//!    no scheduler, no channels, no predictor;
+//! 2. the serving engine in-process (no HTTP), once per policy of `--policies`, with
+//!    `max_running` = `--batch-size`, a KV budget that holds every request (no preemption), whole-prompt prefill and
 //!    every request submitted at t = 0 (admitted in the same iteration); `trail` and `sprpt` run
 //!    the `--checkpoint` predictor in the loop when one is given.
 //!
@@ -42,13 +42,18 @@ pub struct Args {
     #[arg(long, default_value_t = 64)]
     pub requests: usize,
     /// Batch: rows of the batch generator, `max_running` of the engine.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long = "batch-size", alias = "batch", default_value_t = 16)]
     pub batch: usize,
     /// Most tokens generated per request.
-    #[arg(long, default_value_t = 48)]
+    #[arg(long = "max-tokens", alias = "max-new", default_value_t = 48)]
     pub max_new: usize,
-    /// Engine policies to run.
-    #[arg(long, value_delimiter = ',', default_value = "fcfs,trail")]
+    /// Engine policies to run, comma-separated.
+    #[arg(
+        long = "policies",
+        alias = "policy",
+        value_delimiter = ',',
+        default_value = "fcfs,trail"
+    )]
     pub policy: Vec<PolicyKind>,
     #[command(flatten)]
     pub predictor: PredictorArgs,
@@ -221,7 +226,7 @@ fn prompts(runner: &Runner, n: usize, max_new: usize) -> anyhow::Result<Vec<Vec<
             let p = runner.encode_chat(&r.prompt)?;
             anyhow::ensure!(
                 p.len() + max_new <= context,
-                "Alpaca record {}: {} prompt tokens + --max-new {max_new} exceed the context of {context}",
+                "Alpaca record {}: {} prompt tokens + --max-tokens {max_new} exceed the context of {context}",
                 r.index,
                 p.len()
             );
@@ -232,10 +237,10 @@ fn prompts(runner: &Runner, n: usize, max_new: usize) -> anyhow::Result<Vec<Vec<
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     anyhow::ensure!(args.requests > 0, "--requests must be at least 1");
-    anyhow::ensure!(args.batch > 0, "--batch must be at least 1");
-    anyhow::ensure!(args.max_new > 0, "--max-new must be at least 1");
+    anyhow::ensure!(args.batch > 0, "--batch-size must be at least 1");
+    anyhow::ensure!(args.max_new > 0, "--max-tokens must be at least 1");
     anyhow::ensure!(args.repeats > 0, "--repeats must be at least 1");
-    anyhow::ensure!(!args.policy.is_empty(), "--policy: at least one policy");
+    anyhow::ensure!(!args.policy.is_empty(), "--policies: at least one policy");
     let runner = Arc::new(args.model.load()?);
     let load =
         |p: &PathBuf| Checkpoint::load(p).with_context(|| format!("loading {}", p.display()));

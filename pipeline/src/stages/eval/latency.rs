@@ -1,7 +1,7 @@
 //! `trail eval latency`: end-to-end scheduling evaluation on the real engine, policies side by
 //! side, the way a serving paper measures it.
 //!
-//! 1. The workload: prompts of the test split of a generated run (`--data`), each with the
+//! 1. The workload: prompts of the test split of a generated run (`--run`), each with the
 //!    output length the model produced for it (the release protocol, on by default: every
 //!    request generates exactly that many tokens with `ignore_eos`, so only scheduling differs).
 //! 2. Saturation: a burst of requests at t = 0 under FCFS with the same `--max-running` and
@@ -62,10 +62,15 @@ use server::{Launch, ServerSettings};
 
 use crate::stages::engine_args::EngineArgs;
 use crate::stages::model_args::ModelArgs;
+
+/// `--max-running` by default: the batch of the reference grid (reports/latency-smollm2/), the
+/// one whose latencies its README calls trustworthy (with `--backend virtual`).
+pub const REFERENCE_MAX_RUNNING: &str = "8";
 use crate::stages::predictor_args::{PredictorArgs, RankingArgs};
 
 /// Arguments of `trail eval latency`.
 #[derive(Debug, clap::Args)]
+#[command(mut_arg("max_running", |a| a.default_value(REFERENCE_MAX_RUNNING)))]
 pub struct Args {
     #[command(flatten)]
     pub predictor: PredictorArgs,
@@ -73,7 +78,7 @@ pub struct Args {
     pub ranking: RankingArgs,
     /// A generated run: prompts from its test split, profiled output lengths from its
     /// requests.parquet.
-    #[arg(long)]
+    #[arg(long = "run", alias = "data")]
     pub data: PathBuf,
     /// Comma-separated policies (fcfs, sjf-bert, sprpt, trail, oracle), or `all` (which skips,
     /// with a warning, those whose checkpoint is not given).
@@ -90,10 +95,12 @@ pub struct Args {
     pub seeds: Vec<u64>,
     #[arg(long)]
     pub out: PathBuf,
-    /// `http`: `trail serve` as a child process, driven over HTTP with streaming; `inprocess`:
-    /// the engine in this process; `virtual`: the engine in this process on virtual time (step
-    /// times from the model fitted to the saturation burst's step log, `step_model.json`).
-    #[arg(long, value_enum, default_value = "http")]
+    /// `virtual` (the default, the reference grid's): the engine in this process on virtual
+    /// time (step times from the model fitted to the saturation burst's step log,
+    /// `step_model.json`), so latencies depend on the schedule only; `inprocess`: the engine in
+    /// this process on the wall clock; `http`: `trail serve` as a child process, driven over
+    /// HTTP with streaming.
+    #[arg(long, value_enum, default_value = "virtual")]
     pub backend: BackendKind,
     /// `--backend virtual`: run the model in every cell. By default each distinct request runs
     /// once, in a recording pass before the cells, and the cells replay its tokens and
@@ -103,15 +110,19 @@ pub struct Args {
     pub no_replay: bool,
     #[command(flatten)]
     pub engine: EngineArgs,
-    /// Release protocol: each request generates exactly its profiled output length
-    /// (`ignore_eos`); `--ignore-eos false` lets the model stop.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-    pub ignore_eos: bool,
+    /// Let the model stop at its stop tokens. By default each request generates exactly its
+    /// profiled output length (the release protocol, `ignore_eos`), so only scheduling differs;
+    /// the oracle needs that.
+    #[arg(long)]
+    pub no_ignore_eos: bool,
+    /// The old spelling: `--ignore-eos true|false`.
+    #[arg(long = "ignore-eos", hide = true, conflicts_with = "no_ignore_eos")]
+    pub ignore_eos_value: Option<bool>,
     /// Clip profiled output lengths to this many tokens (short runs; recorded).
     #[arg(long)]
     pub clip_output_tokens: Option<u32>,
     /// Each request's cap on output tokens, as a client sends it (`max_tokens`): what the
-    /// predictors clamp to and the policies see. Default: the `--max-new-tokens` the data run was
+    /// predictors clamp to and the policies see. Default: the `--max-tokens` the data run was
     /// generated with (else its longest output). A profiled length is never sent as the cap
     /// (see --clamp-to-profiled-length).
     #[arg(long)]
@@ -134,6 +145,14 @@ pub struct Args {
     pub bootstrap: usize,
     #[command(flatten)]
     pub model: ModelArgs,
+}
+
+impl Args {
+    /// Whether requests generate exactly their profiled length (stop tokens ignored): yes
+    /// unless `--no-ignore-eos` (or the old `--ignore-eos false`).
+    pub fn ignore_eos(&self) -> bool {
+        self.ignore_eos_value.unwrap_or(!self.no_ignore_eos)
+    }
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -225,7 +244,7 @@ fn run_cells(
 }
 
 /// A generated run's requests, and the prompts of its test split with their profiled output
-/// lengths and prompt tokens (the workload of `eval latency` and of `sim trace --data`).
+/// lengths and prompt tokens (the workload of `eval latency` and of `sim trace --run`).
 pub fn test_prompts(data: &Path) -> anyhow::Result<(Vec<RequestRow>, Vec<Prompt>)> {
     let req_path = requests_path(data);
     let rows = read_requests(&req_path).with_context(|| format!("{}", req_path.display()))?;

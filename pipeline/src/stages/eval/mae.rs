@@ -33,15 +33,15 @@ pub struct Args {
     #[arg(long)]
     pub checkpoint: Option<PathBuf>,
     /// The generated run to score on.
-    #[arg(long)]
+    #[arg(long = "run", alias = "data")]
     pub data: PathBuf,
     /// Which of its requests: `all`, `train`, `val` or `test`.
     #[arg(long, default_value = "all")]
     pub split: String,
     #[arg(long)]
     pub out: PathBuf,
-    /// Refresh interval of the refined estimate, in tokens (default: the checkpoint's, else 8).
-    #[arg(long)]
+    /// Refresh the refined estimate every N tokens (default: the checkpoint's, else 8).
+    #[arg(long = "refine-every", alias = "refine-interval")]
     pub refine_interval: Option<u32>,
     /// Bootstrap resamples of the 95 % intervals.
     #[arg(long, default_value_t = 1000)]

@@ -82,7 +82,7 @@ impl Config {
     fn common(&self, args: &Args) -> Common {
         Common {
             requests: args.requests,
-            ignore_eos: args.ignore_eos,
+            ignore_eos: args.ignore_eos(),
             clip_output_tokens: args.clip_output_tokens,
             max_tokens: self.max_tokens,
             clamp_to_profiled_length: args.clamp_to_profiled_length,
@@ -236,9 +236,9 @@ fn missing(args: &Args, p: PolicyKind) -> Option<&'static str> {
         PolicyKind::SjfBert if args.ranking.bert_checkpoint.is_none() => {
             Some("--bert-checkpoint (bert.safetensors, `trail export --bert`)")
         }
-        PolicyKind::Oracle if !args.ignore_eos => {
-            Some("--ignore-eos true (the oracle knows lengths only when they are fixed)")
-        }
+        PolicyKind::Oracle if !args.ignore_eos() => Some(
+            "profiled lengths, without --no-ignore-eos (the oracle knows lengths only when they are fixed)",
+        ),
         _ => None,
     }
 }
@@ -257,9 +257,9 @@ fn check_grid(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Output lengths: profiled (the release protocol) or free (`--ignore-eos false`).
+/// Output lengths: profiled (the release protocol) or free (`--no-ignore-eos`).
 fn lengths(args: &Args) -> anyhow::Result<Lengths> {
-    if args.ignore_eos {
+    if args.ignore_eos() {
         return Ok(Lengths::Profiled {
             clip: args.clip_output_tokens,
             clamp: args.clamp_to_profiled_length,
@@ -267,7 +267,7 @@ fn lengths(args: &Args) -> anyhow::Result<Lengths> {
     }
     anyhow::ensure!(
         !args.clamp_to_profiled_length,
-        "--clamp-to-profiled-length needs profiled lengths (--ignore-eos true)"
+        "--clamp-to-profiled-length needs profiled lengths (not --no-ignore-eos)"
     );
     Ok(Lengths::Free)
 }

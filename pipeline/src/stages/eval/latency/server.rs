@@ -118,6 +118,9 @@ fn engine_config(s: &ServerSettings, policy: PolicyKind) -> EngineConfig {
     cfg
 }
 
+/// The model name the HTTP backend's child serves and its requests give.
+const SERVED_NAME: &str = "trail";
+
 /// The arguments of the HTTP backend's child `trail serve` (after `serve`) for `policy` on
 /// `port`, writing its step log into `dir`. Every engine setting is passed, the prefill chunk
 /// included (`off` for whole prompts), so the child runs the parent's scheduler, not
@@ -127,7 +130,9 @@ fn serve_args(cx: &Launch<'_>, policy: PolicyKind, port: u16, dir: &Path) -> Vec
     let needs_checkpoint = matches!(policy, PolicyKind::Trail | PolicyKind::Sprpt);
     let mut v: Vec<OsString> = Vec::new();
     let mut push = |a: &str, b: &str| v.extend([OsString::from(a), OsString::from(b)]);
-    push("--addr", &format!("127.0.0.1:{port}"));
+    push("--host", "127.0.0.1");
+    push("--port", &port.to_string());
+    push("--served-model-name", SERVED_NAME);
     push("--policy", policy.as_str());
     push("--c", &s.c.to_string());
     for pair in s.engine.to_cli().chunks(2) {
@@ -251,7 +256,7 @@ impl Server {
                     .spawn()
                     .with_context(|| format!("starting {} serve", exe.display()))?;
                 let base = format!("http://127.0.0.1:{port}");
-                let backend = Arc::new(HttpBackend::new(base.clone(), "trail", s.max_tokens));
+                let backend = Arc::new(HttpBackend::new(base.clone(), SERVED_NAME, s.max_tokens));
                 let mut server = Self::Http {
                     child,
                     backend,
@@ -459,6 +464,11 @@ mod tests {
                     (ours.policy, ours.c, ours.refine_every)
                 );
                 assert_eq!(child.default_max_tokens, 300);
+                assert_eq!(
+                    child.socket_addr().unwrap(),
+                    "127.0.0.1:8123".parse().unwrap()
+                );
+                assert_eq!(child.served_model_name, [SERVED_NAME]);
             }
         }
         // The default would differ without the explicit `off`.
