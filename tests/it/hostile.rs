@@ -36,12 +36,12 @@ fn child_serve() {
     };
     let argv: Vec<String> = serde_json::from_str(&argv).unwrap();
     let args = ServeCli::parse_from(std::iter::once("serve".to_string()).chain(argv)).args;
-    // As the binary's main: an error is printed and the status is 2.
+    // As the binary's main: an error is printed and the status is 1.
     match serve::run(args) {
         Ok(()) => std::process::exit(0),
         Err(e) => {
             eprintln!("error: {e:#}");
-            std::process::exit(2);
+            std::process::exit(1);
         }
     }
 }
@@ -62,8 +62,10 @@ fn spawn(dir: &Path, extra: &[&str]) -> (Child, PathBuf, SocketAddr) {
         .port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let mut argv: Vec<String> = vec![
-        "--addr".into(),
-        addr.to_string(),
+        "--host".into(),
+        "127.0.0.1".into(),
+        "--port".into(),
+        port.to_string(),
         "--model".into(),
         trail_tests::smollm2_gguf().display().to_string(),
         "--threads".into(),
@@ -566,7 +568,7 @@ fn a_huge_refine_interval_is_refused_with_its_name_not_allocated() {
         ],
     );
     let status = wait_exit(&mut child, Duration::from_secs(120), &log);
-    assert_eq!(status.code(), Some(2), "{}", read(&log));
+    assert_eq!(status.code(), Some(1), "{}", read(&log));
     assert!(read(&log).contains("refine_interval"), "{}", read(&log));
 
     // The largest interval allowed runs, and serves: the filter squares, it caches nothing big.

@@ -9,8 +9,11 @@
 #![allow(clippy::disallowed_methods)]
 
 #[cfg(feature = "model")]
+mod api;
+#[cfg(feature = "model")]
 mod bert;
 mod checkpoints;
+mod cli;
 mod datasets;
 #[cfg(feature = "model")]
 mod generate;

@@ -410,9 +410,11 @@ fn http_front_end_serves_openai_requests() {
     assert!(v["trail"]["queue_s"].as_f64().unwrap() >= 0.0, "{v}");
     assert_eq!(v["trail"]["preemptions"], 0);
 
-    // Streamed: SSE chunks whose deltas concatenate to the same text, usage last, then [DONE].
+    // Streamed: SSE chunks whose deltas concatenate to the same text; asked for, one last
+    // chunk with no choices and the usage (null on every other chunk); then [DONE].
     let mut sreq = req.clone();
     sreq["stream"] = true.into();
+    sreq["stream_options"] = serde_json::json!({"include_usage": true});
     let (status, head, body) = http(addr, "POST", "/v1/chat/completions", &sreq.to_string());
     assert_eq!(status, 200);
     assert!(head.to_ascii_lowercase().contains("text/event-stream"));
@@ -430,10 +432,20 @@ fn http_front_end_serves_openai_requests() {
         .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
         .collect();
     assert_eq!(text, expected);
-    let last = chunks.last().unwrap();
-    assert!(last["choices"][0]["finish_reason"].is_string());
-    assert_eq!(last["usage"]["completion_tokens"], alone.tokens.len());
-    assert!(last["trail"]["queue_s"].as_f64().is_some(), "{last}");
+    let (usage, rest) = chunks.split_last().unwrap();
+    assert_eq!(usage["choices"], serde_json::json!([]), "{usage}");
+    assert_eq!(usage["usage"]["completion_tokens"], alone.tokens.len());
+    let finish = rest.last().unwrap();
+    assert!(finish["choices"][0]["finish_reason"].is_string());
+    assert!(finish["trail"]["queue_s"].as_f64().is_some(), "{finish}");
+    assert!(
+        rest.iter()
+            .all(|c| c["usage"].is_null() && c.get("usage").is_some())
+    );
+    // Not asked for: no chunk has `usage`.
+    sreq.as_object_mut().unwrap().remove("stream_options");
+    let (_, _, body) = http(addr, "POST", "/v1/chat/completions", &sreq.to_string());
+    assert!(!body.contains("\"usage\""), "{body}");
 
     // Plain completion with ignore_eos runs to max_tokens.
     let creq =
@@ -479,8 +491,8 @@ fn http_front_end_serves_openai_requests() {
     let (status, head, body) = http(addr, "GET", "/metrics", "");
     assert_eq!(status, 200);
     assert!(head.contains("text/plain"));
-    assert!(body.contains("trail_requests_finished_total 3\n"), "{body}");
-    assert!(body.contains("trail_ttft_seconds_count 3\n"));
+    assert!(body.contains("trail_requests_finished_total 4\n"), "{body}");
+    assert!(body.contains("trail_ttft_seconds_count 4\n"));
 
     // The official OpenAI Python client: a streamed and a plain chat completion of the same
     // request, each the text of the request run alone.
@@ -488,7 +500,7 @@ fn http_front_end_serves_openai_requests() {
     assert_eq!(stream, expected, "streamed through the openai client");
     assert_eq!(plain, expected, "plain through the openai client");
     let report = server.stop(&rt);
-    assert_eq!(report.stats.counters.finished, 5);
+    assert_eq!(report.stats.counters.finished, 6);
     assert_eq!(report.stats.kv_blocks_used, 0);
 
     // Overload: a waiting queue of zero refuses everything with 429 and Retry-After.
@@ -572,8 +584,8 @@ pub(crate) fn runtime() -> tokio::runtime::Runtime {
 }
 
 /// An engine behind the HTTP front end on an ephemeral port of 127.0.0.1.
-struct Server {
-    addr: std::net::SocketAddr,
+pub(crate) struct Server {
+    pub(crate) addr: std::net::SocketAddr,
     engine: Arc<Engine>,
     stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
@@ -589,9 +601,21 @@ impl Server {
         cfg: EngineConfig,
         bert: Option<Arc<BertPredictor>>,
     ) -> Self {
+        let opts = trail_serving_shim::http::HttpOptions {
+            bert,
+            ..trail_serving_shim::http::HttpOptions::new(16)
+        };
+        Self::start_with_options(rt, cfg, opts)
+    }
+
+    /// An engine over SmolLM2 named `smollm2`, behind a front end with `opts`.
+    pub(crate) fn start_with_options(
+        rt: &tokio::runtime::Runtime,
+        cfg: EngineConfig,
+        opts: trail_serving_shim::http::HttpOptions,
+    ) -> Self {
         let engine = Arc::new(Engine::start(runner(), None, cfg).unwrap());
-        let router =
-            trail_serving_shim::http::router_with_bert(engine.clone(), "smollm2", 16, bert);
+        let router = trail_serving_shim::http::router_with_options(engine.clone(), "smollm2", opts);
         let listener = rt
             .block_on(trail_serving_shim::http::bind(
                 "127.0.0.1:0".parse().unwrap(),
@@ -611,7 +635,7 @@ impl Server {
     }
 
     /// Stops the server, then the engine; returns the engine's report.
-    fn stop(self, rt: &tokio::runtime::Runtime) -> trail_serving_shim::EngineReport {
+    pub(crate) fn stop(self, rt: &tokio::runtime::Runtime) -> trail_serving_shim::EngineReport {
         self.stop.send(()).unwrap();
         rt.block_on(self.task).unwrap().unwrap();
         Arc::try_unwrap(self.engine)
