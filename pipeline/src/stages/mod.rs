@@ -10,6 +10,7 @@ pub mod generate;
 pub mod model_args;
 pub mod predict;
 pub mod predictor_args;
+pub mod progress;
 pub mod report;
 pub mod run;
 pub mod serve;

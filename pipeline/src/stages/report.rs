@@ -18,6 +18,7 @@ use trail_checkpoints::suite::Run;
 use trail_eval::plot::{self, Axes, Series};
 
 use crate::manifest::{Manifest, write_atomic};
+use crate::stages::progress::Steps;
 
 /// Arguments of `trail report`.
 #[derive(Debug, Clone, clap::Args, Serialize)]
@@ -357,15 +358,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         seed: args.seed,
         ..ScoreOptions::default()
     };
-    eprintln!(
+    let steps = Steps::new();
+    steps.step(format!(
         "scoring the predictors of {} on its test split",
         run.dir.display()
-    );
+    ));
     let (mut metrics, details) = scoring::score_suite(&run, &opts)
         .with_context(|| format!("scoring {}", run.dir.display()))?;
     if let Some(dir) = &args.every_token {
+        steps.step(format!("scoring every token of {}", dir.display()));
         every_token(&run, dir, &opts, &mut metrics, &mut manifest)?;
     }
+    steps.step("writing metrics.json, report.md and the plots");
     let models = run.models_dir();
     let mut inputs: Vec<PathBuf> = std::fs::read_dir(&models)
         .with_context(|| format!("{}: cannot list", models.display()))?
@@ -394,6 +398,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         metrics.test.ratio_bert_finetuned_over_refined,
     )?;
     manifest.finish(&out)?;
+    drop(steps);
     let refined = metrics.test.mae_remaining.get("refined").cloned().flatten();
     eprintln!(
         "best layer {}; refined test MAE {}; BERT fine-tuned / refined {}",
