@@ -859,7 +859,7 @@ impl Worker {
         // Virtual time: the step's tokens are reported at its modelled end.
         if let Some((clock, vt)) = &self.virtual_time {
             let kv = self.sched.context_tokens(&plan);
-            let secs = (vt.cost)(plan.decode.len(), plan.prefill_tokens(), kv);
+            let secs = vt.step_secs(plan.decode.len(), plan.prefill_tokens(), kv);
             clock.advance(secs.max(0.0));
         }
         self.sched.on_step_done(&results)?;

@@ -11,7 +11,7 @@ use trail_checkpoints::{Bins, Checkpoint, CheckpointMeta, Probe, Standardizer};
 use trail_llm::{GenerateOptions, Runner};
 use trail_serving_shim::{
     BertPredictor, Engine, EngineConfig, EngineError, FinishReason, GenRequest, PolicyKind,
-    PreemptionMode, Recordings, SchedulerError, Summary,
+    PreemptionMode, Recordings, SchedulerError, StepTimeModel, Summary, VirtualTime,
 };
 
 pub(crate) fn runner() -> Arc<Runner> {
@@ -844,9 +844,7 @@ fn bert_predicts_on_arrival_batched_and_sjf_bert_serves_by_it() {
 fn virtual_time_moves_by_the_step_cost_and_jumps_to_arrivals() {
     let refs = references();
     let mut cfg = EngineConfig::new(4096, PolicyKind::Fcfs);
-    cfg.virtual_time = Some(trail_serving_shim::VirtualTime {
-        cost: Arc::new(|_, _, _| 1.0),
-    });
+    cfg.virtual_time = Some(VirtualTime::new(StepTimeModel::constant(1.0)));
     let engine = Engine::start(runner(), None, cfg).unwrap();
     let reqs: Vec<GenRequest> = [(0usize, 0.5), (1, 100.0)]
         .iter()
@@ -881,8 +879,13 @@ fn virtual_time_moves_by_the_step_cost_and_jumps_to_arrivals() {
 fn virtual_engines_replaying_recordings_match_engines_running_the_model() {
     let r = runner();
     let refs = references();
-    let virtual_time = || trail_serving_shim::VirtualTime {
-        cost: Arc::new(|d, p, kv| 0.01 + 0.004 * d as f64 + 0.0005 * p as f64 + 1e-5 * kv as f64),
+    let virtual_time = || {
+        VirtualTime::new(StepTimeModel {
+            base_s: 0.01,
+            per_decode_row_s: 0.004,
+            per_prefill_token_s: 0.0005,
+            per_kv_token_s: 1e-5,
+        })
     };
     let run = |policy: PolicyKind, recs: Option<Arc<Recordings>>, spaced: bool| {
         let mut cfg = tight_config(policy);

@@ -24,6 +24,7 @@
 //!    runs the model in every cell).
 //! 5. `results.parquet` (every cell merged), `summary.json`, `report.md`, plots, manifest.
 
+pub mod backend;
 mod headroom;
 mod report;
 mod server;
