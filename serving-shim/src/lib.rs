@@ -45,9 +45,8 @@ pub use error::{BlockError, EngineError, SchedulerError, StepLogError};
 pub use predictor::Predictor;
 pub use recording::{PredictorEvent, Recording, RecordingKey, Recordings};
 pub use trail_scheduler::{
-    AllocStatus, BlockManager, Chunk, Clock, Counters, EngineStats, Fcfs, FinishReason,
-    Histogram, ManualClock, Oracle, Policy, PolicyKind, PreemptKind, PreemptionMode, Scheduler,
+    AllocStatus, BlockManager, Chunk, Clock, Counters, EngineStats, Fcfs, FinishReason, Histogram,
+    ManualClock, Oracle, Policy, PolicyKind, PreemptKind, PreemptionMode, Scheduler,
     SchedulerConfig, SeqId, SeqState, Sequence, SjfBert, Sprpt, StepModelError, StepPlan,
-    StepRecord, StepResult, StepSample, StepTimeModel, SystemClock, Timestamps, Trail,
-    VirtualTime,
+    StepRecord, StepResult, StepSample, StepTimeModel, SystemClock, Timestamps, Trail, VirtualTime,
 };

@@ -54,11 +54,15 @@ pub fn simulate_precise(
     progress: &mut dyn FnMut(Progress),
 ) -> Result<SimResult, Error> {
     let mut cfg = *cfg;
-    let mut sim = simulate(joint, policy, &cfg, &mut |done| progress(Progress::Jobs(done)))?;
+    let mut sim = simulate(joint, policy, &cfg, &mut |done| {
+        progress(Progress::Jobs(done))
+    })?;
     while let Some(jobs) = precision.rerun_jobs(cfg.jobs, sim.rel_ci95()) {
         progress(Progress::Rerun(jobs));
         cfg.jobs = jobs;
-        sim = simulate(joint, policy, &cfg, &mut |done| progress(Progress::Jobs(done)))?;
+        sim = simulate(joint, policy, &cfg, &mut |done| {
+            progress(Progress::Jobs(done))
+        })?;
     }
     Ok(sim)
 }
@@ -138,7 +142,8 @@ mod tests {
         assert_eq!(sim.jobs, 2_000);
         // A cap at the first run's jobs: nothing more may run, however wide the interval.
         let capped = target(1e-9, 2_000);
-        let sim = simulate_precise(&joint, Policy::Srpt, &cfg(2_000), &capped, &mut |_| {}).unwrap();
+        let sim =
+            simulate_precise(&joint, Policy::Srpt, &cfg(2_000), &capped, &mut |_| {}).unwrap();
         assert_eq!(sim.jobs, 2_000);
     }
 }

@@ -83,7 +83,7 @@ impl Clock for ManualClock {
 /// arrival when the engine is idle. Latencies then depend on the schedule and the model, not on
 /// how fast or how loaded the machine is while the cell runs; the forward passes, tokens and
 /// predictions are real.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct VirtualTime {
     /// Step time by shape (fitted to a step log).
     pub model: StepTimeModel,
@@ -133,7 +133,10 @@ mod tests {
         let vt = VirtualTime::new(model);
         assert_eq!(vt.step_secs(2, 4, 8), 0.5 + 0.5 + 0.5 + 0.5);
         assert_eq!(vt.step_secs(3, 5, 7), model.predict(3, 5, 7));
-        assert_eq!(VirtualTime::new(StepTimeModel::constant(1.0)).step_secs(9, 9, 9), 1.0);
+        assert_eq!(
+            VirtualTime::new(StepTimeModel::constant(1.0)).step_secs(9, 9, 9),
+            1.0
+        );
     }
 
     #[test]
