@@ -312,4 +312,14 @@ mod tests {
         assert!(fit.per_decode_row_s > 5e-4, "{fit:?}");
         assert!(StepTimeModel::fit(&[]).is_err());
     }
+
+    #[test]
+    fn step_model_json_round_trips_byte_for_byte() {
+        // reports/latency-smollm2/virtual/step_model.json, as `trail eval latency` wrote it
+        // (serde_json::to_string_pretty): the fields keep their names, order and digits.
+        let committed = "{\n  \"base_s\": 0.0034665358151031987,\n  \"per_decode_row_s\": 0.004345739195633791,\n  \"per_prefill_token_s\": 0.0034482199392889793,\n  \"per_kv_token_s\": 8.259237433981262e-6\n}";
+        let model: StepTimeModel = serde_json::from_str(committed).unwrap();
+        assert_eq!(model.base_s, 0.0034665358151031987);
+        assert_eq!(serde_json::to_string_pretty(&model).unwrap(), committed);
+    }
 }
