@@ -12,7 +12,8 @@ use trail_checkpoints::{Bins, Checkpoint, CheckpointMeta, Probe, Standardizer};
 use trail_llm::{GenerateOptions, Runner};
 use trail_serving_shim::{
     BertPredictor, Engine, EngineConfig, EngineError, FinishReason, GenRequest, PolicyKind,
-    PreemptionMode, Recording, RecordingKey, Recordings, SchedulerError, Summary,
+    PreemptionMode, Recording, RecordingKey, Recordings, SchedulerError, StepTimeModel, Summary,
+    VirtualTime,
 };
 
 pub(crate) fn runner() -> Arc<Runner> {
@@ -871,9 +872,7 @@ fn bert_predicts_on_arrival_batched_and_sjf_bert_serves_by_it() {
 fn virtual_time_moves_by_the_step_cost_and_jumps_to_arrivals() {
     let refs = references();
     let mut cfg = EngineConfig::new(4096, PolicyKind::Fcfs);
-    cfg.virtual_time = Some(trail_serving_shim::VirtualTime {
-        cost: Arc::new(|_, _, _| 1.0),
-    });
+    cfg.virtual_time = Some(VirtualTime::new(StepTimeModel::constant(1.0)));
     let engine = Engine::start(runner(), None, cfg).unwrap();
     let reqs: Vec<GenRequest> = [(0usize, 0.5), (1, 100.0)]
         .iter()
@@ -900,6 +899,17 @@ fn virtual_time_moves_by_the_step_cost_and_jumps_to_arrivals() {
     engine.shutdown().unwrap();
 }
 
+/// The step-time model of the virtual-time engine tests: 10 ms a step, 4 ms a decode row,
+/// 0.5 ms a prefill token, 10 µs a KV token.
+fn virtual_time() -> VirtualTime {
+    VirtualTime::new(StepTimeModel {
+        base_s: 0.01,
+        per_decode_row_s: 0.004,
+        per_prefill_token_s: 0.0005,
+        per_kv_token_s: 1e-5,
+    })
+}
+
 /// An engine on virtual time that replays recorded requests gives what one that runs the model
 /// gives: tokens, every timestamp, predictions and preemptions, under TRAIL with the predictor
 /// in the loop, chunked prefill and a tight KV budget. The recordings come from a third engine
@@ -908,9 +918,6 @@ fn virtual_time_moves_by_the_step_cost_and_jumps_to_arrivals() {
 fn virtual_engines_replaying_recordings_match_engines_running_the_model() {
     let r = runner();
     let refs = references();
-    let virtual_time = || trail_serving_shim::VirtualTime {
-        cost: Arc::new(|d, p, kv| 0.01 + 0.004 * d as f64 + 0.0005 * p as f64 + 1e-5 * kv as f64),
-    };
     let run = |policy: PolicyKind, recs: Option<Arc<Recordings>>, spaced: bool| {
         let mut cfg = tight_config(policy);
         cfg.virtual_time = Some(virtual_time());
@@ -966,11 +973,7 @@ fn an_engine_replaying_some_requests_and_running_the_others_matches_one_running_
     let refs = references();
     let run = |recs: Arc<Recordings>| {
         let mut cfg = tight_config(PolicyKind::Trail);
-        cfg.virtual_time = Some(trail_serving_shim::VirtualTime {
-            cost: Arc::new(|d, p, kv| {
-                0.01 + 0.004 * d as f64 + 0.0005 * p as f64 + 1e-5 * kv as f64
-            }),
-        });
+        cfg.virtual_time = Some(virtual_time());
         cfg.recordings = Some(recs);
         let engine = Engine::start(r.clone(), Some(seeded_checkpoint(r.kernel_id())), cfg).unwrap();
         let reqs: Vec<GenRequest> = refs

@@ -3,22 +3,19 @@
 //!
 //! * [`trace`]: the `trace.jsonl` format (`arrival_s`, `prompt`, `output_tokens`), shared with the
 //!   simulator, and seeded arrival processes (Poisson, constant rate).
-//! * [`backend`]: the [`Backend`] trait, an OpenAI-compatible streaming HTTP backend (like vLLM's
-//!   `benchmark_serving.py`) and a fixed-delay backend for tests.
-//! * [`engine`]: the in-process backend, straight into a serving-shim engine.
+//! * [`backend`]: the [`Backend`] trait and a fixed-delay backend for tests. The backends over a
+//!   real server (HTTP, the in-process engine) are `trail eval latency`'s.
 //! * [`results`]: `results.parquet`, one row per request, policy, load and seed.
 //! * [`workload`]: prompts with profiled lengths turned into seeded Poisson traces.
 //! * [`drive`]: replays a trace against a backend in real time, every request on its own task,
 //!   and returns one [`RequestResult`] per request, none lost.
 
 pub mod backend;
-pub mod engine;
 pub mod results;
 pub mod trace;
 pub mod workload;
 
-pub use backend::{Backend, FixedDelayBackend, HttpBackend};
-pub use engine::EngineBackend;
+pub use backend::{Backend, FixedDelayBackend};
 pub use results::{ResultRow, read_results, write_results};
 pub use trace::{Arrivals, TraceRequest, read_trace, write_trace};
 
@@ -64,7 +61,10 @@ pub struct Observed {
 }
 
 impl RequestResult {
-    fn from_observed(
+    /// The result of request `index` of a trace, sent at `sent_s` and ended at `done_s`
+    /// (seconds from the start of the run), from what its backend observed or the error it
+    /// met; every time is measured from the request's scheduled arrival.
+    pub fn from_observed(
         index: usize,
         req: &TraceRequest,
         sent_s: f64,

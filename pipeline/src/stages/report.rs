@@ -15,7 +15,7 @@ use serde::Serialize;
 use trail_checkpoints::metrics::Interval;
 use trail_checkpoints::scoring::{self, Details, Metrics, PREDICTORS, ScoreOptions, TestMetrics};
 use trail_checkpoints::suite::Run;
-use trail_eval::plot::{self, Axes, Series};
+use trail_plot::{self as plot, Axes, Series};
 
 use crate::manifest::{Manifest, write_atomic};
 use crate::stages::progress::Steps;

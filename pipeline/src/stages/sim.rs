@@ -17,9 +17,11 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
+use trail_eval::des::{Precision, Progress, simulate_precise};
 use trail_eval::loadgen::workload::{Lengths, poisson_trace};
-use trail_eval::plot::{self, Axes, Series};
 use trail_eval::{CappedMixture, Joint, Policy, Predictions, SimConfig, Sizes};
+use trail_plot::{self as plot, Axes, Series};
+use trail_scheduler::StepTimeModel;
 
 use crate::manifest::{Manifest, write_atomic};
 use crate::stages::engine_args::EngineArgs;
@@ -194,17 +196,6 @@ fn policies(c: f64) -> Vec<Policy> {
 /// The widest 95 % interval a simulated mean may have, relative to the mean (the issue's ±1 %).
 const CI_TARGET: f64 = 0.01;
 
-/// Jobs for a rerun of a simulation whose interval came out `rel_ci` wide with `jobs`: enough
-/// for `CI_TARGET` with a 20 % margin, at most `max_jobs`; `None` when it is narrow enough or
-/// `jobs` already reached the cap.
-fn jobs_for_target(jobs: u64, rel_ci: f64, max_jobs: u64) -> Option<u64> {
-    if rel_ci <= CI_TARGET || jobs >= max_jobs {
-        return None;
-    }
-    let want = (jobs as f64 * (rel_ci / CI_TARGET).powi(2) * 1.2).ceil() as u64;
-    Some(want.clamp(jobs + 1, max_jobs))
-}
-
 fn jobs_at(d: &DesArgs, load: f64) -> u64 {
     let scale = (0.3 / (1.0 - load)).powi(2).max(1.0);
     ((d.jobs as f64 * scale) as u64).min(d.max_jobs.max(d.jobs))
@@ -264,7 +255,7 @@ fn run_grid(
         };
         if let (Some(d), Some(bar)) = (des, &bar) {
             bar.set_message(format!("{} @ {load}", policy.name()));
-            let mut cfg = SimConfig {
+            let cfg = SimConfig {
                 load,
                 jobs: jobs_at(d, load),
                 warmup: d.warmup,
@@ -272,23 +263,21 @@ fn run_grid(
                 // A stream per cell, fixed by the seed and the cell's position in the grid.
                 seed: d.seed.wrapping_mul(1_000_003).wrapping_add(i as u64),
             };
-            let run = |cfg: &SimConfig| {
-                let mut seen = 0;
-                let sim = trail_eval::simulate(&joint, policy, cfg, &mut |done| {
+            let precision = Precision {
+                rel_ci95: CI_TARGET,
+                max_jobs: d.max_jobs.max(d.jobs),
+            };
+            let mut seen = 0;
+            let sim = simulate_precise(&joint, policy, &cfg, &precision, &mut |p| match p {
+                Progress::Jobs(done) => {
                     bar.inc(done - seen);
                     seen = done;
-                })?;
-                bar.inc(cfg.jobs.saturating_sub(seen));
-                anyhow::Ok(sim)
-            };
-            let mut sim = run(&cfg)?;
-            let cap = d.max_jobs.max(d.jobs);
-            while let Some(jobs) = jobs_for_target(cfg.jobs, sim.rel_ci95(), cap) {
-                // The same stream, longer: the result is what a first run of `jobs` gives.
-                bar.inc_length(jobs);
-                cfg.jobs = jobs;
-                sim = run(&cfg)?;
-            }
+                }
+                Progress::Rerun(jobs) => {
+                    bar.inc_length(jobs);
+                    seen = 0;
+                }
+            })?;
             row.simulated = Some(sim.mean);
             row.ci95 = Some(sim.ci95);
             row.rel_error = Some((closed_form - sim.mean).abs() / sim.mean);
@@ -589,16 +578,15 @@ fn replicas_plot(path: &std::path::Path, rows: &[TraceRow]) -> anyhow::Result<()
 
 /// The step-time model of `--steps`: fitted to a step log (parquet, told by its magic bytes),
 /// or read as a fitted model (JSON).
-fn step_time_model(path: &std::path::Path) -> anyhow::Result<trail_eval::tracesim::StepTimeModel> {
+fn step_time_model(path: &std::path::Path) -> anyhow::Result<StepTimeModel> {
     use std::io::Read;
-    use trail_eval::tracesim::StepTimeModel;
 
     let mut magic = [0u8; 4];
     let n = std::fs::File::open(path)
         .and_then(|mut f| f.read(&mut magic))
         .with_context(|| format!("{}: cannot read", path.display()))?;
     if n == 4 && &magic == b"PAR1" {
-        let records = trail_serving_shim::steps::read(path)?;
+        let records = trail_scheduler::steps::read(path)?;
         return StepTimeModel::fit_log(&records)
             .with_context(|| format!("{}: fitting the step-time model", path.display()));
     }
@@ -783,19 +771,4 @@ fn run_trace(a: &TraceArgs) -> anyhow::Result<()> {
     let path = manifest.finish(out)?;
     println!("{}", path.display());
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_wide_interval_asks_for_the_jobs_that_narrow_it_within_the_cap() {
-        assert_eq!(jobs_for_target(1_000, 0.009, 10_000), None);
-        // 2 % with 1,000 jobs: 4× the jobs for 1 %, and a 20 % margin.
-        assert_eq!(jobs_for_target(1_000, 0.02, 10_000), Some(4_800));
-        assert_eq!(jobs_for_target(1_000, 0.1, 10_000), Some(10_000));
-        assert_eq!(jobs_for_target(10_000, 0.1, 10_000), None);
-        assert!(jobs_for_target(1_000, 0.010_001, 10_000).is_some_and(|j| j > 1_000));
-    }
 }

@@ -111,7 +111,7 @@ impl Worker {
     fn advance_clock(&self, plan: &StepPlan) {
         if let Some((clock, vt)) = &self.virtual_time {
             let kv = self.sched.context_tokens(plan);
-            let secs = (vt.cost)(plan.decode.len(), plan.prefill_tokens(), kv);
+            let secs = vt.step_secs(plan.decode.len(), plan.prefill_tokens(), kv);
             clock.advance(secs.max(0.0));
         }
     }

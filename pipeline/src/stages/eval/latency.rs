@@ -29,6 +29,7 @@
 //! virtual backend's recording pass), `cell` (one cell on a fresh `server`), `finish`
 //! (merge, `summary`, `report`, manifest).
 
+pub mod backend;
 mod cell;
 mod config;
 mod finish;

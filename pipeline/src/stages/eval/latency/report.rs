@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use trail_checkpoints::metrics::Interval;
 use trail_eval::loadgen::ResultRow;
-use trail_eval::plot::{self, Axes, Mark, Series};
+use trail_plot::{self as plot, Axes, Mark, Series};
 
 use super::summary::{CellStats, Summary, load_key};
 

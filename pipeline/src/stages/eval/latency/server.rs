@@ -12,13 +12,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use trail_checkpoints::Checkpoint;
-use trail_eval::loadgen::{self, EngineBackend, HttpBackend, RequestResult, TraceRequest};
+use trail_eval::loadgen::{self, RequestResult, TraceRequest};
 use trail_eval::tracesim::StepTimeModel;
 use trail_llm::Runner;
 use trail_serving_shim::{
     Engine, EngineConfig, PolicyKind, Recordings, SchedulerConfig, VirtualTime,
 };
 
+use super::backend::{EngineBackend, HttpBackend};
 use crate::manifest::write_atomic;
 use crate::stages::engine_args::EngineArgs;
 use crate::stages::model_args::ModelArgs;
@@ -93,9 +94,7 @@ fn start_engine(
     let mut cfg = engine_config(cx.settings, policy);
     scheduler(&mut cfg.scheduler);
     let step_model = cx.step_model.filter(|_| cx.backend == BackendKind::Virtual);
-    cfg.virtual_time = step_model.map(|m| VirtualTime {
-        cost: Arc::new(move |d, p, kv| m.predict(d, p, kv)),
-    });
+    cfg.virtual_time = step_model.map(VirtualTime::new);
     if cfg.virtual_time.is_some() {
         cfg.recordings = cx.recordings.clone();
     }

@@ -12,9 +12,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use trail_eval::loadgen::{Backend, Observed, RequestResult, TraceRequest};
 use trail_serving_shim::{Engine, Event, FinishReason, GenRequest, Summary};
-
-use super::{Backend, Observed, RequestResult, TraceRequest};
 
 /// Requests into an [`Engine`] of this process.
 #[derive(Debug, Clone)]

@@ -80,8 +80,8 @@ pub struct Sequence {
     pub initial_prediction: Option<f64>,
     /// Latest (refined) prediction of the remaining output length.
     pub predicted_remaining: Option<f64>,
-    /// Evaluation only: the profiled output length, at which the request ends (see
-    /// [`GenRequest::eval_stop`](crate::engine::GenRequest::eval_stop)). Read by the stop rule
+    /// Evaluation only: the profiled output length, at which the request ends (the serving
+    /// shim's `GenRequest::eval_stop`). Read by the stop rule
     /// ([`Sequence::stop_len`]) and the oracle ([`Sequence::true_remaining`]), nothing else.
     pub eval_stop: Option<usize>,
     /// Times the policy took this sequence's place for a more urgent one.

@@ -2,11 +2,12 @@
 //!
 //! The scheduler reads time only through this trait, so a discrete-event simulator (or a test)
 //! can drive it with a [`ManualClock`] while the engine uses the [`SystemClock`], or, with a
-//! [`VirtualTime`], a [`ManualClock`] that each step moves by a modelled step time.
+//! [`VirtualTime`], a [`ManualClock`] that each step moves by the [`StepTimeModel`]'s time.
 
-use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Instant;
+
+use crate::steps::StepTimeModel;
 
 /// A source of the current time in seconds.
 pub trait Clock: Send + Sync {
@@ -77,22 +78,27 @@ impl Clock for ManualClock {
     }
 }
 
-/// Seconds a step of a given shape takes: `(decode rows, prefill tokens, KV tokens attended)`.
-pub type StepCost = dyn Fn(usize, usize, usize) -> f64 + Send + Sync;
-
-/// Virtual time for the engine: its clock starts at 0, moves by `cost` of each step's shape
-/// (the step's tokens are stamped at its end), and jumps to the next arrival when the engine is
-/// idle. Latencies then depend on the schedule and the model, not on how fast or how loaded the
-/// machine is while the cell runs; the forward passes, tokens and predictions are real.
-#[derive(Clone)]
+/// Virtual time for the engine: its clock starts at 0, moves by the step-time model's seconds
+/// for each step's shape (the step's tokens are stamped at its end), and jumps to the next
+/// arrival when the engine is idle. Latencies then depend on the schedule and the model, not on
+/// how fast or how loaded the machine is while the cell runs; the forward passes, tokens and
+/// predictions are real.
+#[derive(Debug, Clone, PartialEq)]
 pub struct VirtualTime {
-    /// Step time by shape (a fitted step-time model).
-    pub cost: Arc<StepCost>,
+    /// Step time by shape (fitted to a step log).
+    pub model: StepTimeModel,
 }
 
-impl fmt::Debug for VirtualTime {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("VirtualTime")
+impl VirtualTime {
+    /// Virtual time stepped by `model`.
+    pub fn new(model: StepTimeModel) -> Self {
+        Self { model }
+    }
+
+    /// Seconds a step of this shape takes on virtual time: `(decode rows, prefill tokens, KV
+    /// tokens attended)`, as [`StepTimeModel::predict`] reads them.
+    pub fn step_secs(&self, decode_rows: usize, prefill_tokens: usize, kv_tokens: usize) -> f64 {
+        self.model.predict(decode_rows, prefill_tokens, kv_tokens)
     }
 }
 
@@ -114,6 +120,23 @@ mod tests {
     #[should_panic(expected = "cannot go back")]
     fn manual_clock_refuses_to_go_back() {
         ManualClock::at(2.0).set(1.0);
+    }
+
+    #[test]
+    fn virtual_time_steps_by_the_model() {
+        let model = StepTimeModel {
+            base_s: 0.5,
+            per_decode_row_s: 0.25,
+            per_prefill_token_s: 0.125,
+            per_kv_token_s: 0.0625,
+        };
+        let vt = VirtualTime::new(model);
+        assert_eq!(vt.step_secs(2, 4, 8), 0.5 + 0.5 + 0.5 + 0.5);
+        assert_eq!(vt.step_secs(3, 5, 7), model.predict(3, 5, 7));
+        assert_eq!(
+            VirtualTime::new(StepTimeModel::constant(1.0)).step_secs(9, 9, 9),
+            1.0
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
-//! The step log: one [`StepRecord`] per model step, stored as `steps.parquet` for the
-//! simulator's step-time model (`trail sim trace --steps`). The engine writes it (`trail serve
-//! --out`), and so does `trail bench runner --out`.
+//! The step log: one [`StepRecord`] per model step, stored as `steps.parquet`, and the
+//! step-time model fitted to it ([`StepTimeModel`], in [`model`]) that the simulator
+//! (`trail sim trace --steps`) and the engine on virtual time step by. The engine writes the log
+//! (`trail serve --out`), and so does `trail bench runner --out`.
 //!
 //! Columns, one row per step, none nullable (pyarrow and polars read it as is):
 //!
@@ -39,6 +40,10 @@ use serde::{Deserialize, Serialize};
 use trail_fs::AtomicFile;
 
 use crate::error::StepLogError;
+
+pub mod model;
+
+pub use model::{StepSample, StepTimeModel};
 
 /// One model step (see the module docs for the meaning of each field).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

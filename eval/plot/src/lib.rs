@@ -1,13 +1,14 @@
-//! PNG charts shared by the pipeline's stages: multi-series lines (optional error bars, log
-//! axes), CDFs, bars, heatmaps (confusion matrices) and reliability scatters with a y = x line.
+//! trail-plot: PNG charts shared by the pipeline's stages (the predictor reports, `trail eval
+//! latency`, `trail sim`): multi-series lines (optional error bars, log axes), CDFs, bars,
+//! heatmaps (confusion matrices) and reliability scatters with a y = x line.
 //!
 //! Text is rendered in pure Rust (plotters' `ab_glyph` backend) with DejaVu Sans, embedded in
-//! the binary ([`EMBEDDED_FONT`], `eval/fonts/`, licence beside it), so charts render on any
-//! machine; the `TRAIL_FONT` environment variable names another TrueType file instead (one that
-//! cannot be read is an [`Error::Font`]).
+//! the binary ([`EMBEDDED_FONT`], `eval/plot/fonts/`, licence beside it), so charts render on
+//! any machine; the `TRAIL_FONT` environment variable names another TrueType file instead (one
+//! that cannot be read is an [`Error::Font`]).
 //!
 //! ```no_run
-//! use trail_eval::plot::{Axes, Series, line_chart};
+//! use trail_plot::{Axes, Series, line_chart};
 //! let s = Series::line("FCFS", vec![(0.5, 1.0), (0.9, 5.0)]);
 //! line_chart("out.png".as_ref(), &Axes::new("E[T] vs load", "load", "E[T]"), &[s]).unwrap();
 //! ```
@@ -21,10 +22,49 @@ use std::sync::OnceLock;
 use plotters::coord::ranged1d::{AsRangedCoord, ValueFormatter};
 use plotters::prelude::*;
 
-use crate::Error;
+/// Errors of this crate; each names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A heatmap without a cell.
+    #[error("empty heatmap: no cell to draw")]
+    EmptyHeatmap,
+    /// Writing the chart.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The chart (or its temporary file).
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The font could not be read or is not TrueType.
+    #[error("font {}: {reason}", path.display())]
+    Font {
+        /// The font file (`TRAIL_FONT`) or `<embedded DejaVuSans.ttf>`.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// plotters failed to draw.
+    #[error("plot {}: {reason}", path.display())]
+    Plot {
+        /// The chart.
+        path: PathBuf,
+        /// plotters' message.
+        reason: String,
+    },
+}
+
+impl From<trail_fs::Error> for Error {
+    fn from(e: trail_fs::Error) -> Self {
+        Error::Io {
+            path: e.path,
+            source: e.source,
+        }
+    }
+}
 
 /// The font used unless `TRAIL_FONT` names another: DejaVu Sans 2.37 (Bitstream Vera licence,
-/// `eval/fonts/LICENSE-DejaVu`).
+/// `eval/plot/fonts/LICENSE-DejaVu`).
 pub static EMBEDDED_FONT: &[u8] = include_bytes!("../fonts/DejaVuSans.ttf");
 
 /// Chart size in pixels.
@@ -402,7 +442,7 @@ pub fn heatmap(
     let rows = values.len();
     let cols = values.iter().map(Vec::len).max().unwrap_or(0);
     if rows == 0 || cols == 0 {
-        return Err(Error::EmptySample);
+        return Err(Error::EmptyHeatmap);
     }
     let finite = values.iter().flatten().copied().filter(|v| v.is_finite());
     let (lo, hi) = finite.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
@@ -527,7 +567,7 @@ mod tests {
 
     #[test]
     fn every_chart_kind_renders_a_png() {
-        let dir = std::env::temp_dir().join(format!("trail-eval-plot-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("trail-plot-{}", std::process::id()));
         let axes = Axes::new("E[T] vs load", "load", "mean response");
         let s = vec![
             Series::line("closed form", vec![(0.5, 1.0), (0.7, 2.0), (0.9, 6.0)]),
