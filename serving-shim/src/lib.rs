@@ -11,7 +11,7 @@
 //! - [`policy`]: the [`Policy`] trait and `fcfs`, `sjf-bert`, `sprpt`, `trail`, `oracle`.
 //! - [`scheduler`]: iteration-level batching, chunked prefill, policy and memory preemption by
 //!   recompute ([`Scheduler`]).
-//! - [`metrics`]: statistics and their Prometheus exposition ([`EngineStats`]).
+//! - [`metrics`]: statistics with vLLM's latency histograms ([`EngineStats`]).
 //! - [`steps`]: the step log ([`StepRecord`], `steps.parquet`) and the step-time model fitted
 //!   to it ([`StepTimeModel`]).
 //!
@@ -28,6 +28,8 @@
 //! - [`openai`]: its wire types (requests, responses, stream chunks, the model list);
 //!   `params` checks a request against the server's limits, `sse` streams its answer.
 //! - [`stop`]: stop strings, looked for by the engine and cut by the front end.
+//! - [`prometheus`]: the Prometheus exposition of the statistics, under vLLM's names where the
+//!   meaning is the same.
 //! - [`gate`]: what the front end refuses before a handler runs (foreign origins, non-JSON
 //!   posts).
 //! - [`listener`]: the accept loop: header-read timeout, connection cap, shutdown deadline.
@@ -43,6 +45,7 @@ pub mod listener;
 pub mod openai;
 mod params;
 pub mod predictor;
+pub mod prometheus;
 pub mod recording;
 pub mod request;
 mod sse;

@@ -5,7 +5,8 @@
 //! text parts and `max_completion_tokens` are read, what is not supported (`n: 2`, `logprobs`,
 //! `best_of`, tools) is refused with 400 naming the field, a model that is not served is 404,
 //! and with an API key every `/v1` route without it is 401 while `/health` and `/metrics` stay
-//! open.
+//! open. `/metrics` is read by `prometheus_client`'s text parser: vLLM's families, with TTFT
+//! buckets, under the labels `model_name` and `policy`.
 
 use serde_json::Value;
 use trail_serving_shim::http::HttpOptions;
@@ -123,7 +124,11 @@ fn the_openai_client_meets_vllms_conventions() {
         String::from_utf8_lossy(&out.stderr)
     );
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    server.stop(&rt);
+    let (status, head, metrics) = http(addr, "GET", "/metrics", "");
+    assert_eq!(status, 200);
+    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+    let report = server.stop(&rt);
+    check_metrics(&metrics, report.stats.counters.finished);
 
     assert_eq!(v["models"], serde_json::json!(["smollm2"]), "{v}");
     let full = v["full"].as_str().unwrap();
@@ -162,4 +167,93 @@ fn the_openai_client_meets_vllms_conventions() {
     for k in ["key_models", "key_chat"] {
         assert_eq!(e[k][0], 401, "{e}");
     }
+}
+
+/// Parses `text` with `prometheus_client`'s text parser: `{family: {type, samples: [[name,
+/// labels, value]]}}`.
+fn parse_metrics(text: &str) -> Value {
+    const PARSE: &str = r#"
+import json, sys
+from prometheus_client.parser import text_string_to_metric_families
+out = {}
+for f in text_string_to_metric_families(sys.stdin.read()):
+    out[f.name] = {"type": f.type, "samples": [[s.name, s.labels, s.value] for s in f.samples]}
+json.dump(out, sys.stdout)
+"#;
+    use std::io::Write;
+    let mut child = std::process::Command::new("python3")
+        .args(["-c", PARSE])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 runs (with prometheus_client: scripts/test installs it)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "prometheus_client could not parse /metrics: {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// `/metrics` after `finished` requests: every family parses, vLLM's under its names, TTFT a
+/// histogram with buckets up to `+Inf` that count every finished request, each series with the
+/// model and policy labels.
+fn check_metrics(text: &str, finished: u64) {
+    let families = parse_metrics(text);
+    let family = |name: &str, kind: &str| {
+        let f = &families[name];
+        assert_eq!(f["type"], kind, "{name}: {f}");
+        f["samples"].as_array().unwrap().clone()
+    };
+    for (name, kind) in [
+        ("vllm:num_requests_running", "gauge"),
+        ("vllm:num_requests_waiting", "gauge"),
+        ("vllm:kv_cache_usage_perc", "gauge"),
+        ("vllm:num_preemptions", "counter"),
+        ("vllm:generation_tokens", "counter"),
+        ("vllm:request_success", "counter"),
+        ("vllm:inter_token_latency_seconds", "histogram"),
+        ("vllm:time_per_output_token_seconds", "histogram"),
+        ("vllm:e2e_request_latency_seconds", "histogram"),
+        ("vllm:request_queue_time_seconds", "histogram"),
+        ("trail_predictor_abs_error_tokens", "histogram"),
+    ] {
+        let samples = family(name, kind);
+        assert!(!samples.is_empty(), "{name}");
+        for s in &samples {
+            assert_eq!(s[1]["model_name"], "smollm2", "{s}");
+            assert_eq!(s[1]["policy"], "fcfs", "{s}");
+        }
+    }
+    let ttft = family("vllm:time_to_first_token_seconds", "histogram");
+    let buckets: Vec<(&str, f64)> = ttft
+        .iter()
+        .filter(|s| s[0] == "vllm:time_to_first_token_seconds_bucket")
+        .map(|s| (s[1]["le"].as_str().unwrap(), s[2].as_f64().unwrap()))
+        .collect();
+    assert!(buckets.len() > 10, "{buckets:?}");
+    assert_eq!(buckets.last().unwrap(), &("+Inf", finished as f64));
+    assert!(
+        buckets.windows(2).all(|w| w[0].1 <= w[1].1),
+        "cumulative: {buckets:?}"
+    );
+    let count = ttft
+        .iter()
+        .find(|s| s[0] == "vllm:time_to_first_token_seconds_count")
+        .unwrap();
+    assert_eq!(count[2], finished as f64);
+    let success: f64 = family("vllm:request_success", "counter")
+        .iter()
+        .filter(|s| s[1]["finished_reason"] != "abort")
+        .map(|s| s[2].as_f64().unwrap())
+        .sum();
+    assert_eq!(success, finished as f64);
 }

@@ -258,10 +258,7 @@ fn assert_error(got: (u16, String, String), status: u16, kind: &str, code: &str)
 
 fn gauge(addr: SocketAddr, name: &str) -> f64 {
     let (_, _, body) = request(addr, "GET", "/metrics", "", &[]);
-    body.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{body}"))
+    crate::serving::sample(&body, name, &[])
 }
 
 #[test]
@@ -387,7 +384,7 @@ fn hostile_requests_get_json_errors_and_the_engine_keeps_serving() {
     let n = s.read(&mut first).unwrap();
     assert!(String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200"));
     let t = Instant::now();
-    while gauge(addr, "trail_requests_running") < 1.0 {
+    while gauge(addr, "vllm:num_requests_running") < 1.0 {
         assert!(
             t.elapsed() < Duration::from_secs(60),
             "the stream never ran"
@@ -396,7 +393,9 @@ fn hostile_requests_get_json_errors_and_the_engine_keeps_serving() {
     }
     drop(s);
     let t = Instant::now();
-    while gauge(addr, "trail_requests_running") > 0.0 || gauge(addr, "trail_kv_blocks_used") > 0.0 {
+    while gauge(addr, "vllm:num_requests_running") > 0.0
+        || gauge(addr, "trail_kv_blocks_used") > 0.0
+    {
         assert!(
             t.elapsed() < Duration::from_secs(30),
             "gauges still up 30 s after the disconnect"

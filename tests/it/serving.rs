@@ -279,9 +279,28 @@ fn trail_with_the_predictor_in_the_loop_matches_requests_run_alone() {
         st.step_secs,
         100.0 * st.predictor_share()
     );
-    let text = st.render_prometheus();
-    assert!(text.contains("trail_predictor_mae_tokens "));
-    assert!(text.contains(&format!("trail_ttft_seconds_count {}", summaries.len())));
+    let text = trail_serving_shim::prometheus::render(&st, "smollm2");
+    let refined = [("estimate", "refined")];
+    let errors = sample(&text, "trail_predictor_abs_error_tokens_count", &refined);
+    assert_eq!(errors, st.refined_error.count as f64);
+    let mae = sample(&text, "trail_predictor_abs_error_tokens_sum", &refined) / errors;
+    assert!((mae - st.refined_mae().unwrap()).abs() < 1e-9);
+    let ttft = sample(&text, "vllm:time_to_first_token_seconds_count", &[]);
+    assert_eq!(ttft, summaries.len() as f64);
+}
+
+/// The value of the sample `name` of a Prometheus text exposition whose labels include
+/// `labels` (the first such line).
+pub(crate) fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, rest) = series.split_once('{').unwrap_or((series, "}"));
+            let has = |(k, v): &(&str, &str)| rest.contains(&format!("{k}=\"{v}\""));
+            (n == name && labels.iter().all(has)).then(|| value.parse().unwrap())
+        })
+        .unwrap_or_else(|| panic!("no {name} {labels:?} in the exposition:\n{text}"))
 }
 
 #[test]
@@ -492,8 +511,19 @@ fn http_front_end_serves_openai_requests() {
     let (status, head, body) = http(addr, "GET", "/metrics", "");
     assert_eq!(status, 200);
     assert!(head.contains("text/plain"));
-    assert!(body.contains("trail_requests_finished_total 4\n"), "{body}");
-    assert!(body.contains("trail_ttft_seconds_count 4\n"));
+    let finished = |reason| {
+        sample(
+            &body,
+            "vllm:request_success_total",
+            &[("finished_reason", reason)],
+        )
+    };
+    assert_eq!(finished("stop") + finished("length"), 4.0, "{body}");
+    let model = [("model_name", "smollm2"), ("policy", "fcfs")];
+    assert_eq!(
+        sample(&body, "vllm:time_to_first_token_seconds_count", &model),
+        4.0
+    );
 
     // The official OpenAI Python client: a streamed and a plain chat completion of the same
     // request, each the text of the request run alone.
@@ -714,19 +744,14 @@ fn http_64_concurrent_requests_under_a_tight_kv_budget_match_requests_run_alone(
 
     let (status, _, metrics) = http(addr, "GET", "/metrics", "");
     assert_eq!(status, 200);
-    let value = |line: &str| -> u64 {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(line))
-            .unwrap_or_else(|| panic!("no `{line}` in /metrics"))
-            .trim()
-            .parse()
-            .unwrap()
-    };
-    let memory = value("trail_preemptions_total{kind=\"memory\"}");
+    let value = |name: &str, labels: &[(&str, &str)]| sample(&metrics, name, labels) as u64;
+    let memory = value("trail_preemptions_total", &[("kind", "memory")]);
     assert!(memory > 0, "the budget must force memory preemption");
-    assert_eq!(value("trail_preemptions_total{kind=\"policy\"}"), 0);
-    assert_eq!(value("trail_requests_finished_total"), 64);
+    assert_eq!(value("trail_preemptions_total", &[("kind", "policy")]), 0);
+    assert_eq!(value("vllm:num_preemptions_total", &[]), memory);
+    let finished = |reason| value("vllm:request_success_total", &[("finished_reason", reason)]);
+    assert_eq!(finished("stop") + finished("length"), 64);
+    assert_eq!(finished("abort"), 0);
 
     let report = server.stop(&rt);
     let c = report.stats.counters;
@@ -859,7 +884,7 @@ fn bert_predicts_on_arrival_batched_and_sjf_bert_serves_by_it() {
     let report = server.stop(&rt);
     assert_eq!(report.stats.counters.finished, questions.len() as u64);
     assert_eq!(
-        report.stats.initial_count,
+        report.stats.initial_error.count,
         questions.len() as u64,
         "every request had BERT's initial prediction"
     );

@@ -15,7 +15,9 @@ use anyhow::Context;
 use trail_checkpoints::Checkpoint;
 use trail_serving_shim::http::HttpOptions;
 use trail_serving_shim::listener::Limits;
-use trail_serving_shim::{BertPredictor, Engine, EngineConfig, PolicyKind, http, listener};
+use trail_serving_shim::{
+    BertPredictor, Engine, EngineConfig, PolicyKind, http, listener, prometheus,
+};
 
 use crate::manifest::write_atomic;
 use crate::stages::engine_args::{EngineArgs, PrefillChunk, bounded};
@@ -219,9 +221,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if let Some(dir) = &args.out {
         std::fs::create_dir_all(dir)?;
         trail_serving_shim::steps::write(&dir.join("steps.parquet"), &report.steps)?;
+        let served = args.served_model_name.first().unwrap_or(&name);
         write_atomic(
             &dir.join("metrics.prom"),
-            report.stats.render_prometheus().as_bytes(),
+            prometheus::render(&report.stats, served).as_bytes(),
         )?;
     }
     if let Some(e) = died {

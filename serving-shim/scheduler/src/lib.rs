@@ -11,7 +11,8 @@
 //! - [`policy`]: the [`Policy`] trait and `fcfs`, `sjf-bert`, `sprpt`, `trail`, `oracle`.
 //! - [`scheduler`]: iteration-level batching, chunked prefill, policy and memory preemption by
 //!   recompute ([`Scheduler`]).
-//! - [`metrics`]: engine statistics and their Prometheus exposition ([`EngineStats`]).
+//! - [`metrics`]: engine statistics with vLLM's latency histograms ([`EngineStats`]; their
+//!   Prometheus exposition is the serving shim's).
 //! - [`steps`]: the step log ([`StepRecord`], `steps.parquet`) and the step-time model fitted
 //!   to it ([`StepTimeModel`]).
 //! - [`error`]: the typed errors of the above.

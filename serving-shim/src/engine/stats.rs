@@ -13,22 +13,15 @@ pub(super) fn set_gauges(st: &mut EngineStats, sched: &Scheduler) {
     st.counters = sched.counters();
 }
 
-/// Adds a finished request to the latency histograms and the online predictor MAE.
+/// Adds a request that finished in a step to the latency histograms and the predictor's
+/// error: each estimate against the request's true length.
 pub(super) fn score(st: &mut EngineStats, s: &Summary) {
-    let t = &s.times;
-    if let Some(ft) = t.first_token {
-        st.ttft.observe(ft - t.arrival);
-    }
-    if let Some(f) = t.finish {
-        st.latency.observe(f - t.arrival);
-    }
+    st.observe_request(s.finish, s.prompt_tokens, &s.times);
     let len = s.tokens.len() as f64;
     if let Some(p) = s.initial_prediction {
-        st.initial_abs_err += (p - len).abs();
-        st.initial_count += 1;
+        st.initial_error.observe((p - len).abs());
     }
     for &(g, p) in &s.predictions {
-        st.refined_abs_err += (p - (len - f64::from(g))).abs();
-        st.refined_count += 1;
+        st.refined_error.observe((p - (len - f64::from(g))).abs());
     }
 }

@@ -354,7 +354,7 @@ impl Server {
                 trail_serving_shim::steps::write(&dir.join("steps.parquet"), &report.steps)?;
                 write_atomic(
                     &dir.join("metrics.prom"),
-                    report.stats.render_prometheus().as_bytes(),
+                    trail_serving_shim::prometheus::render(&report.stats, SERVED_NAME).as_bytes(),
                 )?;
                 Ok(())
             }
