@@ -4,7 +4,7 @@
 //! `stream_options.include_usage`, `usage`, `ignore_eos` for benchmarks; message content as a
 //! string or a list of text parts), `GET /v1/models`, `GET /health` and `GET /metrics`
 //! (Prometheus text). Request bodies are the typed structs of [`crate::openai`], checked by
-//! [`crate::params`]; what the server does not support (`n` > 1, `logprobs`, `best_of`, tools,
+//! `params`; what the server does not support (`n` > 1, `logprobs`, `best_of`, tools,
 //! an unknown field) is refused with 400, never ignored. With an API key
 //! ([`HttpOptions::api_key`]) every `/v1` route wants `Authorization: Bearer KEY` (401
 //! otherwise); `/health` and `/metrics` stay open. A request naming a model that is not served

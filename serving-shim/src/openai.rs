@@ -5,7 +5,7 @@
 //!
 //! A request field the server does not know is refused (`deny_unknown_fields`), and so is one
 //! it knows but does not support, set to anything but its neutral value (`n: 2`, `logprobs`,
-//! `best_of`, tools…): [`Unsupported`] lists them, and [`crate::params`] checks them. Nothing a
+//! `best_of`, tools…): [`Unsupported`] lists them, and `params` checks them. Nothing a
 //! client asks for is dropped silently. A type error names its field (the front end reads the
 //! body through `serde_path_to_error`).
 

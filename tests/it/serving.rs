@@ -279,7 +279,7 @@ fn trail_with_the_predictor_in_the_loop_matches_requests_run_alone() {
         st.step_secs,
         100.0 * st.predictor_share()
     );
-    let text = trail_serving_shim::prometheus::render(&st, "smollm2");
+    let text = trail_serving_shim::prometheus::render(st, "smollm2");
     let refined = [("estimate", "refined")];
     let errors = sample(&text, "trail_predictor_abs_error_tokens_count", &refined);
     assert_eq!(errors, st.refined_error.count as f64);
