@@ -307,7 +307,8 @@ mod tests {
         }
         assert!(!serve.contains("--addr"), "a hidden alias is not listed");
         let latency = help(&mut cmd, &["eval", "latency"]);
-        assert!(latency.contains("--run <"), "{latency}");
+        assert!(latency.contains("--run <DIR>"), "{latency}");
+        assert!(latency.contains("Engine:"));
         assert!(latency.contains("--no-ignore-eos"));
         assert!(!latency.contains("--data") && !latency.contains("--ignore-eos "));
         assert!(latency.contains("[default: virtual]"));

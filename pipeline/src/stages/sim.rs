@@ -510,7 +510,12 @@ pub struct TraceArgs {
     /// Synthetic trace from a generated run: prompts (with their tokens) and profiled output
     /// lengths sampled from its test split, as `trail eval latency` samples them; without it,
     /// exponential lengths (--mean-output).
-    #[arg(long = "run", alias = "data", conflicts_with = "trace")]
+    #[arg(
+        long = "run",
+        alias = "data",
+        value_name = "DIR",
+        conflicts_with = "trace"
+    )]
     pub data: Option<PathBuf>,
     /// Synthetic trace: requests.
     #[arg(long, default_value_t = 10_000)]

@@ -79,7 +79,7 @@ pub struct Args {
     pub ranking: RankingArgs,
     /// A generated run: prompts from its test split, profiled output lengths from its
     /// requests.parquet.
-    #[arg(long = "run", alias = "data")]
+    #[arg(long = "run", alias = "data", value_name = "DIR")]
     pub data: PathBuf,
     /// Comma-separated policies (fcfs, sjf-bert, sprpt, trail, oracle), or `all` (which skips,
     /// with a warning, those whose checkpoint is not given).

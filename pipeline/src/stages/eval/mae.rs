@@ -34,7 +34,7 @@ pub struct Args {
     #[arg(long)]
     pub checkpoint: Option<PathBuf>,
     /// The generated run to score on.
-    #[arg(long = "run", alias = "data")]
+    #[arg(long = "run", alias = "data", value_name = "DIR")]
     pub data: PathBuf,
     /// Which of its requests: `all`, `train`, `val` or `test`.
     #[arg(long, default_value = "all")]
