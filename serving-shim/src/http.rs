@@ -488,12 +488,12 @@ async fn wait(mut handle: RequestHandle) -> Result<Box<Summary>, ApiError> {
 
 /// A whole (not streamed) response of `text`.
 fn whole(header: Header, text: String, s: &Summary) -> Response {
-    use crate::openai::Response as Body;
+    use crate::openai::Response as Reply;
     let finish = s.finish.as_str();
     let object = header.kind.names().1;
     let (usage, trail) = (Some(Some(Usage::of(s))), Some(TrailExtension::of(s)));
     match header.kind {
-        Kind::Text => axum::Json(Body {
+        Kind::Text => axum::Json(Reply {
             id: header.id,
             object,
             created: header.created,
@@ -508,7 +508,7 @@ fn whole(header: Header, text: String, s: &Summary) -> Response {
             trail,
         })
         .into_response(),
-        Kind::Chat => axum::Json(Body {
+        Kind::Chat => axum::Json(Reply {
             id: header.id,
             object,
             created: header.created,
