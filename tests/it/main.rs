@@ -22,6 +22,7 @@ mod honest;
 #[cfg(feature = "model")]
 mod hostile;
 mod latency;
+mod layout;
 mod mae;
 #[cfg(feature = "model")]
 mod runner;
