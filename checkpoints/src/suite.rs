@@ -755,37 +755,25 @@ impl<'a> Suite<'a> {
         let files = (plan.weights.as_path(), plan.record.as_path());
         let (run, cfg, commit) = (self.run, self.cfg, self.git_commit);
         match job {
-            Job::Layer(_) => {
-                let rows = load_layer(run, plan.layers[0])?;
-                check_splits(run, &rows.token, cfg.min_requests, "token")?;
-                check_splits(run, &rows.prompt, cfg.min_requests, "prompt_mean")?;
-                let rec = train_pair(
-                    run,
-                    cfg,
-                    &rows,
-                    &plan.layers,
-                    plan.key.clone(),
-                    files,
-                    commit,
-                )?;
-                Ok(rec.token.best_val_mae)
-            }
-            Job::Multi => {
-                let parts: Vec<LayerRows> = plan
-                    .layers
-                    .iter()
-                    .map(|&l| load_layer(run, l))
-                    .collect::<Result<_>>()?;
-                let rows = concat_layers(run, &parts)?;
-                let rec = train_pair(
-                    run,
-                    cfg,
-                    &rows,
-                    &plan.layers,
-                    plan.key.clone(),
-                    files,
-                    commit,
-                )?;
+            Job::Layer(_) | Job::Multi => {
+                let rows = match job {
+                    Job::Layer(_) => {
+                        let rows = load_layer(run, plan.layers[0])?;
+                        check_splits(run, &rows.token, cfg.min_requests, "token")?;
+                        check_splits(run, &rows.prompt, cfg.min_requests, "prompt_mean")?;
+                        rows
+                    }
+                    _ => {
+                        let parts: Vec<LayerRows> = plan
+                            .layers
+                            .iter()
+                            .map(|&l| load_layer(run, l))
+                            .collect::<Result<_>>()?;
+                        concat_layers(run, &parts)?
+                    }
+                };
+                let key = plan.key.clone();
+                let rec = train_pair(run, cfg, &rows, &plan.layers, key, files, commit)?;
                 Ok(rec.token.best_val_mae)
             }
             Job::BertFrozen => {

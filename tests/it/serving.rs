@@ -924,6 +924,18 @@ fn virtual_time_moves_by_the_step_cost_and_jumps_to_arrivals() {
     engine.shutdown().unwrap();
 }
 
+/// Submits `reqs`, waits for every one, shuts the engine down: the summaries in order.
+fn run_to_end(engine: Engine, reqs: Vec<GenRequest>) -> Vec<Summary> {
+    let summaries: Vec<Summary> = engine
+        .submit_all_blocking(reqs)
+        .unwrap()
+        .into_iter()
+        .map(|h| h.unwrap().wait().unwrap())
+        .collect();
+    engine.shutdown().unwrap();
+    summaries
+}
+
 /// The step-time model of the virtual-time engine tests: 10 ms a step, 4 ms a decode row,
 /// 0.5 ms a prefill token, 10 µs a KV token.
 fn virtual_time() -> VirtualTime {
@@ -961,14 +973,7 @@ fn virtual_engines_replaying_recordings_match_engines_running_the_model() {
                 g
             })
             .collect();
-        let summaries: Vec<Summary> = engine
-            .submit_all_blocking(reqs)
-            .unwrap()
-            .into_iter()
-            .map(|h| h.unwrap().wait().unwrap())
-            .collect();
-        engine.shutdown().unwrap();
-        summaries
+        run_to_end(engine, reqs)
     };
     let computed = run(PolicyKind::Trail, None, true);
     assert!(
@@ -1010,14 +1015,7 @@ fn an_engine_replaying_some_requests_and_running_the_others_matches_one_running_
                 g
             })
             .collect();
-        let summaries: Vec<Summary> = engine
-            .submit_all_blocking(reqs)
-            .unwrap()
-            .into_iter()
-            .map(|h| h.unwrap().wait().unwrap())
-            .collect();
-        engine.shutdown().unwrap();
-        summaries
+        run_to_end(engine, reqs)
     };
     // Nothing recorded yet: every request runs the model, and is recorded.
     let all = Arc::new(Recordings::new());
