@@ -878,12 +878,7 @@ fn virtual_time_moves_by_the_step_cost_and_jumps_to_arrivals() {
 /// The step-time model of the virtual-time engine tests: 10 ms a step, 4 ms a decode row,
 /// 0.5 ms a prefill token, 10 µs a KV token.
 fn virtual_time() -> VirtualTime {
-    VirtualTime::new(StepTimeModel {
-        base_s: 0.01,
-        per_decode_row_s: 0.004,
-        per_prefill_token_s: 0.0005,
-        per_kv_token_s: 1e-5,
-    })
+    VirtualTime::new(StepTimeModel::linear(0.01, 0.004, 0.0005, 1e-5))
 }
 
 /// An engine on virtual time that replays recorded requests gives what one that runs the model
