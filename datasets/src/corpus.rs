@@ -40,8 +40,8 @@ use sha2::{Digest, Sha256};
 mod parquet;
 mod scanner;
 
-pub use scanner::{ArrayScanner, Element, Ending, ScanError};
 use parquet::read_parquet;
+pub use scanner::{ArrayScanner, Element, Ending, ScanError};
 
 /// sha256 of the carried `data/alpaca.jsonl.zst` as committed.
 pub const CARRIED_ALPACA_ZST_SHA256: &str =

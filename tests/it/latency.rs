@@ -431,7 +431,10 @@ fn a_given_step_model_times_the_cells_and_the_saturation_burst() {
     };
     let sat = read("saturation.json");
     assert_eq!(sat["source"], "virtual", "{sat}");
-    assert!(!out.join("saturation").exists(), "no burst ran on this machine");
+    assert!(
+        !out.join("saturation").exists(),
+        "no burst ran on this machine"
+    );
     let settings = read("settings.json");
     assert_eq!(settings["step_model"], model_s.as_str());
     assert_eq!(settings["engine"]["kv_budget_tokens"], 4096);

@@ -58,7 +58,9 @@ fn the_committed_gpu_step_models_read_and_round_trip() {
         .collect();
     for path in files {
         let model = step_model::read(&path).unwrap_or_else(|e| panic!("{e:#}"));
-        let capacity = model.kv_capacity_tokens.expect("a GPU model says its capacity");
+        let capacity = model
+            .kv_capacity_tokens
+            .expect("a GPU model says its capacity");
         // 48 running requests of at most ~300 prompt + 512 output tokens fit many times over.
         assert!(capacity > 48 * 1024, "{}: {capacity}", path.display());
         assert!(model.per_swap_token_s > 0.0, "{}", path.display());
@@ -82,7 +84,11 @@ fn the_committed_gpu_step_models_read_and_round_trip() {
 /// Makespan 5.214 s: 3 / 5.214 requests/s, 6 / 5.214 output tokens/s.
 #[test]
 fn saturation_under_a_step_model_is_a_burst_replayed_on_virtual_time() {
-    let burst = [request(0.0, 10, 2), request(0.0, 20, 3), request(0.0, 30, 1)];
+    let burst = [
+        request(0.0, 10, 2),
+        request(0.0, 20, 3),
+        request(0.0, 30, 1),
+    ];
     let model = StepTimeModel::linear(1.0, 0.5, 0.01, 0.001);
     let sat = saturation::on_virtual_time(&burst, &scheduler(2, PreemptionMode::Recompute), &model)
         .unwrap();
@@ -90,7 +96,10 @@ fn saturation_under_a_step_model_is_a_burst_replayed_on_virtual_time() {
     assert!((sat.makespan_s - makespan).abs() < 1e-12, "{sat:?}");
     assert!((sat.rps - 3.0 / makespan).abs() < 1e-12, "{sat:?}");
     assert!((sat.output_tokens_per_s - 6.0 / makespan).abs() < 1e-12);
-    assert_eq!((sat.source.as_str(), sat.requests, sat.completed), ("virtual", 3, 3));
+    assert_eq!(
+        (sat.source.as_str(), sat.requests, sat.completed),
+        ("virtual", 3, 3)
+    );
     // One at a time, the burst takes six steps (1.11 + 1.511 + 1.22 + 1.521 + 1.522 + 1.33
     // s): the batch is the run's.
     let one = saturation::on_virtual_time(&burst, &scheduler(1, PreemptionMode::Recompute), &model)
@@ -131,6 +140,9 @@ fn a_swap_costs_its_tokens_out_and_back_in() {
         (r.requests[0].finish, r.requests[1].finish, r.steps)
     };
     let swap = 1.0 + 0.01 * 11.0;
-    assert_eq!(run(0.01), (1.0 + 1.0 + swap + swap + 1.0 + 1.0, 1.0 + 1.0 + swap, 6));
+    assert_eq!(
+        run(0.01),
+        (1.0 + 1.0 + swap + swap + 1.0 + 1.0, 1.0 + 1.0 + swap, 6)
+    );
     assert_eq!(run(0.0), (6.0, 3.0, 6));
 }

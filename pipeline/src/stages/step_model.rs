@@ -114,11 +114,17 @@ mod tests {
         let e = engine_for(&flags, &gpu).unwrap();
         assert_eq!(e.kv_budget_tokens, 434_512);
         let s = e.scheduler();
-        assert_eq!((s.kv_budget_tokens, s.swap_budget_tokens), (434_512, 434_512));
+        assert_eq!(
+            (s.kv_budget_tokens, s.swap_budget_tokens),
+            (434_512, 434_512)
+        );
         // A swap pool given by flag stays.
         let swap = Cli::parse_from(["x", "--swap-budget-tokens", "32768"]).engine;
         assert_eq!(
-            engine_for(&swap, &gpu).unwrap().scheduler().swap_budget_tokens,
+            engine_for(&swap, &gpu)
+                .unwrap()
+                .scheduler()
+                .swap_budget_tokens,
             32768
         );
         let huge = StepTimeModel {
@@ -139,7 +145,10 @@ mod tests {
         )
         .unwrap();
         let m = read(&path).unwrap();
-        assert_eq!((m.per_swap_token_s, m.kv_capacity_tokens), (5e-6, Some(1000)));
+        assert_eq!(
+            (m.per_swap_token_s, m.kv_capacity_tokens),
+            (5e-6, Some(1000))
+        );
         assert!(describe(&m).contains("5.000 µs per KV token swapped"));
         write_atomic(
             &path,

@@ -8,7 +8,7 @@ pub mod mae;
 pub enum Eval {
     /// End-to-end scheduling latency on the real engine: policies side by side under seeded
     /// Poisson load (results.parquet, summary.json, report.md, plots, manifest).
-    Latency(latency::Args),
+    Latency(Box<latency::Args>),
     /// Trained predictors (`--models`) or an exported checkpoint (`--checkpoint`) scored on
     /// another generated run with `trail report`'s metrics (metrics.json, report.md, manifest).
     Mae(mae::Args),
@@ -16,7 +16,7 @@ pub enum Eval {
 
 pub fn run(eval: Eval) -> anyhow::Result<()> {
     match eval {
-        Eval::Latency(args) => latency::run(args),
+        Eval::Latency(args) => latency::run(*args),
         Eval::Mae(args) => mae::run(args),
     }
 }

@@ -405,9 +405,9 @@ mod tests {
             ..fitted
         };
         let text = serde_json::to_string_pretty(&gpu).unwrap();
-        assert!(text.ends_with(
-            "\"per_swap_token_s\": 5.12e-6,\n  \"kv_capacity_tokens\": 434512\n}"
-        ));
+        assert!(
+            text.ends_with("\"per_swap_token_s\": 5.12e-6,\n  \"kv_capacity_tokens\": 434512\n}")
+        );
         assert_eq!(serde_json::from_str::<StepTimeModel>(&text).unwrap(), gpu);
         gpu.check().unwrap();
     }
@@ -446,9 +446,19 @@ mod tests {
             per_swap_token_s: -1e-6,
             ..StepTimeModel::constant(0.01)
         };
-        assert!(bad.check().unwrap_err().to_string().contains("per_swap_token_s"));
+        assert!(
+            bad.check()
+                .unwrap_err()
+                .to_string()
+                .contains("per_swap_token_s")
+        );
         let nan = StepTimeModel::linear(0.01, f64::NAN, 0.0, 0.0);
-        assert!(nan.check().unwrap_err().to_string().contains("per_decode_row_s"));
+        assert!(
+            nan.check()
+                .unwrap_err()
+                .to_string()
+                .contains("per_decode_row_s")
+        );
         let empty = StepTimeModel {
             kv_capacity_tokens: Some(0),
             ..StepTimeModel::constant(0.01)

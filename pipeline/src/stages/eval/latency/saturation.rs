@@ -14,9 +14,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use trail_eval::loadgen::TraceRequest;
 use trail_eval::loadgen::workload;
-use trail_eval::tracesim::{
-    self, Predictions, Router, SchedulerConfig, SimConfig, StepTimeModel,
-};
+use trail_eval::tracesim::{self, Predictions, Router, SchedulerConfig, SimConfig, StepTimeModel};
 use trail_serving_shim::PolicyKind;
 
 use super::config::Config;
