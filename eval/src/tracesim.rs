@@ -3,7 +3,8 @@
 //!
 //! Each replica owns a `Scheduler` over its own [`ManualClock`] and is driven exactly as the
 //! engine drives it: `schedule()` plans a step at time `t`, the step takes
-//! [`StepTimeModel::predict`] seconds, the clock moves to the step's end and `on_step_done`
+//! [`StepTimeModel::step_secs`] seconds of its shape (the KV it swaps out and back in
+//! included), the clock moves to the step's end and `on_step_done`
 //! reports a token for every row that reaches the end of its context (decodes and completed
 //! prefills). Requests finish at their trace's `output_tokens` (`ignore_eos`: the scheduler's
 //! `Length` finish). A router sends each arrival to one replica.
@@ -155,8 +156,7 @@ impl Replica {
                 });
             }
         }
-        let kv = self.sched.context_tokens(&plan);
-        let dt = model.predict(plan.decode.len(), plan.prefill_tokens(), kv);
+        let dt = model.step_secs(&self.sched.step_shape(&plan));
         self.in_flight = Some((now + dt.max(0.0), results));
         self.steps += 1;
         Ok(())
@@ -484,12 +484,7 @@ mod tests {
     }
 
     fn model() -> StepTimeModel {
-        StepTimeModel {
-            base_s: 0.01,
-            per_decode_row_s: 5e-4,
-            per_prefill_token_s: 5e-5,
-            per_kv_token_s: 1e-7,
-        }
+        StepTimeModel::linear(0.01, 5e-4, 5e-5, 1e-7)
     }
 
     #[test]

@@ -64,5 +64,6 @@ pub use trail_scheduler::{
     AllocStatus, BlockManager, Chunk, Clock, Counters, EngineStats, Fcfs, FinishReason, Histogram,
     ManualClock, Oracle, Policy, PolicyKind, PreemptKind, PreemptionMode, Scheduler,
     SchedulerConfig, SeqId, SeqState, Sequence, SjfBert, Sprpt, StepModelError, StepPlan,
-    StepRecord, StepResult, StepSample, StepTimeModel, SystemClock, Timestamps, Trail, VirtualTime,
+    StepRecord, StepResult, StepSample, StepShape, StepTimeModel, SystemClock, Timestamps, Trail,
+    VirtualTime,
 };

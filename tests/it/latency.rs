@@ -398,3 +398,67 @@ fn virtual_time_cells_repeat_to_the_bit_replayed_or_not() {
         recordings
     );
 }
+
+/// `--step-model`: the cells step by the given model, whose KV capacity replaces
+/// `--kv-budget-tokens`; the saturation is the burst replayed on virtual time under it (no burst
+/// runs on this machine); `settings.json` names the file. The engine's FCFS cells and the
+/// simulator's FCFS on the same traces (the report's headroom) agree to the engine's
+/// nanosecond timestamps: the engine on virtual time and the simulator time the same
+/// scheduler's steps by the same model (one KV token more or less in any step would move the
+/// mean by over 1e-6 s).
+#[test]
+#[cfg_attr(
+    not(feature = "model"),
+    ignore = "needs the real model (feature `model`)"
+)]
+fn a_given_step_model_times_the_cells_and_the_saturation_burst() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (argv, out) = tiny_latency_args(tmp.path(), "virtual", "0.9", "1");
+    let model_path = tmp.path().join("gpu.json");
+    std::fs::write(
+        &model_path,
+        r#"{"base_s": 0.01, "per_decode_row_s": 0.0001, "per_prefill_token_s": 0.0001,
+            "per_kv_token_s": 1e-5, "per_swap_token_s": 5e-6, "kv_capacity_tokens": 4096}"#,
+    )
+    .unwrap();
+    let model_s = model_path.display().to_string();
+    let mut argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    argv.extend(["--step-model", &model_s]);
+    eval_latency(&argv).unwrap();
+
+    let read = |name: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(out.join(name)).unwrap()).unwrap()
+    };
+    let sat = read("saturation.json");
+    assert_eq!(sat["source"], "virtual", "{sat}");
+    assert!(
+        !out.join("saturation").exists(),
+        "no burst ran on this machine"
+    );
+    let settings = read("settings.json");
+    assert_eq!(settings["step_model"], model_s.as_str());
+    assert_eq!(settings["engine"]["kv_budget_tokens"], 4096);
+    let step_model = read("step_model.json");
+    assert_eq!(step_model["per_swap_token_s"], 5e-6);
+
+    let summary = read("summary.json");
+    let fcfs = summary["summary"]["cells"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["policy"] == "fcfs")
+        .unwrap()["mean_latency_s"]["value"]
+        .as_f64()
+        .unwrap();
+    let simulated = summary["summary"]["simulated"][0]["fcfs_mean_latency_s"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        (fcfs - simulated).abs() < 1e-8,
+        "engine {fcfs} vs simulator {simulated}"
+    );
+
+    // --step-model is for virtual time only.
+    let err = eval_latency(&replaced(&argv, "virtual", "inprocess")).unwrap_err();
+    assert!(err.contains("--backend virtual"), "{err}");
+}

@@ -29,4 +29,5 @@ mod runner;
 #[cfg(feature = "model")]
 mod serving;
 mod sim;
+mod step_model;
 mod train;

@@ -936,15 +936,50 @@ fn run_to_end(engine: Engine, reqs: Vec<GenRequest>) -> Vec<Summary> {
     summaries
 }
 
+/// Virtual time charges swaps: with one running request, the oracle and preemption by swap,
+/// each step 1 s plus 10 ms per KV token swapped. L (5 tokens) starts at 0; S (1 token)
+/// arrives at 1.5 s, during L's second step. At 2 s the oracle swaps L out (its prompt + 1 fed
+/// token) to prefill S, which is done one step and the swap later; the next step swaps L back in
+/// and decodes its third token, which costs the swap again. The tokens are those of the
+/// requests run alone.
+#[test]
+fn virtual_time_charges_the_kv_a_swap_moves_out_and_back_in() {
+    let refs = references();
+    let mut cfg = EngineConfig::new(4096, PolicyKind::Oracle);
+    cfg.scheduler.max_running = 1;
+    cfg.scheduler.preemption_mode = PreemptionMode::Swap;
+    cfg.virtual_time = Some(VirtualTime::new(StepTimeModel {
+        per_swap_token_s: 0.01,
+        ..StepTimeModel::constant(1.0)
+    }));
+    let engine = Engine::start(runner(), None, cfg).unwrap();
+    let reqs: Vec<GenRequest> = [(0usize, 0.0, 5usize), (1, 1.5, 1)]
+        .iter()
+        .map(|&(i, at, n)| {
+            let mut r = GenRequest::greedy(refs[i].0.clone(), MAX_NEW);
+            r.eval_stop = Some(n);
+            r.arrival = Some(at);
+            r
+        })
+        .collect();
+    let s = run_to_end(engine, reqs);
+    let swap = 1.0 + 0.01 * (refs[0].0.len() + 1) as f64;
+    let after_swap_out = 1.0 + 1.0 + swap;
+    let back_in = after_swap_out + swap;
+    assert_eq!(s[1].times.tokens, vec![after_swap_out]);
+    assert_eq!(
+        s[0].times.tokens,
+        vec![1.0, 2.0, back_in, back_in + 1.0, back_in + 1.0 + 1.0]
+    );
+    assert_eq!(s[0].preemptions_policy, 1);
+    assert_eq!(s[0].tokens, refs[0].1[..5]);
+    assert_eq!(s[1].tokens, refs[1].1[..1]);
+}
+
 /// The step-time model of the virtual-time engine tests: 10 ms a step, 4 ms a decode row,
 /// 0.5 ms a prefill token, 10 µs a KV token.
 fn virtual_time() -> VirtualTime {
-    VirtualTime::new(StepTimeModel {
-        base_s: 0.01,
-        per_decode_row_s: 0.004,
-        per_prefill_token_s: 0.0005,
-        per_kv_token_s: 1e-5,
-    })
+    VirtualTime::new(StepTimeModel::linear(0.01, 0.004, 0.0005, 1e-5))
 }
 
 /// An engine on virtual time that replays recorded requests gives what one that runs the model

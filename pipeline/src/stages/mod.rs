@@ -15,4 +15,5 @@ pub mod report;
 pub mod run;
 pub mod serve;
 pub mod sim;
+pub mod step_model;
 pub mod train;

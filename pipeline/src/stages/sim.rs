@@ -21,10 +21,10 @@ use trail_eval::des::{Precision, Progress, simulate_precise};
 use trail_eval::loadgen::workload::{Lengths, poisson_trace};
 use trail_eval::{CappedMixture, Joint, Policy, Predictions, SimConfig, Sizes};
 use trail_plot::{self as plot, Axes, Series};
-use trail_scheduler::StepTimeModel;
 
 use crate::manifest::{Manifest, write_atomic};
 use crate::stages::engine_args::EngineArgs;
+use crate::stages::step_model;
 
 /// Arguments of `trail sim`.
 #[derive(Debug, clap::Args)]
@@ -475,8 +475,9 @@ pub struct TraceArgs {
     #[arg(long)]
     pub trace: Option<PathBuf>,
     /// Step log: `steps.parquet` as `trail serve --out` or `trail bench runner --out` write it
-    /// (fitted by least squares), or a fitted model as JSON `{base_s, per_decode_row_s,
-    /// per_prefill_token_s, per_kv_token_s}`.
+    /// (fitted by least squares), or a step-time model as JSON `{base_s, per_decode_row_s,
+    /// per_prefill_token_s, per_kv_token_s}` (`step_model.json`), optionally with
+    /// `per_swap_token_s` and `kv_capacity_tokens` (which then replaces --kv-budget-tokens).
     #[arg(long)]
     pub steps: PathBuf,
     /// Policies to simulate, comma-separated.
@@ -581,30 +582,6 @@ fn replicas_plot(path: &std::path::Path, rows: &[TraceRow]) -> anyhow::Result<()
     Ok(())
 }
 
-/// The step-time model of `--steps`: fitted to a step log (parquet, told by its magic bytes),
-/// or read as a fitted model (JSON).
-fn step_time_model(path: &std::path::Path) -> anyhow::Result<StepTimeModel> {
-    use std::io::Read;
-
-    let mut magic = [0u8; 4];
-    let n = std::fs::File::open(path)
-        .and_then(|mut f| f.read(&mut magic))
-        .with_context(|| format!("{}: cannot read", path.display()))?;
-    if n == 4 && &magic == b"PAR1" {
-        let records = trail_scheduler::steps::read(path)?;
-        return StepTimeModel::fit_log(&records)
-            .with_context(|| format!("{}: fitting the step-time model", path.display()));
-    }
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("{}: cannot read", path.display()))?;
-    serde_json::from_str::<StepTimeModel>(&text).with_context(|| {
-        format!(
-            "{}: neither a step log (steps.parquet) nor a fitted step-time model (JSON)",
-            path.display()
-        )
-    })
-}
-
 fn run_trace(a: &TraceArgs) -> anyhow::Result<()> {
     use trail_eval::tracesim;
 
@@ -625,8 +602,9 @@ fn run_trace(a: &TraceArgs) -> anyhow::Result<()> {
     );
     let mut manifest = Manifest::start("sim trace", a, Some(a.seed))?;
 
-    let model = step_time_model(&a.steps)?;
+    let model = step_model::read(&a.steps)?;
     manifest.input(&a.steps, &a.out)?;
+    let engine = step_model::engine_for(&a.engine, &model)?;
 
     let (trace, prompt_lens) = match &a.trace {
         Some(path) => {
@@ -668,7 +646,7 @@ fn run_trace(a: &TraceArgs) -> anyhow::Result<()> {
     };
     anyhow::ensure!(!trace.is_empty(), "empty trace");
 
-    let scheduler = a.engine.scheduler();
+    let scheduler = engine.scheduler();
     let router = match a.router {
         RouterArg::RoundRobin => tracesim::Router::RoundRobin,
         RouterArg::Jsq => tracesim::Router::JoinShortestQueue,
@@ -730,7 +708,7 @@ fn run_trace(a: &TraceArgs) -> anyhow::Result<()> {
     manifest.output(&summary_path, out)?;
     let mut md = format!(
         "# Trace-driven serving simulation\n\n{} requests ({}); step time = {:.3e} + {:.3e}·decode rows \
-         + {:.3e}·prefill tokens + {:.3e}·KV tokens s; {}, router {:?}, c = {}.\n\n| policy | replicas | mean | p50 | p90 | p99 | mean TTFT | preemptions |\n|---|---|---|---|---|---|---|---|\n",
+         + {:.3e}·prefill tokens + {:.3e}·KV tokens{} s; {}, router {:?}, c = {}.\n\n| policy | replicas | mean | p50 | p90 | p99 | mean TTFT | preemptions |\n|---|---|---|---|---|---|---|---|\n",
         trace.len(),
         match (&a.trace, &a.data) {
             (Some(p), _) => p.display().to_string(),
@@ -748,7 +726,12 @@ fn run_trace(a: &TraceArgs) -> anyhow::Result<()> {
         model.per_decode_row_s,
         model.per_prefill_token_s,
         model.per_kv_token_s,
-        a.engine.describe(),
+        if model.per_swap_token_s > 0.0 {
+            format!(" + {:.3e}·tokens swapped out or in", model.per_swap_token_s)
+        } else {
+            String::new()
+        },
+        engine.describe(),
         a.router,
         a.c,
     );

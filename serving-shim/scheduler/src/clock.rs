@@ -7,7 +7,7 @@
 use std::sync::Mutex;
 use std::time::Instant;
 
-use crate::steps::StepTimeModel;
+use crate::steps::{StepShape, StepTimeModel};
 
 /// A source of the current time in seconds.
 pub trait Clock: Send + Sync {
@@ -95,10 +95,10 @@ impl VirtualTime {
         Self { model }
     }
 
-    /// Seconds a step of this shape takes on virtual time: `(decode rows, prefill tokens, KV
-    /// tokens attended)`, as [`StepTimeModel::predict`] reads them.
-    pub fn step_secs(&self, decode_rows: usize, prefill_tokens: usize, kv_tokens: usize) -> f64 {
-        self.model.predict(decode_rows, prefill_tokens, kv_tokens)
+    /// Seconds a step of this shape takes on virtual time, its swaps included
+    /// ([`StepTimeModel::step_secs`]).
+    pub fn step_secs(&self, shape: &StepShape) -> f64 {
+        self.model.step_secs(shape)
     }
 }
 
@@ -125,16 +125,21 @@ mod tests {
     #[test]
     fn virtual_time_steps_by_the_model() {
         let model = StepTimeModel {
-            base_s: 0.5,
-            per_decode_row_s: 0.25,
-            per_prefill_token_s: 0.125,
-            per_kv_token_s: 0.0625,
+            per_swap_token_s: 0.03125,
+            ..StepTimeModel::linear(0.5, 0.25, 0.125, 0.0625)
         };
         let vt = VirtualTime::new(model);
-        assert_eq!(vt.step_secs(2, 4, 8), 0.5 + 0.5 + 0.5 + 0.5);
-        assert_eq!(vt.step_secs(3, 5, 7), model.predict(3, 5, 7));
+        let shape = |decode_rows, prefill_tokens, kv_tokens, swapped_tokens| StepShape {
+            decode_rows,
+            prefill_tokens,
+            kv_tokens,
+            swapped_tokens,
+        };
+        assert_eq!(vt.step_secs(&shape(2, 4, 8, 0)), 0.5 + 0.5 + 0.5 + 0.5);
+        assert_eq!(vt.step_secs(&shape(2, 4, 8, 16)), 2.0 + 0.5);
+        assert_eq!(vt.step_secs(&shape(3, 5, 7, 0)), model.predict(3, 5, 7));
         assert_eq!(
-            VirtualTime::new(StepTimeModel::constant(1.0)).step_secs(9, 9, 9),
+            VirtualTime::new(StepTimeModel::constant(1.0)).step_secs(&shape(9, 9, 9, 9)),
             1.0
         );
     }

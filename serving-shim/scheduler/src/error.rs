@@ -127,7 +127,8 @@ impl StepLogError {
     }
 }
 
-/// Errors of fitting the step-time model ([`StepTimeModel::fit`](crate::steps::StepTimeModel::fit)).
+/// Errors of fitting the step-time model ([`StepTimeModel::fit`](crate::steps::StepTimeModel::fit))
+/// or of checking one read from a file ([`StepTimeModel::check`](crate::steps::StepTimeModel::check)).
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum StepModelError {
     /// No steps to fit.
@@ -136,4 +137,15 @@ pub enum StepModelError {
     /// A step time that is negative, infinite or NaN.
     #[error("step time {0} must be a finite number")]
     BadStepTime(f64),
+    /// A coefficient of a model read from a file that is negative, infinite or NaN.
+    #[error("{name} = {value}: a step-model coefficient must be a finite number ≥ 0")]
+    BadCoefficient {
+        /// The field.
+        name: &'static str,
+        /// Its value.
+        value: f64,
+    },
+    /// A KV capacity of 0 tokens.
+    #[error("kv_capacity_tokens must be at least 1")]
+    NoCapacity,
 }

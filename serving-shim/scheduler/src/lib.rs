@@ -35,4 +35,4 @@ pub use scheduler::{
     Chunk, Counters, PreemptKind, PreemptionMode, Scheduler, SchedulerConfig, StepPlan, StepResult,
 };
 pub use sequence::{FinishReason, SeqId, SeqState, Sequence, Timestamps};
-pub use steps::{StepRecord, StepSample, StepTimeModel};
+pub use steps::{StepRecord, StepSample, StepShape, StepTimeModel};

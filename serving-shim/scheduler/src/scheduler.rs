@@ -31,6 +31,7 @@ use crate::clock::Clock;
 use crate::error::SchedulerError;
 use crate::policy::Policy;
 use crate::sequence::{FinishReason, SeqId, SeqState, Sequence};
+use crate::steps::StepShape;
 
 /// What happens to a preempted request's KV cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -179,6 +180,11 @@ pub struct StepPlan {
     /// Those of `preempted` whose KV was swapped out (kept): the engine must keep their
     /// caches; the others' caches are dropped.
     pub swapped_out: Vec<SeqId>,
+    /// KV tokens of `swapped_out`: copied from the KV pool to the swap pool by this step.
+    pub swapped_out_tokens: usize,
+    /// KV tokens copied back from the swap pool by this step: the caches of requests it
+    /// re-admits after a swap.
+    pub swapped_in_tokens: usize,
 }
 
 impl StepPlan {
@@ -195,6 +201,11 @@ impl StepPlan {
     /// Prefill tokens in the step.
     pub fn prefill_tokens(&self) -> usize {
         self.prefill.iter().map(|c| c.len).sum()
+    }
+
+    /// KV tokens the step copies between the KV pool and the swap pool, either way.
+    pub fn swapped_tokens(&self) -> usize {
+        self.swapped_out_tokens + self.swapped_in_tokens
     }
 
     /// Adds `id`'s next row: a one-token decode, or the prefill chunk `[start, start + len)`.
@@ -427,6 +438,18 @@ impl Scheduler {
         decode + prefill
     }
 
+    /// The shape of `plan` that its time depends on: its rows, [`context_tokens`](Self::context_tokens)
+    /// and the tokens it swaps. Call before [`on_step_done`](Self::on_step_done). What the
+    /// simulator and the engine on virtual time time a step by.
+    pub fn step_shape(&self, plan: &StepPlan) -> StepShape {
+        StepShape {
+            decode_rows: plan.decode.len(),
+            prefill_tokens: plan.prefill_tokens(),
+            kv_tokens: self.context_tokens(plan),
+            swapped_tokens: plan.swapped_tokens(),
+        }
+    }
+
     /// KV tokens held by running requests (computed context).
     pub fn kv_tokens(&self) -> usize {
         self.running.iter().map(|id| self.seqs[id].computed).sum()
@@ -555,6 +578,7 @@ impl Scheduler {
             self.counters.swaps += 1;
             self.counters.swapped_tokens += seq.computed as u64;
             plan.swapped_out.push(id);
+            plan.swapped_out_tokens += seq.computed;
         } else {
             seq.recomputed_tokens += seq.computed;
             self.counters.recomputed_tokens += seq.computed as u64;
@@ -667,6 +691,8 @@ impl Scheduler {
                 self.blocks
                     .allocate(id, computed + want)
                     .expect("free blocks were checked");
+                // A waiting request holds computed tokens only in the swap pool: they come back.
+                plan.swapped_in_tokens += computed;
                 if let Some(swap) = self.swap.as_mut() {
                     swap.free(id);
                 }

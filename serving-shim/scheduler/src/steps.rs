@@ -43,7 +43,7 @@ use crate::error::StepLogError;
 
 pub mod model;
 
-pub use model::{StepSample, StepTimeModel};
+pub use model::{StepSample, StepShape, StepTimeModel};
 
 /// One model step (see the module docs for the meaning of each field).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

@@ -107,11 +107,11 @@ impl Worker {
             .collect()
     }
 
-    /// Virtual time: the step's tokens are reported at its modelled end.
+    /// Virtual time: the step's tokens are reported at its modelled end, the copies of the KV
+    /// it swapped out and back in included.
     fn advance_clock(&self, plan: &StepPlan) {
         if let Some((clock, vt)) = &self.virtual_time {
-            let kv = self.sched.context_tokens(plan);
-            let secs = vt.step_secs(plan.decode.len(), plan.prefill_tokens(), kv);
+            let secs = vt.step_secs(&self.sched.step_shape(plan));
             clock.advance(secs.max(0.0));
         }
     }

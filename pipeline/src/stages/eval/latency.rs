@@ -17,7 +17,9 @@
 //!    slow drift of the machine's speed does not favour the policies that run first.
 //!    `--backend virtual` takes the machine's speed out instead: the engine runs in process
 //!    on a clock that each step moves by the step-time model fitted to the saturation burst's
-//!    step log (`step_model.json`), with the whole trace handed over at once, so a cell's
+//!    step log (`step_model.json`), or by another machine's model (`--step-model`, e.g. a
+//!    GPU's: then the saturation burst too is replayed on virtual time, under that model), with
+//!    the whole trace handed over at once, so a cell's
 //!    latencies depend only on the schedule (and repeat to the bit). Its cells replay what a
 //!    recording pass computed once per distinct request (tokens and predictor outputs, exact
 //!    since the runner is batch-invariant; kept in `recordings.jsonl` for reruns; `--no-replay`
@@ -38,7 +40,7 @@ mod headroom;
 mod models;
 mod record;
 mod report;
-mod saturation;
+pub mod saturation;
 mod server;
 mod summary;
 
@@ -51,6 +53,7 @@ use trail_datasets::schema::{RequestRow, requests_path};
 use trail_datasets::split::Split;
 use trail_datasets::store::read_requests;
 use trail_eval::loadgen::workload::Prompt;
+use trail_eval::tracesim::StepTimeModel;
 
 pub use server::BackendKind;
 pub use summary::{Summary, read_summary};
@@ -68,6 +71,7 @@ use crate::stages::model_args::ModelArgs;
 /// one whose latencies its README calls trustworthy (with `--backend virtual`).
 pub const REFERENCE_MAX_RUNNING: &str = "8";
 use crate::stages::predictor_args::{PredictorArgs, RankingArgs};
+use crate::stages::step_model;
 
 /// Arguments of `trail eval latency`.
 #[derive(Debug, clap::Args)]
@@ -109,6 +113,12 @@ pub struct Args {
     /// its scheduling.
     #[arg(long)]
     pub no_replay: bool,
+    /// `--backend virtual`: step by this step-time model (JSON, as `step_model.json`; e.g. a
+    /// GPU's, `reports/latency-smollm2/step-models/`) instead of one fitted to a saturation
+    /// burst on this machine; the capacity is then a burst replayed on virtual time under the
+    /// model. Its `kv_capacity_tokens`, if any, replaces --kv-budget-tokens.
+    #[arg(long)]
+    pub step_model: Option<PathBuf>,
     #[command(flatten)]
     pub engine: EngineArgs,
     /// Let the model stop at its stop tokens. By default each request generates exactly its
@@ -156,8 +166,9 @@ impl Args {
     }
 }
 
-pub fn run(args: Args) -> anyhow::Result<()> {
+pub fn run(mut args: Args) -> anyhow::Result<()> {
     let started = Instant::now();
+    let given_model = given_step_model(&mut args)?;
     let cfg = Config::resolve(&args)?;
     let settings = cfg.settings(&args)?;
     config::bind(&args.out, &settings)?;
@@ -174,10 +185,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let sat = saturation::resolve(&args, &cfg, &launch, &rt)?;
+    let sat = saturation::resolve(&args, &cfg, &launch, &rt, given_model.as_ref())?;
     eprintln!("saturation: {}", sat.describe());
     if args.backend == BackendKind::Virtual {
-        launch.step_model = Some(saturation::virtual_step_model(&args.out)?);
+        launch.step_model = Some(saturation::virtual_step_model(
+            &args.out,
+            given_model.as_ref(),
+        )?);
     }
     let grid = Grid::new(&args, &cfg, &sat)?;
     let todo = grid.todo(&args.out);
@@ -209,6 +223,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         report.display()
     );
     Ok(())
+}
+
+/// The model of `--step-model` (which needs `--backend virtual`), its KV capacity made the
+/// engine's KV budget (see [`step_model`](crate::stages::step_model)).
+fn given_step_model(args: &mut Args) -> anyhow::Result<Option<StepTimeModel>> {
+    let Some(path) = &args.step_model else {
+        return Ok(None);
+    };
+    anyhow::ensure!(
+        args.backend == BackendKind::Virtual,
+        "--step-model times the steps of virtual time: it needs --backend virtual"
+    );
+    let model = step_model::read(path)?;
+    args.engine = step_model::engine_for(&args.engine, &model)?;
+    Ok(Some(model))
 }
 
 /// Runs the cells of `todo` in order, a fresh server each, with one progress bar over their

@@ -145,15 +145,19 @@ fn swap_cfg(budget: usize, max_running: usize, swap: usize) -> SchedulerConfig {
 fn swap_readmission_resumes_with_a_decode() {
     let (mut d, plan) = long_preempted_by_short(swap_cfg(4096, 1, 4096), 6, 4);
     assert_eq!(plan.swapped_out, vec![1]);
+    assert_eq!((plan.swapped_out_tokens, plan.swapped_in_tokens), (9, 0));
     let swapped = d.s.get(1).unwrap();
     // 6 prompt + 3 fed generated tokens stay in the (swapped) cache.
     assert_eq!(swapped.computed, 9);
     assert_eq!(d.s.swap().unwrap().blocks_of(1), 1);
     assert_eq!(d.s.blocks().blocks_of(1), 0);
-    // Back in: its newest token is decoded, nothing is prefilled again.
+    // Back in: its newest token is decoded, nothing is prefilled again; its 9 tokens come
+    // back from the swap pool.
     let plan = d.step();
     assert_eq!(plan.decode, vec![1]);
     assert!(plan.prefill.is_empty());
+    assert_eq!((plan.swapped_out_tokens, plan.swapped_in_tokens), (0, 9));
+    assert_eq!(d.s.step_shape(&plan).swapped_tokens, 9);
     assert_eq!(d.s.swap().unwrap().used_blocks(), 0);
     d.run_to_idle(200);
     let long = &d.done[1];
@@ -170,8 +174,10 @@ fn swap_falls_back_to_recompute_when_the_swap_pool_is_full() {
     // A swap pool of one block of 16 tokens cannot hold 20 prompt + 5 generated.
     let (mut d, plan) = long_preempted_by_short(swap_cfg(4096, 1, 16), 20, 6);
     assert!(plan.swapped_out.is_empty());
+    assert_eq!(plan.swapped_tokens(), 0);
     assert_eq!(d.s.get(1).unwrap().computed, 0);
     let plan = d.step();
+    assert_eq!(plan.swapped_tokens(), 0);
     assert_eq!(
         plan.prefill,
         vec![Chunk {

@@ -1,7 +1,14 @@
-//! The step-time model: a step's seconds as a linear function of its shape, fitted to a step
-//! log ([`StepRecord`]s, `steps.parquet`). The trace-driven simulator times its steps with it,
-//! and so does the engine on [`VirtualTime`](crate::clock::VirtualTime); `trail eval latency`
-//! stores the fit as `step_model.json` (the four coefficients by name).
+//! The step-time model: a step's seconds as a linear function of its shape ([`StepShape`]),
+//! fitted to a step log ([`StepRecord`]s, `steps.parquet`) or derived for another machine (the
+//! GPU models under `reports/latency-smollm2/step-models/`). The trace-driven simulator times
+//! its steps with it, and so does the engine on [`VirtualTime`](crate::clock::VirtualTime);
+//! `trail eval latency` stores it as `step_model.json`.
+//!
+//! The file is the model's JSON: the four fitted coefficients by name (`base_s`,
+//! `per_decode_row_s`, `per_prefill_token_s`, `per_kv_token_s`), and two optional fields that a
+//! fit never sets and that are written only when set, so a fitted model's file is unchanged:
+//! `per_swap_token_s` (seconds per KV token copied to or from the swap pool; absent: 0) and
+//! `kv_capacity_tokens` (the KV cache the machine holds; absent: none said).
 
 use serde::{Deserialize, Serialize};
 
@@ -38,26 +45,90 @@ impl From<&StepRecord> for StepSample {
     }
 }
 
+/// What a step's time depends on. [`Scheduler::step_shape`](crate::scheduler::Scheduler::step_shape)
+/// reads it off a planned step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StepShape {
+    /// Decode rows (one token each).
+    pub decode_rows: usize,
+    /// Prefill tokens over all chunks.
+    pub prefill_tokens: usize,
+    /// KV tokens the rows attend (each row's context once it has run).
+    pub kv_tokens: usize,
+    /// KV tokens copied between the KV pool and the swap pool: swapped out by the step's
+    /// preemptions plus swapped back in by its re-admissions.
+    pub swapped_tokens: usize,
+}
+
 /// Step time as a linear function of the step's shape:
 /// `base_s + per_decode_row_s·decode_rows + per_prefill_token_s·prefill_tokens +
-/// per_kv_token_s·kv_tokens`, every coefficient ≥ 0.
+/// per_kv_token_s·kv_tokens + per_swap_token_s·swapped_tokens`, every coefficient ≥ 0; and,
+/// optionally, the KV capacity of the machine it describes.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct StepTimeModel {
     pub base_s: f64,
     pub per_decode_row_s: f64,
     pub per_prefill_token_s: f64,
     pub per_kv_token_s: f64,
+    /// Seconds per KV token copied between the KV pool and the swap pool, either way: a
+    /// request swapped out and back in pays it twice per token. A GPU copies over PCIe; on a
+    /// CPU the cache stays in RAM and a swap costs nothing (0, the default, not written).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub per_swap_token_s: f64,
+    /// KV-cache capacity in tokens of the machine the model describes (a GPU's memory after
+    /// the weights), if it says. Where given it is the engine's KV budget: it replaces
+    /// `--kv-budget-tokens`. Not written when `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_capacity_tokens: Option<usize>,
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
 }
 
 impl StepTimeModel {
     /// A constant step time (tests, back-of-envelope runs).
     pub fn constant(secs: f64) -> Self {
+        Self::linear(secs, 0.0, 0.0, 0.0)
+    }
+
+    /// The four fitted coefficients; no swap cost, no capacity.
+    pub fn linear(
+        base_s: f64,
+        per_decode_row_s: f64,
+        per_prefill_token_s: f64,
+        per_kv_token_s: f64,
+    ) -> Self {
         Self {
-            base_s: secs,
-            per_decode_row_s: 0.0,
-            per_prefill_token_s: 0.0,
-            per_kv_token_s: 0.0,
+            base_s,
+            per_decode_row_s,
+            per_prefill_token_s,
+            per_kv_token_s,
+            per_swap_token_s: 0.0,
+            kv_capacity_tokens: None,
         }
+    }
+
+    /// Checks a model read from a file: every coefficient finite and ≥ 0, a capacity of at
+    /// least one token.
+    pub fn check(&self) -> Result<(), StepModelError> {
+        let coefficients = [
+            ("base_s", self.base_s),
+            ("per_decode_row_s", self.per_decode_row_s),
+            ("per_prefill_token_s", self.per_prefill_token_s),
+            ("per_kv_token_s", self.per_kv_token_s),
+            ("per_swap_token_s", self.per_swap_token_s),
+        ];
+        if let Some((name, v)) = coefficients
+            .into_iter()
+            .find(|(_, v)| !(v.is_finite() && *v >= 0.0))
+        {
+            return Err(StepModelError::BadCoefficient { name, value: v });
+        }
+        if self.kv_capacity_tokens == Some(0) {
+            return Err(StepModelError::NoCapacity);
+        }
+        Ok(())
     }
 
     /// Ordinary least squares on the four features (intercept, decode rows, prefill tokens, KV
@@ -105,12 +176,7 @@ impl StepTimeModel {
                     for (&j, b) in active.iter().zip(&beta) {
                         c[j] = b / scale[j];
                     }
-                    return Ok(Self {
-                        base_s: c[0],
-                        per_decode_row_s: c[1],
-                        per_prefill_token_s: c[2],
-                        per_kv_token_s: c[3],
-                    });
+                    return Ok(Self::linear(c[0], c[1], c[2], c[3]));
                 }
             }
         }
@@ -122,17 +188,27 @@ impl StepTimeModel {
         Self::fit(&samples)
     }
 
-    /// Every coefficient times `factor`: the same engine `factor` times slower.
+    /// Every coefficient times `factor`: the same engine `factor` times slower (the same
+    /// capacity).
     pub fn scaled(&self, factor: f64) -> Self {
         Self {
             base_s: self.base_s * factor,
             per_decode_row_s: self.per_decode_row_s * factor,
             per_prefill_token_s: self.per_prefill_token_s * factor,
             per_kv_token_s: self.per_kv_token_s * factor,
+            per_swap_token_s: self.per_swap_token_s * factor,
+            kv_capacity_tokens: self.kv_capacity_tokens,
         }
     }
 
-    /// Predicted seconds of a step of this shape.
+    /// Seconds of a step of this shape, swaps included: what the simulator and the engine on
+    /// virtual time charge.
+    pub fn step_secs(&self, shape: &StepShape) -> f64 {
+        self.predict(shape.decode_rows, shape.prefill_tokens, shape.kv_tokens)
+            + self.per_swap_token_s * shape.swapped_tokens as f64
+    }
+
+    /// Seconds of a step of this shape without swaps (the fitted features of a step log).
     pub fn predict(&self, decode_rows: usize, prefill_tokens: usize, kv_tokens: usize) -> f64 {
         self.base_s
             + self.per_decode_row_s * decode_rows as f64
@@ -196,12 +272,7 @@ mod tests {
 
     #[test]
     fn fit_recovers_known_coefficients() {
-        let truth = StepTimeModel {
-            base_s: 0.012,
-            per_decode_row_s: 3e-4,
-            per_prefill_token_s: 5e-5,
-            per_kv_token_s: 2e-7,
-        };
+        let truth = StepTimeModel::linear(0.012, 3e-4, 5e-5, 2e-7);
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
         use rand::Rng;
         let samples: Vec<StepSample> = (0..500)
@@ -237,12 +308,7 @@ mod tests {
     fn fit_reads_the_engine_step_log() {
         // A step log as the engine writes it, through steps.parquet, fits the same model as the
         // samples it holds.
-        let truth = StepTimeModel {
-            base_s: 0.01,
-            per_decode_row_s: 4e-4,
-            per_prefill_token_s: 6e-5,
-            per_kv_token_s: 1e-7,
-        };
+        let truth = StepTimeModel::linear(0.01, 4e-4, 6e-5, 1e-7);
         let records: Vec<StepRecord> = (0..200u64)
             .map(|i| {
                 let decode_rows = (i * 7 % 48) as usize;
@@ -321,5 +387,82 @@ mod tests {
         let model: StepTimeModel = serde_json::from_str(committed).unwrap();
         assert_eq!(model.base_s, 0.0034665358151031987);
         assert_eq!(serde_json::to_string_pretty(&model).unwrap(), committed);
+    }
+
+    #[test]
+    fn swap_cost_and_capacity_are_optional_and_round_trip() {
+        // A fitted model reads with no swap cost and no capacity, and writes neither.
+        let fitted: StepTimeModel = serde_json::from_str(
+            r#"{"base_s": 0.5, "per_decode_row_s": 0.25, "per_prefill_token_s": 0.125, "per_kv_token_s": 0.0625}"#,
+        )
+        .unwrap();
+        assert_eq!(fitted, StepTimeModel::linear(0.5, 0.25, 0.125, 0.0625));
+        assert!(!serde_json::to_string(&fitted).unwrap().contains("swap"));
+        // A machine's model with both, written back field for field.
+        let gpu = StepTimeModel {
+            per_swap_token_s: 5.12e-6,
+            kv_capacity_tokens: Some(434_512),
+            ..fitted
+        };
+        let text = serde_json::to_string_pretty(&gpu).unwrap();
+        assert!(
+            text.ends_with("\"per_swap_token_s\": 5.12e-6,\n  \"kv_capacity_tokens\": 434512\n}")
+        );
+        assert_eq!(serde_json::from_str::<StepTimeModel>(&text).unwrap(), gpu);
+        gpu.check().unwrap();
+    }
+
+    #[test]
+    fn a_step_pays_for_the_tokens_it_swaps() {
+        let m = StepTimeModel {
+            per_swap_token_s: 0.001,
+            ..StepTimeModel::linear(0.5, 0.25, 0.125, 0.0625)
+        };
+        let shape = StepShape {
+            decode_rows: 2,
+            prefill_tokens: 4,
+            kv_tokens: 8,
+            swapped_tokens: 0,
+        };
+        assert_eq!(m.step_secs(&shape), m.predict(2, 4, 8));
+        let swapping = StepShape {
+            swapped_tokens: 250,
+            ..shape
+        };
+        assert_eq!(m.step_secs(&swapping), 2.0 + 0.25);
+        // Scaling keeps the capacity and scales the swap cost.
+        let slower = StepTimeModel {
+            kv_capacity_tokens: Some(64),
+            ..m
+        }
+        .scaled(2.0);
+        assert_eq!(slower.step_secs(&swapping), 4.5);
+        assert_eq!(slower.kv_capacity_tokens, Some(64));
+    }
+
+    #[test]
+    fn a_model_from_a_file_is_checked() {
+        let bad = StepTimeModel {
+            per_swap_token_s: -1e-6,
+            ..StepTimeModel::constant(0.01)
+        };
+        assert!(
+            bad.check()
+                .unwrap_err()
+                .to_string()
+                .contains("per_swap_token_s")
+        );
+        let nan = StepTimeModel::linear(0.01, f64::NAN, 0.0, 0.0);
+        assert!(
+            nan.check()
+                .unwrap_err()
+                .to_string()
+                .contains("per_decode_row_s")
+        );
+        let empty = StepTimeModel {
+            kv_capacity_tokens: Some(0),
+            ..StepTimeModel::constant(0.01)
+        };
+        assert_eq!(empty.check(), Err(StepModelError::NoCapacity));
     }
 }

@@ -99,6 +99,8 @@ impl Config {
     pub fn settings(&self, args: &Args) -> anyhow::Result<Settings> {
         let hash = |p: &Option<PathBuf>| p.as_deref().map(sha256).transpose();
         Ok(Settings {
+            step_model: args.step_model.clone(),
+            step_model_sha256: hash(&args.step_model)?,
             checkpoint_sha256: hash(&args.predictor.checkpoint)?,
             bert_checkpoint_sha256: hash(&args.ranking.bert_checkpoint)?,
             data_requests_sha256: sha256(&self.req_path)?,
@@ -111,6 +113,7 @@ impl Config {
     /// The manifest's configuration.
     pub fn manifest(&self, args: &Args) -> ManifestConfig {
         ManifestConfig {
+            step_model: args.step_model.clone(),
             checkpoint: args.predictor.checkpoint.clone(),
             bert_checkpoint: args.ranking.bert_checkpoint.clone(),
             data: args.data.clone(),
@@ -153,6 +156,11 @@ pub struct Settings {
     /// The model's path.
     pub model: String,
     pub model_sha256: String,
+    /// `--step-model` as given (absent without it, as in every run before it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub step_model: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub step_model_sha256: Option<String>,
 }
 
 /// The manifest's `config`.
@@ -160,6 +168,8 @@ pub struct Settings {
 pub struct ManifestConfig {
     #[serde(flatten)]
     pub common: Common,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub step_model: Option<PathBuf>,
     pub checkpoint: Option<PathBuf>,
     pub bert_checkpoint: Option<PathBuf>,
     pub data: PathBuf,

@@ -19,6 +19,7 @@ use super::report;
 use super::saturation::Saturation;
 use super::summary::{self, BootstrapSettings, EngineFigures, Summary, SummaryFile, load_key};
 use crate::manifest::{Manifest, write_atomic};
+use crate::stages::step_model;
 
 /// One seed's server step log.
 type SeedLog = (u64, Vec<StepRecord>);
@@ -132,10 +133,10 @@ fn summarize(r: &Inputs<'_>, rows: &[ResultRow], logs: &StepLogs) -> anyhow::Res
     let mut summary = summary::summarize(rows, &r.cfg.names, boot);
     // On virtual time the cells' latencies follow the virtual clock's model, so the simulated
     // headroom uses it too (the logs' wall-clock step times only say how busy the machine was).
-    summary.step_model_source = if r.virtual_model.is_some() {
-        "the virtual clock's, fitted to the saturation burst's step log".into()
-    } else {
-        "fitted to every cell's step log".into()
+    summary.step_model_source = match (&r.virtual_model, &r.args.step_model) {
+        (Some(_), Some(path)) => format!("the virtual clock's, given ({})", path.display()),
+        (Some(_), None) => "the virtual clock's, fitted to the saturation burst's step log".into(),
+        (None, _) => "fitted to every cell's step log".into(),
     };
     summary.step_model = step_model(r.virtual_model, logs)?;
     // A virtual cell's wall-clock step times are those of replaying, not of the machine's speed:
@@ -227,6 +228,14 @@ fn report_settings(r: &Inputs<'_>) -> report::Settings {
             ),
         ),
         ("backend".into(), format!("{:?}", a.backend).to_lowercase()),
+    ];
+    if let (Some(path), Some(m)) = (&a.step_model, &r.virtual_model) {
+        s.push((
+            "step model".into(),
+            format!("{} ({})", path.display(), step_model::describe(m)),
+        ));
+    }
+    s.extend([
         ("model".into(), r.cfg.model_path.display().to_string()),
         (
             "threads".into(),
@@ -234,7 +243,7 @@ fn report_settings(r: &Inputs<'_>) -> report::Settings {
                 .threads
                 .map_or("every core".into(), |t| t.to_string()),
         ),
-    ];
+    ]);
     if let Some(k) = &r.kernel_id {
         s.push(("kernel".into(), k.clone()));
     }
@@ -255,9 +264,13 @@ fn write_manifest(r: &Inputs<'_>, outputs: &[&Path], rows: &[ResultRow]) -> anyh
         Manifest::start("eval latency", r.cfg.manifest(a), a.seeds.first().copied())?;
     manifest.kernel_id = r.kernel_id.clone();
     manifest.input(&r.cfg.req_path, &a.data)?;
-    for p in [&a.predictor.checkpoint, &a.ranking.bert_checkpoint]
-        .into_iter()
-        .flatten()
+    for p in [
+        &a.step_model,
+        &a.predictor.checkpoint,
+        &a.ranking.bert_checkpoint,
+    ]
+    .into_iter()
+    .flatten()
     {
         manifest.input(p, out)?;
     }

@@ -2,6 +2,10 @@
 //! under FCFS with the run's `--max-running` and `--kv-budget-tokens`, completions per second;
 //! or the capacity given by `--saturation-rps`. The burst's step log is what the virtual
 //! backend's step-time model is fitted to (`step_model.json`).
+//!
+//! With a step model given (`--step-model`, another machine's), the burst is not run on this
+//! one: it is replayed on virtual time under that model ([`on_virtual_time`]), and its
+//! makespan is the virtual one.
 
 use std::path::Path;
 
@@ -10,20 +14,22 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use trail_eval::loadgen::TraceRequest;
 use trail_eval::loadgen::workload;
-use trail_eval::tracesim::StepTimeModel;
+use trail_eval::tracesim::{self, Predictions, Router, SchedulerConfig, SimConfig, StepTimeModel};
 use trail_serving_shim::PolicyKind;
 
 use super::config::Config;
 use super::server::{Launch, Server};
 use super::{Args, bar};
 use crate::manifest::write_atomic;
+use crate::stages::step_model;
 
 /// The measured (or given) capacity.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Saturation {
     /// Requests per second the engine completes when saturated.
     pub rps: f64,
-    /// `measured` or `given`.
+    /// `measured` (a burst on this machine), `virtual` (a burst replayed on virtual time under
+    /// the given step model) or `given`.
     pub source: String,
     pub requests: usize,
     pub completed: usize,
@@ -65,13 +71,15 @@ impl Saturation {
     }
 }
 
-/// The run's capacity: given, or measured once into `saturation.json` and always read back
-/// from it, so this run and every rerun make the same traces.
+/// The run's capacity: given, or measured once into `saturation.json` (on this machine, or on
+/// virtual time under `model`, the step model given) and always read back from it, so this run
+/// and every rerun make the same traces.
 pub fn resolve(
     args: &Args,
     cfg: &Config,
     launch: &Launch<'_>,
     rt: &tokio::runtime::Runtime,
+    model: Option<&StepTimeModel>,
 ) -> anyhow::Result<Saturation> {
     if let Some(rps) = args.saturation_rps {
         return Saturation::given(rps);
@@ -85,7 +93,10 @@ pub fn resolve(
             cfg.lengths,
             cfg.max_tokens,
         )?;
-        let s = measure(launch, rt, &burst, &args.out.join("saturation"))?;
+        let s = match model {
+            Some(model) => on_virtual_time(&burst, &args.engine.scheduler(), model)?,
+            None => measure(launch, rt, &burst, &args.out.join("saturation"))?,
+        };
         write_atomic(&path, serde_json::to_string_pretty(&s)?.as_bytes())?;
     }
     read_json(&path)
@@ -129,11 +140,58 @@ fn measure(
     })
 }
 
-/// The virtual clock's step-time model: fitted to the saturation burst's step log
-/// (`saturation/steps.parquet`, every batch size from full to one as the burst drains) and kept
-/// in `step_model.json`, so every cell and every rerun uses the same one.
-pub fn virtual_step_model(out: &Path) -> anyhow::Result<StepTimeModel> {
+/// The capacity of an engine whose steps take `model`'s time: `burst` (every request at
+/// t = 0, lengths fixed) replayed under FCFS on virtual time, completions over the makespan.
+/// It runs in the trace simulator, which drives the engine's scheduler (`scheduler`) as the
+/// engine does and times each step by the same [`StepTimeModel::step_secs`]; FCFS reads no
+/// prediction, so this is the makespan the engine on virtual time would have.
+pub fn on_virtual_time(
+    burst: &[TraceRequest],
+    scheduler: &SchedulerConfig,
+    model: &StepTimeModel,
+) -> anyhow::Result<Saturation> {
+    anyhow::ensure!(
+        burst.iter().all(|r| r.output_tokens.is_some()),
+        "replaying the saturation burst on virtual time needs fixed output lengths (--ignore-eos \
+         true), or give --saturation-rps"
+    );
+    let cfg = SimConfig {
+        scheduler: scheduler.clone(),
+        policy: PolicyKind::Fcfs,
+        c: 0.8, // TRAIL's limit: unused by FCFS
+        replicas: 1,
+        router: Router::JoinShortestQueue,
+        predictions: Predictions::default(),
+    };
+    let prompt_lens: Vec<usize> = burst.iter().map(|r| r.prompt_len(4.0)).collect();
+    let r = tracesim::simulate(burst, &prompt_lens, &cfg, model)
+        .context("replaying the saturation burst on virtual time")?;
+    let tokens: f64 = burst
+        .iter()
+        .filter_map(|q| q.output_tokens)
+        .map(f64::from)
+        .sum();
+    Ok(Saturation {
+        rps: burst.len() as f64 / r.makespan,
+        source: "virtual".into(),
+        requests: burst.len(),
+        completed: r.requests.len(),
+        makespan_s: r.makespan,
+        output_tokens_per_s: tokens / r.makespan,
+    })
+}
+
+/// The virtual clock's step-time model, kept in `step_model.json` so every cell and every
+/// rerun uses the same one: `given` (`--step-model`), or fitted to the saturation burst's step
+/// log (`saturation/steps.parquet`, every batch size from full to one as the burst drains).
+pub fn virtual_step_model(
+    out: &Path,
+    given: Option<&StepTimeModel>,
+) -> anyhow::Result<StepTimeModel> {
     let path = out.join("step_model.json");
+    if let (Some(model), false) = (given, path.is_file()) {
+        write_atomic(&path, serde_json::to_string_pretty(model)?.as_bytes())?;
+    }
     if !path.is_file() {
         let log = out.join("saturation").join("steps.parquet");
         anyhow::ensure!(
@@ -148,13 +206,14 @@ pub fn virtual_step_model(out: &Path) -> anyhow::Result<StepTimeModel> {
         write_atomic(&path, serde_json::to_string_pretty(&model)?.as_bytes())?;
     }
     let model: StepTimeModel = read_json(&path)?;
-    eprintln!(
-        "virtual time: {:.2} ms + {:.3} ms per decode row + {:.3} ms per prefill token + {:.2} µs per KV token",
-        model.base_s * 1e3,
-        model.per_decode_row_s * 1e3,
-        model.per_prefill_token_s * 1e3,
-        model.per_kv_token_s * 1e6
-    );
+    if let Some(given) = given {
+        anyhow::ensure!(
+            model == *given,
+            "{} is not the model of --step-model",
+            path.display()
+        );
+    }
+    eprintln!("virtual time: {}", step_model::describe(&model));
     Ok(model)
 }
 

@@ -33,7 +33,8 @@ pub enum BackendKind {
     /// The engine in this process (no HTTP, no detokenization).
     Inprocess,
     /// The engine in this process on virtual time: each step moves its clock by the step-time
-    /// model fitted to the saturation burst's step log, and the whole trace is handed to it at
+    /// model fitted to the saturation burst's step log (or given, `--step-model`), and the
+    /// whole trace is handed to it at
     /// once with its arrivals. Latencies depend on the schedule, not on how fast the machine
     /// happens to be while a cell runs (a shared VM can be 1.5× slower for minutes).
     Virtual,
@@ -72,8 +73,8 @@ pub struct Launch<'a> {
     pub checkpoint: Option<&'a Checkpoint>,
     /// BERT's initial predictions by prompt (in-process backend).
     pub priors: Option<&'a HashMap<String, f64>>,
-    /// The step-time model of the virtual clock (`virtual` backend; the saturation burst runs
-    /// on the wall clock before it is fitted).
+    /// The step-time model of the virtual clock (`virtual` backend; without `--step-model` the
+    /// saturation burst runs on the wall clock before it is fitted).
     pub step_model: Option<StepTimeModel>,
     /// Recorded requests the virtual backend's engines replay (see [`record`]).
     pub recordings: Option<Arc<Recordings>>,

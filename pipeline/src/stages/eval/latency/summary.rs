@@ -500,6 +500,8 @@ mod tests {
             bert_checkpoint_sha256: Some("11".into()),
             model: "model.gguf".into(),
             model_sha256: "22".into(),
+            step_model: None,
+            step_model_sha256: None,
         };
         let sat = Saturation {
             rps: 0.5668665776748135,
