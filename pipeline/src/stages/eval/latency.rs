@@ -30,7 +30,9 @@
 //! (merge, `summary`, `report`, manifest).
 
 pub mod backend;
+mod benchmark;
 mod cell;
+mod client;
 mod config;
 mod finish;
 mod grid;
@@ -146,6 +148,8 @@ pub struct Args {
     pub bootstrap: usize,
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub client: client::ClientArgs,
 }
 
 impl Args {
@@ -158,8 +162,15 @@ impl Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let started = Instant::now();
+    args.client.check(args.backend, &args.policies)?;
     let cfg = Config::resolve(&args)?;
-    let settings = cfg.settings(&args)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let remote = args.client.remote(&rt, cfg.max_tokens)?;
+    let mut settings = cfg.settings(&args)?;
+    settings.client = args.client.record(args.backend, remote.as_ref());
     config::bind(&args.out, &settings)?;
     let models = Models::load(&args, &cfg)?;
     let server_settings = ServerSettings {
@@ -170,10 +181,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         max_waiting: args.requests.max(cfg.saturation_requests) + 16,
     };
     let mut launch = models.launch(&args, &server_settings);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    launch.remote = remote;
     let sat = saturation::resolve(&args, &cfg, &launch, &rt)?;
     eprintln!("saturation: {}", sat.describe());
     if args.backend == BackendKind::Virtual {

@@ -13,7 +13,7 @@ pub enum Eval {
     /// --max-running 8, --kv-budget-tokens 16384, --prefill-chunk off (whole prompts),
     /// --preemption swap. `trail serve` and `trail sim trace` share these flags with other
     /// defaults (see their --help).
-    Latency(latency::Args),
+    Latency(Box<latency::Args>),
     /// Trained predictors (`--models`) or an exported checkpoint (`--checkpoint`) scored on
     /// another generated run (`--run`) with `trail report`'s metrics (metrics.json, report.md,
     /// manifest).
@@ -22,7 +22,7 @@ pub enum Eval {
 
 pub fn run(eval: Eval) -> anyhow::Result<()> {
     match eval {
-        Eval::Latency(args) => latency::run(args),
+        Eval::Latency(args) => latency::run(*args),
         Eval::Mae(args) => mae::run(args),
     }
 }

@@ -129,7 +129,7 @@ fn summarize(r: &Inputs<'_>, rows: &[ResultRow], logs: &StepLogs) -> anyhow::Res
         resamples: r.args.bootstrap,
         seed: 0,
     };
-    let mut summary = summary::summarize(rows, &r.cfg.names, boot);
+    let mut summary = summary::summarize(rows, &r.cfg.names, boot, r.args.client.goodput);
     // On virtual time the cells' latencies follow the virtual clock's model, so the simulated
     // headroom uses it too (the logs' wall-clock step times only say how busy the machine was).
     summary.step_model_source = if r.virtual_model.is_some() {
@@ -227,6 +227,7 @@ fn report_settings(r: &Inputs<'_>) -> report::Settings {
             ),
         ),
         ("backend".into(), format!("{:?}", a.backend).to_lowercase()),
+        ("client".into(), describe_client(r)),
         ("model".into(), r.cfg.model_path.display().to_string()),
         (
             "threads".into(),
@@ -245,6 +246,26 @@ fn report_settings(r: &Inputs<'_>) -> report::Settings {
         s.push(("BERT checkpoint".into(), p.display().to_string()));
     }
     s
+}
+
+/// Which server the cells ran against and under which protocol their lengths went.
+fn describe_client(r: &Inputs<'_>) -> String {
+    match &r.settings.client {
+        None => "in process (no HTTP)".into(),
+        Some(c) => format!(
+            "{}; protocol `{}`: {}",
+            c.base_url
+                .as_deref()
+                .map_or("a `trail serve` per cell, started by this command".into(), |u| {
+                    format!("the server at {u} (--base-url)")
+                }),
+            serde_json::to_value(c.protocol)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_default(),
+            c.protocol.describe()
+        ),
+    }
 }
 
 /// The manifest: the configuration, the inputs, `outputs`, `saturation.json` and the traces,

@@ -9,6 +9,7 @@ use trail_checkpoints::metrics::Interval;
 use trail_eval::loadgen::ResultRow;
 use trail_plot::{self as plot, Axes, Mark, Series};
 
+use super::benchmark::{BenchmarkMetrics, GoodputSlo};
 use super::summary::{CellStats, Summary, load_key};
 
 /// Writes the plots into `dir`; returns their paths.
@@ -109,6 +110,51 @@ fn val(i: Option<Interval>) -> String {
 /// The settings block of the report: one `key: value` line each.
 pub type Settings = Vec<(String, String)>;
 
+/// The figures `benchmark_serving.py` prints, one row per policy (cells summarised before
+/// they existed have none).
+fn benchmark_table(md: &mut String, cells: &[&CellStats], slo: Option<&GoodputSlo>) {
+    let rows: Vec<(&str, &BenchmarkMetrics)> = cells
+        .iter()
+        .filter_map(|c| Some((c.policy.as_str(), c.benchmark.as_ref()?)))
+        .collect();
+    if rows.is_empty() {
+        return;
+    }
+    let goodput = slo.map_or(String::new(), |s| format!("; goodput under {}", s.describe()));
+    let _ = writeln!(
+        md,
+        "
+As vLLM's `benchmark_serving.py` reports them (ms; TPOT and ITL as it defines them;          TTFT and E2EL from the scheduled arrival{goodput}):
+"
+    );
+    let _ = writeln!(
+        md,
+        "| policy | completed | duration (s) | req/s | output tok/s | total tok/s | goodput (req/s) \
+         | TTFT mean / median / p99 | TPOT mean / median / p99 | ITL mean / median / p99 | E2EL \
+         mean / median / p99 |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|");
+    let ms = |x: Option<f64>| x.map_or("–".into(), |x| format!("{:.1}", 1e3 * x));
+    let three = |a, b, c| format!("{} / {} / {}", ms(a), ms(b), ms(c));
+    for (p, b) in rows {
+        let _ = writeln!(
+            md,
+            "| {p} | {} | {:.1} | {:.3} | {:.1} | {:.1} | {} | {} | {} | {} | {} |",
+            b.completed,
+            b.duration_s,
+            b.request_throughput_rps,
+            b.output_throughput_tokens_per_s,
+            b.total_token_throughput_tokens_per_s,
+            b.request_goodput_rps
+                .map_or("–".into(), |g| format!("{g:.3}")),
+            three(b.mean_ttft_s, b.median_ttft_s, b.p99_ttft_s),
+            three(b.mean_tpot_s, b.median_tpot_s, b.p99_tpot_s),
+            three(b.mean_itl_s, b.median_itl_s, b.p99_itl_s),
+            three(b.mean_e2el_s, b.median_e2el_s, b.p99_e2el_s),
+        );
+    }
+}
+
 /// `report.md`.
 pub fn markdown(summary: &Summary, settings: &Settings, plots: &[PathBuf]) -> String {
     let mut md = String::new();
@@ -185,6 +231,7 @@ pub fn markdown(summary: &Summary, settings: &Settings, plots: &[PathBuf]) -> St
                         .join(", ")),
             );
         }
+        benchmark_table(&mut md, &cells, summary.goodput_slo.as_ref());
         if let Some(cmp) = summary.comparisons.iter().find(|c| load_key(c.load) == key) {
             let _ = writeln!(
                 md,
