@@ -155,9 +155,19 @@ impl BenchmarkMetrics {
             .filter_map(|r| tpot(r.latency_s, r.ttft_s, r.output_tokens))
             .collect();
         let itl: Vec<f64> = ok.iter().flat_map(|r| r.itl_s.iter().copied()).collect();
-        let input: u64 = ok.iter().filter_map(|r| r.prompt_tokens).map(u64::from).sum();
+        let input: u64 = ok
+            .iter()
+            .filter_map(|r| r.prompt_tokens)
+            .map(u64::from)
+            .sum();
         let output: u64 = ok.iter().map(|r| u64::from(r.output_tokens)).sum();
-        let per_s = |x: f64| if duration_s > 0.0 { x / duration_s } else { 0.0 };
+        let per_s = |x: f64| {
+            if duration_s > 0.0 {
+                x / duration_s
+            } else {
+                0.0
+            }
+        };
         let good = slo.map(|slo| {
             (0..ok.len())
                 .filter(|&i| slo.met(ttft[i], all_tpot[i], e2el[i]))

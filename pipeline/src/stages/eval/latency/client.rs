@@ -23,7 +23,12 @@ pub struct ClientArgs {
     #[arg(long, value_name = "KEY", requires = "base_url")]
     pub api_key: Option<String>,
     /// With `--base-url`: the model name the requests give.
-    #[arg(long, value_name = "NAME", requires = "base_url", default_value = "trail")]
+    #[arg(
+        long,
+        value_name = "NAME",
+        requires = "base_url",
+        default_value = "trail"
+    )]
     pub served_model_name: String,
     /// How profiled output lengths reach the server: `eval-output-tokens` (a `trail serve`:
     /// the evaluation-only field, never seen by a predictor) or `max-tokens` (a server without

@@ -254,11 +254,10 @@ fn describe_client(r: &Inputs<'_>) -> String {
         None => "in process (no HTTP)".into(),
         Some(c) => format!(
             "{}; protocol `{}`: {}",
-            c.base_url
-                .as_deref()
-                .map_or("a `trail serve` per cell, started by this command".into(), |u| {
-                    format!("the server at {u} (--base-url)")
-                }),
+            c.base_url.as_deref().map_or(
+                "a `trail serve` per cell, started by this command".into(),
+                |u| { format!("the server at {u} (--base-url)") }
+            ),
             serde_json::to_value(c.protocol)
                 .ok()
                 .and_then(|v| v.as_str().map(String::from))

@@ -120,7 +120,9 @@ fn benchmark_table(md: &mut String, cells: &[&CellStats], slo: Option<&GoodputSl
     if rows.is_empty() {
         return;
     }
-    let goodput = slo.map_or(String::new(), |s| format!("; goodput under {}", s.describe()));
+    let goodput = slo.map_or(String::new(), |s| {
+        format!("; goodput under {}", s.describe())
+    });
     let _ = writeln!(
         md,
         "

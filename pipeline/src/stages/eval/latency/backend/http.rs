@@ -285,7 +285,8 @@ mod tests {
     fn each_chunk_is_stamped_so_gaps_are_inter_token_latencies() {
         let mut sse = SseAccumulator::default();
         for (ms, text) in [(10, "a"), (30, "b"), (70, "c")] {
-            let ev = format!("data: {{\"choices\":[{{\"delta\":{{\"content\":\"{text}\"}}}}]}}\n\n");
+            let ev =
+                format!("data: {{\"choices\":[{{\"delta\":{{\"content\":\"{text}\"}}}}]}}\n\n");
             sse.push(ev.as_bytes(), Duration::from_millis(ms)).unwrap();
         }
         let itl = sse.observed.itl_s();
@@ -299,11 +300,17 @@ mod tests {
         req.max_tokens = Some(100);
         let trail = HttpBackend::new("http://x", "m", 512);
         let b = trail.body(&req);
-        assert_eq!((b["max_tokens"].clone(), b["eval_output_tokens"].clone()), (json!(100), json!(7)));
+        assert_eq!(
+            (b["max_tokens"].clone(), b["eval_output_tokens"].clone()),
+            (json!(100), json!(7))
+        );
         let peer = trail.clone().with_protocol(Protocol::MaxTokens);
         let b = peer.body(&req);
         assert_eq!(b["max_tokens"], json!(7));
-        assert!(b.get("eval_output_tokens").is_none(), "nothing trail-only to a peer");
+        assert!(
+            b.get("eval_output_tokens").is_none(),
+            "nothing trail-only to a peer"
+        );
         assert_eq!(b["ignore_eos"], json!(true));
         assert_eq!(peer.expected_tokens(&req), Some(7));
         let free = TraceRequest::new(0.0, "hi".into(), None);
