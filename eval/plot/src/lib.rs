@@ -130,12 +130,13 @@ pub enum Mark {
     LinePoints,
 }
 
-/// One named series; `err` holds symmetric half-widths (same length as `points`).
+/// One named series; `err` holds each point's interval `(lo, hi)` (same length as `points`),
+/// drawn as it is, asymmetric or not.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Series {
     pub label: String,
     pub points: Vec<(f64, f64)>,
-    pub err: Option<Vec<f64>>,
+    pub err: Option<Vec<(f64, f64)>>,
     pub mark: Mark,
     /// Index into the palette; series with the same colour index share a colour (e.g. a
     /// closed form as a line and its simulation as points).
@@ -165,7 +166,15 @@ impl Series {
 
     /// Adds symmetric error bars (half-widths).
     pub fn with_err(mut self, err: Vec<f64>) -> Self {
-        self.err = Some(err);
+        let err = self.points.iter().zip(err).map(|(p, h)| (p.1 - h, p.1 + h));
+        self.err = Some(err.collect());
+        self
+    }
+
+    /// Adds error bars from each point's interval `(lo, hi)`, drawn as they are (a bootstrap
+    /// interval of a ratio or a tail is rarely symmetric).
+    pub fn with_interval(mut self, bounds: Vec<(f64, f64)>) -> Self {
+        self.err = Some(bounds);
         self
     }
 
@@ -260,13 +269,13 @@ pub fn line_chart(path: &Path, axes: &Axes, series: &[Series]) -> Result<(), Err
     let ys = bounds(
         series.iter().flat_map(|s| {
             s.points.iter().enumerate().flat_map(move |(i, p)| {
-                let e = s
+                let (lo, hi) = s
                     .err
                     .as_ref()
                     .and_then(|e| e.get(i))
                     .copied()
-                    .unwrap_or(0.0);
-                [p.1 - e, p.1 + e]
+                    .unwrap_or((p.1, p.1));
+                [lo.min(p.1), hi.max(p.1)]
             })
         }),
         axes.log_y,
@@ -337,8 +346,8 @@ where
         }
         if let Some(err) = &s.err {
             chart
-                .draw_series(s.points.iter().zip(err).map(|(&(x, y), &h)| {
-                    ErrorBar::new_vertical(x, y - h, y, y + h, c.stroke_width(2), 12)
+                .draw_series(s.points.iter().zip(err).map(|(&(x, y), &(lo, hi))| {
+                    ErrorBar::new_vertical(x, lo, y, hi, c.stroke_width(2), 12)
                 }))
                 .map_err(e)?;
         }
@@ -563,6 +572,15 @@ mod tests {
             "{} is suspiciously small",
             path.display()
         );
+    }
+
+    #[test]
+    fn intervals_keep_their_asymmetry_and_half_widths_become_intervals() {
+        let s = Series::line("a", vec![(1.0, 2.0), (2.0, 3.0)]);
+        let sym = s.clone().with_err(vec![0.5, 1.0]);
+        assert_eq!(sym.err, Some(vec![(1.5, 2.5), (2.0, 4.0)]));
+        let asym = s.with_interval(vec![(1.9, 2.6), (2.0, 3.1)]);
+        assert_eq!(asym.err, Some(vec![(1.9, 2.6), (2.0, 3.1)]));
     }
 
     #[test]

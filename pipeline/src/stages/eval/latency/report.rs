@@ -33,10 +33,13 @@ pub fn plots(
                     .filter_map(|c| pick(c).map(|i| (c.load, i)))
                     .collect();
                 (!cells.is_empty()).then(|| {
-                    Series::line(p, cells.iter().map(|(l, i)| (*l, i.value)).collect())
-                        .with_err(cells.iter().map(|(_, i)| (i.hi - i.lo) / 2.0).collect())
-                        .with_mark(Mark::LinePoints)
-                        .with_color(k)
+                    Series::line(
+                        display_name(p),
+                        cells.iter().map(|(l, i)| (*l, i.value)).collect(),
+                    )
+                    .with_interval(cells.iter().map(|(_, i)| (i.lo, i.hi)).collect())
+                    .with_mark(Mark::LinePoints)
+                    .with_color(k)
                 })
             })
             .collect()
@@ -45,7 +48,7 @@ pub fn plots(
     plot::line_chart(
         &path,
         &Axes::new(
-            "Mean end-to-end latency (95 % bootstrap half-width)",
+            "Mean end-to-end latency (95 % bootstrap interval)",
             "load (fraction of saturation)",
             "mean latency (s)",
         ),
@@ -56,13 +59,16 @@ pub fn plots(
     plot::line_chart(
         &path,
         &Axes::new(
-            "Mean time to first token (95 % bootstrap half-width)",
+            "Mean time to first token (95 % bootstrap interval)",
             "load (fraction of saturation)",
             "mean TTFT (s)",
         ),
         &by_policy(|c| c.mean_ttft_s),
     )?;
     written.push(path);
+    if let Some(path) = headline(dir, summary)? {
+        written.push(path);
+    }
     let mut loads: BTreeMap<String, f64> = BTreeMap::new();
     for c in &summary.cells {
         loads.insert(load_key(c.load), c.load);
@@ -78,7 +84,7 @@ pub fn plots(
                     })
                     .map(|r| r.result.latency_s)
                     .collect();
-                (!v.is_empty()).then(|| (p.clone(), v))
+                (!v.is_empty()).then(|| (display_name(p).to_string(), v))
             })
             .collect();
         let path = dir.join(format!("latency_cdf_load={key}.png"));
@@ -94,6 +100,61 @@ pub fn plots(
         written.push(path);
     }
     Ok(written)
+}
+
+/// The headline: FCFS's mean latency over each policy's against load, with the paired
+/// bootstrap intervals as they are, and parity (1) drawn; none without a comparison.
+fn headline(dir: &Path, summary: &Summary) -> anyhow::Result<Option<PathBuf>> {
+    let mut by_policy: BTreeMap<&str, Vec<(f64, Interval)>> = BTreeMap::new();
+    for c in &summary.comparisons {
+        for (p, r) in &c.fcfs_over_policy_mean_latency {
+            by_policy.entry(p.as_str()).or_default().push((c.load, *r));
+        }
+    }
+    if by_policy.is_empty() {
+        return Ok(None);
+    }
+    let loads: Vec<f64> = summary.comparisons.iter().map(|c| c.load).collect();
+    let (lo, hi) = loads
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &l| {
+            (a.min(l), b.max(l))
+        });
+    let mut series = vec![Series::line("parity (no gain)", vec![(lo, 1.0), (hi, 1.0)])];
+    for (k, (p, pts)) in by_policy.into_iter().enumerate() {
+        series.push(
+            Series::line(
+                display_name(p),
+                pts.iter().map(|(l, i)| (*l, i.value)).collect(),
+            )
+            .with_interval(pts.iter().map(|(_, i)| (i.lo, i.hi)).collect())
+            .with_mark(Mark::LinePoints)
+            .with_color(k + 1),
+        );
+    }
+    let path = dir.join("fcfs_over_policy_vs_load.png");
+    plot::line_chart(
+        &path,
+        &Axes::new(
+            "FCFS mean latency ÷ policy's (paired 95 % bootstrap interval)",
+            "load (fraction of saturation)",
+            "FCFS ÷ policy (> 1: policy faster)",
+        ),
+        &series,
+    )?;
+    Ok(Some(path))
+}
+
+/// How a paper names a policy.
+pub fn display_name(policy: &str) -> &str {
+    match policy {
+        "fcfs" => "FCFS",
+        "trail" => "TRAIL",
+        "sprpt" => "SPRPT",
+        "sjf-bert" => "SJF (BERT)",
+        "oracle" => "Oracle (true lengths)",
+        other => other,
+    }
 }
 
 fn iv(i: Option<Interval>) -> String {
