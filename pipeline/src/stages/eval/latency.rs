@@ -22,12 +22,20 @@
 //!    recording pass computed once per distinct request (tokens and predictor outputs, exact
 //!    since the runner is batch-invariant; kept in `recordings.jsonl` for reruns; `--no-replay`
 //!    runs the model in every cell).
-//! 5. `results.parquet` (every cell merged), `summary.json`, `report.md`, plots, manifest.
+//!    `--base-url URL` drives a server already running (any OpenAI-compatible one: a `trail
+//!    serve`, llama.cpp's server, vLLM) with the same seeded traces instead; its profiled
+//!    lengths go by `--protocol` (`eval-output-tokens` to a `trail serve`, `max-tokens` with
+//!    `ignore_eos` to a server without a length predictor, each `completion_tokens` checked),
+//!    recorded in `settings.json` and the report.
+//! 5. `results.parquet` (every cell merged, each request's chunk gaps and prompt tokens
+//!    included), `summary.json` (with `benchmark_serving.py`'s figures per cell, and goodput
+//!    under `--goodput`), `report.md`, plots, manifest.
 //!
 //! The modules follow the run: `config` (the arguments resolved and checked, the settings a
-//! run is bound to), `saturation`, `grid` (traces and the cells in run order), `record` (the
-//! virtual backend's recording pass), `cell` (one cell on a fresh `server`), `finish`
-//! (merge, `summary`, `report`, manifest).
+//! run is bound to), `client` (`--base-url`, `--protocol`, `--goodput`), `saturation`, `grid`
+//! (traces and the cells in run order), `record` (the virtual backend's recording pass), `cell`
+//! (one cell on a fresh `server`), `finish` (merge, `summary` with `benchmark`, `report`,
+//! manifest).
 
 pub mod backend;
 mod benchmark;
