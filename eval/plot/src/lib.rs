@@ -1,4 +1,5 @@
-//! trail-plot: PNG charts shared by the pipeline's stages (the predictor reports, `trail eval
+//! trail-plot: PNG charts, each with an SVG beside it (same name, `.svg`: vector, for a paper),
+//! shared by the pipeline's stages (the predictor reports, `trail eval
 //! latency`, `trail sim`): multi-series lines (optional error bars, log axes), CDFs, bars,
 //! heatmaps (confusion matrices) and reliability scatters with a y = x line.
 //!
@@ -216,6 +217,31 @@ fn plot_err(path: &Path, e: impl std::fmt::Display) -> Error {
     }
 }
 
+/// Renders `body` (a drawing on `root`, for any backend) into the PNG at `path` and into the
+/// SVG beside it.
+macro_rules! render {
+    ($path:expr, |$root:ident| $body:expr) => {{
+        let path: &Path = $path;
+        atomic_png(path, |$root| $body)?;
+        atomic_svg(&path.with_extension("svg"), |$root| $body)
+    }};
+}
+
+/// Renders into a temporary SVG beside `path`, then commits it into place.
+fn atomic_svg(
+    path: &Path,
+    draw: impl FnOnce(&DrawingArea<SVGBackend<'_>, plotters::coord::Shift>) -> Result<(), Error>,
+) -> Result<(), Error> {
+    let file = trail_fs::AtomicFile::create(path)?;
+    {
+        let root = SVGBackend::new(file.temp_path(), SIZE).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| plot_err(path, e))?;
+        draw(&root)?;
+        root.present().map_err(|e| plot_err(path, e))?;
+    }
+    Ok(file.commit()?)
+}
+
 /// Renders into a temporary PNG beside `path` (plotters writes it by path; the temporary name
 /// keeps the `.png` it picks the format by), then commits it into place.
 fn atomic_png(
@@ -280,17 +306,20 @@ pub fn line_chart(path: &Path, axes: &Axes, series: &[Series]) -> Result<(), Err
         }),
         axes.log_y,
     );
-    atomic_png(path, |root| match (axes.log_x, axes.log_y) {
-        (false, false) => draw_series(path, root, axes, series, xs, ys),
-        (true, false) => draw_series(path, root, axes, series, xs.log_scale(), ys),
-        (false, true) => draw_series(path, root, axes, series, xs, ys.log_scale()),
-        (true, true) => draw_series(path, root, axes, series, xs.log_scale(), ys.log_scale()),
+    render!(path, |root| {
+        let (xs, ys) = (xs.clone(), ys.clone());
+        match (axes.log_x, axes.log_y) {
+            (false, false) => draw_series(path, root, axes, series, xs, ys),
+            (true, false) => draw_series(path, root, axes, series, xs.log_scale(), ys),
+            (false, true) => draw_series(path, root, axes, series, xs, ys.log_scale()),
+            (true, true) => draw_series(path, root, axes, series, xs.log_scale(), ys.log_scale()),
+        }
     })
 }
 
-fn draw_series<XR, YR>(
+fn draw_series<DB: DrawingBackend, XR, YR>(
     path: &Path,
-    root: &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>,
+    root: &DrawingArea<DB, plotters::coord::Shift>,
     axes: &Axes,
     series: &[Series],
     xr: XR,
@@ -398,7 +427,7 @@ pub fn bar_chart(path: &Path, axes: &Axes, labels: &[String], values: &[f64]) ->
         .fold(0.0_f64, f64::min);
     let pad = 0.08 * (hi - lo).max(f64::MIN_POSITIVE);
     let n = labels.len().max(1);
-    atomic_png(path, |root| {
+    render!(path, |root| {
         let e = |err| plot_err(path, err);
         let mut chart = ChartBuilder::on(root)
             .caption(&axes.title, ("sans-serif", 30))
@@ -457,7 +486,7 @@ pub fn heatmap(
     let (lo, hi) = finite.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
         (a.min(v), b.max(v))
     });
-    atomic_png(path, |root| {
+    render!(path, |root| {
         let e = |err| plot_err(path, err);
         let mut chart = ChartBuilder::on(root)
             .caption(&axes.title, ("sans-serif", 30))
@@ -625,6 +654,8 @@ mod tests {
         .unwrap();
         for f in ["line", "loglog", "cdf", "bar", "heat", "rel"] {
             png_ok(&dir.join(format!("{f}.png")));
+            let svg = std::fs::read_to_string(dir.join(format!("{f}.svg"))).unwrap();
+            assert!(svg.starts_with("<svg") && svg.contains("</svg>"), "{f}.svg");
         }
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -64,9 +64,11 @@ pub fn finish(r: &Inputs<'_>) -> anyhow::Result<PathBuf> {
         &report_path,
         report::markdown(&summary, &report_settings(r), &plots).as_bytes(),
     )?;
+    let svgs: Vec<PathBuf> = plots.iter().map(|p| p.with_extension("svg")).collect();
     let outputs: Vec<&Path> = [&results_path, &summary_path, &report_path]
         .into_iter()
         .chain(&plots)
+        .chain(&svgs)
         .map(PathBuf::as_path)
         .collect();
     write_manifest(r, &outputs, &rows)?;

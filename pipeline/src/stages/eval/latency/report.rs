@@ -12,7 +12,7 @@ use trail_plot::{self as plot, Axes, Mark, Series};
 use super::benchmark::{BenchmarkMetrics, GoodputSlo};
 use super::summary::{CellStats, Summary, load_key};
 
-/// Writes the plots into `dir`; returns their paths.
+/// Writes the plots into `dir`, each PNG with its SVG beside it; returns their paths.
 pub fn plots(
     dir: &Path,
     summary: &Summary,
