@@ -121,6 +121,8 @@ pub struct Details {
     pub mae_by_g: Vec<(String, MaeByG)>,
     /// Selected probe on test token rows: `confusion[true][predicted]` counts.
     pub confusion: Vec<Vec<f64>>,
+    /// The bins `confusion` counts over (their ranges label the plot).
+    pub bins: Option<Bins>,
     /// Refined estimate, binned by prediction: (mean predicted, mean actual, count).
     pub reliability: Vec<(f64, f64, usize)>,
     /// Training curves by predictor name.
@@ -776,6 +778,7 @@ pub fn score(
         details: Details {
             mae_by_g,
             confusion,
+            bins: Some(bins),
             reliability,
             curves: Vec::new(),
             refined: refined_by_request,

@@ -232,7 +232,9 @@ pub fn test_plots(out: &Path, m: &Metrics, d: &Details) -> anyhow::Result<Vec<Pa
     files.push(p);
     let p = out.join("confusion.png");
     let k = d.confusion.len();
-    let labels: Vec<String> = (0..k).map(|i| i.to_string()).collect();
+    let labels: Vec<String> = (0..k)
+        .map(|i| d.bins.map_or_else(|| i.to_string(), |b| b.range_label(i)))
+        .collect();
     plot::heatmap(
         &p,
         &Axes::new(
@@ -240,8 +242,8 @@ pub fn test_plots(out: &Path, m: &Metrics, d: &Details) -> anyhow::Result<Vec<Pa
                 "Layer {} probe on test rows (bins of the remaining length)",
                 m.best_layer
             ),
-            "predicted bin (argmax)",
-            "true bin",
+            "predicted bin (argmax), remaining tokens",
+            "true bin, remaining tokens",
         ),
         &labels,
         &labels,
