@@ -306,22 +306,83 @@ pub fn line_chart(path: &Path, axes: &Axes, series: &[Series]) -> Result<(), Err
         }),
         axes.log_y,
     );
+    let legend = legend_corner(series, axes, (&xs, &ys));
     render!(path, |root| {
         let (xs, ys) = (xs.clone(), ys.clone());
+        let d = (path, root, axes, series, legend.clone());
         match (axes.log_x, axes.log_y) {
-            (false, false) => draw_series(path, root, axes, series, xs, ys),
-            (true, false) => draw_series(path, root, axes, series, xs.log_scale(), ys),
-            (false, true) => draw_series(path, root, axes, series, xs, ys.log_scale()),
-            (true, true) => draw_series(path, root, axes, series, xs.log_scale(), ys.log_scale()),
+            (false, false) => draw_series(d, xs, ys),
+            (true, false) => draw_series(d, xs.log_scale(), ys),
+            (false, true) => draw_series(d, xs, ys.log_scale()),
+            (true, true) => draw_series(d, xs.log_scale(), ys.log_scale()),
         }
     })
 }
 
-fn draw_series<DB: DrawingBackend, XR, YR>(
-    path: &Path,
-    root: &DrawingArea<DB, plotters::coord::Shift>,
-    axes: &Axes,
+/// What a line chart draws on: the file it names in errors, the area, the axes, the series and
+/// the legend's corner.
+type Drawing<'a, DB> = (
+    &'a Path,
+    &'a DrawingArea<DB, plotters::coord::Shift>,
+    &'a Axes,
+    &'a [Series],
+    SeriesLabelPosition,
+);
+
+/// The corner of the plot with the fewest data points (error bars included), so the legend
+/// hides as little as it can; ties keep the upper left.
+fn legend_corner(
     series: &[Series],
+    axes: &Axes,
+    (xs, ys): (&Range<f64>, &Range<f64>),
+) -> SeriesLabelPosition {
+    let unit = |v: f64, r: &Range<f64>, log: bool| {
+        if log {
+            (v.max(f64::MIN_POSITIVE).ln() - r.start.ln()) / (r.end.ln() - r.start.ln())
+        } else {
+            (v - r.start) / (r.end - r.start)
+        }
+    };
+    let mut count = [0usize; 4];
+    for s in series {
+        for (i, &(x, y)) in s.points.iter().enumerate() {
+            let (lo, hi) = s
+                .err
+                .as_ref()
+                .and_then(|e| e.get(i))
+                .copied()
+                .unwrap_or((y, y));
+            let u = unit(x, xs, axes.log_x);
+            for y in [y, lo, hi] {
+                let v = unit(y, ys, axes.log_y);
+                let k = usize::from(u >= 0.5) + 2 * usize::from(v < 0.5);
+                count[k] += 1;
+            }
+        }
+    }
+    let corners = [
+        SeriesLabelPosition::UpperLeft,
+        SeriesLabelPosition::UpperRight,
+        SeriesLabelPosition::LowerLeft,
+        SeriesLabelPosition::LowerRight,
+    ];
+    let best = (0..4).min_by_key(|&k| (count[k], k)).unwrap_or(0);
+    corners[best].clone()
+}
+
+/// A tick label: an integral value as an integer, else four significant digits at most.
+fn tick(v: &f64) -> String {
+    let v = *v;
+    if v == v.round() && v.abs() < 1e15 {
+        return format!("{v:.0}");
+    }
+    let decimals = (3 - v.abs().log10().floor() as i32).clamp(0, 12);
+    let f = 10f64.powi(decimals);
+    format!("{}", (v * f).round() / f)
+}
+
+fn draw_series<DB: DrawingBackend, XR, YR>(
+    (path, root, axes, series, legend): Drawing<'_, DB>,
     xr: XR,
     yr: YR,
 ) -> Result<(), Error>
@@ -341,6 +402,8 @@ where
         .map_err(e)?;
     chart
         .configure_mesh()
+        .x_label_formatter(&tick)
+        .y_label_formatter(&tick)
         .x_desc(&axes.x_label)
         .y_desc(&axes.y_label)
         .label_style(("sans-serif", 18))
@@ -387,7 +450,7 @@ where
             .label_font(("sans-serif", 18))
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK)
-            .position(SeriesLabelPosition::UpperLeft)
+            .position(legend)
             .draw()
             .map_err(e)?;
     }
@@ -601,6 +664,32 @@ mod tests {
             "{} is suspiciously small",
             path.display()
         );
+    }
+
+    #[test]
+    fn ticks_print_integers_as_integers() {
+        assert_eq!(tick(&3.0), "3");
+        assert_eq!(tick(&512.0), "512");
+        assert_eq!(tick(&0.5), "0.5");
+        assert_eq!(tick(&0.30000000000000004), "0.3");
+        assert_eq!(tick(&1.23456), "1.235");
+    }
+
+    #[test]
+    fn the_legend_goes_to_the_emptiest_corner() {
+        let axes = Axes::new("t", "x", "y");
+        // Points rising from lower left to upper right: the upper left and lower right are
+        // empty; ties keep the upper left.
+        let s = [Series::line("a", vec![(0.0, 0.0), (1.0, 1.0)])];
+        let pos = legend_corner(&s, &axes, (&(0.0..1.0), &(0.0..1.0)));
+        assert!(matches!(pos, SeriesLabelPosition::UpperLeft));
+        // Falling points with one in the upper left: the legend moves to the lower left.
+        let s = [Series::line(
+            "a",
+            vec![(0.0, 1.0), (0.2, 0.9), (1.0, 0.0), (0.9, 0.9)],
+        )];
+        let pos = legend_corner(&s, &axes, (&(0.0..1.0), &(0.0..1.0)));
+        assert!(matches!(pos, SeriesLabelPosition::LowerLeft), "{pos:?}");
     }
 
     #[test]
