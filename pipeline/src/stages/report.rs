@@ -115,10 +115,11 @@ pub fn markdown(run: &Run, m: &Metrics) -> String {
         m.refine_interval
     );
     s.push_str(&predictor_table(t));
-    if let Some((layers, mae)) = &m.multi_layer {
+    if let Some(ml) = &m.multi_layer {
         let _ = writeln!(
             s,
-            "Multi-layer probe on layers {layers:?}: validation MAE {mae:.2} tokens.\n"
+            "Multi-layer probe on layers {:?}: validation MAE {:.2} tokens.\n",
+            ml.layers, ml.val_mae
         );
     }
     let _ = writeln!(s, "## Validation MAE per layer\n");

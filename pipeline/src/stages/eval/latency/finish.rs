@@ -50,6 +50,7 @@ pub fn finish(r: &Inputs<'_>) -> anyhow::Result<PathBuf> {
     let summary = summarize(r, &rows, &step_logs)?;
     let summary_path = out.join("summary.json");
     SummaryFile {
+        schema_version: summary::SUMMARY_SCHEMA_VERSION,
         saturation: r.sat,
         settings: r.settings,
         policies: &r.cfg.names,

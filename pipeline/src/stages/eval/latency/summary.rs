@@ -128,9 +128,16 @@ pub struct Summary {
     pub simulated: Vec<Headroom>,
 }
 
+/// `summary.json`'s schema: 2 since each cell has `benchmark_serving.py`'s figures
+/// (`benchmark`) and the summary `--goodput`'s SLOs; a file without the key is version 1, which
+/// [`read_summary`] reads the same.
+pub const SUMMARY_SCHEMA_VERSION: u32 = 2;
+
 /// `summary.json`: the summary, with the capacity, the settings and the grid it is of.
 #[derive(Debug, Serialize)]
 pub struct SummaryFile<'a> {
+    /// [`SUMMARY_SCHEMA_VERSION`].
+    pub schema_version: u32,
     pub saturation: &'a Saturation,
     pub settings: &'a Settings,
     pub policies: &'a [String],
@@ -540,6 +547,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("summary.json");
         SummaryFile {
+            schema_version: SUMMARY_SCHEMA_VERSION,
             saturation: &sat,
             settings: &settings,
             policies: &policies,
@@ -566,6 +574,7 @@ mod tests {
                 "loads",
                 "policies",
                 "saturation",
+                "schema_version",
                 "seeds",
                 "settings",
                 "summary"
