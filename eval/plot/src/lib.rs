@@ -1,4 +1,5 @@
-//! trail-plot: PNG charts shared by the pipeline's stages (the predictor reports, `trail eval
+//! trail-plot: PNG charts, each with an SVG beside it (same name, `.svg`: vector, for a paper),
+//! shared by the pipeline's stages (the predictor reports, `trail eval
 //! latency`, `trail sim`): multi-series lines (optional error bars, log axes), CDFs, bars,
 //! heatmaps (confusion matrices) and reliability scatters with a y = x line.
 //!
@@ -130,12 +131,13 @@ pub enum Mark {
     LinePoints,
 }
 
-/// One named series; `err` holds symmetric half-widths (same length as `points`).
+/// One named series; `err` holds each point's interval `(lo, hi)` (same length as `points`),
+/// drawn as it is, asymmetric or not.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Series {
     pub label: String,
     pub points: Vec<(f64, f64)>,
-    pub err: Option<Vec<f64>>,
+    pub err: Option<Vec<(f64, f64)>>,
     pub mark: Mark,
     /// Index into the palette; series with the same colour index share a colour (e.g. a
     /// closed form as a line and its simulation as points).
@@ -165,7 +167,15 @@ impl Series {
 
     /// Adds symmetric error bars (half-widths).
     pub fn with_err(mut self, err: Vec<f64>) -> Self {
-        self.err = Some(err);
+        let err = self.points.iter().zip(err).map(|(p, h)| (p.1 - h, p.1 + h));
+        self.err = Some(err.collect());
+        self
+    }
+
+    /// Adds error bars from each point's interval `(lo, hi)`, drawn as they are (a bootstrap
+    /// interval of a ratio or a tail is rarely symmetric).
+    pub fn with_interval(mut self, bounds: Vec<(f64, f64)>) -> Self {
+        self.err = Some(bounds);
         self
     }
 
@@ -205,6 +215,31 @@ fn plot_err(path: &Path, e: impl std::fmt::Display) -> Error {
         path: path.to_path_buf(),
         reason: e.to_string(),
     }
+}
+
+/// Renders `body` (a drawing on `root`, for any backend) into the PNG at `path` and into the
+/// SVG beside it.
+macro_rules! render {
+    ($path:expr, |$root:ident| $body:expr) => {{
+        let path: &Path = $path;
+        atomic_png(path, |$root| $body)?;
+        atomic_svg(&path.with_extension("svg"), |$root| $body)
+    }};
+}
+
+/// Renders into a temporary SVG beside `path`, then commits it into place.
+fn atomic_svg(
+    path: &Path,
+    draw: impl FnOnce(&DrawingArea<SVGBackend<'_>, plotters::coord::Shift>) -> Result<(), Error>,
+) -> Result<(), Error> {
+    let file = trail_fs::AtomicFile::create(path)?;
+    {
+        let root = SVGBackend::new(file.temp_path(), SIZE).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| plot_err(path, e))?;
+        draw(&root)?;
+        root.present().map_err(|e| plot_err(path, e))?;
+    }
+    Ok(file.commit()?)
 }
 
 /// Renders into a temporary PNG beside `path` (plotters writes it by path; the temporary name
@@ -260,30 +295,94 @@ pub fn line_chart(path: &Path, axes: &Axes, series: &[Series]) -> Result<(), Err
     let ys = bounds(
         series.iter().flat_map(|s| {
             s.points.iter().enumerate().flat_map(move |(i, p)| {
-                let e = s
+                let (lo, hi) = s
                     .err
                     .as_ref()
                     .and_then(|e| e.get(i))
                     .copied()
-                    .unwrap_or(0.0);
-                [p.1 - e, p.1 + e]
+                    .unwrap_or((p.1, p.1));
+                [lo.min(p.1), hi.max(p.1)]
             })
         }),
         axes.log_y,
     );
-    atomic_png(path, |root| match (axes.log_x, axes.log_y) {
-        (false, false) => draw_series(path, root, axes, series, xs, ys),
-        (true, false) => draw_series(path, root, axes, series, xs.log_scale(), ys),
-        (false, true) => draw_series(path, root, axes, series, xs, ys.log_scale()),
-        (true, true) => draw_series(path, root, axes, series, xs.log_scale(), ys.log_scale()),
+    let legend = legend_corner(series, axes, (&xs, &ys));
+    render!(path, |root| {
+        let (xs, ys) = (xs.clone(), ys.clone());
+        let d = (path, root, axes, series, legend.clone());
+        match (axes.log_x, axes.log_y) {
+            (false, false) => draw_series(d, xs, ys),
+            (true, false) => draw_series(d, xs.log_scale(), ys),
+            (false, true) => draw_series(d, xs, ys.log_scale()),
+            (true, true) => draw_series(d, xs.log_scale(), ys.log_scale()),
+        }
     })
 }
 
-fn draw_series<XR, YR>(
-    path: &Path,
-    root: &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>,
-    axes: &Axes,
+/// What a line chart draws on: the file it names in errors, the area, the axes, the series and
+/// the legend's corner.
+type Drawing<'a, DB> = (
+    &'a Path,
+    &'a DrawingArea<DB, plotters::coord::Shift>,
+    &'a Axes,
+    &'a [Series],
+    SeriesLabelPosition,
+);
+
+/// The corner of the plot with the fewest data points (error bars included), so the legend
+/// hides as little as it can; ties keep the upper left.
+fn legend_corner(
     series: &[Series],
+    axes: &Axes,
+    (xs, ys): (&Range<f64>, &Range<f64>),
+) -> SeriesLabelPosition {
+    let unit = |v: f64, r: &Range<f64>, log: bool| {
+        if log {
+            (v.max(f64::MIN_POSITIVE).ln() - r.start.ln()) / (r.end.ln() - r.start.ln())
+        } else {
+            (v - r.start) / (r.end - r.start)
+        }
+    };
+    let mut count = [0usize; 4];
+    for s in series {
+        for (i, &(x, y)) in s.points.iter().enumerate() {
+            let (lo, hi) = s
+                .err
+                .as_ref()
+                .and_then(|e| e.get(i))
+                .copied()
+                .unwrap_or((y, y));
+            let u = unit(x, xs, axes.log_x);
+            for y in [y, lo, hi] {
+                let v = unit(y, ys, axes.log_y);
+                let k = usize::from(u >= 0.5) + 2 * usize::from(v < 0.5);
+                count[k] += 1;
+            }
+        }
+    }
+    let corners = [
+        SeriesLabelPosition::UpperLeft,
+        SeriesLabelPosition::UpperRight,
+        SeriesLabelPosition::LowerLeft,
+        SeriesLabelPosition::LowerRight,
+    ];
+    let best = (0..4).min_by_key(|&k| (count[k], k)).unwrap_or(0);
+    corners[best].clone()
+}
+
+/// A tick label: an integral value as an integer, else four significant digits at most.
+fn tick(v: &f64) -> String {
+    let v = *v;
+    if v == v.round() && v.abs() < 1e15 {
+        return format!("{v:.0}");
+    }
+    let decimals = (3 - v.abs().log10().floor() as i32).clamp(0, 12);
+    let f = 10f64.powi(decimals);
+    format!("{}", (v * f).round() / f)
+}
+
+fn draw_series<DB: DrawingBackend, XR, YR>(
+    (path, root, axes, series, legend): Drawing<'_, DB>,
     xr: XR,
     yr: YR,
 ) -> Result<(), Error>
@@ -303,6 +402,8 @@ where
         .map_err(e)?;
     chart
         .configure_mesh()
+        .x_label_formatter(&tick)
+        .y_label_formatter(&tick)
         .x_desc(&axes.x_label)
         .y_desc(&axes.y_label)
         .label_style(("sans-serif", 18))
@@ -337,8 +438,8 @@ where
         }
         if let Some(err) = &s.err {
             chart
-                .draw_series(s.points.iter().zip(err).map(|(&(x, y), &h)| {
-                    ErrorBar::new_vertical(x, y - h, y, y + h, c.stroke_width(2), 12)
+                .draw_series(s.points.iter().zip(err).map(|(&(x, y), &(lo, hi))| {
+                    ErrorBar::new_vertical(x, lo, y, hi, c.stroke_width(2), 12)
                 }))
                 .map_err(e)?;
         }
@@ -349,7 +450,7 @@ where
             .label_font(("sans-serif", 18))
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK)
-            .position(SeriesLabelPosition::UpperLeft)
+            .position(legend)
             .draw()
             .map_err(e)?;
     }
@@ -389,7 +490,7 @@ pub fn bar_chart(path: &Path, axes: &Axes, labels: &[String], values: &[f64]) ->
         .fold(0.0_f64, f64::min);
     let pad = 0.08 * (hi - lo).max(f64::MIN_POSITIVE);
     let n = labels.len().max(1);
-    atomic_png(path, |root| {
+    render!(path, |root| {
         let e = |err| plot_err(path, err);
         let mut chart = ChartBuilder::on(root)
             .caption(&axes.title, ("sans-serif", 30))
@@ -448,7 +549,7 @@ pub fn heatmap(
     let (lo, hi) = finite.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
         (a.min(v), b.max(v))
     });
-    atomic_png(path, |root| {
+    render!(path, |root| {
         let e = |err| plot_err(path, err);
         let mut chart = ChartBuilder::on(root)
             .caption(&axes.title, ("sans-serif", 30))
@@ -566,6 +667,41 @@ mod tests {
     }
 
     #[test]
+    fn ticks_print_integers_as_integers() {
+        assert_eq!(tick(&3.0), "3");
+        assert_eq!(tick(&512.0), "512");
+        assert_eq!(tick(&0.5), "0.5");
+        assert_eq!(tick(&0.30000000000000004), "0.3");
+        assert_eq!(tick(&1.23456), "1.235");
+    }
+
+    #[test]
+    fn the_legend_goes_to_the_emptiest_corner() {
+        let axes = Axes::new("t", "x", "y");
+        // Points rising from lower left to upper right: the upper left and lower right are
+        // empty; ties keep the upper left.
+        let s = [Series::line("a", vec![(0.0, 0.0), (1.0, 1.0)])];
+        let pos = legend_corner(&s, &axes, (&(0.0..1.0), &(0.0..1.0)));
+        assert!(matches!(pos, SeriesLabelPosition::UpperLeft));
+        // Falling points with one in the upper left: the legend moves to the lower left.
+        let s = [Series::line(
+            "a",
+            vec![(0.0, 1.0), (0.2, 0.9), (1.0, 0.0), (0.9, 0.9)],
+        )];
+        let pos = legend_corner(&s, &axes, (&(0.0..1.0), &(0.0..1.0)));
+        assert!(matches!(pos, SeriesLabelPosition::LowerLeft), "{pos:?}");
+    }
+
+    #[test]
+    fn intervals_keep_their_asymmetry_and_half_widths_become_intervals() {
+        let s = Series::line("a", vec![(1.0, 2.0), (2.0, 3.0)]);
+        let sym = s.clone().with_err(vec![0.5, 1.0]);
+        assert_eq!(sym.err, Some(vec![(1.5, 2.5), (2.0, 4.0)]));
+        let asym = s.with_interval(vec![(1.9, 2.6), (2.0, 3.1)]);
+        assert_eq!(asym.err, Some(vec![(1.9, 2.6), (2.0, 3.1)]));
+    }
+
+    #[test]
     fn every_chart_kind_renders_a_png() {
         let dir = std::env::temp_dir().join(format!("trail-plot-{}", std::process::id()));
         let axes = Axes::new("E[T] vs load", "load", "mean response");
@@ -607,6 +743,8 @@ mod tests {
         .unwrap();
         for f in ["line", "loglog", "cdf", "bar", "heat", "rel"] {
             png_ok(&dir.join(format!("{f}.png")));
+            let svg = std::fs::read_to_string(dir.join(format!("{f}.svg"))).unwrap();
+            assert!(svg.starts_with("<svg") && svg.contains("</svg>"), "{f}.svg");
         }
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -25,15 +25,13 @@ impl Backend for FixedDelayBackend {
     async fn send(&self, req: &TraceRequest) -> Result<Observed, String> {
         let n = req.output_tokens.unwrap_or(1).max(1);
         let start = tokio::time::Instant::now();
+        let mut obs = Observed::default();
         tokio::time::sleep(self.first_token).await;
-        let first = start.elapsed();
-        tokio::time::sleep(self.per_token * (n - 1)).await;
-        Ok(Observed {
-            first_token: Some(first),
-            last_token: Some(start.elapsed()),
-            output_tokens: n,
-            queue_s: None,
-            preemptions: None,
-        })
+        obs.chunk(start.elapsed(), 1);
+        for _ in 1..n {
+            tokio::time::sleep(self.per_token).await;
+            obs.chunk(start.elapsed(), 1);
+        }
+        Ok(obs)
     }
 }

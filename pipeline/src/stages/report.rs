@@ -115,10 +115,11 @@ pub fn markdown(run: &Run, m: &Metrics) -> String {
         m.refine_interval
     );
     s.push_str(&predictor_table(t));
-    if let Some((layers, mae)) = &m.multi_layer {
+    if let Some(ml) = &m.multi_layer {
         let _ = writeln!(
             s,
-            "Multi-layer probe on layers {layers:?}: validation MAE {mae:.2} tokens.\n"
+            "Multi-layer probe on layers {:?}: validation MAE {:.2} tokens.\n",
+            ml.layers, ml.val_mae
         );
     }
     let _ = writeln!(s, "## Validation MAE per layer\n");
@@ -232,7 +233,9 @@ pub fn test_plots(out: &Path, m: &Metrics, d: &Details) -> anyhow::Result<Vec<Pa
     files.push(p);
     let p = out.join("confusion.png");
     let k = d.confusion.len();
-    let labels: Vec<String> = (0..k).map(|i| i.to_string()).collect();
+    let labels: Vec<String> = (0..k)
+        .map(|i| d.bins.map_or_else(|| i.to_string(), |b| b.range_label(i)))
+        .collect();
     plot::heatmap(
         &p,
         &Axes::new(
@@ -240,8 +243,8 @@ pub fn test_plots(out: &Path, m: &Metrics, d: &Details) -> anyhow::Result<Vec<Pa
                 "Layer {} probe on test rows (bins of the remaining length)",
                 m.best_layer
             ),
-            "predicted bin (argmax)",
-            "true bin",
+            "predicted bin (argmax), remaining tokens",
+            "true bin, remaining tokens",
         ),
         &labels,
         &labels,

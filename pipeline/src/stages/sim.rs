@@ -151,7 +151,18 @@ struct Summary {
     by_load: Vec<Row>,
     c_sweep: Vec<Row>,
     /// FCFS / SRPT mean response time per load (closed form, and simulated where run).
-    fcfs_over_srpt: Vec<(f64, f64, Option<f64>)>,
+    fcfs_over_srpt: Vec<FcfsOverSrpt>,
+    /// 2 since `fcfs_over_srpt` holds objects rather than unlabelled triples.
+    schema_version: u32,
+}
+
+/// FCFS over SRPT in mean response time at one load.
+#[derive(Debug, Serialize)]
+struct FcfsOverSrpt {
+    load: f64,
+    closed_form: f64,
+    /// Where the simulation ran.
+    simulated: Option<f64>,
 }
 
 fn joint(w: &Workload) -> anyhow::Result<Joint> {
@@ -300,7 +311,11 @@ fn run_grid(
         .filter_map(|&l| {
             let (f, s) = (find("fcfs", l)?, find("srpt", l)?);
             let sim = f.simulated.zip(s.simulated).map(|(a, b)| a / b);
-            Some((l, f.closed_form / s.closed_form, sim))
+            Some(FcfsOverSrpt {
+                load: l,
+                closed_form: f.closed_form / s.closed_form,
+                simulated: sim,
+            })
         })
         .collect();
     let summary = Summary {
@@ -310,6 +325,7 @@ fn run_grid(
         by_load,
         c_sweep,
         fcfs_over_srpt,
+        schema_version: 2,
     };
 
     let out = &w.out;
@@ -444,8 +460,13 @@ fn report(s: &Summary, w: &Workload, des: Option<&DesArgs>) -> String {
         ));
     }
     md.push_str("\n## FCFS / SRPT\n\n| load | closed form | simulated |\n|---|---|---|\n");
-    for (l, c, sim) in &s.fcfs_over_srpt {
-        md.push_str(&format!("| {l} | {c:.3} | {} |\n", fmt_opt(*sim, 3)));
+    for r in &s.fcfs_over_srpt {
+        md.push_str(&format!(
+            "| {} | {:.3} | {} |\n",
+            r.load,
+            r.closed_form,
+            fmt_opt(r.simulated, 3)
+        ));
     }
     md.push_str(&format!(
         "\n(The c sweep rows are at load {}. With the rank y − a, a job past its prediction has a \

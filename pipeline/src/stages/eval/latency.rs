@@ -24,15 +24,25 @@
 //!    recording pass computed once per distinct request (tokens and predictor outputs, exact
 //!    since the runner is batch-invariant; kept in `recordings.jsonl` for reruns; `--no-replay`
 //!    runs the model in every cell).
-//! 5. `results.parquet` (every cell merged), `summary.json`, `report.md`, plots, manifest.
+//!    `--base-url URL` drives a server already running (any OpenAI-compatible one: a `trail
+//!    serve`, llama.cpp's server, vLLM) with the same seeded traces instead; its profiled
+//!    lengths go by `--protocol` (`eval-output-tokens` to a `trail serve`, `max-tokens` with
+//!    `ignore_eos` to a server without a length predictor, each `completion_tokens` checked),
+//!    recorded in `settings.json` and the report.
+//! 5. `results.parquet` (every cell merged, each request's chunk gaps and prompt tokens
+//!    included), `summary.json` (with `benchmark_serving.py`'s figures per cell, and goodput
+//!    under `--goodput`), `report.md`, plots, manifest.
 //!
 //! The modules follow the run: `config` (the arguments resolved and checked, the settings a
-//! run is bound to), `saturation`, `grid` (traces and the cells in run order), `record` (the
-//! virtual backend's recording pass), `cell` (one cell on a fresh `server`), `finish`
-//! (merge, `summary`, `report`, manifest).
+//! run is bound to), `client` (`--base-url`, `--protocol`, `--goodput`), `saturation`, `grid`
+//! (traces and the cells in run order), `record` (the virtual backend's recording pass), `cell`
+//! (one cell on a fresh `server`), `finish` (merge, `summary` with `benchmark`, `report`,
+//! manifest).
 
 pub mod backend;
+mod benchmark;
 mod cell;
+mod client;
 mod config;
 mod finish;
 mod grid;
@@ -156,6 +166,8 @@ pub struct Args {
     pub bootstrap: usize,
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub client: client::ClientArgs,
 }
 
 impl Args {
@@ -169,8 +181,15 @@ impl Args {
 pub fn run(mut args: Args) -> anyhow::Result<()> {
     let started = Instant::now();
     let given_model = given_step_model(&mut args)?;
+    args.client.check(args.backend, &args.policies)?;
     let cfg = Config::resolve(&args)?;
-    let settings = cfg.settings(&args)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let remote = args.client.remote(&rt, cfg.max_tokens)?;
+    let mut settings = cfg.settings(&args)?;
+    settings.client = args.client.record(args.backend, remote.as_ref());
     config::bind(&args.out, &settings)?;
     let models = Models::load(&args, &cfg)?;
     let server_settings = ServerSettings {
@@ -181,10 +200,7 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
         max_waiting: args.requests.max(cfg.saturation_requests) + 16,
     };
     let mut launch = models.launch(&args, &server_settings);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    launch.remote = remote;
     let sat = saturation::resolve(&args, &cfg, &launch, &rt, given_model.as_ref())?;
     eprintln!("saturation: {}", sat.describe());
     if args.backend == BackendKind::Virtual {

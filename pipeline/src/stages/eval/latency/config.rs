@@ -106,6 +106,7 @@ impl Config {
             data_requests_sha256: sha256(&self.req_path)?,
             model: self.model_path.display().to_string(),
             model_sha256: sha256(&self.model_path)?,
+            client: None,
             common: self.common(args),
         })
     }
@@ -161,6 +162,9 @@ pub struct Settings {
     pub step_model: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub step_model_sha256: Option<String>,
+    /// The HTTP client's server and protocol (absent for the in-process backends).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client: Option<super::client::ClientRecord>,
 }
 
 /// The manifest's `config`.

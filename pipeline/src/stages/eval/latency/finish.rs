@@ -51,6 +51,7 @@ pub fn finish(r: &Inputs<'_>) -> anyhow::Result<PathBuf> {
     let summary = summarize(r, &rows, &step_logs)?;
     let summary_path = out.join("summary.json");
     SummaryFile {
+        schema_version: summary::SUMMARY_SCHEMA_VERSION,
         saturation: r.sat,
         settings: r.settings,
         policies: &r.cfg.names,
@@ -65,9 +66,11 @@ pub fn finish(r: &Inputs<'_>) -> anyhow::Result<PathBuf> {
         &report_path,
         report::markdown(&summary, &report_settings(r), &plots).as_bytes(),
     )?;
+    let svgs: Vec<PathBuf> = plots.iter().map(|p| p.with_extension("svg")).collect();
     let outputs: Vec<&Path> = [&results_path, &summary_path, &report_path]
         .into_iter()
         .chain(&plots)
+        .chain(&svgs)
         .map(PathBuf::as_path)
         .collect();
     write_manifest(r, &outputs, &rows)?;
@@ -130,7 +133,7 @@ fn summarize(r: &Inputs<'_>, rows: &[ResultRow], logs: &StepLogs) -> anyhow::Res
         resamples: r.args.bootstrap,
         seed: 0,
     };
-    let mut summary = summary::summarize(rows, &r.cfg.names, boot);
+    let mut summary = summary::summarize(rows, &r.cfg.names, boot, r.args.client.goodput);
     // On virtual time the cells' latencies follow the virtual clock's model, so the simulated
     // headroom uses it too (the logs' wall-clock step times only say how busy the machine was).
     summary.step_model_source = match (&r.virtual_model, &r.args.step_model) {
@@ -228,6 +231,7 @@ fn report_settings(r: &Inputs<'_>) -> report::Settings {
             ),
         ),
         ("backend".into(), format!("{:?}", a.backend).to_lowercase()),
+        ("client".into(), describe_client(r)),
     ];
     if let (Some(path), Some(m)) = (&a.step_model, &r.virtual_model) {
         s.push((
@@ -254,6 +258,25 @@ fn report_settings(r: &Inputs<'_>) -> report::Settings {
         s.push(("BERT checkpoint".into(), p.display().to_string()));
     }
     s
+}
+
+/// Which server the cells ran against and under which protocol their lengths went.
+fn describe_client(r: &Inputs<'_>) -> String {
+    match &r.settings.client {
+        None => "in process (no HTTP)".into(),
+        Some(c) => format!(
+            "{}; protocol `{}`: {}",
+            c.base_url.as_deref().map_or(
+                "a `trail serve` per cell, started by this command".into(),
+                |u| { format!("the server at {u} (--base-url)") }
+            ),
+            serde_json::to_value(c.protocol)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_default(),
+            c.protocol.describe()
+        ),
+    }
 }
 
 /// The manifest: the configuration, the inputs, `outputs`, `saturation.json` and the traces,

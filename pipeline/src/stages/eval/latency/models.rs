@@ -79,6 +79,7 @@ impl Models {
             priors: self.priors.as_ref(),
             step_model: None,
             recordings: None,
+            remote: None,
         }
     }
 }

@@ -20,6 +20,7 @@ use trail_serving_shim::{
 };
 
 use super::backend::{EngineBackend, HttpBackend};
+use super::client::Remote;
 use crate::manifest::write_atomic;
 use crate::stages::engine_args::EngineArgs;
 use crate::stages::model_args::ModelArgs;
@@ -78,6 +79,8 @@ pub struct Launch<'a> {
     pub step_model: Option<StepTimeModel>,
     /// Recorded requests the virtual backend's engines replay (see [`record`]).
     pub recordings: Option<Arc<Recordings>>,
+    /// The server of `--base-url`, driven instead of a `trail serve` child.
+    pub remote: Option<Remote>,
 }
 
 /// The in-process engine of `policy` (on virtual time when the launch has a step model and
@@ -210,6 +213,8 @@ pub enum Server {
         backend: Arc<HttpBackend>,
         log: PathBuf,
     },
+    /// A server this command did not start (`--base-url`): no log, no step log.
+    Remote { backend: Arc<HttpBackend> },
     InProcess {
         backend: Arc<EngineBackend>,
         /// On virtual time.
@@ -224,6 +229,11 @@ impl Server {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("{}: cannot create", dir.display()))?;
         let needs_checkpoint = matches!(policy, PolicyKind::Trail | PolicyKind::Sprpt);
+        if let Some(remote) = &cx.remote {
+            return Ok(Self::Remote {
+                backend: Arc::new(remote.backend.clone()),
+            });
+        }
         match cx.backend {
             BackendKind::Inprocess | BackendKind::Virtual => {
                 let (engine, virtual_time) = start_engine(cx, policy, needs_checkpoint, |_| {})?;
@@ -305,7 +315,7 @@ impl Server {
         on_done: impl FnMut(&RequestResult),
     ) -> Vec<RequestResult> {
         match self {
-            Self::Http { backend, .. } => {
+            Self::Http { backend, .. } | Self::Remote { backend } => {
                 rt.block_on(loadgen::drive(backend.clone(), trace, on_done))
             }
             Self::InProcess {
@@ -322,6 +332,7 @@ impl Server {
     /// directory; the in-process engine is shut down and its step log written there.
     pub fn stop(self, dir: &Path) -> anyhow::Result<()> {
         match self {
+            Self::Remote { .. } => Ok(()),
             Self::Http { mut child, log, .. } => {
                 let pid = child.id().to_string();
                 let _ = Command::new("kill").args(["-TERM", &pid]).status();
@@ -449,6 +460,7 @@ mod tests {
                 priors: None,
                 step_model: None,
                 recordings: None,
+                remote: None,
             };
             for policy in [PolicyKind::Fcfs, PolicyKind::Trail] {
                 let argv = serve_args(&cx, policy, 8123, Path::new("/tmp/cell"));

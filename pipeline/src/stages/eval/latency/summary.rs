@@ -1,5 +1,6 @@
 //! `summary.json`: per policy and load, latency and TTFT statistics pooled over seeds with
-//! request-bootstrap 95 % intervals, throughput; per load, FCFS over each policy in mean
+//! request-bootstrap 95 % intervals, throughput, and `benchmark_serving.py`'s figures
+//! ([`BenchmarkMetrics`]); per load, FCFS over each policy in mean
 //! latency and mean TTFT, and TRAIL's share of the oracle's gain over FCFS, each with a paired
 //! bootstrap over the requests every policy served (same trace, same index).
 
@@ -13,6 +14,7 @@ use trail_eval::tracesim::StepTimeModel;
 use trail_serving_shim::StepRecord;
 use trail_stats::{Bootstrap, Interval};
 
+use super::benchmark::{BenchmarkMetrics, GoodputSlo};
 use super::config::Settings;
 use super::headroom::Headroom;
 use super::saturation::Saturation;
@@ -47,6 +49,10 @@ pub struct CellStats {
     /// first arrival at 0 to the last completion).
     pub throughput_rps: f64,
     pub output_tokens_per_s: f64,
+    /// What vLLM's `benchmark_serving.py` reports for these requests (absent from summaries
+    /// written before it was).
+    #[serde(default)]
+    pub benchmark: Option<BenchmarkMetrics>,
     /// From the servers' step logs, where they were written.
     pub engine: Option<EngineFigures>,
 }
@@ -110,6 +116,9 @@ pub struct Summary {
     pub cells: Vec<CellStats>,
     pub comparisons: Vec<Comparison>,
     pub bootstrap: BootstrapSettings,
+    /// `--goodput`'s SLOs, where given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub goodput_slo: Option<GoodputSlo>,
     /// Step time fitted to every cell's step log (the grid's average engine), where the servers
     /// wrote logs; on virtual time, the virtual clock's model.
     pub step_model: Option<StepTimeModel>,
@@ -119,9 +128,16 @@ pub struct Summary {
     pub simulated: Vec<Headroom>,
 }
 
+/// `summary.json`'s schema: 2 since each cell has `benchmark_serving.py`'s figures
+/// (`benchmark`) and the summary `--goodput`'s SLOs; a file without the key is version 1, which
+/// [`read_summary`] reads the same.
+pub const SUMMARY_SCHEMA_VERSION: u32 = 2;
+
 /// `summary.json`: the summary, with the capacity, the settings and the grid it is of.
 #[derive(Debug, Serialize)]
 pub struct SummaryFile<'a> {
+    /// [`SUMMARY_SCHEMA_VERSION`].
+    pub schema_version: u32,
     pub saturation: &'a Saturation,
     pub settings: &'a Settings,
     pub policies: &'a [String],
@@ -171,7 +187,13 @@ pub fn load_key(load: f64) -> String {
     format!("{load:.2}")
 }
 
-fn cell_stats(policy: &str, load: f64, rows: &[&ResultRow], boot: BootstrapSettings) -> CellStats {
+fn cell_stats(
+    policy: &str,
+    load: f64,
+    rows: &[&ResultRow],
+    boot: BootstrapSettings,
+    slo: Option<&GoodputSlo>,
+) -> CellStats {
     let ok: Vec<&ResultRow> = rows
         .iter()
         .copied()
@@ -206,7 +228,9 @@ fn cell_stats(policy: &str, load: f64, rows: &[&ResultRow], boot: BootstrapSetti
         p99_latency_s: b_lat.interval(|i| quantile(&lat, i, 0.99)),
         mean_ttft_s: b_ttft.interval(|i| mean(&ttft, i)),
         p50_ttft_s: b_ttft.interval(|i| quantile(&ttft, i, 0.50)),
-        mean_tpot_s: plain_mean(ok.iter().filter_map(|r| r.result.tpot_s)),
+        mean_tpot_s: plain_mean(ok.iter().filter_map(|r| {
+            trail_eval::loadgen::tpot(r.result.latency_s, r.result.ttft_s, r.result.output_tokens)
+        })),
         mean_queue_s: plain_mean(ok.iter().filter_map(|r| r.result.queue_s)),
         mean_preemptions: plain_mean(
             ok.iter()
@@ -218,6 +242,7 @@ fn cell_stats(policy: &str, load: f64, rows: &[&ResultRow], boot: BootstrapSetti
             0.0
         },
         output_tokens_per_s: if span > 0.0 { tokens / span } else { 0.0 },
+        benchmark: Some(BenchmarkMetrics::of(rows, slo)),
         engine: None,
     }
 }
@@ -321,8 +346,14 @@ fn no_clear_gain(gain: Option<&Interval>) -> String {
     }
 }
 
-/// Summarizes every row; `policies` fixes the order of the cells.
-pub fn summarize(rows: &[ResultRow], policies: &[String], boot: BootstrapSettings) -> Summary {
+/// Summarizes every row; `policies` fixes the order of the cells; goodput under `slo` where
+/// given.
+pub fn summarize(
+    rows: &[ResultRow],
+    policies: &[String],
+    boot: BootstrapSettings,
+    slo: Option<GoodputSlo>,
+) -> Summary {
     let mut loads: Vec<f64> = rows.iter().map(|r| r.load).collect();
     loads.sort_by(f64::total_cmp);
     loads.dedup_by(|a, b| load_key(*a) == load_key(*b));
@@ -335,7 +366,7 @@ pub fn summarize(rows: &[ResultRow], policies: &[String], boot: BootstrapSetting
         }
         for p in policies {
             if let Some(rs) = by_policy.get(p) {
-                cells.push(cell_stats(p, load, rs, boot));
+                cells.push(cell_stats(p, load, rs, boot, slo.as_ref()));
             }
         }
         comparisons.extend(comparison(load, &by_policy, boot));
@@ -344,6 +375,7 @@ pub fn summarize(rows: &[ResultRow], policies: &[String], boot: BootstrapSetting
         cells,
         comparisons,
         bootstrap: boot,
+        goodput_slo: slo,
         step_model: None,
         step_model_source: String::new(),
         simulated: Vec::new(),
@@ -370,7 +402,9 @@ mod tests {
                 ttft_s: Some(ttft),
                 latency_s: latency,
                 tpot_s: Some(0.01),
+                itl_s: vec![0.01; 9],
                 output_tokens: 10,
+                prompt_tokens: Some(5),
                 queue_s: Some(0.0),
                 preemptions: Some(0),
                 error: None,
@@ -396,7 +430,7 @@ mod tests {
             resamples: 200,
             seed: 0,
         };
-        let s = summarize(&rows, &policies, boot);
+        let s = summarize(&rows, &policies, boot, None);
         assert_eq!(s.cells.len(), 3);
         assert_eq!(s.cells[0].policy, "fcfs");
         assert_eq!(s.cells[0].failed, 1);
@@ -429,7 +463,7 @@ mod tests {
             resamples: 100,
             seed: 0,
         };
-        let c = &summarize(&rows, &policies, boot).comparisons[0];
+        let c = &summarize(&rows, &policies, boot, None).comparisons[0];
         assert!(c.trail_share_of_oracle_gain.is_none());
         let why = c
             .trail_share_of_oracle_gain_null_because
@@ -457,7 +491,7 @@ mod tests {
             resamples: 50,
             seed: 0,
         };
-        let mut s = summarize(&rows, &policies, boot);
+        let mut s = summarize(&rows, &policies, boot, None);
         s.step_model = Some(StepTimeModel::constant(0.1));
         s.step_model_source = "given".into();
         s.cells[0].engine = Some(EngineFigures {
@@ -502,6 +536,7 @@ mod tests {
             model_sha256: "22".into(),
             step_model: None,
             step_model_sha256: None,
+            client: None,
         };
         let sat = Saturation {
             rps: 0.5668665776748135,
@@ -514,6 +549,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("summary.json");
         SummaryFile {
+            schema_version: SUMMARY_SCHEMA_VERSION,
             saturation: &sat,
             settings: &settings,
             policies: &policies,
@@ -540,6 +576,7 @@ mod tests {
                 "loads",
                 "policies",
                 "saturation",
+                "schema_version",
                 "seeds",
                 "settings",
                 "summary"
@@ -563,6 +600,7 @@ mod tests {
                 resamples: 10,
                 seed: 0,
             },
+            None,
         );
         assert_eq!(s.cells.len(), 1);
         assert!(s.comparisons.is_empty());

@@ -105,7 +105,7 @@ impl EngineBackend {
                 let done_s = obs
                     .as_ref()
                     .ok()
-                    .and_then(|o| o.last_token)
+                    .and_then(Observed::last_token)
                     .map_or(req.arrival_s, |d| req.arrival_s + d.as_secs_f64());
                 let r = RequestResult::from_observed(index, req, req.arrival_s, done_s, obs);
                 on_done(&r);
@@ -126,17 +126,18 @@ fn ended(obs: &mut Observed, s: &Summary) -> Result<(), String> {
         ));
     }
     obs.output_tokens = s.tokens.len() as u32;
+    obs.prompt_tokens = Some(s.prompt_tokens as u32);
     obs.queue_s = s.times.first_scheduled.map(|f| f - s.times.arrival);
     obs.preemptions = Some(s.preemptions_policy + s.preemptions_memory);
     Ok(())
 }
 
-/// [`Observed`] from a virtual-time engine's timestamps (offsets from the arrival).
+/// [`Observed`] from a virtual-time engine's timestamps (offsets from the arrival): every
+/// token's time, so inter-token latencies are the virtual clock's.
 fn virtual_observed(s: &Summary) -> Result<Observed, String> {
     let since = |t: f64| Duration::from_secs_f64((t - s.times.arrival).max(0.0));
     let mut obs = Observed {
-        first_token: s.times.tokens.first().map(|&t| since(t)),
-        last_token: s.times.tokens.last().map(|&t| since(t)),
+        chunks: s.times.tokens.iter().map(|&t| since(t)).collect(),
         ..Observed::default()
     };
     ended(&mut obs, s)?;
@@ -151,12 +152,7 @@ impl Backend for EngineBackend {
         let mut obs = Observed::default();
         while let Some(ev) = handle.events.recv().await {
             match ev {
-                Event::Token(_) => {
-                    let at = start.elapsed();
-                    obs.first_token.get_or_insert(at);
-                    obs.last_token = Some(at);
-                    obs.output_tokens += 1;
-                }
+                Event::Token(_) => obs.chunk(start.elapsed(), 1),
                 Event::Done(s) => {
                     ended(&mut obs, &s)?;
                     return Ok(obs);
