@@ -557,6 +557,7 @@ fn a_running_server_is_benchmarked_through_base_url() {
 }
 
 /// numpy's default quantile (linear interpolation between closest ranks), written out.
+#[cfg(feature = "model")]
 fn numpy_quantile(xs: &[f64], q: f64) -> f64 {
     let mut v = xs.to_vec();
     v.sort_by(f64::total_cmp);

@@ -307,6 +307,7 @@ pub fn line_chart(path: &Path, axes: &Axes, series: &[Series]) -> Result<(), Err
         axes.log_y,
     );
     let legend = legend_corner(series, axes, (&xs, &ys));
+    let ys = legend_room(ys, &legend, series, axes.log_y);
     render!(path, |root| {
         let (xs, ys) = (xs.clone(), ys.clone());
         let d = (path, root, axes, series, legend.clone());
@@ -368,6 +369,31 @@ fn legend_corner(
     ];
     let best = (0..4).min_by_key(|&k| (count[k], k)).unwrap_or(0);
     corners[best].clone()
+}
+
+/// `ys` stretched on the legend's side by about the legend's height (a line per labelled
+/// series), so the legend sits beside the data rather than over it.
+fn legend_room(
+    ys: Range<f64>,
+    legend: &SeriesLabelPosition,
+    series: &[Series],
+    log: bool,
+) -> Range<f64> {
+    let n = series.iter().filter(|s| !s.label.is_empty()).count();
+    if n == 0 {
+        return ys;
+    }
+    let share = 0.05 * n as f64 + 0.03;
+    let upper = matches!(
+        legend,
+        SeriesLabelPosition::UpperLeft | SeriesLabelPosition::UpperRight
+    );
+    match (log, upper) {
+        (false, true) => ys.start..ys.end + share * (ys.end - ys.start),
+        (false, false) => ys.start - share * (ys.end - ys.start)..ys.end,
+        (true, true) => ys.start..ys.end * (ys.end / ys.start).powf(share),
+        (true, false) => ys.start / (ys.end / ys.start).powf(share)..ys.end,
+    }
 }
 
 /// A tick label: an integral value as an integer, else four significant digits at most.
@@ -664,6 +690,20 @@ mod tests {
             "{} is suspiciously small",
             path.display()
         );
+    }
+
+    #[test]
+    fn the_axis_makes_room_for_the_legend_on_its_side() {
+        let s = [Series::line("a", vec![]), Series::line("b", vec![])];
+        let up = legend_room(0.0..1.0, &SeriesLabelPosition::UpperLeft, &s, false);
+        assert!(up.start == 0.0 && (up.end - 1.13).abs() < 1e-12, "{up:?}");
+        let down = legend_room(0.0..1.0, &SeriesLabelPosition::LowerRight, &s, false);
+        assert!(
+            (down.start + 0.13).abs() < 1e-12 && down.end == 1.0,
+            "{down:?}"
+        );
+        let none = legend_room(0.0..1.0, &SeriesLabelPosition::UpperLeft, &[], false);
+        assert_eq!(none, 0.0..1.0);
     }
 
     #[test]

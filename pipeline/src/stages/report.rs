@@ -155,7 +155,25 @@ pub fn markdown(run: &Run, m: &Metrics) -> String {
     s
 }
 
-/// Every PNG of the report; returns their paths.
+/// How a paper names a predictor of `metrics.json` (its key where it has no other name).
+pub fn display_name(key: &str) -> &str {
+    match key {
+        "refined" => "TRAIL (probe, refined)",
+        "probe_no_refine" => "probe, not refined",
+        "refined_every_token" => "TRAIL, refined every token",
+        "probe_multi_layer" => "multi-layer probe",
+        "refined_multi_layer" => "multi-layer probe, refined",
+        "prompt_embedding" => "prompt embedding",
+        "bert_finetuned" => "BERT fine-tuned",
+        "bert_finetuned_conditional" => "BERT fine-tuned, E[L − g | L > g]",
+        "bert_frozen" => "BERT frozen",
+        "constant" => "constant",
+        "constant_conditional" => "constant, E[L − g | L > g]",
+        other => other,
+    }
+}
+
+/// Every PNG of the report (each with its SVG beside it); returns their paths.
 pub fn plots(out: &Path, m: &Metrics, d: &Details) -> anyhow::Result<Vec<PathBuf>> {
     plot::init_font()?;
     let mut files = Vec::new();
@@ -192,7 +210,7 @@ pub fn plots(out: &Path, m: &Metrics, d: &Details) -> anyhow::Result<Vec<PathBuf
         .iter()
         .map(|(name, c)| {
             Series::line(
-                &format!("{name} (val MAE)"),
+                &format!("{} (val MAE)", display_name(name)),
                 c.iter().map(|r| (r.epoch as f64, r.val_mae)).collect(),
             )
             .with_mark(plot::Mark::LinePoints)
@@ -217,8 +235,11 @@ pub fn test_plots(out: &Path, m: &Metrics, d: &Details) -> anyhow::Result<Vec<Pa
         .mae_by_g
         .iter()
         .map(|(name, pts)| {
-            Series::line(name, pts.iter().map(|&(g, e, _)| (g, e)).collect())
-                .with_mark(plot::Mark::LinePoints)
+            Series::line(
+                display_name(name),
+                pts.iter().map(|&(g, e, _)| (g, e)).collect(),
+            )
+            .with_mark(plot::Mark::LinePoints)
         })
         .collect();
     plot::line_chart(
