@@ -59,6 +59,8 @@ pub enum LlmError {
     ContextOverflow { pos: usize, max: usize },
     #[error("bad step: {0}")]
     Step(String),
+    #[error("{0}")]
+    Simd(trail_kernels::KernelError),
     #[error("device `{0}`: {1}")]
     Device(String, String),
 }

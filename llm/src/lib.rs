@@ -8,7 +8,9 @@
 //! [`Runner::kernel_id`] names the numerics that make them so. [`hub`] fetches models. The
 //! `testing` module (unit tests, or the `testing` feature) writes tiny random GGUF models.
 
+mod attention;
 pub mod batch;
+pub mod cache;
 pub mod device;
 pub mod encoder;
 pub mod error;
@@ -17,8 +19,10 @@ pub mod hub;
 pub mod layers;
 pub mod linear;
 pub mod model;
+mod ops;
 pub mod runner;
 pub mod sampler;
+pub mod step;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod tokenizer;

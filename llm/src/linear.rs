@@ -18,7 +18,7 @@ use candle_core::quantized::k_quants::{
     BlockQ6K, BlockQ8_0, GgmlType,
 };
 use half::{bf16, f16};
-use trail_kernels::{BlockFormat, QActivations, QMatrix};
+use trail_kernels::{BlockFormat, QActivations, QMatrix, SimdPath};
 
 use crate::error::Result;
 use crate::gguf::{GgufFile, storage_bytes};
@@ -206,15 +206,25 @@ impl QLinear {
         matches!(self.weights, Weights::Fast(_))
     }
 
-    /// `y[n × out] = x[n × in] · Wᵀ`, each row computed independently of the others.
+    /// `y[n × out] = x[n × in] · Wᵀ`, each row computed independently of the others, on
+    /// [`SimdPath::selected`].
     pub fn forward(&self, x: &[f32], n: usize, y: &mut [f32]) {
+        self.forward_on(SimdPath::selected(), x, n, y);
+    }
+
+    /// [`Self::forward`] on trail's kernels' SIMD `path` (the same bits on every path; candle's
+    /// kernels choose their own).
+    pub fn forward_on(&self, path: SimdPath, x: &[f32], n: usize, y: &mut [f32]) {
         assert_eq!(x.len(), n * self.in_features, "QLinear input");
         assert_eq!(y.len(), n * self.out_features, "QLinear output");
         if n == 0 {
             return;
         }
         match &self.weights {
-            Weights::Fast(m) => m.matmul(x, n, y),
+            Weights::Fast(m) => {
+                let act = QActivations::quantize_on(path, x, n, self.in_features);
+                m.matmul_q_on(path, &act, y);
+            }
             Weights::Candle(blocks) => {
                 let mkn = (n, self.in_features, self.out_features);
                 dispatch!(blocks, b => k_quants::matmul(mkn, x, b, y))
@@ -227,6 +237,16 @@ impl QLinear {
     /// When all run on trail's kernels the input is quantized once and the matmuls share one
     /// parallel region; the bits equal separate [`Self::forward`] calls either way.
     pub fn forward_group(x: &[f32], n: usize, ys: &mut [(&QLinear, &mut [f32])]) {
+        Self::forward_group_on(SimdPath::selected(), x, n, ys);
+    }
+
+    /// [`Self::forward_group`] on trail's kernels' SIMD `path`.
+    pub fn forward_group_on(
+        path: SimdPath,
+        x: &[f32],
+        n: usize,
+        ys: &mut [(&QLinear, &mut [f32])],
+    ) {
         if n == 0 || ys.is_empty() {
             return;
         }
@@ -242,17 +262,17 @@ impl QLinear {
                 for (l, y) in ys.iter() {
                     assert_eq!(y.len(), n * l.out_features, "QLinear output");
                 }
-                let act = QActivations::quantize(x, n, ys[0].0.in_features);
+                let act = QActivations::quantize_on(path, x, n, ys[0].0.in_features);
                 let mut group: Vec<(&QMatrix, &mut [f32])> = ms
                     .into_iter()
                     .zip(ys.iter_mut())
                     .map(|(m, (_, y))| (m, &mut **y))
                     .collect();
-                trail_kernels::matmul_group(&act, &mut group);
+                trail_kernels::matmul_group_on(path, &act, &mut group);
             }
             None => {
                 for (l, y) in ys.iter_mut() {
-                    l.forward(x, n, y);
+                    l.forward_on(path, x, n, y);
                 }
             }
         }
@@ -283,28 +303,51 @@ pub(crate) fn block_format(dtype: GgmlDType) -> Option<BlockFormat> {
     }
 }
 
-/// The SIMD paths the CPU kernels can take in this build: target features fixed at compile
-/// time, plus the ones candle detects at run time (its Q8_0/K-quant dots branch on avx2+fma).
+/// The SIMD features the CPU kernels can use here: on x86-64 the CPU's features, detected at
+/// run time (trail-kernels and candle's quantized dots choose their code at run time; a build
+/// for the baseline x86-64 names the same features as one built for this CPU), elsewhere the
+/// target features fixed at compile time; then whether candle's Q8_0/K-quant dots take their
+/// AVX2+FMA branch (`rt-avx2fma`).
 pub fn simd_path() -> String {
     let mut parts: Vec<&str> = vec![std::env::consts::ARCH];
-    macro_rules! feat {
-        ($($f:literal),*) => {$( if cfg!(target_feature = $f) { parts.push($f); } )*};
+    #[cfg(target_arch = "x86_64")]
+    {
+        macro_rules! feat {
+            ($($f:tt),*) => {$( if std::arch::is_x86_feature_detected!($f) { parts.push($f); } )*};
+        }
+        feat!(
+            "sse4.2",
+            "avx",
+            "avx2",
+            "fma",
+            "f16c",
+            "avx512f",
+            "avx512bw",
+            "avx512vnni",
+            "avxvnni"
+        );
     }
-    feat!(
-        "sse4.2",
-        "avx",
-        "avx2",
-        "fma",
-        "f16c",
-        "avx512f",
-        "avx512bw",
-        "avx512vnni",
-        "avxvnni",
-        "neon",
-        "dotprod",
-        "i8mm",
-        "simd128"
-    );
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        macro_rules! feat {
+            ($($f:literal),*) => {$( if cfg!(target_feature = $f) { parts.push($f); } )*};
+        }
+        feat!(
+            "sse4.2",
+            "avx",
+            "avx2",
+            "fma",
+            "f16c",
+            "avx512f",
+            "avx512bw",
+            "avx512vnni",
+            "avxvnni",
+            "neon",
+            "dotprod",
+            "i8mm",
+            "simd128"
+        );
+    }
     #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
     {
         let rt = std::arch::is_x86_feature_detected!("avx2")

@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use tokenizers::Tokenizer;
+use trail_kernels::SimdPath;
 
 use crate::device::Device;
 use crate::encoder::Encoder;
@@ -106,13 +107,7 @@ impl Runner {
         }
         stop_tokens.sort_unstable();
         stop_tokens.dedup();
-        let kernel_id = format!(
-            "trail-llm-{}/{}/{}/candle-core-{CANDLE_VERSION}-k_quants({})/attn-f32-lanes8",
-            env!("CARGO_PKG_VERSION"),
-            model.weight_formats().join("+"),
-            trail_kernels::kernel_id(),
-            simd_path(),
-        );
+        let kernel_id = kernel_id(&model);
         Ok(Self {
             path: path.to_path_buf(),
             model,
@@ -158,6 +153,14 @@ impl Runner {
     /// equal.
     pub fn kernel_id(&self) -> &str {
         &self.kernel_id
+    }
+
+    /// Runs the model on SIMD `path` from now on (the same bits; the kernel id names the path);
+    /// an error if this CPU does not support it.
+    pub fn set_simd(&mut self, path: SimdPath) -> Result<()> {
+        self.model.set_simd(path)?;
+        self.kernel_id = kernel_id(&self.model);
+        Ok(())
     }
 
     /// The chat text for one user message (the template's default system prompt included,
@@ -310,6 +313,18 @@ impl Runner {
             decode_secs: t1.elapsed().as_secs_f64(),
         })
     }
+}
+
+/// Names the numerics of `model`: crate versions, weight formats, trail-kernels' SIMD path (the
+/// model's), the SIMD features candle's kernels can use, the attention kernel.
+fn kernel_id(model: &Llama) -> String {
+    format!(
+        "trail-llm-{}/{}/{}/candle-core-{CANDLE_VERSION}-k_quants({})/attn-f32-lanes8",
+        env!("CARGO_PKG_VERSION"),
+        model.weight_formats().join("+"),
+        trail_kernels::kernel_id_on(model.simd()),
+        simd_path(),
+    )
 }
 
 /// Whether two [`Runner::kernel_id`]s give the same bits, so that hidden states, and the

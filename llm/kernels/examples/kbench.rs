@@ -4,7 +4,8 @@
 //! hot (weights cached, same matrix repeated) time, weight GB/s and GOPS; then a whole decode
 //! step (30 layers of q/k/v/o/gate/up/down + the 576→49152 LM head, weights streamed from
 //! memory, activations quantized once per shared input) as tokens/s; and a plain memory-read
-//! loop over 1 GiB as the bandwidth reference.
+//! loop over 1 GiB as the bandwidth reference. The first argument picks the SIMD path (`scalar`,
+//! `avx2`, `avx512vnni`; default: `TRAIL_SIMD` or the fastest this CPU supports).
 
 use std::hint::black_box;
 use std::time::Instant;
@@ -87,30 +88,37 @@ fn time(mut f: impl FnMut()) -> (f64, f64) {
     (wall, cpu)
 }
 
-/// Sums `c` with 4 independent 512-bit accumulators, so loads bound the loop.
+/// Sums `c` with 4 independent 512-bit accumulators where the CPU has AVX-512F, so loads bound
+/// the loop.
 fn read_sum(c: &[u64]) -> u64 {
-    #[cfg(target_feature = "avx512f")]
-    {
-        use std::arch::x86_64::*;
-        assert!(c.len().is_multiple_of(32));
-        // SAFETY: AVX-512F is enabled at compile time; every load reads 8 u64 inside `c`.
-        unsafe {
-            let mut acc = [_mm512_setzero_si512(); 4];
-            for i in (0..c.len()).step_by(32) {
-                for (j, a) in acc.iter_mut().enumerate() {
-                    let v = _mm512_loadu_si512(c.as_ptr().add(i + 8 * j) as *const _);
-                    *a = _mm512_add_epi64(*a, v);
-                }
-            }
-            let s = _mm512_add_epi64(
-                _mm512_add_epi64(acc[0], acc[1]),
-                _mm512_add_epi64(acc[2], acc[3]),
-            );
-            _mm512_reduce_add_epi64(s) as u64
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F (checked above).
+        return unsafe { read_sum_avx512(c) };
+    }
+    c.iter().fold(0u64, |a, &v| a.wrapping_add(v))
+}
+
+/// # Safety
+/// The CPU must support AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn read_sum_avx512(c: &[u64]) -> u64 {
+    use std::arch::x86_64::*;
+    assert!(c.len().is_multiple_of(32));
+    let mut acc = [_mm512_setzero_si512(); 4];
+    for i in (0..c.len()).step_by(32) {
+        for (j, a) in acc.iter_mut().enumerate() {
+            // SAFETY: the load reads 8 u64 inside `c`.
+            let v = unsafe { _mm512_loadu_si512(c.as_ptr().add(i + 8 * j) as *const _) };
+            *a = _mm512_add_epi64(*a, v);
         }
     }
-    #[cfg(not(target_feature = "avx512f"))]
-    c.iter().fold(0u64, |a, &v| a.wrapping_add(v))
+    let s = _mm512_add_epi64(
+        _mm512_add_epi64(acc[0], acc[1]),
+        _mm512_add_epi64(acc[2], acc[3]),
+    );
+    _mm512_reduce_add_epi64(s) as u64
 }
 
 fn mem_read_gbs(threads: usize) -> f64 {
@@ -136,15 +144,13 @@ fn main() {
     }
     let path = std::env::args()
         .nth(1)
-        .map(|p| match p.as_str() {
-            "scalar" => SimdPath::Scalar,
-            "avx2" => SimdPath::Avx2,
-            _ => SimdPath::Avx512Vnni,
-        })
-        .unwrap_or_else(SimdPath::best);
+        .map(|p| p.parse::<SimdPath>().and_then(SimdPath::supported))
+        .transpose()
+        .expect("the first argument names a SIMD path this CPU supports")
+        .unwrap_or_else(SimdPath::selected);
     println!(
         "{} threads={} path={path:?}",
-        trail_kernels::kernel_id(),
+        trail_kernels::kernel_id_on(path),
         rayon::current_num_threads()
     );
     println!(
@@ -179,7 +185,7 @@ fn main() {
         }
         let m = matrix(f, out, inp, 1);
         for n in [1, 8, 32, 128] {
-            let act = QActivations::quantize(&x(n, inp), n, inp);
+            let act = QActivations::quantize_on(path, &x(n, inp), n, inp);
             let mut y = vec![0f32; n * out];
             let (wall, cpu) = time(|| m.matmul_q_on(path, &act, &mut y));
             let s = if one_thread { cpu } else { wall };
@@ -237,17 +243,17 @@ fn main() {
         let mut yh = vec![0f32; n * 49152];
         let (wall, cpu) = time(|| {
             for l in &layers {
-                let a = QActivations::quantize(&x576, n, 576);
+                let a = QActivations::quantize_on(path, &x576, n, 576);
                 let (yk, yv) = (&mut yb.clone(), &mut yb);
                 matmul_group_on(path, &a, &mut [(&l[0], &mut ya), (&l[1], yk), (&l[2], yv)]);
-                let a = QActivations::quantize(&x576, n, 576);
+                let a = QActivations::quantize_on(path, &x576, n, 576);
                 l[3].matmul_q_on(path, &a, &mut ya);
-                let a = QActivations::quantize(&x576, n, 576);
+                let a = QActivations::quantize_on(path, &x576, n, 576);
                 matmul_group_on(path, &a, &mut [(&l[4], &mut yc), (&l[5], &mut yd)]);
-                let a = QActivations::quantize(&x1536, n, 1536);
+                let a = QActivations::quantize_on(path, &x1536, n, 1536);
                 l[6].matmul_q_on(path, &a, &mut ya);
             }
-            let a = QActivations::quantize(&x576, n, 576);
+            let a = QActivations::quantize_on(path, &x576, n, 576);
             head.matmul_q_on(path, &a, &mut yh);
         });
         let s = if one_thread { cpu } else { wall };

@@ -4,8 +4,10 @@
 //! Weights are repacked at load into tiles of 16 outputs ([`format`](mod@format)); activations are quantized
 //! once per step into Q8 blocks ([`QActivations`]); a tile kernel ([`kernel`]) reads each weight
 //! block once for up to 8 rows of the batch; tiles of outputs are spread over rayon's threads.
-//! The SIMD path (AVX-512 VNNI, AVX2, scalar) is chosen at compile time, and every path gives
-//! bit-identical results whatever the batch size or thread count.
+//! The SIMD path (AVX-512 VNNI, AVX2, scalar) is chosen at run time ([`SimdPath::selected`]:
+//! the fastest this CPU supports, or the one `TRAIL_SIMD` names), so one build runs on every
+//! x86-64 machine, and every path gives bit-identical results whatever the batch size or thread
+//! count.
 //!
 //! ```
 //! use trail_kernels::{BlockFormat, QActivations, QMatrix, matmul_group};
@@ -29,19 +31,25 @@ mod error;
 pub mod format;
 pub mod kernel;
 mod matrix;
+pub mod simd;
 
 pub use activation::QActivations;
 pub use error::KernelError;
 pub use format::BlockFormat;
-pub use kernel::SimdPath;
 pub use matrix::{QMatrix, matmul_group, matmul_group_on};
+pub use simd::{SIMD_ENV, SimdPath};
 
-/// Names the numerics of this build: crate version, activation quantization, SIMD path.
-/// Bits only change when this string changes.
+/// Names the numerics of this process: crate version, activation quantization, and the SIMD
+/// path it runs ([`SimdPath::selected`]). Bits only change when this string changes.
 pub fn kernel_id() -> String {
+    kernel_id_on(SimdPath::selected())
+}
+
+/// [`kernel_id`] for a given path (every path gives the same bits; the path names how).
+pub fn kernel_id_on(path: SimdPath) -> String {
     format!(
         "trail-kernels/{} act=q8_32(f32 d,isum,round-ties-even) acc=f32-fma-blockorder path={}",
         env!("CARGO_PKG_VERSION"),
-        SimdPath::best().name()
+        path.name()
     )
 }

@@ -152,13 +152,13 @@ impl QMatrix {
         self.matmul_q(&act, y);
     }
 
-    /// `y = act · Wᵀ` on the fastest compiled SIMD path.
+    /// `y = act · Wᵀ` on [`SimdPath::selected`].
     pub fn matmul_q(&self, act: &QActivations, y: &mut [f32]) {
-        self.matmul_q_on(SimdPath::best(), act, y);
+        self.matmul_q_on(SimdPath::selected(), act, y);
     }
 
     /// `y = act · Wᵀ` on a given SIMD path (for tests and benchmarks). Every path gives the same
-    /// bits. Panics if the path is not compiled in or the shapes disagree.
+    /// bits. Panics if this CPU does not support the path or the shapes disagree.
     pub fn matmul_q_on(&self, path: SimdPath, act: &QActivations, y: &mut [f32]) {
         matmul_group_on(path, act, &mut [(self, y)]);
     }
@@ -222,11 +222,12 @@ impl QMatrix {
 /// `ys[i].1 = act · ys[i].0ᵀ`, each `n × out_features`. Same bits as separate
 /// [`QMatrix::matmul_q`] calls, with one fork-join instead of one per matrix.
 pub fn matmul_group(act: &QActivations, ys: &mut [(&QMatrix, &mut [f32])]) {
-    matmul_group_on(SimdPath::best(), act, ys);
+    matmul_group_on(SimdPath::selected(), act, ys);
 }
 
 /// [`matmul_group`] on a given SIMD path.
 pub fn matmul_group_on(path: SimdPath, act: &QActivations, ys: &mut [(&QMatrix, &mut [f32])]) {
+    path.assert_supported();
     let n = act.n;
     for (m, y) in ys.iter() {
         assert_eq!(

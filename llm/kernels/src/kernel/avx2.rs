@@ -5,9 +5,12 @@ use crate::format::{QK, TILE};
 use crate::{BlockFormat, QActivations};
 use std::arch::x86_64::*;
 
+/// Compiled with AVX2, FMA and F16C; the `#[inline(always)]` helpers below are compiled into it.
+///
 /// # Safety
-/// AVX2, FMA and F16C must be enabled at compile time (the module's `cfg`); `w` holds
-/// `act.k / 32` repacked blocks of `format`; `row0 + nrows <= act.n`; `out.len() >= nrows * 16`.
+/// The CPU must support AVX2, FMA and F16C; `w` holds `act.k / 32` repacked blocks of `format`;
+/// `row0 + nrows <= act.n`; `out.len() >= nrows * 16`.
+#[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn tile(
     format: BlockFormat,
     w: &[u8],

@@ -5,10 +5,13 @@ use crate::format::{QK, TILE};
 use crate::{BlockFormat, QActivations};
 use std::arch::x86_64::*;
 
+/// Compiled with AVX-512 F/BW/VNNI, AVX2, FMA and F16C; the `#[inline(always)]` helpers below
+/// are compiled into it.
+///
 /// # Safety
-/// AVX-512 F/BW/VNNI, F16C and FMA must be enabled at compile time (the module's `cfg`);
-/// `w` holds `act.k / 32` repacked blocks of `format`; `row0 + nrows <= act.n`;
-/// `out.len() >= nrows * 16`.
+/// The CPU must support AVX-512 F/BW/VNNI, AVX2, FMA and F16C; `w` holds `act.k / 32` repacked
+/// blocks of `format`; `row0 + nrows <= act.n`; `out.len() >= nrows * 16`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
 pub(crate) unsafe fn tile(
     format: BlockFormat,
     w: &[u8],

@@ -263,16 +263,101 @@ fn load_errors() {
     }
 }
 
+/// Paths are chosen at run time: the CPU's features decide which exist, `TRAIL_SIMD` (or the
+/// fastest) which one the process runs, and the kernel id names that one. Prints the paths the
+/// other tests exercise.
 #[test]
-fn kernel_id_names_version_and_path() {
+fn paths_are_detected_at_run_time_and_named_in_the_kernel_id() {
+    let paths = SimdPath::available();
+    eprintln!("SIMD paths exercised: {paths:?}");
+    assert_eq!(paths[0], SimdPath::Scalar);
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        let avx2 = has!("avx2") && has!("fma") && has!("f16c");
+        let avx512 = avx2 && has!("avx512f") && has!("avx512bw") && has!("avx512vnni");
+        assert_eq!(paths.contains(&SimdPath::Avx2), avx2);
+        assert_eq!(paths.contains(&SimdPath::Avx512Vnni), avx512);
+    }
+    assert_eq!(SimdPath::best(), *paths.last().unwrap());
+    for p in SimdPath::ALL {
+        assert_eq!(p.supported().is_ok(), paths.contains(&p), "{p}");
+        assert_eq!(p.name().parse::<SimdPath>(), Ok(p));
+    }
+    assert_eq!("portable".parse::<SimdPath>(), Ok(SimdPath::Scalar));
+    assert_eq!("avx512".parse::<SimdPath>(), Ok(SimdPath::Avx512Vnni));
+    assert!(matches!(
+        "sse2".parse::<SimdPath>(),
+        Err(KernelError::UnknownSimdPath(_))
+    ));
+    let selected = SimdPath::selected();
+    assert_eq!(Ok(selected), SimdPath::from_env());
     let id = trail_kernels::kernel_id();
     assert!(id.contains(env!("CARGO_PKG_VERSION")));
-    assert!(id.contains(SimdPath::best().name()));
-    // This crate is built with target-cpu=native on AVX-512 VNNI machines (here and CI).
-    #[cfg(target_feature = "avx512vnni")]
-    assert!(SimdPath::available().contains(&SimdPath::Avx512Vnni));
-    #[cfg(target_feature = "avx2")]
-    assert!(SimdPath::available().contains(&SimdPath::Avx2));
+    assert!(id.ends_with(&format!(" path={selected}")), "{id}");
+}
+
+/// `TRAIL_SIMD` forces the path of the default entry points: in a child process per supported
+/// path, [`selected_path_child`] sees that path in the kernel id and matches the scalar bits; an
+/// unknown name makes the child panic.
+#[test]
+fn trail_simd_forces_the_path_of_a_process() {
+    let run = |value: &str| {
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--ignored", "--exact", "selected_path_child"])
+            .env(trail_kernels::SIMD_ENV, value)
+            .env("TRAIL_KERNELS_CHILD_EXPECT", value)
+            .output()
+            .unwrap()
+    };
+    for p in SimdPath::available() {
+        let out = run(p.name());
+        assert!(
+            out.status.success(),
+            "{p}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains("1 passed"));
+    }
+    let out = run("sse2");
+    assert!(!out.status.success());
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("unknown SIMD path"), "{text}");
+}
+
+/// Run by [`trail_simd_forces_the_path_of_a_process`] with `TRAIL_SIMD` set.
+#[test]
+#[ignore = "run in a child process by trail_simd_forces_the_path_of_a_process"]
+fn selected_path_child() {
+    let selected = SimdPath::selected();
+    let want: SimdPath = std::env::var("TRAIL_KERNELS_CHILD_EXPECT")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(selected, want);
+    assert!(trail_kernels::kernel_id().ends_with(&format!(" path={want}")));
+    let mut rng = Rng(6);
+    let (out, inp, n) = (40, 96, 5);
+    let m = QMatrix::from_gguf_bytes(
+        BlockFormat::Q4_1,
+        out,
+        inp,
+        &random_gguf(&mut rng, BlockFormat::Q4_1, out, inp),
+    )
+    .unwrap();
+    let x = random_x(&mut rng, n * inp);
+    let mut y = vec![0f32; n * out];
+    m.matmul(&x, n, &mut y);
+    let base = run(
+        &m,
+        SimdPath::Scalar,
+        &QActivations::quantize_on(SimdPath::Scalar, &x, n, inp),
+    );
+    assert!(y.iter().zip(&base).all(|(a, b)| a.to_bits() == b.to_bits()));
 }
 
 /// Activation quantization gives the same quants, scales and sums on every path, including
