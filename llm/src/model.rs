@@ -15,8 +15,8 @@
 //!   (token, head) over exactly keys `0..=pos` in a fixed order.
 //!
 //! The parts live beside this file: the cache ([`crate::cache`]), a step's rows, output and
-//! their validation ([`crate::step`]), attention ([`crate::attention`]) and the per-token f32
-//! operations ([`crate::ops`]). Every loop runs on the model's SIMD path ([`Llama::simd`],
+//! their validation ([`crate::step`]), attention (`attention.rs`) and the per-token f32
+//! operations (`ops.rs`). Every loop runs on the model's SIMD path ([`Llama::simd`],
 //! chosen at run time), which changes speed, never a bit.
 //!
 //! References: Touvron et al. 2023 (Llama 2), Ainslie et al. 2023 (GQA), Su et al. 2021 (RoPE).
