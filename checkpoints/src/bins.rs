@@ -61,6 +61,18 @@ impl Bins {
         (i as f64 + 0.5) * self.width()
     }
 
+    /// The remaining lengths bin `i` holds, as a label: `lo–hi` tokens, the last bin `lo+`
+    /// (every length past `max` lands there).
+    pub fn range_label(&self, i: usize) -> String {
+        let (k, max) = (self.k as u64, u64::from(self.max));
+        let lo = (i as u64 * max).div_ceil(k);
+        if i + 1 >= self.k {
+            return format!("{lo}+");
+        }
+        let hi = ((i as u64 + 1) * max).div_ceil(k) - 1;
+        format!("{lo}–{hi}")
+    }
+
     /// All midpoints.
     pub fn midpoints(&self) -> Vec<f64> {
         (0..self.k).map(|i| self.midpoint(i)).collect()
@@ -91,6 +103,21 @@ pub fn clamp_remaining(estimate: f64, generated: u32, max_new: u32) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn range_labels_hold_exactly_the_lengths_of_their_bin() {
+        let b = Bins::new(10, 512).unwrap();
+        assert_eq!(b.range_label(0), "0–51");
+        assert_eq!(b.range_label(1), "52–102");
+        assert_eq!(b.range_label(9), "461+");
+        for i in 0..9 {
+            let l = b.range_label(i);
+            let (lo, hi) = l.split_once('–').unwrap();
+            let (lo, hi): (u32, u32) = (lo.parse().unwrap(), hi.parse().unwrap());
+            assert_eq!((b.label(lo), b.label(hi)), (i as u32, i as u32), "{l}");
+            assert_eq!(b.label(hi + 1), i as u32 + 1, "{l}");
+        }
+    }
 
     #[test]
     fn labels_at_edges() {

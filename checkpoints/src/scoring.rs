@@ -93,19 +93,54 @@ pub struct TestMetrics {
     pub ratio_bert_finetuned_conditional_over_refined: Option<Interval>,
 }
 
+/// `metrics.json`'s schema: 2 since the multi-layer probe is an object (`layers`, `val_mae`)
+/// rather than an unlabelled pair; a file without the key is version 1, read the same.
+pub const METRICS_SCHEMA_VERSION: u32 = 2;
+
+fn schema_v1() -> u32 {
+    1
+}
+
 /// `metrics.json`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Metrics {
+    /// [`METRICS_SCHEMA_VERSION`] when written; 1 for files without it.
+    #[serde(default = "schema_v1")]
+    pub schema_version: u32,
     pub best_layer: u32,
     pub per_layer_val_mae: BTreeMap<String, f64>,
     pub per_layer_prompt_val_mae: BTreeMap<String, f64>,
-    /// Layers of the multi-layer probe and its validation MAE, when trained.
-    pub multi_layer: Option<(Vec<u32>, f64)>,
+    /// The multi-layer probe, when trained.
+    pub multi_layer: Option<MultiLayer>,
     pub max_new_tokens: u32,
     pub refine_interval: u32,
     pub bootstrap_resamples: usize,
     pub test: TestMetrics,
     pub notes: Vec<String>,
+}
+
+/// The multi-layer probe: its layers and validation MAE (tokens). Schema 1 wrote it as the
+/// pair `[layers, val_mae]`, still read.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct MultiLayer {
+    pub layers: Vec<u32>,
+    pub val_mae: f64,
+}
+
+impl<'de> Deserialize<'de> for MultiLayer {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Either {
+            Named { layers: Vec<u32>, val_mae: f64 },
+            Pair(Vec<u32>, f64),
+        }
+        Ok(match Either::deserialize(d)? {
+            Either::Named { layers, val_mae } | Either::Pair(layers, val_mae) => {
+                Self { layers, val_mae }
+            }
+        })
+    }
 }
 
 /// One predictor's MAE by tokens generated: (g bucket centre, MAE, pairs).
@@ -121,6 +156,8 @@ pub struct Details {
     pub mae_by_g: Vec<(String, MaeByG)>,
     /// Selected probe on test token rows: `confusion[true][predicted]` counts.
     pub confusion: Vec<Vec<f64>>,
+    /// The bins `confusion` counts over (their ranges label the plot).
+    pub bins: Option<Bins>,
     /// Refined estimate, binned by prediction: (mean predicted, mean actual, count).
     pub reliability: Vec<(f64, f64, usize)>,
     /// Training curves by predictor name.
@@ -297,6 +334,7 @@ impl Predictors {
             .collect::<Vec<_>>()
             .join("+");
         let metrics = Metrics {
+            schema_version: METRICS_SCHEMA_VERSION,
             best_layer: meta.probe_layers.first().copied().unwrap_or(0) as u32,
             per_layer_val_mae: BTreeMap::from([(key.clone(), meta.val_mae)]),
             per_layer_prompt_val_mae: meta
@@ -409,6 +447,7 @@ impl Trained {
                 .push(("bert fine-tuned".into(), b.report.curve.clone()));
         }
         let metrics = Metrics {
+            schema_version: METRICS_SCHEMA_VERSION,
             best_layer: self.best_layer,
             per_layer_val_mae: self
                 .records
@@ -424,7 +463,10 @@ impl Trained {
                 .multi
                 .as_ref()
                 .filter(|_| scored.multi_scored)
-                .map(|r| (r.layers.clone(), r.token.best_val_mae)),
+                .map(|r| MultiLayer {
+                    layers: r.layers.clone(),
+                    val_mae: r.token.best_val_mae,
+                }),
             max_new_tokens: scored.max_new_tokens,
             refine_interval: opts.refine_interval,
             bootstrap_resamples: opts.bootstrap,
@@ -776,6 +818,7 @@ pub fn score(
         details: Details {
             mae_by_g,
             confusion,
+            bins: Some(bins),
             reliability,
             curves: Vec::new(),
             refined: refined_by_request,
@@ -784,4 +827,21 @@ pub fn score(
         multi_scored: multi.is_some(),
         max_new_tokens: max_new,
     })
+}
+
+#[cfg(test)]
+mod schema_tests {
+    use super::*;
+
+    #[test]
+    fn the_multi_layer_probe_reads_as_an_object_or_as_schema_1_s_pair() {
+        let named: MultiLayer =
+            serde_json::from_str(r#"{"layers": [3, 5], "val_mae": 40.5}"#).unwrap();
+        let pair: MultiLayer = serde_json::from_str("[[3, 5], 40.5]").unwrap();
+        assert_eq!(named, pair);
+        assert_eq!(
+            serde_json::to_value(&named).unwrap(),
+            serde_json::json!({"layers": [3, 5], "val_mae": 40.5})
+        );
+    }
 }

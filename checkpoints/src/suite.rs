@@ -525,8 +525,51 @@ fn train_pair(
     Ok(record)
 }
 
-fn fresh(record: Option<&str>, key: &str, weights: &Path) -> bool {
-    record == Some(key) && Checkpoint::load(weights).is_ok()
+/// One predictor [`train_suite`] trains, in the order it trains them.
+enum Job<'a> {
+    /// The token probe and prompt predictor of one layer.
+    Layer(u32),
+    /// The probe on the best `multi_layer` layers together (chosen once the layers are done).
+    Multi,
+    /// The frozen MiniLM embedding with an MLP head.
+    BertFrozen,
+    /// MiniLM fine-tuned end to end.
+    BertTuned(&'a TuneConfig),
+}
+
+/// A job made concrete: its name, files and resume key.
+struct Planned {
+    name: String,
+    weights: PathBuf,
+    record: PathBuf,
+    key: String,
+    /// The layers a probe job reads (empty for BERT).
+    layers: Vec<u32>,
+}
+
+/// What every job reads: the run, the configuration, and (made once, when the first BERT job
+/// needs it) the prompts the BERT baselines train on.
+struct Suite<'a> {
+    run: &'a Run,
+    cfg: &'a SuiteConfig,
+    bert: Option<&'a BertAssets>,
+    git_commit: &'a str,
+    models: PathBuf,
+    probe_cfg: String,
+    layers: Vec<u32>,
+    prompts: Option<BertPrompts<'a>>,
+}
+
+/// The BERT baselines' data: prompt texts, total lengths, splits, the base model's hash.
+struct BertPrompts<'a> {
+    assets: &'a BertAssets,
+    texts: Vec<&'a str>,
+    totals: Vec<u32>,
+    train: Vec<usize>,
+    val: Vec<usize>,
+    /// Validation then test requests: the rows whose predictions the record keeps.
+    scored: Vec<usize>,
+    sha: String,
 }
 
 /// Train every predictor of `run` into `run/models/` (see the module docs); returns the
@@ -541,98 +584,223 @@ pub fn train_suite(
     let models = run.models_dir();
     std::fs::create_dir_all(&models).map_err(|e| io_err(&models, e))?;
     write_json(&models.join("config.json"), cfg)?;
+    let mut suite = Suite {
+        run,
+        cfg,
+        bert,
+        git_commit,
+        models,
+        probe_cfg: cfg.probe_part().to_string(),
+        layers: suite_layers(run, cfg)?,
+        prompts: None,
+    };
+    let jobs = suite.jobs();
+    for (i, job) in jobs.iter().enumerate() {
+        let plan = suite.plan(job)?;
+        if suite.fresh(job, &plan) {
+            progress(Event::Skipped { name: plan.name });
+            continue;
+        }
+        progress(Event::Start {
+            name: plan.name.clone(),
+            i: i + 1,
+            n: jobs.len(),
+        });
+        let val_mae = suite.train(job, &plan, progress)?;
+        progress(Event::Done {
+            name: plan.name,
+            val_mae,
+        });
+    }
+    Ok(layer_val_maes(&suite.models, &suite.layers))
+}
+
+/// The layers to train: the configured ones (each must be stored) or every stored layer.
+fn suite_layers(run: &Run, cfg: &SuiteConfig) -> Result<Vec<u32>> {
     let stored = run.layers()?;
-    let layers: Vec<u32> = match &cfg.layers {
-        None => stored.clone(),
+    let no_layer = |msg: String| Error::Data {
+        path: run.dir.join(trail_datasets::schema::EMBEDDINGS_DIR),
+        msg,
+    };
+    let layers = match &cfg.layers {
+        None => stored,
         Some(want) => {
             if let Some(l) = want.iter().find(|l| !stored.contains(l)) {
-                return Err(Error::Data {
-                    path: run.dir.join(trail_datasets::schema::EMBEDDINGS_DIR),
-                    msg: format!("layer {l} is not stored (stored: {stored:?})"),
-                });
+                return Err(no_layer(format!(
+                    "layer {l} is not stored (stored: {stored:?})"
+                )));
             }
             want.clone()
         }
     };
     if layers.is_empty() {
-        return Err(Error::Data {
-            path: run.dir.join(trail_datasets::schema::EMBEDDINGS_DIR),
-            msg: "no stored layers".into(),
-        });
+        return Err(no_layer("no stored layers".into()));
     }
-    let probe_cfg = cfg.probe_part().to_string();
-    let n = layers.len()
-        + cfg.bert_frozen as usize
-        + cfg.bert_tune.is_some() as usize
-        + (cfg.multi_layer >= 2 && layers.len() >= 2) as usize;
-    let mut i = 0;
-    for &layer in &layers {
-        i += 1;
-        let name = format!("layer {layer}");
-        let (w, j) = layer_files(&models, layer);
-        let key = key_of(&[&probe_cfg, &run.info.requests_sha256, &layer.to_string()]);
-        if fresh(
-            read_layer_record(&j).as_ref().map(|r| r.key.as_str()),
-            &key,
-            &w,
-        ) {
-            progress(Event::Skipped { name });
-            continue;
+    Ok(layers)
+}
+
+impl<'a> Suite<'a> {
+    /// Every job of the configuration, in training order.
+    fn jobs(&self) -> Vec<Job<'a>> {
+        let cfg = self.cfg;
+        let mut jobs: Vec<Job<'a>> = self.layers.iter().map(|&l| Job::Layer(l)).collect();
+        if cfg.multi_layer >= 2 && self.layers.len() >= 2 {
+            jobs.push(Job::Multi);
         }
-        progress(Event::Start {
-            name: name.clone(),
-            i,
-            n,
-        });
-        let rows = load_layer(run, layer)?;
-        check_splits(run, &rows.token, cfg.min_requests, "token")?;
-        check_splits(run, &rows.prompt, cfg.min_requests, "prompt_mean")?;
-        let rec = train_pair(run, cfg, &rows, &[layer], key, (&w, &j), git_commit)?;
-        progress(Event::Done {
+        if self.bert.is_some() {
+            if cfg.bert_frozen {
+                jobs.push(Job::BertFrozen);
+            }
+            if let Some(tune) = &cfg.bert_tune {
+                jobs.push(Job::BertTuned(tune));
+            }
+        }
+        jobs
+    }
+
+    /// Names, files and resume key of `job` (the multi-layer job picks its layers here, from
+    /// the records of the layers trained before it).
+    fn plan(&mut self, job: &Job<'a>) -> Result<Planned> {
+        let requests = self.run.info.requests_sha256.clone();
+        let models = self.models.clone();
+        let m = |stem: &str| {
+            (
+                models.join(format!("{stem}.safetensors")),
+                models.join(format!("{stem}.json")),
+            )
+        };
+        let (name, (weights, record), key, layers) = match job {
+            Job::Layer(l) => (
+                format!("layer {l}"),
+                layer_files(&self.models, *l),
+                key_of(&[&self.probe_cfg, &requests, &l.to_string()]),
+                vec![*l],
+            ),
+            Job::Multi => {
+                let top = self.best_layers();
+                (
+                    format!("layers {top:?}"),
+                    m("multi"),
+                    key_of(&[&self.probe_cfg, &requests, &format!("{top:?}")]),
+                    top,
+                )
+            }
+            Job::BertFrozen => {
+                let sha = self.prompts()?.sha.clone();
+                // The head trains at the prompt predictors' batch (one row per request).
+                let parts = [&self.probe_cfg, &requests, &sha, "frozen-prompt-batch"];
+                (
+                    "bert frozen".into(),
+                    m("bert-frozen"),
+                    key_of(&parts),
+                    vec![],
+                )
+            }
+            Job::BertTuned(tune) => {
+                let sha = self.prompts()?.sha.clone();
+                let tune_cfg =
+                    serde_json::to_string(tune).map_err(|e| Error::Invalid(e.to_string()))?;
+                let bins = format!("{:?}", [self.cfg.bins_k, self.cfg.bins_max as usize]);
+                let parts = [tune_cfg.as_str(), &bins, &requests, &sha, "finetuned"];
+                (
+                    "bert fine-tuned".into(),
+                    m("bert-finetuned"),
+                    key_of(&parts),
+                    vec![],
+                )
+            }
+        };
+        Ok(Planned {
             name,
-            val_mae: rec.token.best_val_mae,
-        });
+            weights,
+            record,
+            key,
+            layers,
+        })
     }
-    let maes = layer_val_maes(&models, &layers);
 
-    if cfg.multi_layer >= 2 && layers.len() >= 2 {
-        i += 1;
-        let mut ranked = maes.clone();
+    /// The `multi_layer` layers of lowest validation MAE, in layer order.
+    fn best_layers(&self) -> Vec<u32> {
+        let mut ranked = layer_val_maes(&self.models, &self.layers);
         ranked.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
-        let mut top: Vec<u32> = ranked.iter().take(cfg.multi_layer).map(|m| m.0).collect();
+        let mut top: Vec<u32> = ranked
+            .iter()
+            .take(self.cfg.multi_layer)
+            .map(|m| m.0)
+            .collect();
         top.sort_unstable();
-        let name = format!("layers {top:?}");
-        let (w, j) = (models.join("multi.safetensors"), models.join("multi.json"));
-        let key = key_of(&[&probe_cfg, &run.info.requests_sha256, &format!("{top:?}")]);
-        if fresh(
-            read_layer_record(&j).as_ref().map(|r| r.key.as_str()),
-            &key,
-            &w,
-        ) {
-            progress(Event::Skipped { name });
-        } else {
-            progress(Event::Start {
-                name: name.clone(),
-                i,
-                n,
-            });
-            let parts: Vec<LayerRows> = top
-                .iter()
-                .map(|&l| load_layer(run, l))
-                .collect::<Result<_>>()?;
-            let rows = concat_layers(run, &parts)?;
-            let rec = train_pair(run, cfg, &rows, &top, key, (&w, &j), git_commit)?;
-            progress(Event::Done {
-                name,
-                val_mae: rec.token.best_val_mae,
-            });
+        top
+    }
+
+    /// Whether `plan`'s record holds its key and its weights load as what the job writes.
+    fn fresh(&self, job: &Job<'a>, plan: &Planned) -> bool {
+        let key = match job {
+            Job::Layer(_) | Job::Multi => read_layer_record(&plan.record).map(|r| r.key),
+            Job::BertFrozen | Job::BertTuned(_) => read_bert_record(&plan.record).map(|r| r.key),
+        };
+        key.as_deref() == Some(plan.key.as_str())
+            && match job {
+                Job::BertTuned(_) => safetensors_readable(&plan.weights),
+                _ => Checkpoint::load(&plan.weights).is_ok(),
+            }
+    }
+
+    /// Trains `job` into `plan`'s files; the validation MAE of the selected weights.
+    fn train(
+        &mut self,
+        job: &Job<'a>,
+        plan: &Planned,
+        progress: &mut dyn FnMut(Event),
+    ) -> Result<f64> {
+        let files = (plan.weights.as_path(), plan.record.as_path());
+        let (run, cfg, commit) = (self.run, self.cfg, self.git_commit);
+        match job {
+            Job::Layer(_) | Job::Multi => {
+                let rows = match job {
+                    Job::Layer(_) => {
+                        let rows = load_layer(run, plan.layers[0])?;
+                        check_splits(run, &rows.token, cfg.min_requests, "token")?;
+                        check_splits(run, &rows.prompt, cfg.min_requests, "prompt_mean")?;
+                        rows
+                    }
+                    _ => {
+                        let parts: Vec<LayerRows> = plan
+                            .layers
+                            .iter()
+                            .map(|&l| load_layer(run, l))
+                            .collect::<Result<_>>()?;
+                        concat_layers(run, &parts)?
+                    }
+                };
+                let key = plan.key.clone();
+                let rec = train_pair(run, cfg, &rows, &plan.layers, key, files, commit)?;
+                Ok(rec.token.best_val_mae)
+            }
+            Job::BertFrozen => {
+                let data = self.prompts()?;
+                train_bert_frozen(run, cfg, data, plan, commit)
+            }
+            Job::BertTuned(tune) => {
+                let data = self.prompts()?;
+                train_bert_tuned(run, cfg, tune, data, plan, commit, progress)
+            }
         }
     }
 
-    if let Some(assets) = bert.filter(|_| cfg.bert_frozen || cfg.bert_tune.is_some()) {
-        let bins = cfg.bins()?;
-        let texts: Vec<&str> = run.requests.iter().map(|r| r.prompt.as_str()).collect();
-        let totals: Vec<u32> = run.requests.iter().map(|r| r.output_tokens).collect();
+    /// The BERT baselines' data, made on first use; an error when a split is too small.
+    fn prompts(&mut self) -> Result<&BertPrompts<'a>> {
+        if self.prompts.is_none() {
+            let assets = self
+                .bert
+                .ok_or_else(|| Error::Invalid("a BERT baseline needs the BERT assets".into()))?;
+            self.prompts = Some(BertPrompts::new(self.run, self.cfg, assets)?);
+        }
+        Ok(self.prompts.as_ref().expect("made above"))
+    }
+}
+
+impl<'a> BertPrompts<'a> {
+    fn new(run: &'a Run, cfg: &SuiteConfig, assets: &'a BertAssets) -> Result<Self> {
         let (train, val, test) = (
             run.split_requests(Split::Train),
             run.split_requests(Split::Val),
@@ -648,161 +816,147 @@ pub fn train_suite(
                 ),
             });
         }
-        let scored: Vec<usize> = val.iter().chain(&test).copied().collect();
-        let bert_sha = sha256_file(&assets.dir.join("model.safetensors"))?;
-        if cfg.bert_frozen {
-            i += 1;
-            let name = "bert frozen".to_string();
-            let (w, j) = (
-                models.join("bert-frozen.safetensors"),
-                models.join("bert-frozen.json"),
-            );
-            // The head trains at the prompt predictors' batch (one row per request).
-            let key = key_of(&[
-                &probe_cfg,
-                &run.info.requests_sha256,
-                &bert_sha,
-                "frozen-prompt-batch",
-            ]);
-            if fresh(
-                read_bert_record(&j).as_ref().map(|r| r.key.as_str()),
-                &key,
-                &w,
-            ) {
-                progress(Event::Skipped { name });
-            } else {
-                progress(Event::Start {
-                    name: name.clone(),
-                    i,
-                    n,
-                });
-                let t0 = Instant::now();
-                let enc = BertEncoder::load(&assets.dir, 256)?;
-                let features = enc.embed_batched(&texts, 32)?;
-                let caps = vec![run.info.max_new_tokens; totals.len()];
-                let data = Dataset {
-                    features: &features,
-                    dim: enc.hidden(),
-                    target: &totals,
-                    cap: Some(&caps),
-                };
-                // One row per request, like the prompt predictors: their batch.
-                let tc = TrainConfig {
-                    batch: cfg.prompt_batch,
-                    ..cfg.train_config()
-                };
-                let (probe, report) = train_probe(&data, &train, &val, &bins, &tc)?;
-                let picked: Vec<f32> = scored
-                    .iter()
-                    .flat_map(|&r| data.features[r * data.dim..(r + 1) * data.dim].to_vec())
-                    .collect();
-                let probs = probe.predict_proba(&picked)?;
-                let predictions = by_request(run, &scored, &probs, bins.k());
-                Checkpoint {
-                    meta: CheckpointMeta {
-                        model_sha256: bert_sha.clone(),
-                        kernel_id: "all-MiniLM-L6-v2 mean pooling, L2 normalized".into(),
-                        probe_layers: vec![0],
-                        prompt_layers: vec![],
-                        hidden_size: enc.hidden(),
-                        bins,
-                        refine_interval: 0,
-                        train_data_sha256: data.sha256(),
-                        val_mae: report.best_val_mae,
-                        prompt_val_mae: None,
-                        git_commit: git_commit.to_string(),
-                    },
-                    probe,
-                    prompt: None,
-                }
-                .save(&w)?;
-                let val_mae = report.best_val_mae;
-                write_json(
-                    &j,
-                    &BertRecord {
-                        key,
-                        report,
-                        predictions,
-                        seconds: t0.elapsed().as_secs_f64(),
-                    },
-                )?;
-                progress(Event::Done { name, val_mae });
-            }
-        }
-        if let Some(tune) = &cfg.bert_tune {
-            i += 1;
-            let name = "bert fine-tuned".to_string();
-            let (w, j) = (
-                models.join("bert-finetuned.safetensors"),
-                models.join("bert-finetuned.json"),
-            );
-            let tune_cfg =
-                serde_json::to_string(tune).map_err(|e| Error::Invalid(e.to_string()))?;
-            let key = key_of(&[
-                &tune_cfg,
-                &format!("{:?}", [cfg.bins_k, cfg.bins_max as usize]),
-                &run.info.requests_sha256,
-                &bert_sha,
-                "finetuned",
-            ]);
-            if read_bert_record(&j).is_some_and(|r| r.key == key) && w.is_file() {
-                progress(Event::Skipped { name });
-            } else {
-                progress(Event::Start {
-                    name: name.clone(),
-                    i,
-                    n,
-                });
-                let t0 = Instant::now();
-                let pick = |ix: &[usize]| -> (Vec<&str>, Vec<u32>) {
-                    (
-                        ix.iter().map(|&r| texts[r]).collect(),
-                        ix.iter().map(|&r| totals[r]).collect(),
-                    )
-                };
-                let (tr_t, tr_y) = pick(&train);
-                let (va_t, va_y) = pick(&val);
-                let (tuned, report) = bert_tune::fine_tune(
-                    &assets.dir,
-                    Prompts {
-                        texts: &tr_t,
-                        target: &tr_y,
-                    },
-                    Prompts {
-                        texts: &va_t,
-                        target: &va_y,
-                    },
-                    &bins,
-                    tune,
-                    &mut |s| progress(Event::BertStep(s)),
-                )?;
-                let sc: Vec<&str> = scored.iter().map(|&r| texts[r]).collect();
-                let probs = tuned.predict_proba(&sc, 32)?;
-                let predictions = by_request(run, &scored, &probs, bins.k());
-                let mut meta = HashMap::new();
-                meta.insert("base_model_sha256".into(), bert_sha.clone());
-                meta.insert("bins_k".into(), cfg.bins_k.to_string());
-                meta.insert("bins_max".into(), cfg.bins_max.to_string());
-                meta.insert("head_hidden".into(), tune.head_hidden.to_string());
-                meta.insert("max_len".into(), tune.max_len.to_string());
-                meta.insert("val_mae".into(), report.best_val_mae.to_string());
-                meta.insert("git_commit".into(), git_commit.to_string());
-                tuned.save(&w, candle_core::DType::F32, meta)?;
-                let val_mae = report.best_val_mae;
-                write_json(
-                    &j,
-                    &BertRecord {
-                        key,
-                        report,
-                        predictions,
-                        seconds: t0.elapsed().as_secs_f64(),
-                    },
-                )?;
-                progress(Event::Done { name, val_mae });
-            }
-        }
+        Ok(BertPrompts {
+            assets,
+            texts: run.requests.iter().map(|r| r.prompt.as_str()).collect(),
+            totals: run.requests.iter().map(|r| r.output_tokens).collect(),
+            scored: val.iter().chain(&test).copied().collect(),
+            train,
+            val,
+            sha: sha256_file(&assets.dir.join("model.safetensors"))?,
+        })
     }
-    Ok(maes)
+}
+
+/// Whether `path` is a readable safetensors file (the fine-tuned BERT's weights).
+fn safetensors_readable(path: &Path) -> bool {
+    std::fs::read(path)
+        .ok()
+        .is_some_and(|bytes| safetensors::SafeTensors::deserialize(&bytes).is_ok())
+}
+
+/// The frozen-BERT baseline: MiniLM sentence embeddings → an MLP head.
+fn train_bert_frozen(
+    run: &Run,
+    cfg: &SuiteConfig,
+    data: &BertPrompts<'_>,
+    plan: &Planned,
+    git_commit: &str,
+) -> Result<f64> {
+    let t0 = Instant::now();
+    let bins = cfg.bins()?;
+    let enc = BertEncoder::load(&data.assets.dir, 256)?;
+    let features = enc.embed_batched(&data.texts, 32)?;
+    let caps = vec![run.info.max_new_tokens; data.totals.len()];
+    let set = Dataset {
+        features: &features,
+        dim: enc.hidden(),
+        target: &data.totals,
+        cap: Some(&caps),
+    };
+    // One row per request, like the prompt predictors: their batch.
+    let tc = TrainConfig {
+        batch: cfg.prompt_batch,
+        ..cfg.train_config()
+    };
+    let (probe, report) = train_probe(&set, &data.train, &data.val, &bins, &tc)?;
+    let picked: Vec<f32> = data
+        .scored
+        .iter()
+        .flat_map(|&r| set.features[r * set.dim..(r + 1) * set.dim].to_vec())
+        .collect();
+    let probs = probe.predict_proba(&picked)?;
+    let predictions = by_request(run, &data.scored, &probs, bins.k());
+    Checkpoint {
+        meta: CheckpointMeta {
+            model_sha256: data.sha.clone(),
+            kernel_id: "all-MiniLM-L6-v2 mean pooling, L2 normalized".into(),
+            probe_layers: vec![0],
+            prompt_layers: vec![],
+            hidden_size: enc.hidden(),
+            bins,
+            refine_interval: 0,
+            train_data_sha256: set.sha256(),
+            val_mae: report.best_val_mae,
+            prompt_val_mae: None,
+            git_commit: git_commit.to_string(),
+        },
+        probe,
+        prompt: None,
+    }
+    .save(&plan.weights)?;
+    write_bert_record(plan, report, predictions, t0)
+}
+
+/// The fine-tuned BERT baseline: MiniLM and its head trained end to end.
+fn train_bert_tuned(
+    run: &Run,
+    cfg: &SuiteConfig,
+    tune: &TuneConfig,
+    data: &BertPrompts<'_>,
+    plan: &Planned,
+    git_commit: &str,
+    progress: &mut dyn FnMut(Event),
+) -> Result<f64> {
+    let t0 = Instant::now();
+    let bins = cfg.bins()?;
+    let pick = |ix: &[usize]| -> (Vec<&str>, Vec<u32>) {
+        (
+            ix.iter().map(|&r| data.texts[r]).collect(),
+            ix.iter().map(|&r| data.totals[r]).collect(),
+        )
+    };
+    let (tr_t, tr_y) = pick(&data.train);
+    let (va_t, va_y) = pick(&data.val);
+    let (tuned, report) = bert_tune::fine_tune(
+        &data.assets.dir,
+        Prompts {
+            texts: &tr_t,
+            target: &tr_y,
+        },
+        Prompts {
+            texts: &va_t,
+            target: &va_y,
+        },
+        &bins,
+        tune,
+        &mut |s| progress(Event::BertStep(s)),
+    )?;
+    let sc: Vec<&str> = data.scored.iter().map(|&r| data.texts[r]).collect();
+    let probs = tuned.predict_proba(&sc, 32)?;
+    let predictions = by_request(run, &data.scored, &probs, bins.k());
+    let meta: HashMap<String, String> = [
+        ("base_model_sha256", data.sha.clone()),
+        ("bins_k", cfg.bins_k.to_string()),
+        ("bins_max", cfg.bins_max.to_string()),
+        ("head_hidden", tune.head_hidden.to_string()),
+        ("max_len", tune.max_len.to_string()),
+        ("val_mae", report.best_val_mae.to_string()),
+        ("git_commit", git_commit.to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    tuned.save(&plan.weights, candle_core::DType::F32, meta)?;
+    write_bert_record(plan, report, predictions, t0)
+}
+
+/// Writes a BERT job's record; its validation MAE.
+fn write_bert_record(
+    plan: &Planned,
+    report: TrainReport,
+    predictions: BTreeMap<String, Vec<f32>>,
+    t0: Instant,
+) -> Result<f64> {
+    let val_mae = report.best_val_mae;
+    let record = BertRecord {
+        key: plan.key.clone(),
+        report,
+        predictions,
+        seconds: t0.elapsed().as_secs_f64(),
+    };
+    write_json(&plan.record, &record)?;
+    Ok(val_mae)
 }
 
 /// Bin probabilities by request id.

@@ -5,6 +5,12 @@
 //! job in service is preempted only by an arrival of strictly lower rank; waiting jobs keep the
 //! rank they had when they stopped (they do not age), and equal ranks are served in arrival
 //! order.
+//!
+//! [`precision`] runs it until its interval is tight enough ([`simulate_precise`]).
+
+pub mod precision;
+
+pub use precision::{Precision, Progress, simulate_precise};
 
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;

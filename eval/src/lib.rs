@@ -1,5 +1,6 @@
-//! trail-eval: queueing theory and simulation for size-based LLM scheduling, and the plots the
-//! pipeline's stages share.
+//! trail-eval: queueing theory and simulation for size-based LLM scheduling, and load
+//! generation. Model-free: it depends on the scheduling core (`trail-scheduler`), not on the
+//! serving shim, so it builds without the model runtime or the HTTP stack.
 //!
 //! * [`dist`]: size laws ([`Sizes`], including the capped mixture of length-capped generations)
 //!   and the joint law of (size, prediction) ([`Joint`]).
@@ -7,15 +8,14 @@
 //! * [`theory`]: M/G/1 mean response times by SOAP, with atoms (ties) handled exactly; the
 //!   derivation is in that module's docs.
 //! * [`des`]: a single-server discrete-event simulator with batch-means confidence intervals.
-//! * [`loadgen`]: arrival processes, traces, and backends (HTTP, fixed-delay) for latency runs.
-//! * [`plot`]: PNG line, CDF, bar, heatmap and reliability charts.
+//! * [`loadgen`]: arrival processes, traces, results, the open-loop executor and its backend
+//!   trait for latency runs.
 //! * [`tracesim`]: a trace-driven serving simulator: the serving shim's scheduler, replicas behind
 //!   a router, and a step-time model fitted to a step log.
 
 pub mod des;
 pub mod dist;
 pub mod loadgen;
-pub mod plot;
 pub mod policy;
 mod quad;
 pub mod theory;
@@ -44,10 +44,6 @@ pub enum Error {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("font {}: {reason}", path.display())]
-    Font { path: PathBuf, reason: String },
-    #[error("plot {}: {reason}", path.display())]
-    Plot { path: PathBuf, reason: String },
 }
 
 impl From<trail_fs::Error> for Error {

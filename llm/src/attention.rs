@@ -14,7 +14,7 @@ use trail_kernels::simd::Isa;
 use trail_kernels::{SimdPath, simd_dispatch};
 
 use crate::cache::LayerKv;
-use crate::model::Config;
+use crate::config::Config;
 use crate::ops::dot;
 
 /// The attention output `att` (`n × q_dim`) of the `n` new tokens of one step for one layer:

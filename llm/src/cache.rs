@@ -1,8 +1,8 @@
 //! [`KvCache`]: one sequence's keys and values per layer, a plain value the caller holds, and the
 //! running sum of the captured layers over its prompt tokens (for the prompt mean).
 
+use crate::config::Config;
 use crate::layers::LayerSet;
-use crate::model::Config;
 
 #[derive(Clone, Debug, Default, PartialEq)]
 pub(crate) struct LayerKv {

@@ -11,6 +11,7 @@
 mod attention;
 pub mod batch;
 pub mod cache;
+pub mod config;
 pub mod device;
 pub mod encoder;
 pub mod error;

@@ -3,9 +3,9 @@
 //! against the model before a step touches any cache.
 
 use crate::cache::KvCache;
+use crate::config::Config;
 use crate::error::{LlmError, Result};
 use crate::layers::LayerSet;
-use crate::model::Config;
 
 /// One sequence's part of a step: `tokens` are appended to `cache`; the first `prompt_tokens`
 /// of them are prompt tokens (summed into the prompt mean of the captured layers).

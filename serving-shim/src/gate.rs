@@ -5,6 +5,9 @@
 //!   on any POST) is refused with 403 unless the origin is the server's own
 //!   (`http://` + `Host`) or one of [`Gate::allowed_origins`] (`--allowed-origins`). Allowed
 //!   origins get CORS headers, and their preflight (`OPTIONS`) is answered.
+//! - With an API key ([`Gate::api_key`], `--api-key`), a request to a `/v1` route without
+//!   `Authorization: Bearer KEY` is refused with 401, as vLLM refuses it; `/health` and
+//!   `/metrics` stay open, and so does a CORS preflight.
 //! - A `POST` whose `Content-Type` is not `application/json` is refused with 415: a page's
 //!   form or `text/plain` post (which needs no preflight) never reaches the engine.
 //!
@@ -17,13 +20,15 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use crate::http::ApiError;
+use crate::api_error::ApiError;
 
 /// The gate's settings.
 #[derive(Debug, Clone, Default)]
 pub struct Gate {
     /// Origins (`scheme://host[:port]`, or `*` for any) whose browser pages may call the API.
     pub allowed_origins: Vec<String>,
+    /// The key every `/v1` request must bear (`Authorization: Bearer KEY`), if any.
+    pub api_key: Option<String>,
 }
 
 impl Gate {
@@ -40,6 +45,20 @@ impl Gate {
     }
 }
 
+/// Whether `headers` bear `key` (`Authorization: Bearer KEY`), compared in time independent
+/// of where the first difference is.
+fn bears(headers: &HeaderMap, key: &str) -> bool {
+    let Some(given) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    let (a, b) = (given.trim().as_bytes(), key.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
+}
+
 /// Whether `headers` declare a JSON body (`application/json`, parameters allowed).
 fn is_json(headers: &HeaderMap) -> bool {
     headers
@@ -49,7 +68,8 @@ fn is_json(headers: &HeaderMap) -> bool {
         .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"))
 }
 
-/// The middleware: origin first, then the content type of a POST.
+/// The middleware: origin first, then the API key of a `/v1` route, then the content type of a
+/// POST.
 pub async fn check(State(gate): State<Arc<Gate>>, req: Request, next: Next) -> Response {
     let origin = req
         .headers()
@@ -72,6 +92,18 @@ pub async fn check(State(gate): State<Arc<Gate>>, req: Request, next: Next) -> R
         && req.method() == Method::OPTIONS
     {
         return preflight(origin);
+    }
+    if let Some(key) = &gate.api_key
+        && req.uri().path().starts_with("/v1")
+        && !bears(req.headers(), key)
+    {
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_api_key",
+            "this server wants an API key: send `Authorization: Bearer KEY` (the key of \
+             --api-key)",
+        )
+        .into_response();
     }
     if req.method() == Method::POST && !is_json(req.headers()) {
         return ApiError::new(
@@ -134,13 +166,25 @@ mod tests {
         assert!(!none.allows("null", &host));
         let listed = Gate {
             allowed_origins: vec!["https://app.example/".into()],
+            ..Gate::default()
         };
         assert!(listed.allows("https://app.example", &host));
         assert!(!listed.allows("https://app.example.evil", &host));
         let any = Gate {
             allowed_origins: vec!["*".into()],
+            ..Gate::default()
         };
         assert!(any.allows("http://evil.example", &host));
+    }
+
+    #[test]
+    fn only_the_bearer_of_the_key_passes() {
+        let auth = |v: &str| headers(&[(header::AUTHORIZATION, v)]);
+        assert!(bears(&auth("Bearer sk-1"), "sk-1"));
+        assert!(!bears(&auth("Bearer sk-2"), "sk-1"));
+        assert!(!bears(&auth("Bearer sk-10"), "sk-1"));
+        assert!(!bears(&auth("sk-1"), "sk-1"));
+        assert!(!bears(&HeaderMap::new(), "sk-1"));
     }
 
     #[test]

@@ -1,13 +1,21 @@
-//! The OpenAI-compatible HTTP front end (axum): `POST /v1/completions`,
-//! `POST /v1/chat/completions` (`max_tokens`, `temperature`, `top_p`, `seed`, `stream` as SSE
-//! ending in `[DONE]`, `usage`, and `ignore_eos` for benchmarks), `GET /health` and
-//! `GET /metrics` (Prometheus text). A server started for evaluation also takes
-//! `eval_output_tokens`, a profiled length at which the request ends, seen only by the stop rule
-//! and the oracle ([`GenRequest::eval_stop`]; refused with 400 unless
-//! [`HttpOptions::allow_eval_stop`]); `max_tokens` stays the client's cap everywhere. Beside
-//! `usage`, a response (or a stream's last chunk)
-//! carries `trail`: `queue_s` (arrival to first admission), `preemptions` and
-//! `recomputed_tokens`, for load generators.
+//! The OpenAI-compatible HTTP front end (axum), as vLLM's server answers it:
+//! `POST /v1/completions` and `POST /v1/chat/completions` (`max_tokens` or
+//! `max_completion_tokens`, `temperature`, `top_p`, `seed`, `stop` strings, `stream` as SSE with
+//! `stream_options.include_usage`, `usage`, `ignore_eos` for benchmarks; message content as a
+//! string or a list of text parts), `GET /v1/models`, `GET /health` and `GET /metrics`
+//! (Prometheus text). Request bodies are the typed structs of [`crate::openai`], checked by
+//! `params`; what the server does not support (`n` > 1, `logprobs`, `best_of`, tools,
+//! an unknown field) is refused with 400, never ignored. With an API key
+//! ([`HttpOptions::api_key`]) every `/v1` route wants `Authorization: Bearer KEY` (401
+//! otherwise); `/health` and `/metrics` stay open. A request naming a model that is not served
+//! is 404.
+//!
+//! A server started for evaluation also takes `eval_output_tokens`, a profiled length at which
+//! the request ends, seen only by the stop rule and the oracle ([`GenRequest::eval_stop`];
+//! refused with 400 unless [`HttpOptions::allow_eval_stop`]); `max_tokens` stays the client's
+//! cap everywhere. Beside `usage`, a response (or a stream's finish chunk) carries `trail`:
+//! `queue_s` (arrival to first admission), `preemptions` and `recomputed_tokens`, for load
+//! generators.
 //!
 //! With a [`BertPredictor`], each request's user message (the last `user` message of a chat, the
 //! prompt of a completion) gets its initial length prediction before it is submitted.
@@ -23,7 +31,6 @@
 //! frees its blocks. Connection limits (header-read timeout, open connections, the shutdown
 //! deadline) are the [`crate::listener`] module's.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -32,19 +39,27 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::{HeaderValue, StatusCode, header};
-use axum::response::sse::{Event as SseEvent, Sse};
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use serde_json::{Value, json};
-use trail_llm::{Message, Sampling};
+use serde::de::DeserializeOwned;
+use serde_json::json;
+use trail_llm::Message;
 
+use crate::api_error::ApiError;
 use crate::bert::BertPredictor;
-use crate::engine::{Engine, Event, GenRequest, RequestHandle, Summary};
+use crate::engine::Engine;
 use crate::error::{EngineError, SchedulerError};
 use crate::gate::{self, Gate};
 use crate::listener::{self, Limits};
+use crate::openai::{
+    AssistantMessage, ChatChoice, ChatRequest, CompletionChoice, CompletionRequest, ModelCard,
+    ModelList, TrailExtension, Usage,
+};
+use crate::params::{self, Allowed, EVAL_STOP, Params};
+use crate::request::{Event, GenRequest, RequestHandle, Summary};
 use crate::sequence::FinishReason;
+use crate::sse::{self, Header, Kind};
 
 /// What the front end does with requests beyond the engine's own limits.
 #[derive(Debug, Clone)]
@@ -62,10 +77,16 @@ pub struct HttpOptions {
     /// Whether requests may carry the evaluation-only `eval_output_tokens`
     /// (`trail serve --allow-eval-output-tokens`).
     pub allow_eval_stop: bool,
+    /// The names a request may give as its `model` (`--served-model-name`); the first is the
+    /// one answered when a request names none. Empty: the router's model name.
+    pub served_model_names: Vec<String>,
+    /// When set, every `/v1` route wants `Authorization: Bearer` this key (`--api-key`).
+    pub api_key: Option<String>,
 }
 
 impl HttpOptions {
-    /// Defaults: no BERT, no foreign origin, bodies up to 2 MiB read within 30 s.
+    /// Defaults: no BERT, no foreign origin, bodies up to 2 MiB read within 30 s, no API key,
+    /// the model served under the router's name.
     pub fn new(default_max_tokens: usize) -> Self {
         Self {
             default_max_tokens,
@@ -74,6 +95,8 @@ impl HttpOptions {
             max_body_bytes: 2 << 20,
             body_read_timeout: Duration::from_secs(30),
             allow_eval_stop: false,
+            served_model_names: Vec::new(),
+            api_key: None,
         }
     }
 }
@@ -82,7 +105,10 @@ impl HttpOptions {
 #[derive(Clone)]
 struct App {
     engine: Arc<Engine>,
-    model: Arc<str>,
+    /// The model's own name (the GGUF's).
+    root: Arc<str>,
+    /// The names it is served under; the first is the default.
+    names: Arc<[String]>,
     default_max_tokens: usize,
     bert: Option<Arc<BertPredictor>>,
     max_body_bytes: usize,
@@ -90,7 +116,8 @@ struct App {
     allow_eval_stop: bool,
 }
 
-/// The router over `engine`; `model` is the name reported in responses.
+/// The router over `engine`; `model` is the name reported in responses (and the only one a
+/// request may give).
 pub fn router(engine: Arc<Engine>, model: &str, default_max_tokens: usize) -> Router {
     router_with_bert(engine, model, default_max_tokens, None)
 }
@@ -109,11 +136,18 @@ pub fn router_with_bert(
     router_with_options(engine, model, opts)
 }
 
-/// The router over `engine` with every front-end option.
+/// The router over `engine` with every front-end option; `model` is the model's own name,
+/// served under [`HttpOptions::served_model_names`] (or under `model` when they are empty).
 pub fn router_with_options(engine: Arc<Engine>, model: &str, opts: HttpOptions) -> Router {
+    let names = if opts.served_model_names.is_empty() {
+        vec![model.to_string()]
+    } else {
+        opts.served_model_names
+    };
     let app = App {
         engine,
-        model: model.into(),
+        root: model.into(),
+        names: names.into(),
         default_max_tokens: opts.default_max_tokens,
         bert: opts.bert,
         max_body_bytes: opts.max_body_bytes,
@@ -122,10 +156,12 @@ pub fn router_with_options(engine: Arc<Engine>, model: &str, opts: HttpOptions) 
     };
     let gate = Arc::new(Gate {
         allowed_origins: opts.allowed_origins,
+        api_key: opts.api_key,
     });
     Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(models))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(not_found)
@@ -149,60 +185,6 @@ pub async fn serve(
 /// Binds `addr` (127.0.0.1 unless told otherwise by the caller).
 pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr).await
-}
-
-/// An error response in OpenAI's shape: `{"error": {message, type, param, code}}`.
-#[derive(Debug)]
-pub(crate) struct ApiError {
-    status: StatusCode,
-    message: String,
-    param: Option<&'static str>,
-    code: Option<&'static str>,
-    retry_after: Option<u32>,
-}
-
-impl ApiError {
-    /// An error of `status` with a machine-readable `code`.
-    pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            message: message.into(),
-            param: None,
-            code: Some(code),
-            retry_after: None,
-        }
-    }
-
-    fn bad(param: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            status: StatusCode::BAD_REQUEST,
-            message: message.into(),
-            param: Some(param),
-            code: None,
-            retry_after: None,
-        }
-    }
-
-    fn with_code(mut self, code: &'static str) -> Self {
-        self.code = Some(code);
-        self
-    }
-
-    fn retry_after(mut self, secs: u32) -> Self {
-        self.retry_after = Some(secs);
-        self
-    }
-
-    /// OpenAI's `type` for the status.
-    fn kind(&self) -> &'static str {
-        match self.status {
-            StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
-            StatusCode::FORBIDDEN => "permission_error",
-            StatusCode::NOT_FOUND => "not_found_error",
-            s if s.is_client_error() => "invalid_request_error",
-            _ => "server_error",
-        }
-    }
 }
 
 impl From<EngineError> for ApiError {
@@ -237,69 +219,26 @@ impl From<EngineError> for ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let body = json!({"error": {
-            "message": self.message,
-            "type": self.kind(),
-            "param": self.param,
-            "code": self.code,
-        }});
-        let mut r = (self.status, axum::Json(body)).into_response();
-        if let Some(s) = self.retry_after {
-            r.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(s));
+/// Reads a request body of type `T`: a syntax error says the body is not valid JSON; a wrong
+/// type or an unknown field names the field (`param`).
+fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let v = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if inner.is_syntax() || inner.is_eof() {
+            ApiError::bad("body", format!("the body is not valid JSON: {inner}"))
+        } else if path == "." {
+            ApiError::bad(
+                "body",
+                format!("the body must be a JSON object of the request's fields: {inner}"),
+            )
+        } else {
+            ApiError::bad(path.clone(), format!("`{path}`: {inner}"))
         }
-        r
-    }
-}
-
-/// Sampling and length fields shared by both endpoints.
-struct Common {
-    max_tokens: usize,
-    sampling: Sampling,
-    stream: bool,
-    ignore_eos: bool,
-    /// Evaluation only: the profiled length to stop at ([`GenRequest::eval_stop`]).
-    eval_stop: Option<usize>,
-}
-
-fn field_u64(v: &Value, name: &'static str) -> Result<Option<u64>, ApiError> {
-    match v.get(name) {
-        None | Some(Value::Null) => Ok(None),
-        Some(x) => x
-            .as_u64()
-            .map(Some)
-            .ok_or_else(|| ApiError::bad(name, format!("`{name}` must be a non-negative integer"))),
-    }
-}
-
-fn field_f64(v: &Value, name: &'static str) -> Result<Option<f64>, ApiError> {
-    match v.get(name) {
-        None | Some(Value::Null) => Ok(None),
-        Some(x) => x
-            .as_f64()
-            .filter(|f| f.is_finite())
-            .map(Some)
-            .ok_or_else(|| ApiError::bad(name, format!("`{name}` must be a number"))),
-    }
-}
-
-fn field_bool(v: &Value, name: &'static str) -> Result<bool, ApiError> {
-    match v.get(name) {
-        None | Some(Value::Null) => Ok(false),
-        Some(x) => x
-            .as_bool()
-            .ok_or_else(|| ApiError::bad(name, format!("`{name}` must be true or false"))),
-    }
-}
-
-fn parse_body(body: &Bytes) -> Result<Value, ApiError> {
-    let v: Value = serde_json::from_slice(body)
+    })?;
+    de.end()
         .map_err(|e| ApiError::bad("body", format!("the body is not valid JSON: {e}")))?;
-    if !v.is_object() {
-        return Err(ApiError::bad("body", "the body must be a JSON object"));
-    }
     Ok(v)
 }
 
@@ -332,69 +271,32 @@ async fn read_body(app: &App, body: Body) -> Result<Bytes, ApiError> {
     }
 }
 
-/// `max_tokens` (the default when absent), at least 1 and at most the model's `context`:
-/// checked before any arithmetic meets it.
-fn max_tokens(v: &Value, default: usize, context: usize) -> Result<usize, ApiError> {
-    let Some(m) = field_u64(v, "max_tokens")? else {
-        return Ok(default);
-    };
-    if m == 0 {
-        return Err(ApiError::bad(
-            "max_tokens",
-            "`max_tokens` must be at least 1",
-        ));
+impl App {
+    /// What the request checks need of the server.
+    fn allowed(&self) -> Allowed {
+        Allowed {
+            default_max_tokens: self.default_max_tokens,
+            context: self.engine.runner().config().max_position_embeddings,
+            eval_stop: self.allow_eval_stop,
+        }
     }
-    usize::try_from(m)
-        .ok()
-        .filter(|&m| m <= context)
-        .ok_or_else(|| {
-            ApiError::bad(
-                "max_tokens",
-                format!("`max_tokens` {m} exceeds the context of {context} tokens"),
+
+    /// The served name a request's `model` names (the default when it names none), or 404.
+    fn model_name(&self, asked: Option<&str>) -> Result<String, ApiError> {
+        match asked {
+            None => Ok(self.names[0].clone()),
+            Some(m) if self.names.iter().any(|n| n == m) => Ok(m.to_string()),
+            Some(m) => Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "model_not_found",
+                format!(
+                    "the model `{m}` does not exist: this server serves {}",
+                    self.names.join(", ")
+                ),
             )
-            .with_code("context_length_exceeded")
-        })
-}
-
-/// The request field of the evaluation-only stop.
-const EVAL_STOP: &str = "eval_output_tokens";
-
-/// The evaluation-only stop of a request, refused unless the app allows it.
-fn eval_stop(v: &Value, app: &App) -> Result<Option<usize>, ApiError> {
-    let Some(n) = field_u64(v, EVAL_STOP)? else {
-        return Ok(None);
-    };
-    if !app.allow_eval_stop {
-        return Err(ApiError::bad(
-            EVAL_STOP,
-            "`eval_output_tokens` is an evaluation-only stop (a profiled output length); this \
-             server was not started with --allow-eval-output-tokens",
-        ));
+            .with_param("model")),
+        }
     }
-    Ok(Some(usize::try_from(n).unwrap_or(usize::MAX)))
-}
-
-fn common(v: &Value, app: &App) -> Result<Common, ApiError> {
-    let max_tokens = max_tokens(v, app.default_max_tokens, context(app))?;
-    let temperature = field_f64(v, "temperature")?.unwrap_or(0.0);
-    if !(0.0..=2.0).contains(&temperature) {
-        return Err(ApiError::bad(
-            "temperature",
-            "`temperature` must be in [0, 2]",
-        ));
-    }
-    let top_p = field_f64(v, "top_p")?;
-    if top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
-        return Err(ApiError::bad("top_p", "`top_p` must be in (0, 1]"));
-    }
-    let seed = field_u64(v, "seed")?.unwrap_or(0);
-    Ok(Common {
-        max_tokens,
-        sampling: Sampling::new(temperature, top_p, seed),
-        stream: field_bool(v, "stream")?,
-        ignore_eos: field_bool(v, "ignore_eos")?,
-        eval_stop: eval_stop(v, app)?,
-    })
 }
 
 /// 200 while the engine thread runs, 503 once it died.
@@ -417,7 +319,7 @@ async fn not_found(uri: axum::http::Uri) -> ApiError {
         "unknown_url",
         format!(
             "no route {}: the API has POST /v1/completions, POST /v1/chat/completions, \
-             GET /health and GET /metrics",
+             GET /v1/models, GET /health and GET /metrics",
             uri.path()
         ),
     )
@@ -433,22 +335,40 @@ async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) ->
 
 async fn metrics(State(app): State<App>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        app.engine.stats().render_prometheus(),
+        [(header::CONTENT_TYPE, crate::prometheus::CONTENT_TYPE)],
+        crate::prometheus::render(&app.engine.stats(), &app.names[0]),
     )
 }
 
+/// `GET /v1/models`: the served names, as vLLM lists them.
+async fn models(State(app): State<App>) -> axum::Json<ModelList> {
+    let created = now_unix();
+    let max_model_len = app.allowed().context;
+    axum::Json(ModelList {
+        object: "list",
+        data: app
+            .names
+            .iter()
+            .map(|id| ModelCard {
+                id: id.clone(),
+                object: "model",
+                created,
+                owned_by: "trail",
+                root: app.root.to_string(),
+                parent: None,
+                max_model_len,
+            })
+            .collect(),
+    })
+}
+
 async fn completions(State(app): State<App>, body: Body) -> Result<Response, ApiError> {
-    let v = parse_body(&read_body(&app, body).await?)?;
-    let prompt = match v.get("prompt") {
-        Some(Value::String(s)) => s.clone(),
-        Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => {
-            a[0].as_str().unwrap_or_default().to_string()
-        }
-        Some(_) => return Err(ApiError::bad("prompt", "`prompt` must be a string")),
-        None => return Err(ApiError::bad("prompt", "missing field `prompt`")),
-    };
-    let c = common(&v, &app)?;
+    let mut req: CompletionRequest = parse(&read_body(&app, body).await?)?;
+    let model = app.model_name(req.model.as_deref())?;
+    params::refuse_unsupported(&req.unsupported())?;
+    let prompt = params::prompt(req.prompt.take())?;
+    let cap = (req.max_tokens, "max_tokens");
+    let p = Params::check(req.common(), cap, app.allowed())?;
     let runner = app.engine.runner();
     // User text: special-token text in it stays text.
     let ids = runner
@@ -457,39 +377,16 @@ async fn completions(State(app): State<App>, body: Body) -> Result<Response, Api
     if ids.is_empty() {
         return Err(ApiError::bad("prompt", "`prompt` has no tokens"));
     }
-    run(app, ids, prompt, c, Kind::Text).await
+    run(app, ids, prompt, p, (Kind::Text, model)).await
 }
 
 async fn chat_completions(State(app): State<App>, body: Body) -> Result<Response, ApiError> {
-    let v = parse_body(&read_body(&app, body).await?)?;
-    let Some(Value::Array(msgs)) = v.get("messages") else {
-        return Err(ApiError::bad(
-            "messages",
-            "missing or non-array field `messages`",
-        ));
-    };
-    let mut owned: Vec<(String, String)> = Vec::with_capacity(msgs.len());
-    for (i, m) in msgs.iter().enumerate() {
-        let role = m.get("role").and_then(Value::as_str);
-        let content = m.get("content").and_then(Value::as_str);
-        match (role, content) {
-            (Some(r @ ("system" | "user" | "assistant")), Some(c)) => {
-                owned.push((r.to_string(), c.to_string()))
-            }
-            _ => {
-                return Err(ApiError::bad(
-                    "messages",
-                    format!(
-                        "`messages[{i}]` needs a role (system, user, assistant) and a string content"
-                    ),
-                ));
-            }
-        }
-    }
-    if owned.is_empty() {
-        return Err(ApiError::bad("messages", "`messages` is empty"));
-    }
-    let c = common(&v, &app)?;
+    let mut req: ChatRequest = parse(&read_body(&app, body).await?)?;
+    let model = app.model_name(req.model.as_deref())?;
+    params::refuse_unsupported(&req.unsupported())?;
+    let owned = params::messages(req.messages.take())?;
+    let cap = params::chat_cap(req.max_tokens, req.max_completion_tokens)?;
+    let p = Params::check(req.common(), cap, app.allowed())?;
     let runner = app.engine.runner();
     let messages: Vec<Message<'_>> = owned
         .iter()
@@ -507,36 +404,7 @@ async fn chat_completions(State(app): State<App>, body: Body) -> Result<Response
             .render(&messages)
             .map_err(|e| ApiError::bad("messages", e.to_string()))?,
     };
-    run(app, ids, user, c, Kind::Chat).await
-}
-
-/// The model's context length: the most `max_tokens` can be.
-fn context(app: &App) -> usize {
-    app.engine.runner().config().max_position_embeddings
-}
-
-#[derive(Clone, Copy, PartialEq)]
-enum Kind {
-    Text,
-    Chat,
-}
-
-fn usage(s: &Summary) -> Value {
-    json!({
-        "prompt_tokens": s.prompt_tokens,
-        "completion_tokens": s.tokens.len(),
-        "total_tokens": s.prompt_tokens + s.tokens.len(),
-    })
-}
-
-/// trail's extension beside `usage`: seconds from arrival to first admission and preemptions
-/// (what a load generator cannot observe from the outside).
-fn trail_extension(s: &Summary) -> Value {
-    json!({
-        "queue_s": s.times.first_scheduled.map(|f| (f - s.times.arrival).max(0.0)),
-        "preemptions": s.preemptions_policy + s.preemptions_memory,
-        "recomputed_tokens": s.recomputed_tokens,
-    })
+    run(app, ids, user, p, (Kind::Chat, model)).await
 }
 
 fn now_unix() -> u64 {
@@ -545,12 +413,14 @@ fn now_unix() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// Submits the request (`ids`, with `user` for the length predictor) and answers it: a stream,
+/// or the whole response once it ends.
 async fn run(
     app: App,
     ids: Vec<u32>,
     user: String,
-    c: Common,
-    kind: Kind,
+    p: Params,
+    (kind, model): (Kind, String),
 ) -> Result<Response, ApiError> {
     let initial_prediction = match &app.bert {
         Some(bert) => Some(bert.predict(user).await?),
@@ -558,183 +428,103 @@ async fn run(
     };
     let req = GenRequest {
         prompt: ids,
-        max_new_tokens: c.max_tokens,
-        sampling: c.sampling,
-        ignore_eos: c.ignore_eos,
+        max_new_tokens: p.max_tokens,
+        sampling: p.sampling,
+        ignore_eos: p.ignore_eos,
+        stop: p.stop.clone(),
         initial_prediction,
-        eval_stop: c.eval_stop,
+        eval_stop: p.eval_stop,
         arrival: None,
     };
     let handle = app.engine.submit(req).await?;
-    let (prefix, object) = match kind {
-        Kind::Text => ("cmpl", "text_completion"),
-        Kind::Chat => ("chatcmpl", "chat.completion"),
-    };
-    let id = format!("{prefix}-{}", handle.id);
-    if c.stream {
-        Ok(stream(app, handle, id, kind).into_response())
-    } else {
-        let mut handle = handle;
-        let mut summary = None;
-        while let Some(ev) = handle.events.recv().await {
-            if let Event::Done(s) = ev {
-                summary = Some(s);
-                break;
-            }
-        }
-        let s = summary.ok_or_else(|| {
-            ApiError::from(EngineError::Stopped(
-                "the request ended without a result".into(),
-            ))
-        })?;
-        if s.finish == FinishReason::Aborted {
-            // The client is here, so the engine gave up on the request (a failed step).
-            return Err(ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "engine_error",
-                "the engine failed while running this request; the server goes on",
-            ));
-        }
-        let text = app
-            .engine
-            .runner()
-            .decode(&s.tokens)
-            .map_err(|e| ApiError::from(EngineError::Llm(e)))?;
-        let choice = match kind {
-            Kind::Text => {
-                json!({"index": 0, "text": text, "logprobs": null, "finish_reason": s.finish.as_str()})
-            }
-            Kind::Chat => json!({
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": s.finish.as_str()
-            }),
-        };
-        Ok(axum::Json(json!({
-            "id": id,
-            "object": object,
-            "created": now_unix(),
-            "model": &*app.model,
-            "choices": [choice],
-            "usage": usage(&s),
-            "trail": trail_extension(&s),
-        }))
-        .into_response())
-    }
-}
-
-/// Incremental detokenization state of a stream.
-struct Streamer {
-    app: App,
-    handle: RequestHandle,
-    id: String,
-    kind: Kind,
-    tokens: Vec<u32>,
-    sent: usize,
-    first: bool,
-    done: bool,
-}
-
-impl Streamer {
-    /// One SSE chunk; the last carries `usage` and trail's extension.
-    fn chunk(&self, delta: &str, finish: Option<&str>, done: Option<&Summary>) -> SseEvent {
-        let usage = done.map(usage);
-        let trail = done.map(trail_extension);
-        let created = now_unix();
-        let model = &*self.app.model;
-        let v = match self.kind {
-            Kind::Text => json!({
-                "id": self.id, "object": "text_completion", "created": created, "model": model,
-                "choices": [{"index": 0, "text": delta, "logprobs": null, "finish_reason": finish}],
-                "usage": usage,
-                "trail": trail,
-            }),
-            Kind::Chat => {
-                let mut d = serde_json::Map::new();
-                if self.first {
-                    d.insert("role".into(), "assistant".into());
-                }
-                if !delta.is_empty() || finish.is_none() {
-                    d.insert("content".into(), delta.into());
-                }
-                json!({
-                    "id": self.id, "object": "chat.completion.chunk", "created": created,
-                    "model": model,
-                    "choices": [{"index": 0, "delta": d, "finish_reason": finish}],
-                    "usage": usage,
-                    "trail": trail,
-                })
-            }
-        };
-        SseEvent::default().data(v.to_string())
-    }
-
-    /// Text decoded since the last chunk (held back while it ends in an incomplete character).
-    fn delta(&mut self) -> String {
-        let text = self
-            .app
-            .engine
-            .runner()
-            .decode(&self.tokens)
-            .unwrap_or_default();
-        if text.ends_with('\u{FFFD}') || text.len() < self.sent || !text.is_char_boundary(self.sent)
-        {
-            return String::new();
-        }
-        let d = text[self.sent..].to_string();
-        self.sent = text.len();
-        d
-    }
-
-    async fn next(mut self) -> Option<(Result<SseEvent, Infallible>, Self)> {
-        if self.done {
-            return None;
-        }
-        loop {
-            match self.handle.events.recv().await {
-                Some(Event::Token(t)) => {
-                    self.tokens.push(t);
-                    let d = self.delta();
-                    if d.is_empty() && !self.first {
-                        continue;
-                    }
-                    let ev = self.chunk(&d, None, None);
-                    self.first = false;
-                    return Some((Ok(ev), self));
-                }
-                Some(Event::Done(s)) => {
-                    self.tokens.clone_from(&s.tokens);
-                    let d = self.delta();
-                    let ev = self.chunk(&d, Some(s.finish.as_str()), Some(&*s));
-                    self.done = true;
-                    return Some((Ok(ev), self));
-                }
-                None => return None,
-            }
-        }
-    }
-}
-
-fn stream(
-    app: App,
-    handle: RequestHandle,
-    id: String,
-    kind: Kind,
-) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>> {
-    use futures_util::StreamExt;
-    let s = Streamer {
-        app,
-        handle,
-        id,
+    let header = Header {
+        id: format!("{}-{}", kind.names().0, handle.id),
+        model,
+        created: now_unix(),
         kind,
-        tokens: Vec::new(),
-        sent: 0,
-        first: true,
-        done: false,
+        include_usage: p.include_usage,
     };
-    let body =
-        futures_util::stream::unfold(s, Streamer::next).chain(futures_util::stream::once(async {
-            Ok(SseEvent::default().data("[DONE]"))
-        }));
-    Sse::new(body)
+    if p.stream {
+        let runner = app.engine.runner().clone();
+        return Ok(sse::stream(runner, handle, header, p.stop).into_response());
+    }
+    let s = wait(handle).await?;
+    let text = app
+        .engine
+        .runner()
+        .decode(&s.tokens)
+        .map_err(|e| ApiError::from(EngineError::Llm(e)))?;
+    let text = match p.stop.find(&text) {
+        Some(at) => text[..at].to_string(),
+        None => text,
+    };
+    Ok(whole(header, text, &s))
+}
+
+/// The summary of a request that ran to its end; a request the engine gave up on is 500.
+async fn wait(mut handle: RequestHandle) -> Result<Box<Summary>, ApiError> {
+    let mut summary = None;
+    while let Some(ev) = handle.events.recv().await {
+        if let Event::Done(s) = ev {
+            summary = Some(s);
+            break;
+        }
+    }
+    let s = summary.ok_or_else(|| {
+        ApiError::from(EngineError::Stopped(
+            "the request ended without a result".into(),
+        ))
+    })?;
+    if s.finish == FinishReason::Aborted {
+        // The client is here, so the engine gave up on the request (a failed step).
+        return Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "engine_error",
+            "the engine failed while running this request; the server goes on",
+        ));
+    }
+    Ok(s)
+}
+
+/// A whole (not streamed) response of `text`.
+fn whole(header: Header, text: String, s: &Summary) -> Response {
+    use crate::openai::Response as Reply;
+    let finish = s.finish.as_str();
+    let object = header.kind.names().1;
+    let (usage, trail) = (Some(Some(Usage::of(s))), Some(TrailExtension::of(s)));
+    match header.kind {
+        Kind::Text => axum::Json(Reply {
+            id: header.id,
+            object,
+            created: header.created,
+            model: header.model,
+            choices: vec![CompletionChoice {
+                index: 0,
+                text,
+                logprobs: None,
+                finish_reason: Some(finish),
+            }],
+            usage,
+            trail,
+        })
+        .into_response(),
+        Kind::Chat => axum::Json(Reply {
+            id: header.id,
+            object,
+            created: header.created,
+            model: header.model,
+            choices: vec![ChatChoice {
+                index: 0,
+                message: AssistantMessage {
+                    role: "assistant",
+                    content: text,
+                },
+                logprobs: None,
+                finish_reason: finish,
+            }],
+            usage,
+            trail,
+        })
+        .into_response(),
+    }
 }

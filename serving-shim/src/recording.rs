@@ -20,10 +20,10 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 use trail_llm::Sampling;
 
-use crate::engine::GenRequest;
+use crate::request::GenRequest;
 
-/// What decides a request's tokens: prompt, length limit, evaluation stop, stop handling and
-/// sampling.
+/// What decides a request's tokens: prompt, length limit, evaluation stop, stop handling (stop
+/// tokens and stop strings) and sampling.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct RecordingKey {
     prompt: Vec<u32>,
@@ -31,6 +31,9 @@ pub struct RecordingKey {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     eval_stop: Option<usize>,
     ignore_eos: bool,
+    /// Stop strings (none under an evaluation stop, which ignores them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    stop: Vec<String>,
     /// `None` for greedy; top-p's temperature and mass as bits, and its seed.
     sampling: Option<(u64, u64, u64)>,
 }
@@ -46,6 +49,10 @@ impl RecordingKey {
             max_new_tokens: req.eval_stop.map_or(req.max_new_tokens, |_| 0),
             eval_stop: req.eval_stop,
             ignore_eos: req.ignore_eos || req.eval_stop.is_some(),
+            stop: match req.eval_stop {
+                Some(_) => Vec::new(),
+                None => req.stop.as_slice().to_vec(),
+            },
             sampling: match req.sampling {
                 Sampling::Greedy => None,
                 Sampling::TopP {
@@ -139,6 +146,37 @@ impl Recordings {
     }
 }
 
+/// A request being recorded: where it goes, under which key, and its predictor outputs so far.
+#[derive(Debug)]
+pub(crate) struct Recorder {
+    recordings: Arc<Recordings>,
+    key: RecordingKey,
+    events: Vec<PredictorEvent>,
+}
+
+impl Recorder {
+    pub(crate) fn new(recordings: Arc<Recordings>, key: RecordingKey) -> Self {
+        Self {
+            recordings,
+            key,
+            events: Vec::new(),
+        }
+    }
+
+    /// Keeps a predictor output (in the order the request met them).
+    pub(crate) fn push(&mut self, event: PredictorEvent) {
+        self.events.push(event);
+    }
+
+    /// The request finished with `tokens`: keeps its recording, with the predictor outputs when
+    /// the engine had a predictor (`with_predictor`).
+    pub(crate) fn finish(self, tokens: Vec<u32>, with_predictor: bool) {
+        let events = with_predictor.then_some(self.events);
+        self.recordings
+            .insert(self.key, Recording { tokens, events });
+    }
+}
+
 /// A request being replayed: its recording and the next predictor output to hand out.
 #[derive(Debug)]
 pub(crate) struct Replay {
@@ -213,6 +251,11 @@ mod tests {
         };
         assert_eq!(stop_at(4), stop_at(512));
         assert_ne!(stop_at(4), key(4));
+        // Stop strings end a request early: part of the key, and written only when present.
+        let mut g = GenRequest::greedy(vec![1, 2, 3], 4);
+        g.stop = crate::stop::StopStrings::new(vec!["\n".into()]).unwrap();
+        assert_ne!(RecordingKey::of(&g), key(4));
+        assert!(!serde_json::to_string(&key(4)).unwrap().contains("stop"));
         let with = Recording {
             tokens: vec![5, 6],
             events: Some(vec![PredictorEvent {
@@ -234,6 +277,28 @@ mod tests {
         assert_eq!(*r.get(&key(4), false).unwrap(), with);
         assert_eq!(r.len(), 1);
         assert_eq!(r.hits(), 3, "every get that found a usable recording");
+    }
+
+    #[test]
+    fn a_recorder_keeps_its_outputs_only_for_an_engine_with_a_predictor() {
+        let recs = Arc::new(Recordings::new());
+        let event = PredictorEvent {
+            generated: 0,
+            probs: vec![0.5, 0.5],
+            prompt: None,
+        };
+        let mut without = Recorder::new(recs.clone(), key(4));
+        without.push(event.clone());
+        without.finish(vec![5, 6], false);
+        assert_eq!(recs.get(&key(4), false).unwrap().events, None);
+        let mut with = Recorder::new(recs.clone(), key(4));
+        with.push(event.clone());
+        with.finish(vec![5, 6], true);
+        let rec = recs.get(&key(4), true).unwrap();
+        assert_eq!(
+            (rec.tokens.clone(), rec.events.clone()),
+            (vec![5, 6], Some(vec![event]))
+        );
     }
 
     #[test]

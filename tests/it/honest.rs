@@ -17,8 +17,8 @@ use clap::Parser;
 use trail_checkpoints::Checkpoint;
 use trail_checkpoints::scoring::{self, Predictors, ScoreOptions};
 use trail_checkpoints::suite::Run;
-use trail_eval::loadgen::EngineBackend;
 use trail_eval::loadgen::workload::{self, Lengths, Prompt};
+use trail_pipeline::stages::eval::latency::backend::EngineBackend;
 use trail_pipeline::stages::generate;
 use trail_serving_shim::{Engine, EngineConfig, GenRequest, PolicyKind, Summary};
 

@@ -36,12 +36,12 @@ fn child_serve() {
     };
     let argv: Vec<String> = serde_json::from_str(&argv).unwrap();
     let args = ServeCli::parse_from(std::iter::once("serve".to_string()).chain(argv)).args;
-    // As the binary's main: an error is printed and the status is 2.
+    // As the binary's main: an error is printed and the status is 1.
     match serve::run(args) {
         Ok(()) => std::process::exit(0),
         Err(e) => {
             eprintln!("error: {e:#}");
-            std::process::exit(2);
+            std::process::exit(1);
         }
     }
 }
@@ -62,8 +62,10 @@ fn spawn(dir: &Path, extra: &[&str]) -> (Child, PathBuf, SocketAddr) {
         .port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let mut argv: Vec<String> = vec![
-        "--addr".into(),
-        addr.to_string(),
+        "--host".into(),
+        "127.0.0.1".into(),
+        "--port".into(),
+        port.to_string(),
         "--model".into(),
         trail_tests::smollm2_gguf().display().to_string(),
         "--threads".into(),
@@ -256,10 +258,7 @@ fn assert_error(got: (u16, String, String), status: u16, kind: &str, code: &str)
 
 fn gauge(addr: SocketAddr, name: &str) -> f64 {
     let (_, _, body) = request(addr, "GET", "/metrics", "", &[]);
-    body.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{body}"))
+    crate::serving::sample(&body, name, &[])
 }
 
 #[test]
@@ -385,7 +384,7 @@ fn hostile_requests_get_json_errors_and_the_engine_keeps_serving() {
     let n = s.read(&mut first).unwrap();
     assert!(String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200"));
     let t = Instant::now();
-    while gauge(addr, "trail_requests_running") < 1.0 {
+    while gauge(addr, "vllm:num_requests_running") < 1.0 {
         assert!(
             t.elapsed() < Duration::from_secs(60),
             "the stream never ran"
@@ -394,7 +393,9 @@ fn hostile_requests_get_json_errors_and_the_engine_keeps_serving() {
     }
     drop(s);
     let t = Instant::now();
-    while gauge(addr, "trail_requests_running") > 0.0 || gauge(addr, "trail_kv_blocks_used") > 0.0 {
+    while gauge(addr, "vllm:num_requests_running") > 0.0
+        || gauge(addr, "trail_kv_blocks_used") > 0.0
+    {
         assert!(
             t.elapsed() < Duration::from_secs(30),
             "gauges still up 30 s after the disconnect"
@@ -566,7 +567,7 @@ fn a_huge_refine_interval_is_refused_with_its_name_not_allocated() {
         ],
     );
     let status = wait_exit(&mut child, Duration::from_secs(120), &log);
-    assert_eq!(status.code(), Some(2), "{}", read(&log));
+    assert_eq!(status.code(), Some(1), "{}", read(&log));
     assert!(read(&log).contains("refine_interval"), "{}", read(&log));
 
     // The largest interval allowed runs, and serves: the filter squares, it caches nothing big.

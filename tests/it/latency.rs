@@ -398,3 +398,173 @@ fn virtual_time_cells_repeat_to_the_bit_replayed_or_not() {
         recordings
     );
 }
+
+/// `--step-model`: the cells step by the given model, whose KV capacity replaces
+/// `--kv-budget-tokens`; the saturation is the burst replayed on virtual time under it (no burst
+/// runs on this machine); `settings.json` names the file. The engine's FCFS cells and the
+/// simulator's FCFS on the same traces (the report's headroom) agree to the engine's
+/// nanosecond timestamps: the engine on virtual time and the simulator time the same
+/// scheduler's steps by the same model (one KV token more or less in any step would move the
+/// mean by over 1e-6 s).
+#[test]
+#[cfg_attr(
+    not(feature = "model"),
+    ignore = "needs the real model (feature `model`)"
+)]
+fn a_given_step_model_times_the_cells_and_the_saturation_burst() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (argv, out) = tiny_latency_args(tmp.path(), "virtual", "0.9", "1");
+    let model_path = tmp.path().join("gpu.json");
+    std::fs::write(
+        &model_path,
+        r#"{"base_s": 0.01, "per_decode_row_s": 0.0001, "per_prefill_token_s": 0.0001,
+            "per_kv_token_s": 1e-5, "per_swap_token_s": 5e-6, "kv_capacity_tokens": 4096}"#,
+    )
+    .unwrap();
+    let model_s = model_path.display().to_string();
+    let mut argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    argv.extend(["--step-model", &model_s]);
+    eval_latency(&argv).unwrap();
+
+    let read = |name: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(out.join(name)).unwrap()).unwrap()
+    };
+    let sat = read("saturation.json");
+    assert_eq!(sat["source"], "virtual", "{sat}");
+    assert!(
+        !out.join("saturation").exists(),
+        "no burst ran on this machine"
+    );
+    let settings = read("settings.json");
+    assert_eq!(settings["step_model"], model_s.as_str());
+    assert_eq!(settings["engine"]["kv_budget_tokens"], 4096);
+    let step_model = read("step_model.json");
+    assert_eq!(step_model["per_swap_token_s"], 5e-6);
+
+    let summary = read("summary.json");
+    let fcfs = summary["summary"]["cells"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["policy"] == "fcfs")
+        .unwrap()["mean_latency_s"]["value"]
+        .as_f64()
+        .unwrap();
+    let simulated = summary["summary"]["simulated"][0]["fcfs_mean_latency_s"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        (fcfs - simulated).abs() < 1e-8,
+        "engine {fcfs} vs simulator {simulated}"
+    );
+
+    // --step-model is for virtual time only.
+    let err = eval_latency(&replaced(&argv, "virtual", "inprocess")).unwrap_err();
+    assert!(err.contains("--backend virtual"), "{err}");
+}
+
+/// `--base-url`: a `trail serve` front end that this test starts (for evaluation, FCFS) is
+/// driven over HTTP like any OpenAI-compatible server; the protocol is inferred from its
+/// `/v1/models` (a trail server: `eval-output-tokens`). The summary's ITL, p99 TTFT and goodput
+/// equal those computed here, as `benchmark_serving.py` computes them, from the chunk times
+/// each request recorded in `results.parquet`; every response carried one chunk per token and
+/// exactly its profiled length.
+#[test]
+#[cfg(feature = "model")]
+fn a_running_server_is_benchmarked_through_base_url() {
+    use crate::serving::{Server, runtime};
+    use trail_serving_shim::{EngineConfig, PolicyKind};
+
+    let rt = runtime();
+    let opts = trail_serving_shim::http::HttpOptions {
+        allow_eval_stop: true,
+        ..trail_serving_shim::http::HttpOptions::new(64)
+    };
+    let mut cfg = EngineConfig::new(2048, PolicyKind::Fcfs);
+    cfg.scheduler.max_running = 4;
+    let server = Server::start_with_options(&rt, cfg, opts);
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut argv, out) = tiny_latency_args(tmp.path(), "http", "0.9", "1");
+    let url = format!("http://{}", server.addr);
+    let i = argv.iter().position(|a| a == "fcfs,oracle").unwrap();
+    argv[i] = "fcfs".into();
+    argv.extend(
+        [
+            "--base-url",
+            &url,
+            "--served-model-name",
+            "smollm2",
+            "--goodput",
+            "ttft:400,tpot:60",
+        ]
+        .map(String::from),
+    );
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    eval_latency(&argv).unwrap();
+    server.stop(&rt);
+
+    let settings: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("settings.json")).unwrap()).unwrap();
+    assert_eq!(settings["client"]["protocol"], "eval-output-tokens");
+    assert_eq!(settings["client"]["base_url"], url.as_str());
+    let rows = read_results(&out.join("results.parquet")).unwrap();
+    assert_eq!(rows.len(), 8);
+    let mut itl = Vec::new();
+    let (mut ttft, mut good) = (Vec::new(), 0);
+    for r in &rows {
+        let x = &r.result;
+        assert!(x.error.is_none(), "{x:?}");
+        assert_eq!(
+            Some(x.output_tokens),
+            r.target_tokens,
+            "the profiled length"
+        );
+        assert_eq!(
+            x.itl_s.len() as u32,
+            x.output_tokens - 1,
+            "a chunk per token"
+        );
+        assert!(x.prompt_tokens.is_some_and(|n| n > 0));
+        let t = x.ttft_s.unwrap();
+        let tpot = (x.latency_s - t) / f64::from(x.output_tokens - 1);
+        assert!((x.tpot_s.unwrap() - tpot).abs() < 1e-12);
+        good += usize::from(t <= 0.4 && tpot <= 0.06);
+        ttft.push(t);
+        itl.extend(&x.itl_s);
+    }
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let b = &summary["summary"]["cells"][0]["benchmark"];
+    let close = |key: &str, want: f64| {
+        let got = b[key].as_f64().unwrap();
+        assert!(
+            (got - want).abs() <= 1e-12 * want.abs().max(1.0),
+            "{key}: {got} vs {want}"
+        );
+    };
+    close("mean_itl_s", itl.iter().sum::<f64>() / itl.len() as f64);
+    close("median_itl_s", numpy_quantile(&itl, 0.5));
+    close("p99_itl_s", numpy_quantile(&itl, 0.99));
+    close("p99_ttft_s", numpy_quantile(&ttft, 0.99));
+    assert_eq!(b["good_requests"].as_u64().unwrap() as usize, good);
+    let duration = rows
+        .iter()
+        .map(|r| r.result.arrival_s + r.result.latency_s)
+        .fold(0.0, f64::max);
+    close("request_goodput_rps", good as f64 / duration);
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(report.contains("--base-url") && report.contains("eval-output-tokens"));
+}
+
+/// numpy's default quantile (linear interpolation between closest ranks), written out.
+#[cfg(feature = "model")]
+fn numpy_quantile(xs: &[f64], q: f64) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    let h = (v.len() - 1) as f64 * q;
+    let (lo, t) = (h.floor() as usize, h - h.floor());
+    if lo + 1 >= v.len() {
+        return v[lo];
+    }
+    v[lo] + (v[lo + 1] - v[lo]) * t
+}

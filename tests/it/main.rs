@@ -9,8 +9,11 @@
 #![allow(clippy::disallowed_methods)]
 
 #[cfg(feature = "model")]
+mod api;
+#[cfg(feature = "model")]
 mod bert;
 mod checkpoints;
+mod cli;
 mod datasets;
 #[cfg(feature = "model")]
 mod generate;
@@ -19,10 +22,12 @@ mod honest;
 #[cfg(feature = "model")]
 mod hostile;
 mod latency;
+mod layout;
 mod mae;
 #[cfg(feature = "model")]
 mod runner;
 #[cfg(feature = "model")]
 mod serving;
 mod sim;
+mod step_model;
 mod train;

@@ -4,6 +4,7 @@
 //! request run alone through the bare runner. Over HTTP too: 64 concurrent requests, and the
 //! official `openai` Python client (installed by `.ci/run`) reading a streamed chat completion.
 
+use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 
 use candle_core::{Device, Tensor};
@@ -11,7 +12,8 @@ use trail_checkpoints::{Bins, Checkpoint, CheckpointMeta, Probe, Standardizer};
 use trail_llm::{GenerateOptions, Runner};
 use trail_serving_shim::{
     BertPredictor, Engine, EngineConfig, EngineError, FinishReason, GenRequest, PolicyKind,
-    PreemptionMode, Recordings, SchedulerError, Summary,
+    PreemptionMode, Recording, RecordingKey, Recordings, SchedulerError, StepTimeModel, Summary,
+    VirtualTime,
 };
 
 pub(crate) fn runner() -> Arc<Runner> {
@@ -277,16 +279,37 @@ fn trail_with_the_predictor_in_the_loop_matches_requests_run_alone() {
         st.step_secs,
         100.0 * st.predictor_share()
     );
-    let text = st.render_prometheus();
-    assert!(text.contains("trail_predictor_mae_tokens "));
-    assert!(text.contains(&format!("trail_ttft_seconds_count {}", summaries.len())));
+    let text = trail_serving_shim::prometheus::render(st, "smollm2");
+    let refined = [("estimate", "refined")];
+    let errors = sample(&text, "trail_predictor_abs_error_tokens_count", &refined);
+    assert_eq!(errors, st.refined_error.count as f64);
+    let mae = sample(&text, "trail_predictor_abs_error_tokens_sum", &refined) / errors;
+    assert!((mae - st.refined_mae().unwrap()).abs() < 1e-9);
+    let ttft = sample(&text, "vllm:time_to_first_token_seconds_count", &[]);
+    assert_eq!(ttft, summaries.len() as f64);
+}
+
+/// The value of the sample `name` of a Prometheus text exposition whose labels include
+/// `labels` (the first such line).
+pub(crate) fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, rest) = series.split_once('{').unwrap_or((series, "}"));
+            let has = |(k, v): &(&str, &str)| rest.contains(&format!("{k}=\"{v}\""));
+            (n == name && labels.iter().all(has)).then(|| value.parse().unwrap())
+        })
+        .unwrap_or_else(|| panic!("no {name} {labels:?} in the exposition:\n{text}"))
 }
 
 #[test]
 fn kernel_mismatch_warns_and_admission_errors_name_the_limit() {
     let r = runner();
     let mut cfg = EngineConfig::new(256, PolicyKind::Sprpt);
-    cfg.scheduler.max_waiting = 1;
+    // Room for the dropped request and its successor in the queue: the engine may not have
+    // seen the drop yet when the second arrives (a starved engine thread made this flaky at 1).
+    cfg.scheduler.max_waiting = 2;
     cfg.scheduler.max_running = 1;
     let engine = Engine::start(r.clone(), Some(seeded_checkpoint("other-kernels")), cfg).unwrap();
     assert_eq!(engine.warnings().len(), 1);
@@ -407,9 +430,11 @@ fn http_front_end_serves_openai_requests() {
     assert!(v["trail"]["queue_s"].as_f64().unwrap() >= 0.0, "{v}");
     assert_eq!(v["trail"]["preemptions"], 0);
 
-    // Streamed: SSE chunks whose deltas concatenate to the same text, usage last, then [DONE].
+    // Streamed: SSE chunks whose deltas concatenate to the same text; asked for, one last
+    // chunk with no choices and the usage (null on every other chunk); then [DONE].
     let mut sreq = req.clone();
     sreq["stream"] = true.into();
+    sreq["stream_options"] = serde_json::json!({"include_usage": true});
     let (status, head, body) = http(addr, "POST", "/v1/chat/completions", &sreq.to_string());
     assert_eq!(status, 200);
     assert!(head.to_ascii_lowercase().contains("text/event-stream"));
@@ -427,10 +452,20 @@ fn http_front_end_serves_openai_requests() {
         .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
         .collect();
     assert_eq!(text, expected);
-    let last = chunks.last().unwrap();
-    assert!(last["choices"][0]["finish_reason"].is_string());
-    assert_eq!(last["usage"]["completion_tokens"], alone.tokens.len());
-    assert!(last["trail"]["queue_s"].as_f64().is_some(), "{last}");
+    let (usage, rest) = chunks.split_last().unwrap();
+    assert_eq!(usage["choices"], serde_json::json!([]), "{usage}");
+    assert_eq!(usage["usage"]["completion_tokens"], alone.tokens.len());
+    let finish = rest.last().unwrap();
+    assert!(finish["choices"][0]["finish_reason"].is_string());
+    assert!(finish["trail"]["queue_s"].as_f64().is_some(), "{finish}");
+    assert!(
+        rest.iter()
+            .all(|c| c["usage"].is_null() && c.get("usage").is_some())
+    );
+    // Not asked for: no chunk has `usage`.
+    sreq.as_object_mut().unwrap().remove("stream_options");
+    let (_, _, body) = http(addr, "POST", "/v1/chat/completions", &sreq.to_string());
+    assert!(!body.contains("\"usage\""), "{body}");
 
     // Plain completion with ignore_eos runs to max_tokens.
     let creq =
@@ -476,8 +511,19 @@ fn http_front_end_serves_openai_requests() {
     let (status, head, body) = http(addr, "GET", "/metrics", "");
     assert_eq!(status, 200);
     assert!(head.contains("text/plain"));
-    assert!(body.contains("trail_requests_finished_total 3\n"), "{body}");
-    assert!(body.contains("trail_ttft_seconds_count 3\n"));
+    let finished = |reason| {
+        sample(
+            &body,
+            "vllm:request_success_total",
+            &[("finished_reason", reason)],
+        )
+    };
+    assert_eq!(finished("stop") + finished("length"), 4.0, "{body}");
+    let model = [("model_name", "smollm2"), ("policy", "fcfs")];
+    assert_eq!(
+        sample(&body, "vllm:time_to_first_token_seconds_count", &model),
+        4.0
+    );
 
     // The official OpenAI Python client: a streamed and a plain chat completion of the same
     // request, each the text of the request run alone.
@@ -485,7 +531,7 @@ fn http_front_end_serves_openai_requests() {
     assert_eq!(stream, expected, "streamed through the openai client");
     assert_eq!(plain, expected, "plain through the openai client");
     let report = server.stop(&rt);
-    assert_eq!(report.stats.counters.finished, 5);
+    assert_eq!(report.stats.counters.finished, 6);
     assert_eq!(report.stats.kv_blocks_used, 0);
 
     // Overload: a waiting queue of zero refuses everything with 429 and Retry-After.
@@ -569,8 +615,8 @@ pub(crate) fn runtime() -> tokio::runtime::Runtime {
 }
 
 /// An engine behind the HTTP front end on an ephemeral port of 127.0.0.1.
-struct Server {
-    addr: std::net::SocketAddr,
+pub(crate) struct Server {
+    pub(crate) addr: std::net::SocketAddr,
     engine: Arc<Engine>,
     stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
@@ -586,9 +632,21 @@ impl Server {
         cfg: EngineConfig,
         bert: Option<Arc<BertPredictor>>,
     ) -> Self {
+        let opts = trail_serving_shim::http::HttpOptions {
+            bert,
+            ..trail_serving_shim::http::HttpOptions::new(16)
+        };
+        Self::start_with_options(rt, cfg, opts)
+    }
+
+    /// An engine over SmolLM2 named `smollm2`, behind a front end with `opts`.
+    pub(crate) fn start_with_options(
+        rt: &tokio::runtime::Runtime,
+        cfg: EngineConfig,
+        opts: trail_serving_shim::http::HttpOptions,
+    ) -> Self {
         let engine = Arc::new(Engine::start(runner(), None, cfg).unwrap());
-        let router =
-            trail_serving_shim::http::router_with_bert(engine.clone(), "smollm2", 16, bert);
+        let router = trail_serving_shim::http::router_with_options(engine.clone(), "smollm2", opts);
         let listener = rt
             .block_on(trail_serving_shim::http::bind(
                 "127.0.0.1:0".parse().unwrap(),
@@ -608,7 +666,7 @@ impl Server {
     }
 
     /// Stops the server, then the engine; returns the engine's report.
-    fn stop(self, rt: &tokio::runtime::Runtime) -> trail_serving_shim::EngineReport {
+    pub(crate) fn stop(self, rt: &tokio::runtime::Runtime) -> trail_serving_shim::EngineReport {
         self.stop.send(()).unwrap();
         rt.block_on(self.task).unwrap().unwrap();
         Arc::try_unwrap(self.engine)
@@ -686,19 +744,14 @@ fn http_64_concurrent_requests_under_a_tight_kv_budget_match_requests_run_alone(
 
     let (status, _, metrics) = http(addr, "GET", "/metrics", "");
     assert_eq!(status, 200);
-    let value = |line: &str| -> u64 {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(line))
-            .unwrap_or_else(|| panic!("no `{line}` in /metrics"))
-            .trim()
-            .parse()
-            .unwrap()
-    };
-    let memory = value("trail_preemptions_total{kind=\"memory\"}");
+    let value = |name: &str, labels: &[(&str, &str)]| sample(&metrics, name, labels) as u64;
+    let memory = value("trail_preemptions_total", &[("kind", "memory")]);
     assert!(memory > 0, "the budget must force memory preemption");
-    assert_eq!(value("trail_preemptions_total{kind=\"policy\"}"), 0);
-    assert_eq!(value("trail_requests_finished_total"), 64);
+    assert_eq!(value("trail_preemptions_total", &[("kind", "policy")]), 0);
+    assert_eq!(value("vllm:num_preemptions_total", &[]), memory);
+    let finished = |reason| value("vllm:request_success_total", &[("finished_reason", reason)]);
+    assert_eq!(finished("stop") + finished("length"), 64);
+    assert_eq!(finished("abort"), 0);
 
     let report = server.stop(&rt);
     let c = report.stats.counters;
@@ -831,7 +884,7 @@ fn bert_predicts_on_arrival_batched_and_sjf_bert_serves_by_it() {
     let report = server.stop(&rt);
     assert_eq!(report.stats.counters.finished, questions.len() as u64);
     assert_eq!(
-        report.stats.initial_count,
+        report.stats.initial_error.count,
         questions.len() as u64,
         "every request had BERT's initial prediction"
     );
@@ -844,9 +897,7 @@ fn bert_predicts_on_arrival_batched_and_sjf_bert_serves_by_it() {
 fn virtual_time_moves_by_the_step_cost_and_jumps_to_arrivals() {
     let refs = references();
     let mut cfg = EngineConfig::new(4096, PolicyKind::Fcfs);
-    cfg.virtual_time = Some(trail_serving_shim::VirtualTime {
-        cost: Arc::new(|_, _, _| 1.0),
-    });
+    cfg.virtual_time = Some(VirtualTime::new(StepTimeModel::constant(1.0)));
     let engine = Engine::start(runner(), None, cfg).unwrap();
     let reqs: Vec<GenRequest> = [(0usize, 0.5), (1, 100.0)]
         .iter()
@@ -873,6 +924,64 @@ fn virtual_time_moves_by_the_step_cost_and_jumps_to_arrivals() {
     engine.shutdown().unwrap();
 }
 
+/// Submits `reqs`, waits for every one, shuts the engine down: the summaries in order.
+fn run_to_end(engine: Engine, reqs: Vec<GenRequest>) -> Vec<Summary> {
+    let summaries: Vec<Summary> = engine
+        .submit_all_blocking(reqs)
+        .unwrap()
+        .into_iter()
+        .map(|h| h.unwrap().wait().unwrap())
+        .collect();
+    engine.shutdown().unwrap();
+    summaries
+}
+
+/// Virtual time charges swaps: with one running request, the oracle and preemption by swap,
+/// each step 1 s plus 10 ms per KV token swapped. L (5 tokens) starts at 0; S (1 token)
+/// arrives at 1.5 s, during L's second step. At 2 s the oracle swaps L out (its prompt + 1 fed
+/// token) to prefill S, which is done one step and the swap later; the next step swaps L back in
+/// and decodes its third token, which costs the swap again. The tokens are those of the
+/// requests run alone.
+#[test]
+fn virtual_time_charges_the_kv_a_swap_moves_out_and_back_in() {
+    let refs = references();
+    let mut cfg = EngineConfig::new(4096, PolicyKind::Oracle);
+    cfg.scheduler.max_running = 1;
+    cfg.scheduler.preemption_mode = PreemptionMode::Swap;
+    cfg.virtual_time = Some(VirtualTime::new(StepTimeModel {
+        per_swap_token_s: 0.01,
+        ..StepTimeModel::constant(1.0)
+    }));
+    let engine = Engine::start(runner(), None, cfg).unwrap();
+    let reqs: Vec<GenRequest> = [(0usize, 0.0, 5usize), (1, 1.5, 1)]
+        .iter()
+        .map(|&(i, at, n)| {
+            let mut r = GenRequest::greedy(refs[i].0.clone(), MAX_NEW);
+            r.eval_stop = Some(n);
+            r.arrival = Some(at);
+            r
+        })
+        .collect();
+    let s = run_to_end(engine, reqs);
+    let swap = 1.0 + 0.01 * (refs[0].0.len() + 1) as f64;
+    let after_swap_out = 1.0 + 1.0 + swap;
+    let back_in = after_swap_out + swap;
+    assert_eq!(s[1].times.tokens, vec![after_swap_out]);
+    assert_eq!(
+        s[0].times.tokens,
+        vec![1.0, 2.0, back_in, back_in + 1.0, back_in + 1.0 + 1.0]
+    );
+    assert_eq!(s[0].preemptions_policy, 1);
+    assert_eq!(s[0].tokens, refs[0].1[..5]);
+    assert_eq!(s[1].tokens, refs[1].1[..1]);
+}
+
+/// The step-time model of the virtual-time engine tests: 10 ms a step, 4 ms a decode row,
+/// 0.5 ms a prefill token, 10 µs a KV token.
+fn virtual_time() -> VirtualTime {
+    VirtualTime::new(StepTimeModel::linear(0.01, 0.004, 0.0005, 1e-5))
+}
+
 /// An engine on virtual time that replays recorded requests gives what one that runs the model
 /// gives: tokens, every timestamp, predictions and preemptions, under TRAIL with the predictor
 /// in the loop, chunked prefill and a tight KV budget. The recordings come from a third engine
@@ -881,9 +990,6 @@ fn virtual_time_moves_by_the_step_cost_and_jumps_to_arrivals() {
 fn virtual_engines_replaying_recordings_match_engines_running_the_model() {
     let r = runner();
     let refs = references();
-    let virtual_time = || trail_serving_shim::VirtualTime {
-        cost: Arc::new(|d, p, kv| 0.01 + 0.004 * d as f64 + 0.0005 * p as f64 + 1e-5 * kv as f64),
-    };
     let run = |policy: PolicyKind, recs: Option<Arc<Recordings>>, spaced: bool| {
         let mut cfg = tight_config(policy);
         cfg.virtual_time = Some(virtual_time());
@@ -902,14 +1008,7 @@ fn virtual_engines_replaying_recordings_match_engines_running_the_model() {
                 g
             })
             .collect();
-        let summaries: Vec<Summary> = engine
-            .submit_all_blocking(reqs)
-            .unwrap()
-            .into_iter()
-            .map(|h| h.unwrap().wait().unwrap())
-            .collect();
-        engine.shutdown().unwrap();
-        summaries
+        run_to_end(engine, reqs)
     };
     let computed = run(PolicyKind::Trail, None, true);
     assert!(
@@ -927,6 +1026,67 @@ fn virtual_engines_replaying_recordings_match_engines_running_the_model() {
         assert_eq!(c.tokens, *reference);
         assert_eq!(c, p, "tokens, timestamps, predictions and preemptions");
     }
+}
+
+/// One engine, two executors: with recordings of only every other request, an engine replays
+/// those and runs the model for the others in the same steps (recording them as it goes), and
+/// gives what an engine running the model for every request gives (TRAIL with the predictor
+/// in the loop, preemptions, chunked prefill); the recordings it makes equal the first's.
+#[test]
+fn an_engine_replaying_some_requests_and_running_the_others_matches_one_running_all() {
+    let r = runner();
+    let refs = references();
+    let run = |recs: Arc<Recordings>| {
+        let mut cfg = tight_config(PolicyKind::Trail);
+        cfg.virtual_time = Some(virtual_time());
+        cfg.recordings = Some(recs);
+        let engine = Engine::start(r.clone(), Some(seeded_checkpoint(r.kernel_id())), cfg).unwrap();
+        let reqs: Vec<GenRequest> = refs
+            .iter()
+            .enumerate()
+            .map(|(i, (prompt, _))| {
+                let mut g = GenRequest::greedy(prompt.clone(), MAX_NEW);
+                g.arrival = Some(0.03 * i as f64);
+                g
+            })
+            .collect();
+        run_to_end(engine, reqs)
+    };
+    // Nothing recorded yet: every request runs the model, and is recorded.
+    let all = Arc::new(Recordings::new());
+    let computed = run(all.clone());
+    assert_eq!((all.len(), all.hits()), (refs.len(), 0));
+    assert!(
+        computed
+            .iter()
+            .any(|s| s.preemptions_policy + s.preemptions_memory > 0),
+        "the schedule preempts"
+    );
+    let key = |i: usize| RecordingKey::of(&GenRequest::greedy(refs[i].0.clone(), MAX_NEW));
+    let recorded: HashMap<RecordingKey, Recording> = all
+        .entries()
+        .into_iter()
+        .map(|(k, rec)| (k, (*rec).clone()))
+        .collect();
+    let half = Arc::new(Recordings::new());
+    for i in (0..refs.len()).step_by(2) {
+        half.insert(key(i), recorded[&key(i)].clone());
+    }
+    let mixed = run(half.clone());
+    assert_eq!(
+        half.hits(),
+        refs.len().div_ceil(2),
+        "every other request replayed"
+    );
+    for (c, m) in computed.iter().zip(&mixed) {
+        assert_eq!(c, m, "tokens, timestamps, predictions and preemptions");
+    }
+    let remade: HashMap<RecordingKey, Recording> = half
+        .entries()
+        .into_iter()
+        .map(|(k, rec)| (k, (*rec).clone()))
+        .collect();
+    assert_eq!(remade, recorded, "the others were recorded, to the bit");
 }
 
 #[test]

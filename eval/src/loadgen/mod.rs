@@ -3,22 +3,19 @@
 //!
 //! * [`trace`]: the `trace.jsonl` format (`arrival_s`, `prompt`, `output_tokens`), shared with the
 //!   simulator, and seeded arrival processes (Poisson, constant rate).
-//! * [`backend`]: the [`Backend`] trait, an OpenAI-compatible streaming HTTP backend (like vLLM's
-//!   `benchmark_serving.py`) and a fixed-delay backend for tests.
-//! * [`engine`]: the in-process backend, straight into a serving-shim engine.
+//! * [`backend`]: the [`Backend`] trait and a fixed-delay backend for tests. The backends over a
+//!   real server (HTTP, the in-process engine) are `trail eval latency`'s.
 //! * [`results`]: `results.parquet`, one row per request, policy, load and seed.
 //! * [`workload`]: prompts with profiled lengths turned into seeded Poisson traces.
 //! * [`drive`]: replays a trace against a backend in real time, every request on its own task,
 //!   and returns one [`RequestResult`] per request, none lost.
 
 pub mod backend;
-pub mod engine;
 pub mod results;
 pub mod trace;
 pub mod workload;
 
-pub use backend::{Backend, FixedDelayBackend, HttpBackend};
-pub use engine::EngineBackend;
+pub use backend::{Backend, FixedDelayBackend};
 pub use results::{ResultRow, read_results, write_results};
 pub use trace::{Arrivals, TraceRequest, read_trace, write_trace};
 
@@ -40,9 +37,19 @@ pub struct RequestResult {
     pub ttft_s: Option<f64>,
     /// End-to-end latency from the scheduled arrival.
     pub latency_s: f64,
-    /// Mean time per output token after the first.
+    /// Time per output token after the first, as vLLM's `benchmark_serving.py` defines it:
+    /// `(latency_s - ttft_s) / (output_tokens - 1)`, `None` for one token or none.
     pub tpot_s: Option<f64>,
+    /// Inter-token latencies: the gaps between successive streamed chunks (one per token on a
+    /// server that streams each token, as `trail serve` and llama.cpp's server do), as
+    /// `benchmark_serving.py` records them; a preemption's stall shows here.
+    #[serde(default)]
+    pub itl_s: Vec<f64>,
     pub output_tokens: u32,
+    /// Prompt tokens after the chat template, as the server reported them (`usage`), else as
+    /// the trace knew them.
+    #[serde(default)]
+    pub prompt_tokens: Option<u32>,
     /// Server-reported time in the waiting queue before the first schedule.
     pub queue_s: Option<f64>,
     /// Server-reported preemptions.
@@ -54,17 +61,58 @@ pub struct RequestResult {
 /// Timings a backend collects while one request streams.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Observed {
-    /// Offset of the first token from the send.
-    pub first_token: Option<Duration>,
-    /// Offset of the last token from the send.
-    pub last_token: Option<Duration>,
+    /// Offset from the send of each chunk that carried output, in order.
+    pub chunks: Vec<Duration>,
     pub output_tokens: u32,
+    /// Prompt tokens, where the server or engine said.
+    pub prompt_tokens: Option<u32>,
     pub queue_s: Option<f64>,
     pub preemptions: Option<u32>,
 }
 
+impl Observed {
+    /// Offset of the first output chunk from the send.
+    pub fn first_token(&self) -> Option<Duration> {
+        self.chunks.first().copied()
+    }
+
+    /// Offset of the last output chunk from the send.
+    pub fn last_token(&self) -> Option<Duration> {
+        self.chunks.last().copied()
+    }
+
+    /// Records an output chunk of `tokens` tokens at `at` after the send.
+    pub fn chunk(&mut self, at: Duration, tokens: u32) {
+        self.chunks.push(at);
+        self.output_tokens += tokens;
+    }
+
+    /// The gaps between successive chunks, seconds.
+    pub fn itl_s(&self) -> Vec<f64> {
+        self.chunks
+            .windows(2)
+            .map(|w| (w[1] - w[0]).as_secs_f64())
+            .collect()
+    }
+}
+
+/// Time per output token after the first, exactly as vLLM's `benchmark_serving.py`
+/// (`calculate_metrics`) computes it: `(e2el - ttft) / (output_len - 1)` where more than one
+/// token came, with `output_len` the server's `usage.completion_tokens`; `None` otherwise (it
+/// counts 0 there for goodput). The latency and TTFT share their origin, so measuring both from
+/// the scheduled arrival rather than the send leaves it unchanged.
+pub fn tpot(latency_s: f64, ttft_s: Option<f64>, output_tokens: u32) -> Option<f64> {
+    match ttft_s {
+        Some(ttft) if output_tokens > 1 => Some((latency_s - ttft) / f64::from(output_tokens - 1)),
+        _ => None,
+    }
+}
+
 impl RequestResult {
-    fn from_observed(
+    /// The result of request `index` of a trace, sent at `sent_s` and ended at `done_s`
+    /// (seconds from the start of the run), from what its backend observed or the error it
+    /// met; every time is measured from the request's scheduled arrival.
+    pub fn from_observed(
         index: usize,
         req: &TraceRequest,
         sent_s: f64,
@@ -76,23 +124,20 @@ impl RequestResult {
             Err(e) => (Observed::default(), Some(e)),
         };
         let ttft_s = obs
-            .first_token
+            .first_token()
             .map(|d| sent_s + d.as_secs_f64() - req.arrival_s);
-        let tpot_s = match (obs.first_token, obs.last_token) {
-            (Some(f), Some(l)) if obs.output_tokens > 1 => {
-                Some((l - f).as_secs_f64() / f64::from(obs.output_tokens - 1))
-            }
-            _ => None,
-        };
+        let latency_s = done_s - req.arrival_s;
         Self {
             index,
             request_id: req.request_id.clone(),
             arrival_s: req.arrival_s,
             sent_s,
             ttft_s,
-            latency_s: done_s - req.arrival_s,
-            tpot_s,
+            latency_s,
+            tpot_s: tpot(latency_s, ttft_s, obs.output_tokens),
+            itl_s: obs.itl_s(),
             output_tokens: obs.output_tokens,
+            prompt_tokens: obs.prompt_tokens.or(req.prompt_tokens),
             queue_s: obs.queue_s,
             preemptions: obs.preemptions,
             error,
@@ -184,6 +229,8 @@ mod tests {
             let expect = 0.030 + 0.010 * f64::from(n - 1);
             assert!((r.latency_s - expect).abs() < 1e-3, "{r:?}");
             assert!((r.tpot_s.unwrap() - 0.010).abs() < 1e-6, "{r:?}");
+            assert_eq!(r.itl_s.len(), n as usize - 1);
+            assert!(r.itl_s.iter().all(|g| (g - 0.010).abs() < 1e-6), "{r:?}");
         }
     }
 }

@@ -13,12 +13,16 @@
 //! | `sent_s` | float64 | when the client actually sent it |
 //! | `ttft_s` | float64? | time to first token, from the arrival |
 //! | `latency_s` | float64 | end-to-end latency, from the arrival |
-//! | `tpot_s` | float64? | mean time per output token after the first |
+//! | `tpot_s` | float64? | time per output token after the first, `benchmark_serving.py`'s: `(latency_s − ttft_s) / (output_tokens − 1)` |
 //! | `queue_s` | float64? | server-reported time waiting before the first schedule |
 //! | `preemptions` | uint32? | server-reported preemptions (policy and memory) |
 //! | `output_tokens` | uint32 | tokens received |
 //! | `target_tokens` | uint32? | the fixed output length the trace asked for |
 //! | `error` | utf8? | why the request failed, when it did |
+//! | `prompt_tokens` | uint32? | prompt tokens after the chat template (the server's `usage`, else the trace's) |
+//! | `itl_s` | list\<float64\> | inter-token latencies: gaps between successive streamed chunks, seconds |
+//!
+//! Files written before `prompt_tokens` and `itl_s` existed read with `None` and no gaps.
 //!
 //! [`write_results`] writes through a temporary file and a rename; [`read_results`] names the
 //! file and column in its errors.
@@ -27,7 +31,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use arrow::array::{
-    Array, ArrayRef, Float64Array, RecordBatch, StringArray, UInt32Array, UInt64Array,
+    Array, ArrayRef, Float64Array, Float64Builder, ListArray, ListBuilder, RecordBatch,
+    StringArray, UInt32Array, UInt64Array,
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use parquet::arrow::ArrowWriter;
@@ -70,6 +75,12 @@ pub fn results_schema() -> SchemaRef {
         f("output_tokens", DataType::UInt32, false),
         f("target_tokens", DataType::UInt32, true),
         f("error", DataType::Utf8, true),
+        f("prompt_tokens", DataType::UInt32, true),
+        f(
+            "itl_s",
+            DataType::List(Arc::new(Field::new_list_field(DataType::Float64, true))),
+            false,
+        ),
     ]))
 }
 
@@ -119,8 +130,31 @@ fn batch(rows: &[ResultRow]) -> Result<RecordBatch, arrow::error::ArrowError> {
                 .map(|x| x.result.error.as_deref())
                 .collect::<StringArray>(),
         ),
+        Arc::new(
+            rows.iter()
+                .map(|x| x.result.prompt_tokens)
+                .collect::<UInt32Array>(),
+        ),
+        itl_column(rows),
     ];
     RecordBatch::try_new(results_schema(), columns)
+}
+
+fn itl_column(rows: &[ResultRow]) -> ArrayRef {
+    let mut b = ListBuilder::new(Float64Builder::new());
+    for r in rows {
+        b.values().append_slice(&r.result.itl_s);
+        b.append(true);
+    }
+    Arc::new(b.finish())
+}
+
+/// Row `i`'s inter-token latencies.
+fn itl_at(a: &ListArray, i: usize) -> Vec<f64> {
+    let v = a.value(i);
+    v.as_any()
+        .downcast_ref::<Float64Array>()
+        .map_or_else(Vec::new, |f| f.values().to_vec())
 }
 
 /// Writes `rows` to `path` atomically (`trail_fs`).
@@ -186,6 +220,15 @@ pub fn read_results(path: &Path) -> Result<Vec<ResultRow>, Error> {
         let out_tok = column::<UInt32Array>(&b, "output_tokens", path)?;
         let target = column::<UInt32Array>(&b, "target_tokens", path)?;
         let error = column::<StringArray>(&b, "error", path)?;
+        // Absent from files written before them.
+        let prompt = b.column_by_name("prompt_tokens").is_some();
+        let prompt = prompt
+            .then(|| column::<UInt32Array>(&b, "prompt_tokens", path))
+            .transpose()?;
+        let itl = b.column_by_name("itl_s").is_some();
+        let itl = itl
+            .then(|| column::<ListArray>(&b, "itl_s", path))
+            .transpose()?;
         for i in 0..b.num_rows() {
             out.push(ResultRow {
                 policy: policy.value(i).to_string(),
@@ -201,7 +244,9 @@ pub fn read_results(path: &Path) -> Result<Vec<ResultRow>, Error> {
                     ttft_s: opt(ttft, i, |a, i| a.value(i)),
                     latency_s: latency.value(i),
                     tpot_s: opt(tpot, i, |a, i| a.value(i)),
+                    itl_s: itl.map_or_else(Vec::new, |a| itl_at(a, i)),
                     output_tokens: out_tok.value(i),
+                    prompt_tokens: prompt.and_then(|a| opt(a, i, |a, i| a.value(i))),
                     queue_s: opt(queue, i, |a, i| a.value(i)),
                     preemptions: opt(pre, i, |a, i| a.value(i)),
                     error: opt(error, i, |a, i| a.value(i).to_string()),
@@ -231,7 +276,9 @@ mod tests {
                 ttft_s: error.is_none().then_some(0.25),
                 latency_s: 1.0 + i as f64,
                 tpot_s: (i > 0).then_some(0.01),
+                itl_s: vec![0.01; i],
                 output_tokens: 10 + i as u32,
+                prompt_tokens: (i != 4).then_some(30 + i as u32),
                 queue_s: Some(0.1),
                 preemptions: (i != 2).then_some(i as u32),
                 error: error.map(String::from),
@@ -250,6 +297,25 @@ mod tests {
         assert_eq!(read_results(&path).unwrap(), rows);
         write_results(&path, &[]).unwrap();
         assert!(read_results(&path).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_file_from_before_prompt_tokens_and_itl_reads_without_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.parquet");
+        let rows: Vec<ResultRow> = (0..3).map(|i| row(i, None)).collect();
+        let full = batch(&rows).unwrap();
+        let old = full.project(&(0..full.num_columns() - 2).collect::<Vec<_>>());
+        let old = old.unwrap();
+        let file = trail_fs::AtomicFile::create(&path).unwrap();
+        let mut w = ArrowWriter::try_new(file, old.schema(), None).unwrap();
+        w.write(&old).unwrap();
+        w.into_inner().unwrap().commit().unwrap();
+        let back = read_results(&path).unwrap();
+        for (b, r) in back.iter().zip(&rows) {
+            assert!(b.result.itl_s.is_empty() && b.result.prompt_tokens.is_none());
+            assert_eq!(b.result.latency_s, r.result.latency_s);
+        }
     }
 
     #[test]

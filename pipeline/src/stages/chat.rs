@@ -14,7 +14,8 @@ pub struct Args {
     /// A system prompt instead of the template's default.
     #[arg(long)]
     pub system: Option<String>,
-    #[arg(long, default_value_t = 256)]
+    /// Most tokens to generate.
+    #[arg(long = "max-tokens", alias = "max-new-tokens", default_value_t = 256)]
     pub max_new_tokens: usize,
     /// Sampling temperature; 0 is greedy (the default).
     #[arg(long, default_value_t = 0.0)]
@@ -89,7 +90,7 @@ pub fn answer(runner: &trail_llm::Runner, args: &Args) -> anyhow::Result<ChatSta
     }
     writeln!(out)?;
     if generation.stop == StopReason::MaxNewTokens {
-        eprintln!("[stopped at --max-new-tokens {}]", args.max_new_tokens);
+        eprintln!("[stopped at --max-tokens {}]", args.max_new_tokens);
     }
     let decode_steps = generation.tokens.len().saturating_sub(1);
     Ok(ChatStats {

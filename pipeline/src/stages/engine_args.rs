@@ -83,31 +83,35 @@ fn ser_chunk<S: serde::Serializer>(c: &Option<PrefillChunk>, s: S) -> Result<S::
     c.and_then(PrefillChunk::tokens).serialize(s)
 }
 
+/// The help heading of the engine options.
+const HEADING: &str = "Engine";
+
 /// `--max-running`, `--kv-budget-tokens`, `--prefill-chunk`, `--preemption`,
-/// `--swap-budget-tokens`.
+/// `--swap-budget-tokens`: listed under "Engine" in each subcommand's help, with that
+/// subcommand's defaults (`serve` chunks prefill by 128, `eval latency` runs batch 8).
 #[derive(Debug, Clone, PartialEq, clap::Args, Serialize)]
 pub struct EngineArgs {
     /// Most requests running at once (the batch), at most 4096.
-    #[arg(long, default_value_t = 48, value_parser = running)]
+    #[arg(long, help_heading = HEADING, default_value_t = 48, value_parser = running)]
     pub max_running: usize,
     /// KV-cache budget in tokens, accounted in blocks of 16; 16 to 16777216.
-    #[arg(long, default_value_t = 16384, value_parser = kv_tokens)]
+    #[arg(long, help_heading = HEADING, default_value_t = 16384, value_parser = kv_tokens)]
     pub kv_budget_tokens: usize,
     /// Most prefill tokens per step (chunked prefill, 1 to 65536), or `off` for whole prompts.
     /// Default: whole prompts, except `trail serve`, which chunks by 128 so one long prompt
-    /// does not stall every stream.
-    #[arg(long)]
+    /// does not stall every stream (its help shows the default).
+    #[arg(long, help_heading = HEADING)]
     #[serde(serialize_with = "ser_chunk")]
     pub prefill_chunk: Option<PrefillChunk>,
     /// What a preempted request's KV becomes: `swap` keeps it in a swap pool and resumes it
     /// without prefill (on a CPU the cache simply stays in RAM); `recompute` drops it and
     /// prefills prompt + generated again on re-admission (vLLM's default on GPUs; on a CPU a
     /// prefill token costs over half a decode row, so every preemption is expensive).
-    #[arg(long, default_value = "swap")]
+    #[arg(long, help_heading = HEADING, default_value = "swap")]
     pub preemption: PreemptionMode,
     /// Swap pool in tokens (default: as large as the KV budget; at most 16777216). A victim
     /// that does not fit is recomputed.
-    #[arg(long, value_parser = swap_tokens)]
+    #[arg(long, help_heading = HEADING, value_parser = swap_tokens)]
     pub swap_budget_tokens: Option<usize>,
 }
 

@@ -24,8 +24,9 @@ pub struct Args {
     /// The checkpoint to write.
     #[arg(long)]
     pub out: PathBuf,
-    /// Refresh interval recorded for the serving engine, in tokens.
-    #[arg(long, default_value_t = 8)]
+    /// Refresh interval recorded for the serving engine, in tokens (its `--refine-every`
+    /// default).
+    #[arg(long = "refine-every", alias = "refine-interval", default_value_t = 8)]
     pub refine_interval: u32,
     /// Also write bert.safetensors (the fine-tuned BERT) beside --out.
     #[arg(long)]

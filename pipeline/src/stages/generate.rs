@@ -63,9 +63,10 @@ pub struct Args {
     #[serde(serialize_with = "display")]
     pub shard: Shard,
     /// Rows decoding together (continuous batching).
-    #[arg(long, default_value_t = 16)]
+    #[arg(long = "batch-size", alias = "batch", default_value_t = 16)]
     pub batch: usize,
-    #[arg(long, default_value_t = 512)]
+    /// Most tokens generated per prompt (greedy; a prompt that reaches it ends there).
+    #[arg(long = "max-tokens", alias = "max-new-tokens", default_value_t = 512)]
     pub max_new_tokens: usize,
     /// Which positions: `every:K`, `random:N` or `all`.
     #[arg(long, default_value = "every:8")]
@@ -338,12 +339,9 @@ impl Prepared {
 
 /// Reads the corpus, plans the requests, loads the model and tokenizes the prompts.
 pub fn prepare(args: &Args) -> anyhow::Result<Prepared> {
-    anyhow::ensure!(args.batch > 0, "--batch must be at least 1");
+    anyhow::ensure!(args.batch > 0, "--batch-size must be at least 1");
     anyhow::ensure!(args.part_size > 0, "--part-size must be at least 1");
-    anyhow::ensure!(
-        args.max_new_tokens > 0,
-        "--max-new-tokens must be at least 1"
-    );
+    anyhow::ensure!(args.max_new_tokens > 0, "--max-tokens must be at least 1");
     let positions = parse_positions(&args.sample)?;
     let t0 = Instant::now();
 

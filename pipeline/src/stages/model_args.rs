@@ -12,7 +12,8 @@ pub struct ModelArgs {
     /// into the cache on first use.
     #[arg(long, env = "TRAIL_MODEL")]
     pub model: Option<String>,
-    /// `cpu` or `cuda:N` (needs a build with the `cuda` feature).
+    /// `cpu`. The forward is CPU-only in this build: `cuda:N` is parsed but refused until a GPU
+    /// forward exists.
     #[arg(long, default_value = "cpu")]
     pub device: Device,
     /// Worker threads for the matmuls (default: every core).

@@ -24,7 +24,8 @@ pub struct Args {
     pub checkpoint: PathBuf,
     /// The user message.
     pub prompt: String,
-    #[arg(long, default_value_t = 512)]
+    /// Most tokens to generate.
+    #[arg(long = "max-tokens", alias = "max-new-tokens", default_value_t = 512)]
     pub max_new_tokens: usize,
     #[command(flatten)]
     pub model: ModelArgs,

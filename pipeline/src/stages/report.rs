@@ -15,9 +15,10 @@ use serde::Serialize;
 use trail_checkpoints::metrics::Interval;
 use trail_checkpoints::scoring::{self, Details, Metrics, PREDICTORS, ScoreOptions, TestMetrics};
 use trail_checkpoints::suite::Run;
-use trail_eval::plot::{self, Axes, Series};
+use trail_plot::{self as plot, Axes, Series};
 
 use crate::manifest::{Manifest, write_atomic};
+use crate::stages::progress::Steps;
 
 /// Arguments of `trail report`.
 #[derive(Debug, Clone, clap::Args, Serialize)]
@@ -28,8 +29,8 @@ pub struct Args {
     /// Output directory (default: RUN/report).
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Refresh interval of the refined estimate, in tokens (the release's default 8).
-    #[arg(long, default_value_t = 8)]
+    /// Refresh the refined estimate every N tokens (the release's default 8).
+    #[arg(long = "refine-every", alias = "refine-interval", default_value_t = 8)]
     pub refine_interval: u32,
     /// Bootstrap resamples of the 95 % intervals.
     #[arg(long, default_value_t = 1000)]
@@ -114,10 +115,11 @@ pub fn markdown(run: &Run, m: &Metrics) -> String {
         m.refine_interval
     );
     s.push_str(&predictor_table(t));
-    if let Some((layers, mae)) = &m.multi_layer {
+    if let Some(ml) = &m.multi_layer {
         let _ = writeln!(
             s,
-            "Multi-layer probe on layers {layers:?}: validation MAE {mae:.2} tokens.\n"
+            "Multi-layer probe on layers {:?}: validation MAE {:.2} tokens.\n",
+            ml.layers, ml.val_mae
         );
     }
     let _ = writeln!(s, "## Validation MAE per layer\n");
@@ -153,7 +155,25 @@ pub fn markdown(run: &Run, m: &Metrics) -> String {
     s
 }
 
-/// Every PNG of the report; returns their paths.
+/// How a paper names a predictor of `metrics.json` (its key where it has no other name).
+pub fn display_name(key: &str) -> &str {
+    match key {
+        "refined" => "TRAIL (probe, refined)",
+        "probe_no_refine" => "probe, not refined",
+        "refined_every_token" => "TRAIL, refined every token",
+        "probe_multi_layer" => "multi-layer probe",
+        "refined_multi_layer" => "multi-layer probe, refined",
+        "prompt_embedding" => "prompt embedding",
+        "bert_finetuned" => "BERT fine-tuned",
+        "bert_finetuned_conditional" => "BERT fine-tuned, E[L − g | L > g]",
+        "bert_frozen" => "BERT frozen",
+        "constant" => "constant",
+        "constant_conditional" => "constant, E[L − g | L > g]",
+        other => other,
+    }
+}
+
+/// Every PNG of the report (each with its SVG beside it); returns their paths.
 pub fn plots(out: &Path, m: &Metrics, d: &Details) -> anyhow::Result<Vec<PathBuf>> {
     plot::init_font()?;
     let mut files = Vec::new();
@@ -190,7 +210,7 @@ pub fn plots(out: &Path, m: &Metrics, d: &Details) -> anyhow::Result<Vec<PathBuf
         .iter()
         .map(|(name, c)| {
             Series::line(
-                &format!("{name} (val MAE)"),
+                &format!("{} (val MAE)", display_name(name)),
                 c.iter().map(|r| (r.epoch as f64, r.val_mae)).collect(),
             )
             .with_mark(plot::Mark::LinePoints)
@@ -215,8 +235,11 @@ pub fn test_plots(out: &Path, m: &Metrics, d: &Details) -> anyhow::Result<Vec<Pa
         .mae_by_g
         .iter()
         .map(|(name, pts)| {
-            Series::line(name, pts.iter().map(|&(g, e, _)| (g, e)).collect())
-                .with_mark(plot::Mark::LinePoints)
+            Series::line(
+                display_name(name),
+                pts.iter().map(|&(g, e, _)| (g, e)).collect(),
+            )
+            .with_mark(plot::Mark::LinePoints)
         })
         .collect();
     plot::line_chart(
@@ -231,7 +254,9 @@ pub fn test_plots(out: &Path, m: &Metrics, d: &Details) -> anyhow::Result<Vec<Pa
     files.push(p);
     let p = out.join("confusion.png");
     let k = d.confusion.len();
-    let labels: Vec<String> = (0..k).map(|i| i.to_string()).collect();
+    let labels: Vec<String> = (0..k)
+        .map(|i| d.bins.map_or_else(|| i.to_string(), |b| b.range_label(i)))
+        .collect();
     plot::heatmap(
         &p,
         &Axes::new(
@@ -239,8 +264,8 @@ pub fn test_plots(out: &Path, m: &Metrics, d: &Details) -> anyhow::Result<Vec<Pa
                 "Layer {} probe on test rows (bins of the remaining length)",
                 m.best_layer
             ),
-            "predicted bin (argmax)",
-            "true bin",
+            "predicted bin (argmax), remaining tokens",
+            "true bin, remaining tokens",
         ),
         &labels,
         &labels,
@@ -357,15 +382,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         seed: args.seed,
         ..ScoreOptions::default()
     };
-    eprintln!(
+    let steps = Steps::new();
+    steps.step(format!(
         "scoring the predictors of {} on its test split",
         run.dir.display()
-    );
+    ));
     let (mut metrics, details) = scoring::score_suite(&run, &opts)
         .with_context(|| format!("scoring {}", run.dir.display()))?;
     if let Some(dir) = &args.every_token {
+        steps.step(format!("scoring every token of {}", dir.display()));
         every_token(&run, dir, &opts, &mut metrics, &mut manifest)?;
     }
+    steps.step("writing metrics.json, report.md and the plots");
     let models = run.models_dir();
     let mut inputs: Vec<PathBuf> = std::fs::read_dir(&models)
         .with_context(|| format!("{}: cannot list", models.display()))?
@@ -394,6 +422,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         metrics.test.ratio_bert_finetuned_over_refined,
     )?;
     manifest.finish(&out)?;
+    drop(steps);
     let refined = metrics.test.mae_remaining.get("refined").cloned().flatten();
     eprintln!(
         "best layer {}; refined test MAE {}; BERT fine-tuned / refined {}",

@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
+use trail_stats::Interval;
 
 use super::eval::latency::BackendKind;
 use super::{eval, export, generate, report, train};
@@ -128,7 +129,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             &path(&checkpoint),
             "--bert-checkpoint",
             &path(&bert),
-            "--data",
+            "--run",
             &path(out),
             "--policies",
             "fcfs,trail",
@@ -172,24 +173,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 /// The latency comparison in three lines, from `trail eval latency`'s summary.json.
 fn print_latency(summary: &Path) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(summary)
-        .with_context(|| format!("reading {}", summary.display()))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("parsing {}", summary.display()))?;
-    let cells = v["summary"]["cells"]
-        .as_array()
-        .with_context(|| format!("{}: no summary.cells", summary.display()))?;
+    let summary = eval::latency::read_summary(summary)?;
     eprintln!("\npolicy  load  mean latency (s)  mean TTFT (s)");
     let mut mean = std::collections::BTreeMap::new();
-    for c in cells {
-        let (policy, lat, ttft) = (
-            c["policy"].as_str().unwrap_or("?"),
-            c["mean_latency_s"]["value"].as_f64().unwrap_or(f64::NAN),
-            c["mean_ttft_s"]["value"].as_f64().unwrap_or(f64::NAN),
-        );
-        let load = c["load"].as_f64().unwrap_or(f64::NAN);
-        eprintln!("{policy:<7} {load:>4.2}  {lat:>16.2}  {ttft:>13.3}");
-        mean.insert(policy.to_string(), (lat, ttft));
+    for c in &summary.cells {
+        let value = |i: Option<Interval>| i.map_or(f64::NAN, |i| i.value);
+        let (lat, ttft) = (value(c.mean_latency_s), value(c.mean_ttft_s));
+        eprintln!("{:<7} {:>4.2}  {lat:>16.2}  {ttft:>13.3}", c.policy, c.load);
+        mean.insert(c.policy.clone(), (lat, ttft));
     }
     if let (Some(f), Some(t)) = (mean.get("fcfs"), mean.get("trail")) {
         eprintln!(

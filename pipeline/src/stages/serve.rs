@@ -1,24 +1,28 @@
 //! `trail serve`: the continuous-batching engine with a pluggable scheduler and the TRAIL
-//! predictor in the loop, behind an OpenAI-compatible HTTP API. Binds 127.0.0.1 by default;
-//! SIGTERM or Ctrl-C stops admitting, finishes open responses (cut after `--shutdown-timeout`)
-//! and writes the step log. Every limit a client meets is a flag with a bounded default; if
-//! the engine thread dies, `/health` answers 503 and the process writes its step log and exits
-//! with status 2, for a supervisor to restart it.
+//! predictor in the loop, behind an OpenAI-compatible HTTP API, with vLLM's flags where they
+//! mean the same (`--host`, `--port`, `--served-model-name`, `--api-key`). Binds 127.0.0.1 by
+//! default; SIGTERM or Ctrl-C stops admitting, finishes open responses (cut after
+//! `--shutdown-timeout`) and writes the step log. Every limit a client meets is a flag with a
+//! bounded default; if the engine thread dies, `/health` answers 503 and the process writes its
+//! step log and exits with status 1, for a supervisor to restart it.
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use trail_checkpoints::{Checkpoint, MAX_REFINE_INTERVAL};
+use trail_checkpoints::Checkpoint;
 use trail_serving_shim::http::HttpOptions;
 use trail_serving_shim::listener::Limits;
-use trail_serving_shim::{BertPredictor, Engine, EngineConfig, PolicyKind, http, listener};
+use trail_serving_shim::{
+    BertPredictor, Engine, EngineConfig, PolicyKind, http, listener, prometheus,
+};
 
 use crate::manifest::write_atomic;
 use crate::stages::engine_args::{EngineArgs, PrefillChunk, bounded};
 use crate::stages::model_args::ModelArgs;
+use crate::stages::predictor_args::{PredictorArgs, RankingArgs};
 
 /// `trail serve`'s prefill chunk when `--prefill-chunk` is not given. From `trail bench
 /// runner`'s step table (reports/bench/runner.md): prefill runs at the same speed from 128
@@ -49,28 +53,34 @@ fn body_bytes(s: &str) -> Result<usize, String> {
 
 /// Arguments of `trail serve`.
 #[derive(Debug, clap::Args)]
+#[command(mut_arg("prefill_chunk", |a| a.default_value("128")))]
 pub struct Args {
-    /// Address to listen on.
-    #[arg(long, default_value = "127.0.0.1:8000")]
-    pub addr: SocketAddr,
+    /// Host or address to listen on (vLLM's `--host`; loopback by default: the API is open to
+    /// anyone who can reach it unless `--api-key` is set).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (0: any free port, printed at start).
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// The old spelling of `--host` and `--port` together (`HOST:PORT`).
+    #[arg(long, hide = true, conflicts_with_all = ["host", "port"])]
+    pub addr: Option<SocketAddr>,
+    /// Names a request may give as its `model` (vLLM's; the first is answered when a request
+    /// names none, and listed first by `/v1/models`). Default: the GGUF's file name without
+    /// its extension.
+    #[arg(long, num_args = 1..)]
+    pub served_model_name: Vec<String>,
+    /// Every `/v1` request must carry `Authorization: Bearer KEY` (401 otherwise), as with
+    /// vLLM's `--api-key`; `/health` and `/metrics` stay open.
+    #[arg(long, env = "TRAIL_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
     /// `fcfs`, `sjf-bert`, `sprpt`, `trail` or `oracle`.
     #[arg(long, default_value = "fcfs")]
     pub policy: PolicyKind,
-    /// The exported predictor (`trail export`); needed by `trail` and `sprpt`.
-    #[arg(long)]
-    pub checkpoint: Option<PathBuf>,
-    /// The fine-tuned BERT (`bert.safetensors` of `trail export --bert`): predicts each
-    /// request's length from its prompt on arrival (batched, off the engine thread);
-    /// `sjf-bert`, `sprpt` and `trail` order waiting requests by it.
-    #[arg(long)]
-    pub bert_checkpoint: Option<PathBuf>,
-    /// TRAIL's limit: preemptible only while generated ≤ c × the initial prediction.
-    #[arg(long, default_value_t = 0.8)]
-    pub c: f64,
-    /// Refresh the refined prediction every N tokens, 1 to 65536 (default: the checkpoint's
-    /// interval).
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_REFINE_INTERVAL)))]
-    pub refine_every: Option<u32>,
+    #[command(flatten)]
+    pub predictor: PredictorArgs,
+    #[command(flatten)]
+    pub ranking: RankingArgs,
     #[command(flatten)]
     pub engine: EngineArgs,
     /// Waiting requests beyond this get 429 with Retry-After (at most 1048576).
@@ -121,11 +131,13 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let runner = Arc::new(args.model.load()?);
     let checkpoint = args
+        .predictor
         .checkpoint
         .as_ref()
         .map(|p| Checkpoint::load(p).with_context(|| format!("loading {}", p.display())))
         .transpose()?;
     let bert = args
+        .ranking
         .bert_checkpoint
         .as_ref()
         .map(|w| {
@@ -171,15 +183,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         max_body_bytes: args.max_body_bytes,
         body_read_timeout: args.body_read_timeout,
         allow_eval_stop: args.allow_eval_output_tokens,
+        served_model_names: args.served_model_name.clone(),
+        api_key: args.api_key.clone(),
         ..HttpOptions::new(args.default_max_tokens)
     };
+    let addr = args.socket_addr()?;
     rt.block_on(async {
-        let listener = http::bind(args.addr)
+        let listener = http::bind(addr)
             .await
-            .with_context(|| format!("binding {}", args.addr))?;
+            .with_context(|| format!("binding {addr}"))?;
+        let bound = listener.local_addr().unwrap_or(addr);
+        let served = args.served_model_name.first().unwrap_or(&name);
         eprintln!(
-            "serving {name} on http://{} (policy {}, {}, kernel {})",
-            args.addr,
+            "serving {name} as {served:?} on http://{bound} (policy {}, {}, kernel {})",
             args.policy,
             engine_args.describe(),
             runner.kernel_id()
@@ -205,9 +221,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if let Some(dir) = &args.out {
         std::fs::create_dir_all(dir)?;
         trail_serving_shim::steps::write(&dir.join("steps.parquet"), &report.steps)?;
+        let served = args.served_model_name.first().unwrap_or(&name);
         write_atomic(
             &dir.join("metrics.prom"),
-            report.stats.render_prometheus().as_bytes(),
+            prometheus::render(&report.stats, served).as_bytes(),
         )?;
     }
     if let Some(e) = died {
@@ -216,11 +233,26 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+impl Args {
+    /// The address to bind: `--addr`, or `--host` and `--port` (a host name resolved, its
+    /// first address taken).
+    pub fn socket_addr(&self) -> anyhow::Result<SocketAddr> {
+        if let Some(a) = self.addr {
+            return Ok(a);
+        }
+        (self.host.as_str(), self.port)
+            .to_socket_addrs()
+            .with_context(|| format!("--host {}: cannot resolve", self.host))?
+            .next()
+            .with_context(|| format!("--host {}: no address", self.host))
+    }
+}
+
 /// The engine settings of `args`, as `trail serve` runs them (chunked prefill by default).
 pub fn engine_config(args: &Args) -> EngineConfig {
     let mut cfg = EngineConfig::new(args.engine.kv_budget_tokens, args.policy);
-    cfg.c = args.c;
-    cfg.refine_every = args.refine_every;
+    cfg.c = args.ranking.c;
+    cfg.refine_every = args.predictor.refine_every;
     cfg.scheduler = args
         .engine
         .with_default_chunk(PrefillChunk::Tokens(SERVE_PREFILL_CHUNK))

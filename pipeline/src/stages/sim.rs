@@ -17,12 +17,14 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
+use trail_eval::des::{Precision, Progress, simulate_precise};
 use trail_eval::loadgen::workload::{Lengths, poisson_trace};
-use trail_eval::plot::{self, Axes, Series};
 use trail_eval::{CappedMixture, Joint, Policy, Predictions, SimConfig, Sizes};
+use trail_plot::{self as plot, Axes, Series};
 
 use crate::manifest::{Manifest, write_atomic};
 use crate::stages::engine_args::EngineArgs;
+use crate::stages::step_model;
 
 /// Arguments of `trail sim`.
 #[derive(Debug, clap::Args)]
@@ -38,6 +40,10 @@ pub enum SimCommand {
     /// Closed forms against a discrete-event simulation (batch-means 95 % intervals).
     Des(DesArgs),
     /// Trace-driven serving simulation: the shim's scheduler, replicas behind a router.
+    ///
+    /// Engine defaults: --max-running 48, --kv-budget-tokens 16384, --prefill-chunk off (whole
+    /// prompts), --preemption swap. `trail serve` and `trail eval latency` share these flags with
+    /// other defaults (see their --help).
     Trace(TraceArgs),
 }
 
@@ -145,7 +151,18 @@ struct Summary {
     by_load: Vec<Row>,
     c_sweep: Vec<Row>,
     /// FCFS / SRPT mean response time per load (closed form, and simulated where run).
-    fcfs_over_srpt: Vec<(f64, f64, Option<f64>)>,
+    fcfs_over_srpt: Vec<FcfsOverSrpt>,
+    /// 2 since `fcfs_over_srpt` holds objects rather than unlabelled triples.
+    schema_version: u32,
+}
+
+/// FCFS over SRPT in mean response time at one load.
+#[derive(Debug, Serialize)]
+struct FcfsOverSrpt {
+    load: f64,
+    closed_form: f64,
+    /// Where the simulation ran.
+    simulated: Option<f64>,
 }
 
 fn joint(w: &Workload) -> anyhow::Result<Joint> {
@@ -189,17 +206,6 @@ fn policies(c: f64) -> Vec<Policy> {
 
 /// The widest 95 % interval a simulated mean may have, relative to the mean (the issue's ±1 %).
 const CI_TARGET: f64 = 0.01;
-
-/// Jobs for a rerun of a simulation whose interval came out `rel_ci` wide with `jobs`: enough
-/// for `CI_TARGET` with a 20 % margin, at most `max_jobs`; `None` when it is narrow enough or
-/// `jobs` already reached the cap.
-fn jobs_for_target(jobs: u64, rel_ci: f64, max_jobs: u64) -> Option<u64> {
-    if rel_ci <= CI_TARGET || jobs >= max_jobs {
-        return None;
-    }
-    let want = (jobs as f64 * (rel_ci / CI_TARGET).powi(2) * 1.2).ceil() as u64;
-    Some(want.clamp(jobs + 1, max_jobs))
-}
 
 fn jobs_at(d: &DesArgs, load: f64) -> u64 {
     let scale = (0.3 / (1.0 - load)).powi(2).max(1.0);
@@ -260,7 +266,7 @@ fn run_grid(
         };
         if let (Some(d), Some(bar)) = (des, &bar) {
             bar.set_message(format!("{} @ {load}", policy.name()));
-            let mut cfg = SimConfig {
+            let cfg = SimConfig {
                 load,
                 jobs: jobs_at(d, load),
                 warmup: d.warmup,
@@ -268,23 +274,21 @@ fn run_grid(
                 // A stream per cell, fixed by the seed and the cell's position in the grid.
                 seed: d.seed.wrapping_mul(1_000_003).wrapping_add(i as u64),
             };
-            let run = |cfg: &SimConfig| {
-                let mut seen = 0;
-                let sim = trail_eval::simulate(&joint, policy, cfg, &mut |done| {
+            let precision = Precision {
+                rel_ci95: CI_TARGET,
+                max_jobs: d.max_jobs.max(d.jobs),
+            };
+            let mut seen = 0;
+            let sim = simulate_precise(&joint, policy, &cfg, &precision, &mut |p| match p {
+                Progress::Jobs(done) => {
                     bar.inc(done - seen);
                     seen = done;
-                })?;
-                bar.inc(cfg.jobs.saturating_sub(seen));
-                anyhow::Ok(sim)
-            };
-            let mut sim = run(&cfg)?;
-            let cap = d.max_jobs.max(d.jobs);
-            while let Some(jobs) = jobs_for_target(cfg.jobs, sim.rel_ci95(), cap) {
-                // The same stream, longer: the result is what a first run of `jobs` gives.
-                bar.inc_length(jobs);
-                cfg.jobs = jobs;
-                sim = run(&cfg)?;
-            }
+                }
+                Progress::Rerun(jobs) => {
+                    bar.inc_length(jobs);
+                    seen = 0;
+                }
+            })?;
             row.simulated = Some(sim.mean);
             row.ci95 = Some(sim.ci95);
             row.rel_error = Some((closed_form - sim.mean).abs() / sim.mean);
@@ -307,7 +311,11 @@ fn run_grid(
         .filter_map(|&l| {
             let (f, s) = (find("fcfs", l)?, find("srpt", l)?);
             let sim = f.simulated.zip(s.simulated).map(|(a, b)| a / b);
-            Some((l, f.closed_form / s.closed_form, sim))
+            Some(FcfsOverSrpt {
+                load: l,
+                closed_form: f.closed_form / s.closed_form,
+                simulated: sim,
+            })
         })
         .collect();
     let summary = Summary {
@@ -317,6 +325,7 @@ fn run_grid(
         by_load,
         c_sweep,
         fcfs_over_srpt,
+        schema_version: 2,
     };
 
     let out = &w.out;
@@ -451,8 +460,13 @@ fn report(s: &Summary, w: &Workload, des: Option<&DesArgs>) -> String {
         ));
     }
     md.push_str("\n## FCFS / SRPT\n\n| load | closed form | simulated |\n|---|---|---|\n");
-    for (l, c, sim) in &s.fcfs_over_srpt {
-        md.push_str(&format!("| {l} | {c:.3} | {} |\n", fmt_opt(*sim, 3)));
+    for r in &s.fcfs_over_srpt {
+        md.push_str(&format!(
+            "| {} | {:.3} | {} |\n",
+            r.load,
+            r.closed_form,
+            fmt_opt(r.simulated, 3)
+        ));
     }
     md.push_str(&format!(
         "\n(The c sweep rows are at load {}. With the rank y − a, a job past its prediction has a \
@@ -482,13 +496,15 @@ pub struct TraceArgs {
     #[arg(long)]
     pub trace: Option<PathBuf>,
     /// Step log: `steps.parquet` as `trail serve --out` or `trail bench runner --out` write it
-    /// (fitted by least squares), or a fitted model as JSON `{base_s, per_decode_row_s,
-    /// per_prefill_token_s, per_kv_token_s}`.
+    /// (fitted by least squares), or a step-time model as JSON `{base_s, per_decode_row_s,
+    /// per_prefill_token_s, per_kv_token_s}` (`step_model.json`), optionally with
+    /// `per_swap_token_s` and `kv_capacity_tokens` (which then replaces --kv-budget-tokens).
     #[arg(long)]
     pub steps: PathBuf,
-    /// Policies to simulate.
+    /// Policies to simulate, comma-separated.
     #[arg(
-        long,
+        long = "policies",
+        alias = "policy",
         value_delimiter = ',',
         default_value = "fcfs,sjf-bert,sprpt,trail,oracle"
     )]
@@ -516,7 +532,12 @@ pub struct TraceArgs {
     /// Synthetic trace from a generated run: prompts (with their tokens) and profiled output
     /// lengths sampled from its test split, as `trail eval latency` samples them; without it,
     /// exponential lengths (--mean-output).
-    #[arg(long, conflicts_with = "trace")]
+    #[arg(
+        long = "run",
+        alias = "data",
+        value_name = "DIR",
+        conflicts_with = "trace"
+    )]
     pub data: Option<PathBuf>,
     /// Synthetic trace: requests.
     #[arg(long, default_value_t = 10_000)]
@@ -582,31 +603,6 @@ fn replicas_plot(path: &std::path::Path, rows: &[TraceRow]) -> anyhow::Result<()
     Ok(())
 }
 
-/// The step-time model of `--steps`: fitted to a step log (parquet, told by its magic bytes),
-/// or read as a fitted model (JSON).
-fn step_time_model(path: &std::path::Path) -> anyhow::Result<trail_eval::tracesim::StepTimeModel> {
-    use std::io::Read;
-    use trail_eval::tracesim::StepTimeModel;
-
-    let mut magic = [0u8; 4];
-    let n = std::fs::File::open(path)
-        .and_then(|mut f| f.read(&mut magic))
-        .with_context(|| format!("{}: cannot read", path.display()))?;
-    if n == 4 && &magic == b"PAR1" {
-        let records = trail_serving_shim::steps::read(path)?;
-        return StepTimeModel::fit_log(&records)
-            .with_context(|| format!("{}: fitting the step-time model", path.display()));
-    }
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("{}: cannot read", path.display()))?;
-    serde_json::from_str::<StepTimeModel>(&text).with_context(|| {
-        format!(
-            "{}: neither a step log (steps.parquet) nor a fitted step-time model (JSON)",
-            path.display()
-        )
-    })
-}
-
 fn run_trace(a: &TraceArgs) -> anyhow::Result<()> {
     use trail_eval::tracesim;
 
@@ -615,7 +611,7 @@ fn run_trace(a: &TraceArgs) -> anyhow::Result<()> {
         .iter()
         .map(|p| p.parse())
         .collect::<Result<_, _>>()?;
-    anyhow::ensure!(!policies.is_empty(), "--policy: at least one policy");
+    anyhow::ensure!(!policies.is_empty(), "--policies: at least one policy");
     anyhow::ensure!(
         !a.replicas.is_empty() && a.replicas.iter().all(|&r| r > 0),
         "--replicas: counts must be ≥ 1"
@@ -627,8 +623,9 @@ fn run_trace(a: &TraceArgs) -> anyhow::Result<()> {
     );
     let mut manifest = Manifest::start("sim trace", a, Some(a.seed))?;
 
-    let model = step_time_model(&a.steps)?;
+    let model = step_model::read(&a.steps)?;
     manifest.input(&a.steps, &a.out)?;
+    let engine = step_model::engine_for(&a.engine, &model)?;
 
     let (trace, prompt_lens) = match &a.trace {
         Some(path) => {
@@ -670,7 +667,7 @@ fn run_trace(a: &TraceArgs) -> anyhow::Result<()> {
     };
     anyhow::ensure!(!trace.is_empty(), "empty trace");
 
-    let scheduler = a.engine.scheduler();
+    let scheduler = engine.scheduler();
     let router = match a.router {
         RouterArg::RoundRobin => tracesim::Router::RoundRobin,
         RouterArg::Jsq => tracesim::Router::JoinShortestQueue,
@@ -732,7 +729,7 @@ fn run_trace(a: &TraceArgs) -> anyhow::Result<()> {
     manifest.output(&summary_path, out)?;
     let mut md = format!(
         "# Trace-driven serving simulation\n\n{} requests ({}); step time = {:.3e} + {:.3e}·decode rows \
-         + {:.3e}·prefill tokens + {:.3e}·KV tokens s; {}, router {:?}, c = {}.\n\n| policy | replicas | mean | p50 | p90 | p99 | mean TTFT | preemptions |\n|---|---|---|---|---|---|---|---|\n",
+         + {:.3e}·prefill tokens + {:.3e}·KV tokens{} s; {}, router {:?}, c = {}.\n\n| policy | replicas | mean | p50 | p90 | p99 | mean TTFT | preemptions |\n|---|---|---|---|---|---|---|---|\n",
         trace.len(),
         match (&a.trace, &a.data) {
             (Some(p), _) => p.display().to_string(),
@@ -750,7 +747,12 @@ fn run_trace(a: &TraceArgs) -> anyhow::Result<()> {
         model.per_decode_row_s,
         model.per_prefill_token_s,
         model.per_kv_token_s,
-        a.engine.describe(),
+        if model.per_swap_token_s > 0.0 {
+            format!(" + {:.3e}·tokens swapped out or in", model.per_swap_token_s)
+        } else {
+            String::new()
+        },
+        engine.describe(),
         a.router,
         a.c,
     );
@@ -778,19 +780,4 @@ fn run_trace(a: &TraceArgs) -> anyhow::Result<()> {
     let path = manifest.finish(out)?;
     println!("{}", path.display());
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_wide_interval_asks_for_the_jobs_that_narrow_it_within_the_cap() {
-        assert_eq!(jobs_for_target(1_000, 0.009, 10_000), None);
-        // 2 % with 1,000 jobs: 4× the jobs for 1 %, and a 20 % margin.
-        assert_eq!(jobs_for_target(1_000, 0.02, 10_000), Some(4_800));
-        assert_eq!(jobs_for_target(1_000, 0.1, 10_000), Some(10_000));
-        assert_eq!(jobs_for_target(10_000, 0.1, 10_000), None);
-        assert!(jobs_for_target(1_000, 0.010_001, 10_000).is_some_and(|j| j > 1_000));
-    }
 }

@@ -33,9 +33,11 @@ pub struct Args {
     /// Prompts drawn from it (a seeded sample, as `trail generate --limit`).
     #[arg(long, default_value_t = 64)]
     pub prompts: usize,
-    #[arg(long, default_value_t = 128)]
+    /// Most tokens generated per prompt, as `trail generate --max-tokens`.
+    #[arg(long = "max-tokens", alias = "max-new-tokens", default_value_t = 128)]
     pub max_new_tokens: usize,
-    #[arg(long, default_value_t = 16)]
+    /// Sequences decoded together, as `trail generate --batch-size`.
+    #[arg(long = "batch-size", alias = "batch", default_value_t = 16)]
     pub batch: usize,
     /// Layers the stage captures.
     #[arg(long, default_value = "all")]

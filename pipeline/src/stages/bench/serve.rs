@@ -2,11 +2,11 @@
 //! batch, and the predictor's share of step time.
 //!
 //! The same Alpaca prompts (the first `--requests` of the carried corpus, chat template
-//! applied; greedy, up to `--max-new` tokens) go through
-//! 1. the runner's [`BatchGenerator`] at batch `--batch`: offline continuous batching with no
-//!    scheduler, no channels, no predictor;
-//! 2. the serving engine in-process (no HTTP), once per `--policy`, with `max_running` =
-//!    `--batch`, a KV budget that holds every request (no preemption), whole-prompt prefill and
+//! applied; greedy, up to `--max-tokens` tokens) go through
+//! 1. the runner's [`BatchGenerator`] at batch `--batch-size`: offline continuous batching with
+//!    no scheduler, no channels, no predictor;
+//! 2. the serving engine in-process (no HTTP), once per policy of `--policies`, with
+//!    `max_running` = `--batch-size`, a KV budget that holds every request (no preemption), whole-prompt prefill and
 //!    every request submitted at t = 0 (admitted in the same iteration); `trail` and `sprpt` run
 //!    the `--checkpoint` predictor in the loop when one is given.
 //!
@@ -30,6 +30,7 @@ use trail_serving_shim::{Engine, EngineConfig, GenRequest, PolicyKind};
 use super::{cpu_model, median, peak_rss_mib};
 use crate::manifest::GIT_COMMIT;
 use crate::stages::model_args::{ModelArgs, threads};
+use crate::stages::predictor_args::PredictorArgs;
 
 /// The throughput the engine should keep, as a fraction of the bare runner's.
 const TARGET_RATIO: f64 = 0.9;
@@ -41,20 +42,21 @@ pub struct Args {
     #[arg(long, default_value_t = 64)]
     pub requests: usize,
     /// Batch: rows of the batch generator, `max_running` of the engine.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long = "batch-size", alias = "batch", default_value_t = 16)]
     pub batch: usize,
     /// Most tokens generated per request.
-    #[arg(long, default_value_t = 48)]
+    #[arg(long = "max-tokens", alias = "max-new", default_value_t = 48)]
     pub max_new: usize,
-    /// Engine policies to run.
-    #[arg(long, value_delimiter = ',', default_value = "fcfs,trail")]
+    /// Engine policies to run, comma-separated.
+    #[arg(
+        long = "policies",
+        alias = "policy",
+        value_delimiter = ',',
+        default_value = "fcfs,trail"
+    )]
     pub policy: Vec<PolicyKind>,
-    /// The exported predictor (`trail export`), run in the loop by `trail` and `sprpt`.
-    #[arg(long)]
-    pub checkpoint: Option<PathBuf>,
-    /// Refresh the refined prediction every N tokens (default: the checkpoint's interval).
-    #[arg(long)]
-    pub refine_every: Option<u32>,
+    #[command(flatten)]
+    pub predictor: PredictorArgs,
     /// Repetitions of the whole comparison (medians are reported).
     #[arg(long, default_value_t = 1)]
     pub repeats: usize,
@@ -174,7 +176,7 @@ fn engine(
         .sum();
     let mut cfg = EngineConfig::new(budget, policy);
     cfg.scheduler.max_running = a.batch;
-    cfg.refine_every = a.refine_every;
+    cfg.refine_every = a.predictor.refine_every;
     let engine = Engine::start(runner.clone(), checkpoint, cfg)?;
     for w in engine.warnings() {
         eprintln!("warning: {w}");
@@ -224,7 +226,7 @@ fn prompts(runner: &Runner, n: usize, max_new: usize) -> anyhow::Result<Vec<Vec<
             let p = runner.encode_chat(&r.prompt)?;
             anyhow::ensure!(
                 p.len() + max_new <= context,
-                "Alpaca record {}: {} prompt tokens + --max-new {max_new} exceed the context of {context}",
+                "Alpaca record {}: {} prompt tokens + --max-tokens {max_new} exceed the context of {context}",
                 r.index,
                 p.len()
             );
@@ -235,19 +237,19 @@ fn prompts(runner: &Runner, n: usize, max_new: usize) -> anyhow::Result<Vec<Vec<
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     anyhow::ensure!(args.requests > 0, "--requests must be at least 1");
-    anyhow::ensure!(args.batch > 0, "--batch must be at least 1");
-    anyhow::ensure!(args.max_new > 0, "--max-new must be at least 1");
+    anyhow::ensure!(args.batch > 0, "--batch-size must be at least 1");
+    anyhow::ensure!(args.max_new > 0, "--max-tokens must be at least 1");
     anyhow::ensure!(args.repeats > 0, "--repeats must be at least 1");
-    anyhow::ensure!(!args.policy.is_empty(), "--policy: at least one policy");
+    anyhow::ensure!(!args.policy.is_empty(), "--policies: at least one policy");
     let runner = Arc::new(args.model.load()?);
     let load =
         |p: &PathBuf| Checkpoint::load(p).with_context(|| format!("loading {}", p.display()));
-    if let Some(p) = &args.checkpoint {
+    if let Some(p) = &args.predictor.checkpoint {
         load(p)?; // fail early on a bad file
     }
     let prompts = prompts(&runner, args.requests, args.max_new)?;
     let uses_predictor = |p: PolicyKind| {
-        args.checkpoint.is_some() && matches!(p, PolicyKind::Trail | PolicyKind::Sprpt)
+        args.predictor.checkpoint.is_some() && matches!(p, PolicyKind::Trail | PolicyKind::Sprpt)
     };
 
     // Every repeat runs bare, then each policy, so slow phases of a shared machine spread
@@ -263,7 +265,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             if !args.json {
                 eprintln!("repeat {}/{}: engine, {policy} …", rep + 1, args.repeats);
             }
-            let ck = match (&args.checkpoint, uses_predictor(policy)) {
+            let ck = match (&args.predictor.checkpoint, uses_predictor(policy)) {
                 (Some(p), true) => Some(load(p)?),
                 _ => None,
             };
@@ -333,7 +335,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         repeats: args.repeats,
         prompt_tokens: prompts.iter().map(Vec::len).sum(),
         at_max_new: reference.iter().filter(|t| t.len() == args.max_new).count(),
-        checkpoint: args.checkpoint.as_ref().map(|p| p.display().to_string()),
+        checkpoint: args
+            .predictor
+            .checkpoint
+            .as_ref()
+            .map(|p| p.display().to_string()),
         target_ratio: TARGET_RATIO,
         runs,
         peak_rss_mib: peak_rss_mib(),

@@ -19,6 +19,7 @@ use trail_checkpoints::suite::{self, BertAssets, Run};
 use trail_datasets::{SplitFilter, store};
 
 use crate::manifest::{Manifest, write_atomic};
+use crate::stages::progress::Steps;
 use crate::stages::report::{predictor_table, test_plots};
 use crate::stages::train::bert_dir;
 
@@ -33,15 +34,15 @@ pub struct Args {
     #[arg(long)]
     pub checkpoint: Option<PathBuf>,
     /// The generated run to score on.
-    #[arg(long)]
+    #[arg(long = "run", alias = "data", value_name = "DIR")]
     pub data: PathBuf,
     /// Which of its requests: `all`, `train`, `val` or `test`.
     #[arg(long, default_value = "all")]
     pub split: String,
     #[arg(long)]
     pub out: PathBuf,
-    /// Refresh interval of the refined estimate, in tokens (default: the checkpoint's, else 8).
-    #[arg(long)]
+    /// Refresh the refined estimate every N tokens (default: the checkpoint's, else 8).
+    #[arg(long = "refine-every", alias = "refine-interval")]
     pub refine_interval: Option<u32>,
     /// Bootstrap resamples of the 95 % intervals.
     #[arg(long, default_value_t = 1000)]
@@ -91,6 +92,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         seed: args.seed,
         ..ScoreOptions::default()
     };
+    let steps = Steps::new();
     let (source, metrics, details, mut read_layers) = match (&args.models, &args.checkpoint) {
         (Some(models), None) => {
             let train = training_run(models)?;
@@ -110,13 +112,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     .filter(|r| split.is_none_or(|s| r.split == s))
                     .cloned()
                     .collect();
-                eprintln!("running the BERT baselines on {} prompts", scored.len());
+                steps.step(format!(
+                    "running the BERT baselines on {} prompts",
+                    scored.len()
+                ));
                 suite::predict_bert(models, &cfg, &assets, &scored)
                     .with_context(|| format!("BERT baselines of {}", models.display()))?
             };
             trained.predictors.bert_finetuned = ft;
             trained.predictors.bert_frozen = fr;
             opts.refine_interval = args.refine_interval.unwrap_or(8);
+            steps.step(format!("scoring the predictors on {}", data.dir.display()));
             let scored =
                 scoring::score(&data, split, &trained.predictors, &opts).with_context(|| {
                     format!("scoring {} on {}", models.display(), data.dir.display())
@@ -142,6 +148,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             opts.refine_interval =
                 args.refine_interval
                     .unwrap_or(if interval > 0 { interval } else { 8 });
+            steps.step(format!(
+                "scoring {} on {}",
+                path.display(),
+                data.dir.display()
+            ));
             let scored = scoring::score(&data, split, &preds, &opts)
                 .with_context(|| format!("scoring {} on {}", path.display(), data.dir.display()))?;
             manifest.input(path, Path::new("/"))?;
@@ -172,6 +183,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     }
 
+    steps.step("writing metrics.json, report.md and the plots");
     let split_name = split.map_or("all", |s| s.as_str());
     let metrics_path = args.out.join("metrics.json");
     write_atomic(
@@ -192,6 +204,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         metrics.test.mae_remaining.get("refined"),
     )?;
     manifest.finish(&args.out)?;
+    drop(steps);
     let refined = metrics.test.mae_remaining.get("refined").cloned().flatten();
     eprintln!(
         "{} requests of {} (split {split_name}): refined MAE {}",

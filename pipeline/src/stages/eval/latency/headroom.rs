@@ -10,7 +10,7 @@
 //!   policy; each cell's speed against the model is its relative step time (a stretch of
 //!   other work on the cores during one cell shows there as well).
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use trail_eval::loadgen::TraceRequest;
 use trail_eval::tracesim::{
     self, PolicyKind, Predictions, Router, SchedulerConfig, SimConfig, StepTimeModel,
@@ -21,7 +21,7 @@ use trail_serving_shim::StepRecord;
 pub const SLOWDOWN: f64 = 0.05;
 
 /// Simulated figures at one load, over the traces of every seed.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Headroom {
     pub load: f64,
     /// Requests simulated (every seed's trace).
@@ -122,12 +122,7 @@ mod tests {
 
     #[test]
     fn relative_step_time_is_the_slowdown_of_decode_steps() {
-        let model = StepTimeModel {
-            base_s: 0.006,
-            per_decode_row_s: 0.001,
-            per_prefill_token_s: 0.001,
-            per_kv_token_s: 6e-6,
-        };
+        let model = StepTimeModel::linear(0.006, 0.001, 0.001, 6e-6);
         let same = relative_step_time(&log(&model, 1.0), &model).unwrap();
         assert!((same - 1.0).abs() < 1e-12, "{same}");
         let slow = relative_step_time(&log(&model, 1.1), &model).unwrap();
@@ -146,12 +141,7 @@ mod tests {
 
     #[test]
     fn slower_steps_never_help_fcfs_and_the_oracle_never_loses() {
-        let model = StepTimeModel {
-            base_s: 0.01,
-            per_decode_row_s: 0.002,
-            per_prefill_token_s: 0.001,
-            per_kv_token_s: 0.0,
-        };
+        let model = StepTimeModel::linear(0.01, 0.002, 0.001, 0.0);
         // A burst of long and short requests on 2 slots: the oracle runs the short ones first.
         let trace: Vec<TraceRequest> = (0..12)
             .map(|i| {

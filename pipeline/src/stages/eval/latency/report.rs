@@ -7,11 +7,12 @@ use std::path::{Path, PathBuf};
 
 use trail_checkpoints::metrics::Interval;
 use trail_eval::loadgen::ResultRow;
-use trail_eval::plot::{self, Axes, Mark, Series};
+use trail_plot::{self as plot, Axes, Mark, Series};
 
+use super::benchmark::{BenchmarkMetrics, GoodputSlo};
 use super::summary::{CellStats, Summary, load_key};
 
-/// Writes the plots into `dir`; returns their paths.
+/// Writes the plots into `dir`, each PNG with its SVG beside it; returns their paths.
 pub fn plots(
     dir: &Path,
     summary: &Summary,
@@ -32,10 +33,13 @@ pub fn plots(
                     .filter_map(|c| pick(c).map(|i| (c.load, i)))
                     .collect();
                 (!cells.is_empty()).then(|| {
-                    Series::line(p, cells.iter().map(|(l, i)| (*l, i.value)).collect())
-                        .with_err(cells.iter().map(|(_, i)| (i.hi - i.lo) / 2.0).collect())
-                        .with_mark(Mark::LinePoints)
-                        .with_color(k)
+                    Series::line(
+                        display_name(p),
+                        cells.iter().map(|(l, i)| (*l, i.value)).collect(),
+                    )
+                    .with_interval(cells.iter().map(|(_, i)| (i.lo, i.hi)).collect())
+                    .with_mark(Mark::LinePoints)
+                    .with_color(k)
                 })
             })
             .collect()
@@ -44,7 +48,7 @@ pub fn plots(
     plot::line_chart(
         &path,
         &Axes::new(
-            "Mean end-to-end latency (95 % bootstrap half-width)",
+            "Mean end-to-end latency (95 % bootstrap interval)",
             "load (fraction of saturation)",
             "mean latency (s)",
         ),
@@ -55,13 +59,16 @@ pub fn plots(
     plot::line_chart(
         &path,
         &Axes::new(
-            "Mean time to first token (95 % bootstrap half-width)",
+            "Mean time to first token (95 % bootstrap interval)",
             "load (fraction of saturation)",
             "mean TTFT (s)",
         ),
         &by_policy(|c| c.mean_ttft_s),
     )?;
     written.push(path);
+    if let Some(path) = headline(dir, summary)? {
+        written.push(path);
+    }
     let mut loads: BTreeMap<String, f64> = BTreeMap::new();
     for c in &summary.cells {
         loads.insert(load_key(c.load), c.load);
@@ -77,7 +84,7 @@ pub fn plots(
                     })
                     .map(|r| r.result.latency_s)
                     .collect();
-                (!v.is_empty()).then(|| (p.clone(), v))
+                (!v.is_empty()).then(|| (display_name(p).to_string(), v))
             })
             .collect();
         let path = dir.join(format!("latency_cdf_load={key}.png"));
@@ -95,6 +102,61 @@ pub fn plots(
     Ok(written)
 }
 
+/// The headline: FCFS's mean latency over each policy's against load, with the paired
+/// bootstrap intervals as they are, and parity (1) drawn; none without a comparison.
+fn headline(dir: &Path, summary: &Summary) -> anyhow::Result<Option<PathBuf>> {
+    let mut by_policy: BTreeMap<&str, Vec<(f64, Interval)>> = BTreeMap::new();
+    for c in &summary.comparisons {
+        for (p, r) in &c.fcfs_over_policy_mean_latency {
+            by_policy.entry(p.as_str()).or_default().push((c.load, *r));
+        }
+    }
+    if by_policy.is_empty() {
+        return Ok(None);
+    }
+    let loads: Vec<f64> = summary.comparisons.iter().map(|c| c.load).collect();
+    let (lo, hi) = loads
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &l| {
+            (a.min(l), b.max(l))
+        });
+    let mut series = vec![Series::line("parity (no gain)", vec![(lo, 1.0), (hi, 1.0)])];
+    for (k, (p, pts)) in by_policy.into_iter().enumerate() {
+        series.push(
+            Series::line(
+                display_name(p),
+                pts.iter().map(|(l, i)| (*l, i.value)).collect(),
+            )
+            .with_interval(pts.iter().map(|(_, i)| (i.lo, i.hi)).collect())
+            .with_mark(Mark::LinePoints)
+            .with_color(k + 1),
+        );
+    }
+    let path = dir.join("fcfs_over_policy_vs_load.png");
+    plot::line_chart(
+        &path,
+        &Axes::new(
+            "FCFS mean latency ÷ policy's (paired 95 % bootstrap interval)",
+            "load (fraction of saturation)",
+            "FCFS ÷ policy (> 1: policy faster)",
+        ),
+        &series,
+    )?;
+    Ok(Some(path))
+}
+
+/// How a paper names a policy.
+pub fn display_name(policy: &str) -> &str {
+    match policy {
+        "fcfs" => "FCFS",
+        "trail" => "TRAIL",
+        "sprpt" => "SPRPT",
+        "sjf-bert" => "SJF (BERT)",
+        "oracle" => "Oracle (true lengths)",
+        other => other,
+    }
+}
+
 fn iv(i: Option<Interval>) -> String {
     match i {
         Some(i) => format!("{:.2} [{:.2}, {:.2}]", i.value, i.lo, i.hi),
@@ -108,6 +170,53 @@ fn val(i: Option<Interval>) -> String {
 
 /// The settings block of the report: one `key: value` line each.
 pub type Settings = Vec<(String, String)>;
+
+/// The figures `benchmark_serving.py` prints, one row per policy (cells summarised before
+/// they existed have none).
+fn benchmark_table(md: &mut String, cells: &[&CellStats], slo: Option<&GoodputSlo>) {
+    let rows: Vec<(&str, &BenchmarkMetrics)> = cells
+        .iter()
+        .filter_map(|c| Some((c.policy.as_str(), c.benchmark.as_ref()?)))
+        .collect();
+    if rows.is_empty() {
+        return;
+    }
+    let goodput = slo.map_or(String::new(), |s| {
+        format!("; goodput under {}", s.describe())
+    });
+    let _ = writeln!(
+        md,
+        "
+As vLLM's `benchmark_serving.py` reports them (ms; TPOT and ITL as it defines them;          TTFT and E2EL from the scheduled arrival{goodput}):
+"
+    );
+    let _ = writeln!(
+        md,
+        "| policy | completed | duration (s) | req/s | output tok/s | total tok/s | goodput (req/s) \
+         | TTFT mean / median / p99 | TPOT mean / median / p99 | ITL mean / median / p99 | E2EL \
+         mean / median / p99 |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|");
+    let ms = |x: Option<f64>| x.map_or("–".into(), |x| format!("{:.1}", 1e3 * x));
+    let three = |a, b, c| format!("{} / {} / {}", ms(a), ms(b), ms(c));
+    for (p, b) in rows {
+        let _ = writeln!(
+            md,
+            "| {p} | {} | {:.1} | {:.3} | {:.1} | {:.1} | {} | {} | {} | {} | {} |",
+            b.completed,
+            b.duration_s,
+            b.request_throughput_rps,
+            b.output_throughput_tokens_per_s,
+            b.total_token_throughput_tokens_per_s,
+            b.request_goodput_rps
+                .map_or("–".into(), |g| format!("{g:.3}")),
+            three(b.mean_ttft_s, b.median_ttft_s, b.p99_ttft_s),
+            three(b.mean_tpot_s, b.median_tpot_s, b.p99_tpot_s),
+            three(b.mean_itl_s, b.median_itl_s, b.p99_itl_s),
+            three(b.mean_e2el_s, b.median_e2el_s, b.p99_e2el_s),
+        );
+    }
+}
 
 /// `report.md`.
 pub fn markdown(summary: &Summary, settings: &Settings, plots: &[PathBuf]) -> String {
@@ -185,6 +294,7 @@ pub fn markdown(summary: &Summary, settings: &Settings, plots: &[PathBuf]) -> St
                         .join(", ")),
             );
         }
+        benchmark_table(&mut md, &cells, summary.goodput_slo.as_ref());
         if let Some(cmp) = summary.comparisons.iter().find(|c| load_key(c.load) == key) {
             let _ = writeln!(
                 md,

@@ -12,13 +12,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use trail_checkpoints::Checkpoint;
-use trail_eval::loadgen::{self, EngineBackend, HttpBackend, RequestResult, TraceRequest};
+use trail_eval::loadgen::{self, RequestResult, TraceRequest};
 use trail_eval::tracesim::StepTimeModel;
 use trail_llm::Runner;
 use trail_serving_shim::{
     Engine, EngineConfig, PolicyKind, Recordings, SchedulerConfig, VirtualTime,
 };
 
+use super::backend::{EngineBackend, HttpBackend};
+use super::client::Remote;
 use crate::manifest::write_atomic;
 use crate::stages::engine_args::EngineArgs;
 use crate::stages::model_args::ModelArgs;
@@ -32,7 +34,8 @@ pub enum BackendKind {
     /// The engine in this process (no HTTP, no detokenization).
     Inprocess,
     /// The engine in this process on virtual time: each step moves its clock by the step-time
-    /// model fitted to the saturation burst's step log, and the whole trace is handed to it at
+    /// model fitted to the saturation burst's step log (or given, `--step-model`), and the
+    /// whole trace is handed to it at
     /// once with its arrivals. Latencies depend on the schedule, not on how fast the machine
     /// happens to be while a cell runs (a shared VM can be 1.5× slower for minutes).
     Virtual,
@@ -71,11 +74,13 @@ pub struct Launch<'a> {
     pub checkpoint: Option<&'a Checkpoint>,
     /// BERT's initial predictions by prompt (in-process backend).
     pub priors: Option<&'a HashMap<String, f64>>,
-    /// The step-time model of the virtual clock (`virtual` backend; the saturation burst runs
-    /// on the wall clock before it is fitted).
+    /// The step-time model of the virtual clock (`virtual` backend; without `--step-model` the
+    /// saturation burst runs on the wall clock before it is fitted).
     pub step_model: Option<StepTimeModel>,
     /// Recorded requests the virtual backend's engines replay (see [`record`]).
     pub recordings: Option<Arc<Recordings>>,
+    /// The server of `--base-url`, driven instead of a `trail serve` child.
+    pub remote: Option<Remote>,
 }
 
 /// The in-process engine of `policy` (on virtual time when the launch has a step model and
@@ -93,9 +98,7 @@ fn start_engine(
     let mut cfg = engine_config(cx.settings, policy);
     scheduler(&mut cfg.scheduler);
     let step_model = cx.step_model.filter(|_| cx.backend == BackendKind::Virtual);
-    cfg.virtual_time = step_model.map(|m| VirtualTime {
-        cost: Arc::new(move |d, p, kv| m.predict(d, p, kv)),
-    });
+    cfg.virtual_time = step_model.map(VirtualTime::new);
     if cfg.virtual_time.is_some() {
         cfg.recordings = cx.recordings.clone();
     }
@@ -118,6 +121,9 @@ fn engine_config(s: &ServerSettings, policy: PolicyKind) -> EngineConfig {
     cfg
 }
 
+/// The model name the HTTP backend's child serves and its requests give.
+const SERVED_NAME: &str = "trail";
+
 /// The arguments of the HTTP backend's child `trail serve` (after `serve`) for `policy` on
 /// `port`, writing its step log into `dir`. Every engine setting is passed, the prefill chunk
 /// included (`off` for whole prompts), so the child runs the parent's scheduler, not
@@ -127,7 +133,9 @@ fn serve_args(cx: &Launch<'_>, policy: PolicyKind, port: u16, dir: &Path) -> Vec
     let needs_checkpoint = matches!(policy, PolicyKind::Trail | PolicyKind::Sprpt);
     let mut v: Vec<OsString> = Vec::new();
     let mut push = |a: &str, b: &str| v.extend([OsString::from(a), OsString::from(b)]);
-    push("--addr", &format!("127.0.0.1:{port}"));
+    push("--host", "127.0.0.1");
+    push("--port", &port.to_string());
+    push("--served-model-name", SERVED_NAME);
     push("--policy", policy.as_str());
     push("--c", &s.c.to_string());
     for pair in s.engine.to_cli().chunks(2) {
@@ -205,6 +213,8 @@ pub enum Server {
         backend: Arc<HttpBackend>,
         log: PathBuf,
     },
+    /// A server this command did not start (`--base-url`): no log, no step log.
+    Remote { backend: Arc<HttpBackend> },
     InProcess {
         backend: Arc<EngineBackend>,
         /// On virtual time.
@@ -219,6 +229,11 @@ impl Server {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("{}: cannot create", dir.display()))?;
         let needs_checkpoint = matches!(policy, PolicyKind::Trail | PolicyKind::Sprpt);
+        if let Some(remote) = &cx.remote {
+            return Ok(Self::Remote {
+                backend: Arc::new(remote.backend.clone()),
+            });
+        }
         match cx.backend {
             BackendKind::Inprocess | BackendKind::Virtual => {
                 let (engine, virtual_time) = start_engine(cx, policy, needs_checkpoint, |_| {})?;
@@ -251,7 +266,7 @@ impl Server {
                     .spawn()
                     .with_context(|| format!("starting {} serve", exe.display()))?;
                 let base = format!("http://127.0.0.1:{port}");
-                let backend = Arc::new(HttpBackend::new(base.clone(), "trail", s.max_tokens));
+                let backend = Arc::new(HttpBackend::new(base.clone(), SERVED_NAME, s.max_tokens));
                 let mut server = Self::Http {
                     child,
                     backend,
@@ -300,7 +315,7 @@ impl Server {
         on_done: impl FnMut(&RequestResult),
     ) -> Vec<RequestResult> {
         match self {
-            Self::Http { backend, .. } => {
+            Self::Http { backend, .. } | Self::Remote { backend } => {
                 rt.block_on(loadgen::drive(backend.clone(), trace, on_done))
             }
             Self::InProcess {
@@ -317,6 +332,7 @@ impl Server {
     /// directory; the in-process engine is shut down and its step log written there.
     pub fn stop(self, dir: &Path) -> anyhow::Result<()> {
         match self {
+            Self::Remote { .. } => Ok(()),
             Self::Http { mut child, log, .. } => {
                 let pid = child.id().to_string();
                 let _ = Command::new("kill").args(["-TERM", &pid]).status();
@@ -350,7 +366,7 @@ impl Server {
                 trail_serving_shim::steps::write(&dir.join("steps.parquet"), &report.steps)?;
                 write_atomic(
                     &dir.join("metrics.prom"),
-                    report.stats.render_prometheus().as_bytes(),
+                    trail_serving_shim::prometheus::render(&report.stats, SERVED_NAME).as_bytes(),
                 )?;
                 Ok(())
             }
@@ -444,6 +460,7 @@ mod tests {
                 priors: None,
                 step_model: None,
                 recordings: None,
+                remote: None,
             };
             for policy in [PolicyKind::Fcfs, PolicyKind::Trail] {
                 let argv = serve_args(&cx, policy, 8123, Path::new("/tmp/cell"));
@@ -459,6 +476,11 @@ mod tests {
                     (ours.policy, ours.c, ours.refine_every)
                 );
                 assert_eq!(child.default_max_tokens, 300);
+                assert_eq!(
+                    child.socket_addr().unwrap(),
+                    "127.0.0.1:8123".parse().unwrap()
+                );
+                assert_eq!(child.served_model_name, [SERVED_NAME]);
             }
         }
         // The default would differ without the explicit `off`.

@@ -1,27 +1,34 @@
 //! `summary.json`: per policy and load, latency and TTFT statistics pooled over seeds with
-//! request-bootstrap 95 % intervals, throughput; per load, FCFS over each policy in mean
+//! request-bootstrap 95 % intervals, throughput, and `benchmark_serving.py`'s figures
+//! ([`BenchmarkMetrics`]); per load, FCFS over each policy in mean
 //! latency and mean TTFT, and TRAIL's share of the oracle's gain over FCFS, each with a paired
 //! bootstrap over the requests every policy served (same trace, same index).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
 
-use serde::Serialize;
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
 use trail_eval::loadgen::ResultRow;
 use trail_eval::tracesim::StepTimeModel;
 use trail_serving_shim::StepRecord;
 use trail_stats::{Bootstrap, Interval};
 
+use super::benchmark::{BenchmarkMetrics, GoodputSlo};
+use super::config::Settings;
 use super::headroom::Headroom;
+use super::saturation::Saturation;
+use crate::manifest::write_atomic;
 
 /// Bootstrap resamples and seed.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct BootstrapSettings {
     pub resamples: usize,
     pub seed: u64,
 }
 
 /// One policy at one load, pooled over seeds.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CellStats {
     pub policy: String,
     pub load: f64,
@@ -42,12 +49,16 @@ pub struct CellStats {
     /// first arrival at 0 to the last completion).
     pub throughput_rps: f64,
     pub output_tokens_per_s: f64,
+    /// What vLLM's `benchmark_serving.py` reports for these requests (absent from summaries
+    /// written before it was).
+    #[serde(default)]
+    pub benchmark: Option<BenchmarkMetrics>,
     /// From the servers' step logs, where they were written.
     pub engine: Option<EngineFigures>,
 }
 
 /// What the servers' step logs say about one policy at one load (pooled over seeds).
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct EngineFigures {
     pub steps: usize,
     pub policy_preemptions: usize,
@@ -81,7 +92,7 @@ impl EngineFigures {
 }
 
 /// Paired comparisons at one load.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Comparison {
     pub load: f64,
     /// Requests (seed, index) that every compared policy completed.
@@ -100,11 +111,14 @@ pub struct Comparison {
 }
 
 /// The whole summary.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Summary {
     pub cells: Vec<CellStats>,
     pub comparisons: Vec<Comparison>,
     pub bootstrap: BootstrapSettings,
+    /// `--goodput`'s SLOs, where given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub goodput_slo: Option<GoodputSlo>,
     /// Step time fitted to every cell's step log (the grid's average engine), where the servers
     /// wrote logs; on virtual time, the virtual clock's model.
     pub step_model: Option<StepTimeModel>,
@@ -112,6 +126,46 @@ pub struct Summary {
     pub step_model_source: String,
     /// Per load, the simulator on the grid's traces with `step_model` (lengths fixed only).
     pub simulated: Vec<Headroom>,
+}
+
+/// `summary.json`'s schema: 2 since each cell has `benchmark_serving.py`'s figures
+/// (`benchmark`) and the summary `--goodput`'s SLOs; a file without the key is version 1, which
+/// [`read_summary`] reads the same.
+pub const SUMMARY_SCHEMA_VERSION: u32 = 2;
+
+/// `summary.json`: the summary, with the capacity, the settings and the grid it is of.
+#[derive(Debug, Serialize)]
+pub struct SummaryFile<'a> {
+    /// [`SUMMARY_SCHEMA_VERSION`].
+    pub schema_version: u32,
+    pub saturation: &'a Saturation,
+    pub settings: &'a Settings,
+    pub policies: &'a [String],
+    pub loads: &'a [f64],
+    pub seeds: &'a [u64],
+    pub summary: &'a Summary,
+}
+
+impl SummaryFile<'_> {
+    /// Writes the file atomically. It goes through a JSON value, whose keys sort (as in every
+    /// `summary.json` written so far), whatever the order of the fields here.
+    pub fn write(&self, path: &Path) -> anyhow::Result<()> {
+        let value = serde_json::to_value(self)?;
+        write_atomic(path, serde_json::to_string_pretty(&value)?.as_bytes())
+    }
+}
+
+/// The summary of a `summary.json` that `trail eval latency` wrote.
+pub fn read_summary(path: &Path) -> anyhow::Result<Summary> {
+    #[derive(Deserialize)]
+    struct File {
+        summary: Summary,
+    }
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let file: File =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    Ok(file.summary)
 }
 
 fn mean(xs: &[f64], idx: &[usize]) -> Option<f64> {
@@ -133,7 +187,13 @@ pub fn load_key(load: f64) -> String {
     format!("{load:.2}")
 }
 
-fn cell_stats(policy: &str, load: f64, rows: &[&ResultRow], boot: BootstrapSettings) -> CellStats {
+fn cell_stats(
+    policy: &str,
+    load: f64,
+    rows: &[&ResultRow],
+    boot: BootstrapSettings,
+    slo: Option<&GoodputSlo>,
+) -> CellStats {
     let ok: Vec<&ResultRow> = rows
         .iter()
         .copied()
@@ -168,7 +228,9 @@ fn cell_stats(policy: &str, load: f64, rows: &[&ResultRow], boot: BootstrapSetti
         p99_latency_s: b_lat.interval(|i| quantile(&lat, i, 0.99)),
         mean_ttft_s: b_ttft.interval(|i| mean(&ttft, i)),
         p50_ttft_s: b_ttft.interval(|i| quantile(&ttft, i, 0.50)),
-        mean_tpot_s: plain_mean(ok.iter().filter_map(|r| r.result.tpot_s)),
+        mean_tpot_s: plain_mean(ok.iter().filter_map(|r| {
+            trail_eval::loadgen::tpot(r.result.latency_s, r.result.ttft_s, r.result.output_tokens)
+        })),
         mean_queue_s: plain_mean(ok.iter().filter_map(|r| r.result.queue_s)),
         mean_preemptions: plain_mean(
             ok.iter()
@@ -180,6 +242,7 @@ fn cell_stats(policy: &str, load: f64, rows: &[&ResultRow], boot: BootstrapSetti
             0.0
         },
         output_tokens_per_s: if span > 0.0 { tokens / span } else { 0.0 },
+        benchmark: Some(BenchmarkMetrics::of(rows, slo)),
         engine: None,
     }
 }
@@ -283,8 +346,14 @@ fn no_clear_gain(gain: Option<&Interval>) -> String {
     }
 }
 
-/// Summarizes every row; `policies` fixes the order of the cells.
-pub fn summarize(rows: &[ResultRow], policies: &[String], boot: BootstrapSettings) -> Summary {
+/// Summarizes every row; `policies` fixes the order of the cells; goodput under `slo` where
+/// given.
+pub fn summarize(
+    rows: &[ResultRow],
+    policies: &[String],
+    boot: BootstrapSettings,
+    slo: Option<GoodputSlo>,
+) -> Summary {
     let mut loads: Vec<f64> = rows.iter().map(|r| r.load).collect();
     loads.sort_by(f64::total_cmp);
     loads.dedup_by(|a, b| load_key(*a) == load_key(*b));
@@ -297,7 +366,7 @@ pub fn summarize(rows: &[ResultRow], policies: &[String], boot: BootstrapSetting
         }
         for p in policies {
             if let Some(rs) = by_policy.get(p) {
-                cells.push(cell_stats(p, load, rs, boot));
+                cells.push(cell_stats(p, load, rs, boot, slo.as_ref()));
             }
         }
         comparisons.extend(comparison(load, &by_policy, boot));
@@ -306,6 +375,7 @@ pub fn summarize(rows: &[ResultRow], policies: &[String], boot: BootstrapSetting
         cells,
         comparisons,
         bootstrap: boot,
+        goodput_slo: slo,
         step_model: None,
         step_model_source: String::new(),
         simulated: Vec::new(),
@@ -332,7 +402,9 @@ mod tests {
                 ttft_s: Some(ttft),
                 latency_s: latency,
                 tpot_s: Some(0.01),
+                itl_s: vec![0.01; 9],
                 output_tokens: 10,
+                prompt_tokens: Some(5),
                 queue_s: Some(0.0),
                 preemptions: Some(0),
                 error: None,
@@ -358,7 +430,7 @@ mod tests {
             resamples: 200,
             seed: 0,
         };
-        let s = summarize(&rows, &policies, boot);
+        let s = summarize(&rows, &policies, boot, None);
         assert_eq!(s.cells.len(), 3);
         assert_eq!(s.cells[0].policy, "fcfs");
         assert_eq!(s.cells[0].failed, 1);
@@ -391,13 +463,131 @@ mod tests {
             resamples: 100,
             seed: 0,
         };
-        let c = &summarize(&rows, &policies, boot).comparisons[0];
+        let c = &summarize(&rows, &policies, boot, None).comparisons[0];
         assert!(c.trail_share_of_oracle_gain.is_none());
         let why = c
             .trail_share_of_oracle_gain_null_because
             .as_deref()
             .unwrap();
         assert!(why.contains("not clearly positive"), "{why}");
+    }
+
+    /// `trail run` reads `summary.json` back through the typed summary: every figure comes
+    /// back (floats to the bit), and the file's keys sort as before.
+    #[test]
+    fn summary_json_reads_back_as_the_summary_it_was_written_from() {
+        use crate::stages::engine_args::EngineArgs;
+        use trail_serving_shim::PreemptionMode;
+
+        let mut rows = Vec::new();
+        for i in 0..20 {
+            let base = 1.0 + i as f64 * 0.137;
+            rows.push(row("fcfs", 3, i, 4.0 * base, 2.0 * base));
+            rows.push(row("trail", 3, i, 2.5 * base, 0.5 * base));
+            rows.push(row("oracle", 3, i, 2.0 * base, 0.4 * base));
+        }
+        let policies = ["fcfs", "trail", "oracle"].map(String::from).to_vec();
+        let boot = BootstrapSettings {
+            resamples: 50,
+            seed: 0,
+        };
+        let mut s = summarize(&rows, &policies, boot, None);
+        s.step_model = Some(StepTimeModel::constant(0.1));
+        s.step_model_source = "given".into();
+        s.cells[0].engine = Some(EngineFigures {
+            steps: 7,
+            policy_preemptions: 1,
+            memory_preemptions: 2,
+            relative_step_time: BTreeMap::from([(3, 1.0 / 3.0)]),
+        });
+        s.simulated.push(Headroom {
+            load: 0.8,
+            requests: 20,
+            fcfs_mean_latency_s: 1.5,
+            oracle_mean_latency_s: 1.25,
+            fcfs_over_oracle: 1.2,
+            fcfs_sensitivity_to_slower_steps: 0.1,
+        });
+        let engine = EngineArgs {
+            max_running: 8,
+            kv_budget_tokens: 16384,
+            prefill_chunk: None,
+            preemption: PreemptionMode::Swap,
+            swap_budget_tokens: None,
+        };
+        let settings = Settings {
+            common: super::super::config::Common {
+                requests: 20,
+                ignore_eos: true,
+                clip_output_tokens: None,
+                max_tokens: 512,
+                clamp_to_profiled_length: false,
+                backend: super::super::BackendKind::Virtual,
+                engine,
+                c: 0.8,
+                refine_every: None,
+                saturation_requests: 64,
+                saturation_rps: None,
+            },
+            data_requests_sha256: "00".into(),
+            checkpoint_sha256: None,
+            bert_checkpoint_sha256: Some("11".into()),
+            model: "model.gguf".into(),
+            model_sha256: "22".into(),
+            step_model: None,
+            step_model_sha256: None,
+            client: None,
+        };
+        let sat = Saturation {
+            rps: 0.5668665776748135,
+            source: "measured".into(),
+            requests: 64,
+            completed: 64,
+            makespan_s: 112.9,
+            output_tokens_per_s: 131.66804860038968,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("summary.json");
+        SummaryFile {
+            schema_version: SUMMARY_SCHEMA_VERSION,
+            saturation: &sat,
+            settings: &settings,
+            policies: &policies,
+            loads: &[0.8],
+            seeds: &[3],
+            summary: &s,
+        }
+        .write(&path)
+        .unwrap();
+        let back = read_summary(&path).unwrap();
+        assert_eq!(
+            serde_json::to_value(&back).unwrap(),
+            serde_json::to_value(&s).unwrap()
+        );
+        let text = std::fs::read_to_string(&path).unwrap();
+        let keys: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("  \"") && l.contains("\":"))
+            .map(|l| l.trim().split('"').nth(1).unwrap())
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "loads",
+                "policies",
+                "saturation",
+                "schema_version",
+                "seeds",
+                "settings",
+                "summary"
+            ]
+        );
+        assert!(
+            text.contains("\"bootstrap\": {")
+                && text.find("\"bootstrap\"") < text.find("\"cells\"")
+                && text.find("\"backend\"") < text.find("\"bert_checkpoint_sha256\""),
+            "nested keys sort too"
+        );
     }
 
     #[test]
@@ -410,6 +600,7 @@ mod tests {
                 resamples: 10,
                 seed: 0,
             },
+            None,
         );
         assert_eq!(s.cells.len(), 1);
         assert!(s.comparisons.is_empty());
