@@ -3,12 +3,14 @@
 //! row's result never depends on what shares its step or on how the work is split.
 //!
 //! [`attend`] spreads (token, KV-head group) items over rayon's threads; each item runs
-//! [`attend_group`], compiled once per SIMD path ([`trail_kernels::simd_dispatch!`]) with the
-//! same operations in the same order, so every path gives the same bits.
+//! [`attend_group`], whose loops are compiled once per SIMD path
+//! ([`trail_kernels::simd_dispatch!`]) with the same operations in the same order, so every path
+//! gives the same bits.
 //!
 //! References: Vaswani et al. 2017 (scaled dot-product attention), Ainslie et al. 2023 (GQA).
 
 use rayon::prelude::*;
+use trail_kernels::simd::Isa;
 use trail_kernels::{SimdPath, simd_dispatch};
 
 use crate::cache::LayerKv;
@@ -43,16 +45,14 @@ pub(crate) fn attend(
     let per_token = cfg.num_attention_heads / heads;
     let attend_one = |(i, out): (usize, &mut [f32])| {
         let (t, j) = (i / per_token, i % per_token);
-        attend_group(
-            path,
-            &q[t * q_dim + j * item_dim..t * q_dim + (j + 1) * item_dim],
-            hd,
-            caches[tok_row[t]],
-            tok_pos[t],
-            j * heads / group * hd,
-            kv_dim,
-            out,
-        )
+        let head = KvHead {
+            kv: caches[tok_row[t]],
+            len: tok_pos[t] + 1,
+            off: j * heads / group * hd,
+            width: kv_dim,
+        };
+        let q = &q[t * q_dim + j * item_dim..t * q_dim + (j + 1) * item_dim];
+        attend_group(path, q, hd, head, out)
     };
     // Each head is computed alone in a fixed order (the grouped path has the single-head path's
     // bits), so neither the split nor the threads change a bit.
@@ -66,52 +66,79 @@ pub(crate) fn attend(
     }
 }
 
+/// One KV head of one sequence's cache for one layer: keys and values of positions `0..len`,
+/// starting at `off` within each cached row of `width` floats.
+#[derive(Clone, Copy)]
+pub(crate) struct KvHead<'a> {
+    pub(crate) kv: &'a LayerKv,
+    pub(crate) len: usize,
+    pub(crate) off: usize,
+    pub(crate) width: usize,
+}
+
+impl<'a> KvHead<'a> {
+    /// Key `j` (`hd` floats).
+    #[inline(always)]
+    fn key(&self, j: usize, hd: usize) -> &'a [f32] {
+        &self.kv.k[j * self.width + self.off..j * self.width + self.off + hd]
+    }
+
+    /// Value `j` (`hd` floats).
+    #[inline(always)]
+    fn value(&self, j: usize, hd: usize) -> &'a [f32] {
+        &self.kv.v[j * self.width + self.off..j * self.width + self.off + hd]
+    }
+}
+
+/// Causal attention of the query heads that share one KV head (`q` holds them one after the
+/// other, `hd` wide) over `head`'s positions, on SIMD `path`. Per head a fixed order: scores,
+/// max, exp, sum, weighted values, one division. Head size 64 (SmolLM2 and most Llamas) takes a
+/// path that reads each key and value once for the whole group, with the same operations in
+/// the same order per score and per output, so its bits equal the generic path's.
+pub(crate) fn attend_group(
+    path: SimdPath,
+    q: &[f32],
+    hd: usize,
+    head: KvHead<'_>,
+    out: &mut [f32],
+) {
+    SCORES.with_borrow_mut(|scores| attend_group_with(path, q, hd, head, scores, out))
+}
+
 simd_dispatch! {
-    /// Causal attention of the query heads that share one KV head (`q` holds them one after the
-    /// other, `hd` wide) over positions `0..=pos` of one sequence's cache; that KV head's keys
-    /// and values start at `kv_off` within each cached row of width `kv_dim`. Per head a fixed
-    /// order: scores, max, exp, sum, weighted values, one division. Head size 64 (SmolLM2 and
-    /// most Llamas) takes a path that reads each key and value once for the whole group, with
-    /// the same operations in the same order per score and per output, so its bits equal the
-    /// generic path's.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn attend_group(
+    /// [`attend_group`] with `scores` as scratch space, compiled once per SIMD path.
+    fn attend_group_with(
         q: &[f32],
         hd: usize,
-        kv: &LayerKv,
-        pos: usize,
-        kv_off: usize,
-        kv_dim: usize,
+        head: KvHead<'_>,
+        scores: &mut Vec<f32>,
         out: &mut [f32],
     ) = attend_group_body;
 }
 
 #[inline(always)]
 fn attend_group_body(
+    isa: Isa,
     q: &[f32],
     hd: usize,
-    kv: &LayerKv,
-    pos: usize,
-    kv_off: usize,
-    kv_dim: usize,
+    head: KvHead<'_>,
+    scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
-    let (len, group) = (pos + 1, q.len() / hd);
-    SCORES.with_borrow_mut(|scores| {
-        scores.clear();
-        scores.resize(group * len, 0.0);
-        if hd == 64 && group <= MAX_GROUP {
-            attend_group_fixed(q, kv, kv_off, kv_dim, scores, out);
-        } else {
-            for ((qh, oh), sh) in q
-                .chunks_exact(hd)
-                .zip(out.chunks_exact_mut(hd))
-                .zip(scores.chunks_exact_mut(len))
-            {
-                attend_any(qh, kv, kv_off, kv_dim, sh, oh);
-            }
+    let (len, group) = (head.len, q.len() / hd);
+    scores.clear();
+    scores.resize(group * len, 0.0);
+    if hd == 64 && group <= MAX_GROUP {
+        attend_group_fixed(isa, q, head, scores, out);
+    } else {
+        for ((qh, oh), sh) in q
+            .chunks_exact(hd)
+            .zip(out.chunks_exact_mut(hd))
+            .zip(scores.chunks_exact_mut(len))
+        {
+            attend_any(qh, head, sh, oh);
         }
-    })
+    }
 }
 
 /// The largest GQA group the head-size-64 path takes (query heads per KV head).
@@ -124,13 +151,12 @@ thread_local! {
 
 /// `max_j s_j` after filling `scores[j] = dot(q, k_j) · scale`.
 #[inline(always)]
-fn scores_any(q: &[f32], kv: &LayerKv, kv_off: usize, kv_dim: usize, scores: &mut [f32]) -> f32 {
+fn scores_any(q: &[f32], head: KvHead<'_>, scores: &mut [f32]) -> f32 {
     let hd = q.len();
     let scale = 1.0 / (hd as f32).sqrt();
     let mut max = f32::NEG_INFINITY;
     for (j, s) in scores.iter_mut().enumerate() {
-        let kj = &kv.k[j * kv_dim + kv_off..j * kv_dim + kv_off + hd];
-        *s = dot(q, kj) * scale;
+        *s = dot(q, head.key(j, hd)) * scale;
         max = max.max(*s);
     }
     max
@@ -149,21 +175,13 @@ fn softmax_numerators(scores: &mut [f32], max: f32) -> f32 {
 
 /// One head of any size: the reference order of operations.
 #[inline(always)]
-fn attend_any(
-    q: &[f32],
-    kv: &LayerKv,
-    kv_off: usize,
-    kv_dim: usize,
-    scores: &mut [f32],
-    out: &mut [f32],
-) {
+fn attend_any(q: &[f32], head: KvHead<'_>, scores: &mut [f32], out: &mut [f32]) {
     let hd = q.len();
-    let max = scores_any(q, kv, kv_off, kv_dim, scores);
+    let max = scores_any(q, head, scores);
     let sum = softmax_numerators(scores, max);
     out.fill(0.0);
     for (j, &w) in scores.iter().enumerate() {
-        let vj = &kv.v[j * kv_dim + kv_off..j * kv_dim + kv_off + hd];
-        for (o, &vv) in out.iter_mut().zip(vj) {
+        for (o, &vv) in out.iter_mut().zip(head.value(j, hd)) {
             *o += w * vv;
         }
     }
@@ -177,23 +195,11 @@ fn attend_any(
 /// advance together for each head ([`dots4`]), and each value row, read once, is added into
 /// every head's local accumulator.
 #[inline(always)]
-fn attend_group_fixed<'a>(
-    q: &[f32],
-    kv: &'a LayerKv,
-    kv_off: usize,
-    kv_dim: usize,
-    scores: &mut [f32],
-    out: &mut [f32],
-) {
+fn attend_group_fixed(isa: Isa, q: &[f32], head: KvHead<'_>, scores: &mut [f32], out: &mut [f32]) {
     let group = q.len() / 64;
     let len = scores.len() / group;
     let scale = 1.0 / (64f32).sqrt();
-    let row = |x: &'a [f32], j: usize| -> &'a [f32; 64] {
-        // A 64-float slice always converts.
-        x[j * kv_dim + kv_off..j * kv_dim + kv_off + 64]
-            .try_into()
-            .expect("64 wide")
-    };
+    let key = |j: usize| wide(head.key(j, 64));
     let qs: Vec<&[f32; 64]> = q
         .chunks_exact(64)
         .map(|c| c.try_into().expect("64 wide"))
@@ -201,14 +207,9 @@ fn attend_group_fixed<'a>(
     let mut max = [f32::NEG_INFINITY; MAX_GROUP];
     let full = len / 4 * 4;
     for j0 in (0..full).step_by(4) {
-        let ks = [
-            row(&kv.k, j0),
-            row(&kv.k, j0 + 1),
-            row(&kv.k, j0 + 2),
-            row(&kv.k, j0 + 3),
-        ];
+        let ks = [key(j0), key(j0 + 1), key(j0 + 2), key(j0 + 3)];
         for (h, qh) in qs.iter().enumerate() {
-            for (b, d) in dots4(qh, ks).into_iter().enumerate() {
+            for (b, d) in dots4(isa, qh, ks).into_iter().enumerate() {
                 let s = d * scale;
                 scores[h * len + j0 + b] = s;
                 max[h] = max[h].max(s);
@@ -217,7 +218,7 @@ fn attend_group_fixed<'a>(
     }
     for j in full..len {
         for (h, qh) in qs.iter().enumerate() {
-            let s = dot(*qh, row(&kv.k, j)) * scale;
+            let s = dot(*qh, key(j)) * scale;
             scores[h * len + j] = s;
             max[h] = max[h].max(s);
         }
@@ -228,7 +229,7 @@ fn attend_group_fixed<'a>(
     }
     let mut acc = [[0f32; 64]; MAX_GROUP];
     for j in 0..len {
-        let vj = row(&kv.v, j);
+        let vj = wide(head.value(j, 64));
         for (h, a) in acc[..group].iter_mut().enumerate() {
             let w = scores[h * len + j];
             for (o, &vv) in a.iter_mut().zip(vj) {
@@ -244,23 +245,51 @@ fn attend_group_fixed<'a>(
     }
 }
 
-/// [`dot`] of `q` with four keys at once, sharing each load of `q`: per key the same eight
-/// lanes (a multiply, then an add: no fused multiply-add) and the same reduction, so every
-/// result has [`dot`]'s bits. Written as plain lanes that vectorize to one `ymm` (or two `xmm`)
-/// accumulator per key.
+/// A 64-float slice as an array (always converts).
 #[inline(always)]
-fn dots4(q: &[f32; 64], ks: [&[f32; 64]; 4]) -> [f32; 4] {
-    let mut acc = [[0f32; 8]; 4];
-    for c in 0..8 {
-        let qc = &q[c * 8..c * 8 + 8];
-        for (a, k) in acc.iter_mut().zip(ks) {
-            let kc = &k[c * 8..c * 8 + 8];
-            for i in 0..8 {
-                a[i] += qc[i] * kc[i];
+fn wide(x: &[f32]) -> &[f32; 64] {
+    x.try_into().expect("64 wide")
+}
+
+/// [`dot`] of `q` with four keys at once: with AVX, per key the same eight lanes (a multiply,
+/// then an add: no fused multiply-add) and the same reduction as [`dot`], sharing each load of
+/// `q`, so every result has [`dot`]'s bits; without, four [`dot`]s.
+#[inline(always)]
+fn dots4(isa: Isa, q: &[f32; 64], ks: [&[f32; 64]; 4]) -> [f32; 4] {
+    #[cfg(target_arch = "x86_64")]
+    if isa.has_avx2() {
+        // SAFETY: `isa` proves the CPU runs its path, and every x86 path but scalar has AVX.
+        return unsafe { dots4_avx(q, ks) };
+    }
+    let _ = isa;
+    ks.map(|k| dot(q, k))
+}
+
+/// [`dots4`] with AVX intrinsics (inlined into the copies compiled with AVX).
+///
+/// # Safety
+/// The CPU must support AVX.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn dots4_avx(q: &[f32; 64], ks: [&[f32; 64]; 4]) -> [f32; 4] {
+    use std::arch::x86_64::*;
+    // SAFETY: AVX per the contract; every load reads 8 floats inside a 64-float array.
+    unsafe {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for c in 0..8 {
+            let qc = _mm256_loadu_ps(q.as_ptr().add(c * 8));
+            for (a, k) in acc.iter_mut().zip(&ks) {
+                let kc = _mm256_loadu_ps(k.as_ptr().add(c * 8));
+                *a = _mm256_add_ps(*a, _mm256_mul_ps(qc, kc));
             }
         }
+        acc.map(|a| {
+            // [a0+a4, a1+a5, a2+a6, a3+a7], then (v0+v1) + (v2+v3).
+            let v = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps::<1>(a));
+            let h = _mm_hadd_ps(v, v);
+            _mm_cvtss_f32(_mm_hadd_ps(h, h))
+        })
     }
-    acc.map(|a| ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7])))
 }
 
 #[cfg(test)]
@@ -291,14 +320,20 @@ mod tests {
                 let q = draw(group * hd, 4.0);
                 for kv_off in [0, 64, 128] {
                     let mut generic = vec![0f32; group * hd];
+                    let head = KvHead {
+                        kv: &kv,
+                        len,
+                        off: kv_off,
+                        width: kv_dim,
+                    };
                     for (qh, oh) in q.chunks_exact(hd).zip(generic.chunks_exact_mut(hd)) {
                         let mut s = vec![0f32; len];
-                        attend_any(qh, &kv, kv_off, kv_dim, &mut s, oh);
+                        attend_any(qh, head, &mut s, oh);
                     }
                     let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
                     for &path in &paths {
                         let mut grouped = vec![0f32; group * hd];
-                        attend_group(path, &q, hd, &kv, len - 1, kv_off, kv_dim, &mut grouped);
+                        attend_group(path, &q, hd, head, &mut grouped);
                         assert_eq!(
                             bits(&generic),
                             bits(&grouped),

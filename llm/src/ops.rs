@@ -6,6 +6,7 @@
 //! in a build for the baseline x86-64. Rust never fuses or reorders float operations, so every
 //! copy gives the same bits.
 
+use trail_kernels::simd::Isa;
 use trail_kernels::simd_dispatch;
 
 /// Dot product with eight fixed lanes (vectorizes; the order never depends on the caller).
@@ -32,7 +33,7 @@ simd_dispatch! {
 }
 
 #[inline(always)]
-fn rms_norm_body(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+fn rms_norm_body(_isa: Isa, x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let h = w.len();
     for (xr, or) in x.chunks_exact(h).zip(out.chunks_exact_mut(h)) {
         let ms = dot(xr, xr) / h as f32;
@@ -65,7 +66,7 @@ simd_dispatch! {
 }
 
 #[inline(always)]
-fn rope_body(x: &mut [f32], hd: usize, cos: &[f32], sin: &[f32]) {
+fn rope_body(_isa: Isa, x: &mut [f32], hd: usize, cos: &[f32], sin: &[f32]) {
     let half = hd / 2;
     let n = cos.len() / half;
     let width = x.len() / n;
@@ -90,7 +91,7 @@ simd_dispatch! {
 }
 
 #[inline(always)]
-fn add_body(x: &mut [f32], y: &[f32]) {
+fn add_body(_isa: Isa, x: &mut [f32], y: &[f32]) {
     for (a, b) in x.iter_mut().zip(y) {
         *a += b;
     }
@@ -102,7 +103,7 @@ simd_dispatch! {
 }
 
 #[inline(always)]
-fn swiglu_body(gate: &mut [f32], up: &[f32]) {
+fn swiglu_body(_isa: Isa, gate: &mut [f32], up: &[f32]) {
     for (g, u) in gate.iter_mut().zip(up) {
         *g = silu(*g) * u;
     }

@@ -135,19 +135,61 @@ fn detect(path: SimdPath) -> bool {
     path == SimdPath::Scalar
 }
 
-/// Defines `fn NAME(path: SimdPath, ARGS) -> RET` that runs `BODY(ARGS)` compiled with the
+/// A SIMD path this CPU supports: the proof that code may use the path's instructions. Made
+/// only after a check ([`SimdPath::isa`]), or as [`Isa::SCALAR`]; the copies of
+/// [`simd_dispatch!`](crate::simd_dispatch) hand their body a constant one, so a branch on it
+/// costs nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Isa(SimdPath);
+
+impl Isa {
+    /// The portable path, supported everywhere.
+    pub const SCALAR: Isa = Isa(SimdPath::Scalar);
+
+    /// # Safety
+    /// This CPU must support `path`.
+    #[doc(hidden)]
+    pub const unsafe fn new_unchecked(path: SimdPath) -> Isa {
+        Isa(path)
+    }
+
+    /// The path.
+    pub fn path(self) -> SimdPath {
+        self.0
+    }
+
+    /// Whether the CPU has AVX and AVX2 (every x86 path but the scalar one).
+    #[inline(always)]
+    pub fn has_avx2(self) -> bool {
+        self.0 != SimdPath::Scalar
+    }
+}
+
+impl SimdPath {
+    /// The proof that this CPU supports the path; panics if it does not.
+    #[track_caller]
+    pub fn isa(self) -> Isa {
+        self.assert_supported();
+        Isa(self)
+    }
+}
+
+/// Defines `fn NAME(path: SimdPath, ARGS) -> RET` that runs `BODY(isa, ARGS)` compiled with the
 /// target features of `path`: one copy per path, each a `#[target_feature]` function around
 /// `BODY`, which must be `#[inline(always)]` so that its loops are compiled (auto-vectorized)
-/// with those features. Panics if the CPU lacks the path's features. Rust never fuses or
-/// reorders float operations, so the copies give the same bits; only speed differs.
+/// with those features. `isa` ([`Isa`]) is a constant in each copy: `BODY` may branch on it to
+/// use the path's intrinsics (the other branches are compiled away). Panics if the CPU lacks
+/// the path's features. Rust never fuses or reorders float operations, so copies that run the
+/// same operations give the same bits; only speed differs.
 ///
 /// ```
+/// use trail_kernels::simd::Isa;
 /// trail_kernels::simd_dispatch! {
 ///     /// `x += y`.
 ///     fn add(x: &mut [f32], y: &[f32]) = add_body;
 /// }
 /// #[inline(always)]
-/// fn add_body(x: &mut [f32], y: &[f32]) {
+/// fn add_body(_isa: Isa, x: &mut [f32], y: &[f32]) {
 ///     x.iter_mut().zip(y).for_each(|(a, b)| *a += b);
 /// }
 /// let mut x = vec![1.0f32; 40];
@@ -169,7 +211,12 @@ macro_rules! simd_dispatch {
                 $crate::SimdPath::Avx512Vnni => {
                     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
                     fn avx512($($arg: $ty),*) $(-> $ret)? {
-                        $body($($arg),*)
+                        // SAFETY: this copy runs only where the path is supported (asserted
+                        // before the call).
+                        let isa = unsafe { $crate::simd::Isa::new_unchecked(
+                            $crate::SimdPath::Avx512Vnni,
+                        ) };
+                        $body(isa, $($arg),*)
                     }
                     path.assert_supported();
                     // SAFETY: the CPU has every feature `avx512` enables (asserted above).
@@ -178,7 +225,11 @@ macro_rules! simd_dispatch {
                 $crate::SimdPath::Avx2 => {
                     #[target_feature(enable = "avx2,fma,f16c")]
                     fn avx2($($arg: $ty),*) $(-> $ret)? {
-                        $body($($arg),*)
+                        // SAFETY: as for `avx512`.
+                        let isa = unsafe { $crate::simd::Isa::new_unchecked(
+                            $crate::SimdPath::Avx2,
+                        ) };
+                        $body(isa, $($arg),*)
                     }
                     path.assert_supported();
                     // SAFETY: the CPU has every feature `avx2` enables (asserted above).
@@ -188,7 +239,7 @@ macro_rules! simd_dispatch {
             }
             #[cfg(not(target_arch = "x86_64"))]
             path.assert_supported();
-            $body($($arg),*)
+            $body($crate::simd::Isa::SCALAR, $($arg),*)
         }
     };
 }
