@@ -58,17 +58,9 @@ pub enum HubError {
 /// Result alias of this module.
 pub type Result<T> = std::result::Result<T, HubError>;
 
-/// The trail cache: `$TRAIL_HOME`, else `~/.cache/trail`.
-pub fn trail_home() -> PathBuf {
-    if let Some(home) = std::env::var_os("TRAIL_HOME") {
-        return PathBuf::from(home);
-    }
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(|| PathBuf::from(".cache"));
-    base.join("trail")
-}
+/// The trail cache: `$TRAIL_HOME`, else `~/.cache/trail` (kept by trail-fs, which records
+/// paths under it as `$TRAIL_HOME/…`).
+pub use trail_fs::trail_home;
 
 /// One file taken out of a package.
 #[derive(Debug, Clone, Copy)]

@@ -20,15 +20,15 @@ pub struct FileEntry {
 }
 
 impl FileEntry {
-    /// Hashes `path`; it is recorded relative to `base` when it lies below it.
+    /// Hashes `path`; it is recorded relative to `base` (`../` where it lies beside it), or as
+    /// `$TRAIL_HOME/…` in the cache ([`trail_fs::portable_path`]), never as an absolute path.
     pub fn of(path: &Path, base: &Path) -> anyhow::Result<Self> {
         let sha256 = trail_llm::hub::sha256_file(path)?;
         let bytes = std::fs::metadata(path)
             .with_context(|| format!("{}: cannot stat", path.display()))?
             .len();
-        let shown = path.strip_prefix(base).unwrap_or(path);
         Ok(Self {
-            path: shown.display().to_string(),
+            path: trail_fs::portable_path(path, base),
             bytes,
             sha256,
         })
@@ -100,9 +100,14 @@ impl Manifest {
         self.finish_as(&dir.join("manifest.json"))
     }
 
-    /// Writes the manifest to `path` atomically (e.g. `NAME.manifest.json` beside an export).
+    /// Writes the manifest to `path` atomically (e.g. `NAME.manifest.json` beside an export);
+    /// the paths in its configuration and results are recorded relative to the manifest's
+    /// directory ([`trail_fs::portable_json`]).
     pub fn finish_as(mut self, path: &Path) -> anyhow::Result<PathBuf> {
         self.wall_s = self.clock.elapsed().as_secs_f64();
+        let dir = path.parent().unwrap_or(Path::new("."));
+        trail_fs::portable_json(&mut self.config, dir);
+        trail_fs::portable_json(&mut self.results, dir);
         self.outputs.sort_by(|a, b| a.path.cmp(&b.path));
         write_atomic(path, serde_json::to_string_pretty(&self)?.as_bytes())?;
         Ok(path.to_path_buf())

@@ -436,7 +436,18 @@ fn a_given_step_model_times_the_cells_and_the_saturation_burst() {
         "no burst ran on this machine"
     );
     let settings = read("settings.json");
-    assert_eq!(settings["step_model"], model_s.as_str());
+    // Paths are recorded relative to the run, never as this machine's absolute paths.
+    assert_eq!(settings["step_model"], "../gpu.json");
+    for name in [
+        "settings.json",
+        "summary.json",
+        "manifest.json",
+        "report.md",
+    ] {
+        let text = std::fs::read_to_string(out.join(name)).unwrap();
+        let tmp_s = tmp.path().display().to_string();
+        assert!(!text.contains(&tmp_s), "{name} names {tmp_s}: {text}");
+    }
     assert_eq!(settings["engine"]["kv_budget_tokens"], 4096);
     let step_model = read("step_model.json");
     assert_eq!(step_model["per_swap_token_s"], 5e-6);

@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
+use crate::portable::{portable_json, portable_recorded_json};
+
 /// Why a run directory cannot be bound to the settings.
 #[derive(Debug, thiserror::Error)]
 pub enum BindError {
@@ -51,13 +53,22 @@ fn join(differences: &[Difference]) -> String {
 }
 
 /// Binds the run directory of `path` (its parent) to `settings`, a JSON object: records them
-/// in `path` (atomically) on first use; afterwards checks them against the record.
+/// in `path` (atomically) on first use; afterwards checks them against the record. Paths are
+/// recorded and compared portably ([`crate::portable`]: relative to the run, or under
+/// `$TRAIL_HOME`), so a record made with absolute paths still binds the same files.
 pub fn bind_settings(path: &Path, settings: &Map<String, Value>) -> Result<(), BindError> {
+    let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let mut settings = Value::Object(settings.clone());
+    portable_json(&mut settings, &dir);
     if !path.is_file() {
-        let text = serde_json::to_string_pretty(settings).expect("JSON values serialize");
+        let text = serde_json::to_string_pretty(&settings).expect("JSON values serialize");
         return Ok(crate::write_atomic(path, text.as_bytes())?);
     }
-    let recorded = read_object(path)?;
+    let mut recorded = Value::Object(read_object(path)?);
+    portable_recorded_json(&mut recorded, &dir);
+    let (Value::Object(settings), Value::Object(recorded)) = (settings, recorded) else {
+        unreachable!("objects stay objects");
+    };
     let differences: Vec<Difference> = settings
         .iter()
         .filter(|(k, v)| recorded.get(*k) != Some(*v))
@@ -70,7 +81,6 @@ pub fn bind_settings(path: &Path, settings: &Map<String, Value>) -> Result<(), B
     if differences.is_empty() {
         return Ok(());
     }
-    let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
     Err(BindError::Differs { dir, differences })
 }
 
@@ -120,6 +130,27 @@ mod tests {
         );
         // A recorded key no longer written is ignored.
         bind_settings(&path, &object(json!({ "seed": 1 }))).unwrap();
+    }
+
+    #[test]
+    fn paths_are_recorded_relative_and_an_absolute_record_still_binds() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run/settings.json");
+        let data = dir.path().join("data").display().to_string();
+        bind_settings(&path, &object(json!({ "data": data }))).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains("\"../data\""), "{text}");
+        assert!(!text.contains(&dir.path().display().to_string()), "{text}");
+        // A record written before paths were portable.
+        crate::write_atomic(&path, json!({ "data": data }).to_string().as_bytes()).unwrap();
+        bind_settings(&path, &object(json!({ "data": data }))).unwrap();
+        let other = dir.path().join("other").display().to_string();
+        let err = bind_settings(&path, &object(json!({ "data": other }))).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("data: was \"../data\", now \"../other\""),
+            "{err}"
+        );
     }
 
     #[test]

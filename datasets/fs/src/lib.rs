@@ -8,18 +8,22 @@
 //! - [`hash`]: [`sha256_file`], streaming (a file is never read whole into memory).
 //! - [`binding`]: [`bind_settings`]: a run directory records the settings it was made with, and
 //!   a rerun with other settings is refused with the differences named.
+//! - [`portable`]: paths as a record keeps them: relative to the record, or under
+//!   `$TRAIL_HOME`, never this machine's absolute paths; [`trail_home`], the cache.
 //!
 //! Every error carries the path it is about.
 
 pub mod atomic;
 pub mod binding;
 pub mod hash;
+pub mod portable;
 
 use std::path::{Path, PathBuf};
 
 pub use atomic::{AtomicFile, write_atomic};
 pub use binding::{BindError, Difference, bind_settings};
 pub use hash::{sha256_file, sha256_file_len};
+pub use portable::{portable_json, portable_path, portable_recorded_json, resolve, trail_home};
 
 /// An I/O error and the path it happened on.
 #[derive(Debug, thiserror::Error)]

@@ -45,13 +45,21 @@ pub fn emit<R: serde::Serialize>(
     }
     if let Some(dir) = out {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut value = serde_json::to_value(report)?;
+        trail_fs::portable_json(&mut value, dir);
         crate::manifest::write_atomic(
             &dir.join(format!("{name}.json")),
-            &serde_json::to_vec_pretty(report)?,
+            &serde_json::to_vec_pretty(&value)?,
         )?;
         crate::manifest::write_atomic(&dir.join(format!("{name}.md")), md.as_bytes())?;
     }
     Ok(())
+}
+
+/// A path as a bench report shows it: `$TRAIL_HOME/…` in the cache, else relative to `--out`
+/// (or the working directory), never this machine's absolute path.
+pub fn shown_path(path: &std::path::Path, out: Option<&std::path::Path>) -> String {
+    trail_fs::portable_path(path, out.unwrap_or(std::path::Path::new(".")))
 }
 
 /// Peak resident set size of this process in MiB (`VmHWM`), where the OS reports it.

@@ -214,7 +214,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let report = Report {
         cpu: cpu_model(),
         threads: threads(),
-        model: prep.runner.path().display().to_string(),
+        model: super::shown_path(prep.runner.path(), args.out.as_deref()),
         kernel_id: prep.runner.kernel_id().to_string(),
         git_commit: GIT_COMMIT.to_string(),
         dataset: prep.dataset.clone(),

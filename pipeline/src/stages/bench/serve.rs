@@ -326,7 +326,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let report = Report {
         cpu: cpu_model(),
         threads: threads(),
-        model: runner.path().display().to_string(),
+        model: super::shown_path(runner.path(), args.out.as_deref()),
         kernel_id: runner.kernel_id().to_string(),
         git_commit: GIT_COMMIT.to_string(),
         requests: args.requests,

@@ -137,7 +137,10 @@ fn summarize(r: &Inputs<'_>, rows: &[ResultRow], logs: &StepLogs) -> anyhow::Res
     // On virtual time the cells' latencies follow the virtual clock's model, so the simulated
     // headroom uses it too (the logs' wall-clock step times only say how busy the machine was).
     summary.step_model_source = match (&r.virtual_model, &r.args.step_model) {
-        (Some(_), Some(path)) => format!("the virtual clock's, given ({})", path.display()),
+        (Some(_), Some(path)) => format!(
+            "the virtual clock's, given ({})",
+            trail_fs::portable_path(path, &r.args.out)
+        ),
         (Some(_), None) => "the virtual clock's, fitted to the saturation burst's step log".into(),
         (None, _) => "fitted to every cell's step log".into(),
     };
@@ -198,12 +201,13 @@ fn simulate(r: &Inputs<'_>, model: &StepTimeModel) -> anyhow::Result<Vec<headroo
 /// The report's settings section.
 fn report_settings(r: &Inputs<'_>) -> report::Settings {
     let a = r.args;
+    let shown = |p: &Path| trail_fs::portable_path(p, &a.out);
     let mut s: report::Settings = vec![
         (
             "data".into(),
             format!(
                 "{} (test split: {} prompts)",
-                a.data.display(),
+                shown(&a.data),
                 r.cfg.pool.len()
             ),
         ),
@@ -236,11 +240,11 @@ fn report_settings(r: &Inputs<'_>) -> report::Settings {
     if let (Some(path), Some(m)) = (&a.step_model, &r.virtual_model) {
         s.push((
             "step model".into(),
-            format!("{} ({})", path.display(), step_model::describe(m)),
+            format!("{} ({})", shown(path), step_model::describe(m)),
         ));
     }
     s.extend([
-        ("model".into(), r.cfg.model_path.display().to_string()),
+        ("model".into(), shown(&r.cfg.model_path)),
         (
             "threads".into(),
             a.model
@@ -252,10 +256,10 @@ fn report_settings(r: &Inputs<'_>) -> report::Settings {
         s.push(("kernel".into(), k.clone()));
     }
     if let Some(p) = &a.predictor.checkpoint {
-        s.push(("checkpoint".into(), p.display().to_string()));
+        s.push(("checkpoint".into(), shown(p)));
     }
     if let Some(p) = &a.ranking.bert_checkpoint {
-        s.push(("BERT checkpoint".into(), p.display().to_string()));
+        s.push(("BERT checkpoint".into(), shown(p)));
     }
     s
 }

@@ -148,9 +148,11 @@ pub struct SummaryFile<'a> {
 
 impl SummaryFile<'_> {
     /// Writes the file atomically. It goes through a JSON value, whose keys sort (as in every
-    /// `summary.json` written so far), whatever the order of the fields here.
+    /// `summary.json` written so far), whatever the order of the fields here; its paths are
+    /// recorded relative to the file's directory ([`trail_fs::portable_json`]).
     pub fn write(&self, path: &Path) -> anyhow::Result<()> {
-        let value = serde_json::to_value(self)?;
+        let mut value = serde_json::to_value(self)?;
+        trail_fs::portable_json(&mut value, path.parent().unwrap_or(Path::new(".")));
         write_atomic(path, serde_json::to_string_pretty(&value)?.as_bytes())
     }
 }
