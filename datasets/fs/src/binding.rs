@@ -71,7 +71,7 @@ pub fn bind_settings(path: &Path, settings: &Map<String, Value>) -> Result<(), B
     };
     let differences: Vec<Difference> = settings
         .iter()
-        .filter(|(k, v)| recorded.get(*k) != Some(*v))
+        .filter(|(k, v)| !recorded.get(*k).is_some_and(|then| same(then, v, &dir)))
         .map(|(k, v)| Difference {
             key: k.clone(),
             then: recorded.get(k).cloned(),
@@ -82,6 +82,19 @@ pub fn bind_settings(path: &Path, settings: &Map<String, Value>) -> Result<(), B
         return Ok(());
     }
     Err(BindError::Differs { dir, differences })
+}
+
+/// Whether a recorded value and a new one agree: equal, or two strings naming the same path (a
+/// record written before paths were portable may hold one relative to the working directory).
+fn same(then: &Value, now: &Value, dir: &Path) -> bool {
+    match (then, now) {
+        (Value::String(t), Value::String(n)) if t != n => {
+            let now = crate::portable::resolve(n, dir);
+            crate::portable::resolve(t, dir) == now
+                || crate::portable::absolute(Path::new(t)) == now
+        }
+        _ => then == now,
+    }
 }
 
 fn read_object(path: &Path) -> Result<Map<String, Value>, BindError> {
@@ -144,6 +157,10 @@ mod tests {
         // A record written before paths were portable.
         crate::write_atomic(&path, json!({ "data": data }).to_string().as_bytes()).unwrap();
         bind_settings(&path, &object(json!({ "data": data }))).unwrap();
+        // One relative to the working directory (this crate's, under `cargo test`).
+        crate::write_atomic(&path, br#"{"data": "src/binding.rs"}"#).unwrap();
+        bind_settings(&path, &object(json!({ "data": "src/binding.rs" }))).unwrap();
+        crate::write_atomic(&path, json!({ "data": data }).to_string().as_bytes()).unwrap();
         let other = dir.path().join("other").display().to_string();
         let err = bind_settings(&path, &object(json!({ "data": other }))).unwrap_err();
         assert!(

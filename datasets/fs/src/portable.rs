@@ -75,7 +75,7 @@ fn rewrite(value: &mut Value, base: &Path, is_path: &dyn Fn(&str) -> bool) {
 pub fn resolve(recorded: &str, base: &Path) -> PathBuf {
     match recorded.strip_prefix(TRAIL_HOME_VAR) {
         Some(rest) => trail_home().join(rest.trim_start_matches('/')),
-        None => normalise(&base.join(recorded)),
+        None => absolute(&base.join(recorded)),
     }
 }
 
@@ -90,7 +90,7 @@ fn names_path(s: &str) -> bool {
 }
 
 /// `path` made absolute against the working directory, `.` and `..` folded lexically.
-fn absolute(path: &Path) -> PathBuf {
+pub(crate) fn absolute(path: &Path) -> PathBuf {
     let joined = if path.is_absolute() {
         path.to_path_buf()
     } else {
