@@ -75,8 +75,8 @@ pub struct Decode {
     pub all_runs: Vec<f64>,
     /// 1 − all/none: the throughput lost to capturing every layer.
     pub capture_cost: f64,
-    /// Peak RSS of the process while this shape ran (weights, its caches and their copies
-    /// included; `None` where the OS cannot reset or report it).
+    /// Peak RSS of the process while this shape decoded (weights, the prefilled caches and
+    /// each repetition's copy included; `None` where the OS cannot reset or report it).
     pub peak_rss_mib: Option<f64>,
 }
 
@@ -228,7 +228,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     for &b in &args.batches {
         anyhow::ensure!(b > 0, "batch sizes must be at least 1");
         bar.set_message(format!("decode b{b}"));
-        let reset = reset_peak_rss();
         let prompts: Vec<Vec<u32>> = (0..b)
             .map(|r| prompt(&runner, args.prompt_tokens, r))
             .collect::<anyhow::Result<_>>()?;
@@ -240,6 +239,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .collect();
         let (_, out) = timed_step(&runner, &mut rows, LayerSet::NONE, &mut steps)?;
         bar.inc(1);
+        // The decode peak: the prefilled caches, each repetition's copy, the steps' buffers
+        // (the batched prefill above holds every prompt's activations at once; a serving run
+        // prefills in chunks).
+        let reset = reset_peak_rss();
         let first: Vec<u32> = (0..b).map(|r| out.argmax(r)).collect();
         let (mut none_runs, mut all_runs) = (Vec::new(), Vec::new());
         for rep in 0..args.repeats {
