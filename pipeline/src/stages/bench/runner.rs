@@ -75,8 +75,9 @@ pub struct Decode {
     pub all_runs: Vec<f64>,
     /// 1 − all/none: the throughput lost to capturing every layer.
     pub capture_cost: f64,
-    /// Peak RSS of the process while this shape decoded (weights, the prefilled caches and
-    /// each repetition's copy included; `None` where the OS cannot reset or report it).
+    /// Peak RSS of the process while this shape ran (weights, the prefilled caches and each
+    /// repetition's copy included; rows are prefilled one per step; `None` where the OS cannot
+    /// reset or report it).
     pub peak_rss_mib: Option<f64>,
 }
 
@@ -195,7 +196,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         + args
             .batches
             .iter()
-            .map(|_| 1 + 2 * (args.repeats * args.decode_steps) as u64)
+            .map(|&b| b as u64 + 2 * (args.repeats * args.decode_steps) as u64)
             .sum::<u64>();
     let bar = ProgressBar::new(work).with_style(
         ProgressStyle::with_template("{msg:>12} [{bar:30}] {pos}/{len} steps, eta {eta}")?
@@ -231,19 +232,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let prompts: Vec<Vec<u32>> = (0..b)
             .map(|r| prompt(&runner, args.prompt_tokens, r))
             .collect::<anyhow::Result<_>>()?;
-        let mut caches: Vec<KvCache> = (0..b).map(|_| runner.model().new_cache()).collect();
-        let mut rows: Vec<Row<'_>> = caches
-            .iter_mut()
-            .zip(&prompts)
-            .map(|(c, p)| Row::prefill(c, p))
-            .collect();
-        let (_, out) = timed_step(&runner, &mut rows, LayerSet::NONE, &mut steps)?;
-        bar.inc(1);
-        // The decode peak: the prefilled caches, each repetition's copy, the steps' buffers
-        // (the batched prefill above holds every prompt's activations at once; a serving run
-        // prefills in chunks).
+        // Each row prefilled in its own step, as the generate stage admits prompts, so the
+        // shape's peak RSS is its caches (the prefilled ones and each repetition's copy) and
+        // one prompt's activations, not a 32-prompt prefill's.
         let reset = reset_peak_rss();
-        let first: Vec<u32> = (0..b).map(|r| out.argmax(r)).collect();
+        let mut caches: Vec<KvCache> = (0..b).map(|_| runner.model().new_cache()).collect();
+        let mut first = Vec::with_capacity(b);
+        for (c, p) in caches.iter_mut().zip(&prompts) {
+            let (_, out) = timed_step(
+                &runner,
+                &mut [Row::prefill(c, p)],
+                LayerSet::NONE,
+                &mut steps,
+            )?;
+            first.push(out.argmax(0));
+            bar.inc(1);
+        }
         let (mut none_runs, mut all_runs) = (Vec::new(), Vec::new());
         for rep in 0..args.repeats {
             let order = if rep % 2 == 0 {
