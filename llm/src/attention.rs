@@ -1,5 +1,5 @@
 //! Causal grouped-query attention over each sequence's cached keys and values, computed by hand
-//! over plain f32 slices per (token, head) over exactly keys `0..=pos` in a fixed order, so a
+//! over plain slices (f16 or f32 storage, f32 arithmetic) per (token, head) over exactly keys `0..=pos` in a fixed order, so a
 //! row's result never depends on what shares its step or on how the work is split.
 //!
 //! [`attend`] spreads (token, KV-head group) items over rayon's threads; each item runs

@@ -11,8 +11,8 @@
 //!   `hidden_states[L + 1]`), keeping a running sum over prompt tokens for the prompt mean;
 //! - give bit-identical results for a row whatever shares its batch, and whether its tokens came
 //!   as one prefill or as a prefill plus decode steps. Everything is computed per token: the
-//!   matmuls row-independently ([`QLinear`]), attention by hand over plain f32 slices per
-//!   (token, head) over exactly keys `0..=pos` in a fixed order.
+//!   matmuls row-independently ([`QLinear`]), attention by hand over the cached keys and values
+//!   (f16 by default, f32 as before issue 23) per (token, head) over exactly keys `0..=pos` in a fixed order.
 //!
 //! The parts live beside this file: the cache ([`crate::cache`]), a step's rows, output and
 //! their validation ([`crate::step`]), attention (`attention.rs`) and the per-token f32
