@@ -209,17 +209,20 @@ impl KvCache {
         Some((p.layers, p.sum.iter().map(|s| (s / n) as f32).collect()))
     }
 
-    /// Makes room for `tokens` more keys and values in every layer.
+    /// Makes room for `tokens` more keys and values in every layer, growing each to a whole
+    /// number of [`GROW_TOKENS`] blocks (not by doubling: a long sequence then holds at most a
+    /// block of spare room per layer, not up to its own size again).
     pub(crate) fn reserve(&mut self, tokens: usize) {
-        let n = tokens * self.kv_dim;
+        let (len, kv_dim) = (self.len, self.kv_dim);
+        let target = (len + tokens).next_multiple_of(GROW_TOKENS) * kv_dim;
         match &mut self.layers {
             KvLayers::F16(ls) => ls.iter_mut().for_each(|l| {
-                l.k.reserve(n);
-                l.v.reserve(n);
+                grow(&mut l.k, target);
+                grow(&mut l.v, target);
             }),
             KvLayers::F32(ls) => ls.iter_mut().for_each(|l| {
-                l.k.reserve(n);
-                l.v.reserve(n);
+                grow(&mut l.k, target);
+                grow(&mut l.v, target);
             }),
         }
     }
@@ -246,6 +249,16 @@ impl KvCache {
             KvLayers::F16(ls) => LayerView::F16(&ls[layer]),
             KvLayers::F32(ls) => LayerView::F32(&ls[layer]),
         }
+    }
+}
+
+/// Tokens a cache's layers grow by at once.
+pub(crate) const GROW_TOKENS: usize = 64;
+
+/// Makes `v`'s capacity at least `target`, exactly `target` when it grows.
+fn grow<T>(v: &mut Vec<T>, target: usize) {
+    if v.capacity() < target {
+        v.reserve_exact(target - v.len());
     }
 }
 
