@@ -1,5 +1,5 @@
 //! Causal grouped-query attention over each sequence's cached keys and values, computed by hand
-//! over plain f32 slices per (token, head) over exactly keys `0..=pos` in a fixed order, so a
+//! over plain slices (f16 or f32 storage, f32 arithmetic) per (token, head) over exactly keys `0..=pos` in a fixed order, so a
 //! row's result never depends on what shares its step or on how the work is split.
 //!
 //! [`attend`] spreads (token, KV-head group) items over rayon's threads; each item runs
@@ -7,24 +7,30 @@
 //! ([`trail_kernels::simd_dispatch!`]) with the same operations in the same order, so every path
 //! gives the same bits.
 //!
+//! This file holds the two-pass kernel over an f32 cache ([`crate::KvFormat::F32`], the numerics
+//! before issue 23); [`online`] holds the one-pass kernel over an f16 cache (the default).
+//!
 //! References: Vaswani et al. 2017 (scaled dot-product attention), Ainslie et al. 2023 (GQA).
+
+mod online;
 
 use rayon::prelude::*;
 use trail_kernels::simd::Isa;
 use trail_kernels::{SimdPath, simd_dispatch};
 
-use crate::cache::LayerKv;
+use crate::cache::{LayerKv, LayerView};
 use crate::config::Config;
 use crate::ops::dot;
 
 /// The attention output `att` (`n × q_dim`) of the `n` new tokens of one step for one layer:
 /// token `t` (row `tok_row[t]`, position `tok_pos[t]`) attends with its query heads `q`
-/// (`n × q_dim`, RoPE applied) over keys and values `0..=tok_pos[t]` of `caches[tok_row[t]]`.
+/// (`n × q_dim`, RoPE applied) over keys and values `0..=tok_pos[t]` of `caches[tok_row[t]]`,
+/// with the kernel of that cache's format.
 pub(crate) fn attend(
     path: SimdPath,
     cfg: &Config,
     q: &[f32],
-    caches: &[&LayerKv],
+    caches: &[LayerView<'_>],
     tok_row: &[usize],
     tok_pos: &[usize],
     att: &mut [f32],
@@ -45,14 +51,18 @@ pub(crate) fn attend(
     let per_token = cfg.num_attention_heads / heads;
     let attend_one = |(i, out): (usize, &mut [f32])| {
         let (t, j) = (i / per_token, i % per_token);
-        let head = KvHead {
-            kv: caches[tok_row[t]],
-            len: tok_pos[t] + 1,
-            off: j * heads / group * hd,
-            width: kv_dim,
-        };
+        let (len, off) = (tok_pos[t] + 1, j * heads / group * hd);
         let q = &q[t * q_dim + j * item_dim..t * q_dim + (j + 1) * item_dim];
-        attend_group(path, q, hd, head, out)
+        match caches[tok_row[t]] {
+            LayerView::F32(kv) => {
+                let head = KvHead::new(kv, len, off, kv_dim);
+                attend_group(path, q, hd, head, out)
+            }
+            LayerView::F16(kv) => {
+                let head = KvHead::new(kv, len, off, kv_dim);
+                online::attend_group(path, q, hd, head, out)
+            }
+        }
     };
     // Each head is computed alone in a fixed order (the grouped path has the single-head path's
     // bits), so neither the split nor the threads change a bit.
@@ -68,24 +78,40 @@ pub(crate) fn attend(
 
 /// One KV head of one sequence's cache for one layer: keys and values of positions `0..len`,
 /// starting at `off` within each cached row of `width` floats.
-#[derive(Clone, Copy)]
-pub(crate) struct KvHead<'a> {
-    pub(crate) kv: &'a LayerKv,
+pub(crate) struct KvHead<'a, T = f32> {
+    pub(crate) kv: &'a LayerKv<T>,
     pub(crate) len: usize,
     pub(crate) off: usize,
     pub(crate) width: usize,
 }
 
-impl<'a> KvHead<'a> {
-    /// Key `j` (`hd` floats).
+impl<T> Clone for KvHead<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for KvHead<'_, T> {}
+
+impl<'a, T> KvHead<'a, T> {
+    pub(crate) fn new(kv: &'a LayerKv<T>, len: usize, off: usize, width: usize) -> Self {
+        Self {
+            kv,
+            len,
+            off,
+            width,
+        }
+    }
+
+    /// Key `j` (`hd` elements).
     #[inline(always)]
-    fn key(&self, j: usize, hd: usize) -> &'a [f32] {
+    fn key(&self, j: usize, hd: usize) -> &'a [T] {
         &self.kv.k[j * self.width + self.off..j * self.width + self.off + hd]
     }
 
-    /// Value `j` (`hd` floats).
+    /// Value `j` (`hd` elements).
     #[inline(always)]
-    fn value(&self, j: usize, hd: usize) -> &'a [f32] {
+    fn value(&self, j: usize, hd: usize) -> &'a [T] {
         &self.kv.v[j * self.width + self.off..j * self.width + self.off + hd]
     }
 }
@@ -99,7 +125,7 @@ pub(crate) fn attend_group(
     path: SimdPath,
     q: &[f32],
     hd: usize,
-    head: KvHead<'_>,
+    head: KvHead<'_, f32>,
     out: &mut [f32],
 ) {
     SCORES.with_borrow_mut(|scores| attend_group_with(path, q, hd, head, scores, out))
@@ -110,7 +136,7 @@ simd_dispatch! {
     fn attend_group_with(
         q: &[f32],
         hd: usize,
-        head: KvHead<'_>,
+        head: KvHead<'_, f32>,
         scores: &mut Vec<f32>,
         out: &mut [f32],
     ) = attend_group_body;
@@ -121,7 +147,7 @@ fn attend_group_body(
     isa: Isa,
     q: &[f32],
     hd: usize,
-    head: KvHead<'_>,
+    head: KvHead<'_, f32>,
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {

@@ -28,6 +28,7 @@ pub mod step;
 pub mod testing;
 pub mod tokenizer;
 
+pub use cache::KvFormat;
 pub use device::Device;
 pub use error::{LlmError, Result};
 pub use layers::LayerSet;

@@ -11,8 +11,8 @@
 //!   `hidden_states[L + 1]`), keeping a running sum over prompt tokens for the prompt mean;
 //! - give bit-identical results for a row whatever shares its batch, and whether its tokens came
 //!   as one prefill or as a prefill plus decode steps. Everything is computed per token: the
-//!   matmuls row-independently ([`QLinear`]), attention by hand over plain f32 slices per
-//!   (token, head) over exactly keys `0..=pos` in a fixed order.
+//!   matmuls row-independently ([`QLinear`]), attention by hand over the cached keys and values
+//!   (f16 by default, f32 as before issue 23) per (token, head) over exactly keys `0..=pos` in a fixed order.
 //!
 //! The parts live beside this file: the cache ([`crate::cache`]), a step's rows, output and
 //! their validation ([`crate::step`]), attention (`attention.rs`) and the per-token f32
@@ -24,8 +24,8 @@
 use trail_kernels::SimdPath;
 
 use crate::attention::attend;
-pub use crate::cache::KvCache;
-use crate::cache::{LayerKv, PromptSum};
+pub use crate::cache::{KvCache, KvFormat};
+use crate::cache::{LayerView, PromptSum};
 pub use crate::config::Config;
 use crate::error::{LlmError, Result};
 use crate::gguf::GgufFile;
@@ -60,6 +60,8 @@ pub struct Llama {
     output: Option<QLinear>,
     /// The SIMD path every matmul and loop of the forward runs on.
     simd: SimdPath,
+    /// The format of the caches [`Llama::new_cache`] makes (and [`Llama::step`] accepts).
+    kv: KvFormat,
 }
 
 fn matrix(gguf: &mut GgufFile, name: &str, out: usize, inp: usize) -> Result<QLinear> {
@@ -128,6 +130,7 @@ impl Llama {
             output_norm,
             output,
             simd,
+            kv: KvFormat::default(),
         })
     }
 
@@ -144,6 +147,17 @@ impl Llama {
     pub fn set_simd(&mut self, path: SimdPath) -> Result<()> {
         self.simd = path.supported().map_err(LlmError::Simd)?;
         Ok(())
+    }
+
+    /// The format of the KV caches this model makes and steps (and so its attention kernel).
+    pub fn kv_format(&self) -> KvFormat {
+        self.kv
+    }
+
+    /// Makes and steps caches of `format` from now on (caches made before are refused by
+    /// [`Llama::step`]).
+    pub fn set_kv_format(&mut self, format: KvFormat) {
+        self.kv = format;
     }
 
     /// The distinct weight formats, e.g. `["q4_1", "q8_0"]`, sorted; a format trail-kernels
@@ -192,7 +206,7 @@ impl Llama {
 
     /// A fresh, empty cache for one sequence.
     pub fn new_cache(&self) -> KvCache {
-        KvCache::new(&self.cfg)
+        KvCache::new(&self.cfg, self.kv)
     }
 
     /// Prefills `tokens` (all prompt tokens) into `cache`, which may already hold a prefix
@@ -248,7 +262,7 @@ impl Llama {
         let (cfg, simd) = (&self.cfg, self.simd);
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
         let (q_dim, kv_dim, ffn) = (cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size);
-        validate(cfg, rows, layers)?;
+        validate(cfg, self.kv, rows, layers)?;
         let toks = TokenTable::new(rows);
         let n = toks.row.len();
         let mut x = self.embed(rows, &toks);
@@ -291,11 +305,10 @@ impl Llama {
             rope(simd, &mut k, hd, &cos, &sin);
             for (r, row) in rows.iter_mut().enumerate() {
                 let (s, e) = (toks.row_start[r], toks.row_start[r] + row.tokens.len());
-                let kv = &mut row.cache.layers[l];
-                kv.k.extend_from_slice(&k[s * kv_dim..e * kv_dim]);
-                kv.v.extend_from_slice(&v[s * kv_dim..e * kv_dim]);
+                let (ks, vs) = (&k[s * kv_dim..e * kv_dim], &v[s * kv_dim..e * kv_dim]);
+                row.cache.append(l, ks, vs);
             }
-            let caches: Vec<&LayerKv> = rows.iter().map(|r| &r.cache.layers[l]).collect();
+            let caches: Vec<LayerView<'_>> = rows.iter().map(|r| r.cache.view(l)).collect();
             attend(simd, cfg, &q, &caches, &toks.row, &toks.pos, &mut att);
             b.attn_output.forward_on(simd, &att, n, &mut o);
             add(simd, &mut x, &o);

@@ -12,7 +12,7 @@ use crate::error::{LlmError, Result};
 use crate::gguf::GgufFile;
 use crate::layers::LayerSet;
 use crate::linear::simd_path;
-use crate::model::{Config, KvCache, Llama, StepOutput};
+use crate::model::{Config, KvCache, KvFormat, Llama, StepOutput};
 use crate::sampler::{Sampler, Sampling};
 use crate::tokenizer::{self, ChatTemplate, Message};
 
@@ -161,6 +161,13 @@ impl Runner {
         self.model.set_simd(path)?;
         self.kernel_id = kernel_id(&self.model);
         Ok(())
+    }
+
+    /// Makes and steps KV caches of `format` from now on ([`KvFormat::F32`]: the numerics
+    /// before issue 23); the kernel id names the attention kernel that goes with it.
+    pub fn set_kv_format(&mut self, format: KvFormat) {
+        self.model.set_kv_format(format);
+        self.kernel_id = kernel_id(&self.model);
     }
 
     /// The chat text for one user message (the template's default system prompt included,
@@ -316,14 +323,16 @@ impl Runner {
 }
 
 /// Names the numerics of `model`: crate versions, weight formats, trail-kernels' SIMD path (the
-/// model's), the SIMD features candle's kernels can use, the attention kernel.
+/// model's), the SIMD features candle's kernels can use, the attention kernel (the KV cache's
+/// format: [`KvFormat::attention_id`]).
 fn kernel_id(model: &Llama) -> String {
     format!(
-        "trail-llm-{}/{}/{}/candle-core-{CANDLE_VERSION}-k_quants({})/attn-f32-lanes8",
+        "trail-llm-{}/{}/{}/candle-core-{CANDLE_VERSION}-k_quants({})/{}",
         env!("CARGO_PKG_VERSION"),
         model.weight_formats().join("+"),
         trail_kernels::kernel_id_on(model.simd()),
         simd_path(),
+        model.kv_format().attention_id(),
     )
 }
 

@@ -2,7 +2,7 @@
 //! [`StepOutput`] (logits and captured hidden states per row), and the check of every row
 //! against the model before a step touches any cache.
 
-use crate::cache::KvCache;
+use crate::cache::{KvCache, KvFormat};
 use crate::config::Config;
 use crate::error::{LlmError, Result};
 use crate::layers::LayerSet;
@@ -76,9 +76,14 @@ impl StepOutput {
 }
 
 /// Checks every row against the model and `layers` (tokens, prompt count, cache shape, context,
-/// vocabulary, and the same captured layers across prompt chunks), so that a step that fails
-/// changes nothing.
-pub(crate) fn validate(cfg: &Config, rows: &[Row<'_>], layers: LayerSet) -> Result<()> {
+/// vocabulary, the model's KV format, and the same captured layers across prompt chunks), so that
+/// a step that fails changes nothing.
+pub(crate) fn validate(
+    cfg: &Config,
+    kv: KvFormat,
+    rows: &[Row<'_>],
+    layers: LayerSet,
+) -> Result<()> {
     if layers.end() > cfg.num_hidden_layers {
         return Err(LlmError::Step(format!(
             "layer {} asked of a {}-layer model",
@@ -97,7 +102,13 @@ pub(crate) fn validate(cfg: &Config, rows: &[Row<'_>], layers: LayerSet) -> Resu
                 row.tokens.len()
             )));
         }
-        if row.cache.layers.len() != cfg.num_hidden_layers
+        if row.cache.format() != kv {
+            return Err(LlmError::Step(format!(
+                "a cache in {} where the model runs {kv} (Llama::set_kv_format)",
+                row.cache.format()
+            )));
+        }
+        if row.cache.n_layers() != cfg.num_hidden_layers
             || row.cache.kv_dim != cfg.kv_dim()
             || row.cache.hidden != cfg.hidden_size
         {

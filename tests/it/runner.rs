@@ -1,10 +1,12 @@
 //! The target-model runner on the real SmolLM2-135M-Instruct Q4_1: token ids, greedy first
 //! token and per-layer hidden states against HF transformers (`shared/fixtures`), and the
-//! determinism properties (batch invariance, prefill ≡ decode) on real weights.
+//! determinism properties (batch invariance, prefill ≡ decode) on real weights, with both KV
+//! cache formats (f16, the default, and f32, the numerics before issue 23), on the SIMD path
+//! `TRAIL_SIMD` names (run once per path to cover them all).
 
 use std::sync::OnceLock;
 
-use trail_llm::{KvCache, LayerSet, Row, Runner, StepOutput};
+use trail_llm::{KvCache, KvFormat, LayerSet, Row, Runner, StepOutput};
 
 #[derive(serde::Deserialize)]
 struct Fixture {
@@ -25,9 +27,22 @@ struct Item {
 }
 
 fn runner() -> &'static Runner {
-    static RUNNER: OnceLock<Runner> = OnceLock::new();
-    RUNNER.get_or_init(|| Runner::load(&trail_tests::smollm2_gguf()).expect("load SmolLM2"))
+    runner_with(KvFormat::default())
 }
+
+/// SmolLM2 with caches in `kv`, loaded once per format.
+fn runner_with(kv: KvFormat) -> &'static Runner {
+    static RUNNERS: [OnceLock<Runner>; 2] = [OnceLock::new(), OnceLock::new()];
+    RUNNERS[kv as usize].get_or_init(|| {
+        let mut r = Runner::load(&trail_tests::smollm2_gguf()).expect("load SmolLM2");
+        r.set_kv_format(kv);
+        eprintln!("SmolLM2: {}", r.kernel_id());
+        r
+    })
+}
+
+/// Both KV cache formats, the default first.
+const KV_FORMATS: [KvFormat; 2] = [KvFormat::F16, KvFormat::F32];
 
 fn fixture() -> Fixture {
     let path = trail_tests::fixture_path();
@@ -70,7 +85,12 @@ fn check_layer(what: &str, item: usize, l: usize, ours: &[f32], hf: &[Vec<f32>])
 
 #[test]
 fn smollm2_matches_hf_ids_first_token_and_hidden_states() {
-    let runner = runner();
+    for kv in KV_FORMATS {
+        matches_hf(runner_with(kv));
+    }
+}
+
+fn matches_hf(runner: &Runner) {
     let n_layers = runner.config().num_hidden_layers;
     assert_eq!(n_layers, 30);
     let all = LayerSet::all(n_layers);
@@ -153,7 +173,12 @@ fn same_kv(a: &KvCache, b: &KvCache, n_layers: usize) -> bool {
 
 #[test]
 fn smollm2_rows_are_batch_invariant_and_prefill_equals_decode() {
-    let runner = runner();
+    for kv in KV_FORMATS {
+        batch_invariant(runner_with(kv));
+    }
+}
+
+fn batch_invariant(runner: &Runner) {
     let model = runner.model();
     let n_layers = runner.config().num_hidden_layers;
     let all = LayerSet::all(n_layers);

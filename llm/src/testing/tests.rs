@@ -9,8 +9,8 @@ use crate::batch::{BatchGenerator, Finished, Job, Positions, StepStats};
 use crate::gguf::GgufFile;
 use crate::linear::QLinear;
 use crate::{
-    GenerateOptions, KvCache, LayerSet, Llama, LlmError, Row, Runner, Sampling, StepOutput,
-    StopReason, numerics_key, same_numerics,
+    GenerateOptions, KvCache, KvFormat, LayerSet, Llama, LlmError, Row, Runner, Sampling,
+    StepOutput, StopReason, numerics_key, same_numerics,
 };
 use trail_kernels::SimdPath;
 
@@ -75,16 +75,30 @@ fn all_layers(model: &Llama) -> LayerSet {
     LayerSet::all(model.config().num_hidden_layers)
 }
 
-/// Runs `check` on `r`'s model on every SIMD path this CPU supports, slowest first, and names
-/// the paths exercised.
+/// The KV cache formats (and so attention kernels), the default first.
+const KV_FORMATS: [KvFormat; 2] = [KvFormat::F16, KvFormat::F32];
+
+/// Runs `check` on `r`'s model with every KV cache format, on every SIMD path this CPU
+/// supports, slowest first, and names the paths exercised.
 fn on_every_path(r: &mut Runner, check: impl Fn(&Llama)) {
+    for kv in KV_FORMATS {
+        r.set_kv_format(kv);
+        on_paths(r, &check);
+    }
+}
+
+/// Runs `check` on `r`'s model (in its KV format) on every SIMD path this CPU supports.
+fn on_paths(r: &mut Runner, check: impl Fn(&Llama)) {
     let paths = SimdPath::available();
     for &p in &paths {
         r.set_simd(p).unwrap();
         assert_eq!(r.model().simd(), p);
         check(r.model());
     }
-    eprintln!("SIMD paths exercised: {paths:?}");
+    eprintln!(
+        "SIMD paths exercised with the {} KV cache: {paths:?}",
+        r.model().kv_format()
+    );
 }
 
 fn greedy(max_new_tokens: usize) -> GenerateOptions {
@@ -410,8 +424,8 @@ fn check_prefill_decode(model: &Llama) {
             one.keys(l).len(),
             all.len() * cfg.num_key_value_heads * cfg.head_dim
         );
-        assert_bits(&format!("keys {l}"), dec.keys(l), one.keys(l));
-        assert_bits(&format!("values {l}"), dec.values(l), one.values(l));
+        assert_bits(&format!("keys {l}"), &dec.keys(l), &one.keys(l));
+        assert_bits(&format!("values {l}"), &dec.values(l), &one.values(l));
     }
     // The decoded tokens are not prompt tokens.
     assert_eq!(dec.prompt_tokens(), prompt.len());
@@ -464,30 +478,33 @@ fn every_simd_path_gives_the_scalar_bits() {
             drop(rows);
             (out, cases.into_iter().map(|c| c.cache).collect::<Vec<_>>())
         };
-        r.set_simd(SimdPath::Scalar).unwrap();
-        let (base, base_caches) = run(r.model());
-        let name = format.name();
-        on_every_path(&mut r, |model| {
-            let (out, caches) = run(model);
-            let p = model.simd();
-            assert_bits(&format!("{name} {p} logits"), &out.logits, &base.logits);
-            assert_bits(&format!("{name} {p} hidden"), &out.hidden, &base.hidden);
-            for (l, (c, b)) in caches.iter().zip(&base_caches).enumerate() {
-                for layer in 0..model.config().num_hidden_layers {
-                    assert_bits(
-                        &format!("{name} {p} row {l} keys"),
-                        c.keys(layer),
-                        b.keys(layer),
-                    );
-                    assert_bits(
-                        &format!("{name} {p} row {l} values"),
-                        c.values(layer),
-                        b.values(layer),
-                    );
+        for kv in KV_FORMATS {
+            r.set_kv_format(kv);
+            r.set_simd(SimdPath::Scalar).unwrap();
+            let (base, base_caches) = run(r.model());
+            let name = format!("{} kv={kv}", format.name());
+            on_paths(&mut r, |model| {
+                let (out, caches) = run(model);
+                let p = model.simd();
+                assert_bits(&format!("{name} {p} logits"), &out.logits, &base.logits);
+                assert_bits(&format!("{name} {p} hidden"), &out.hidden, &base.hidden);
+                for (l, (c, b)) in caches.iter().zip(&base_caches).enumerate() {
+                    for layer in 0..model.config().num_hidden_layers {
+                        assert_bits(
+                            &format!("{name} {p} row {l} keys"),
+                            &c.keys(layer),
+                            &b.keys(layer),
+                        );
+                        assert_bits(
+                            &format!("{name} {p} row {l} values"),
+                            &c.values(layer),
+                            &b.values(layer),
+                        );
+                    }
+                    assert_eq!(c.prompt_mean(), b.prompt_mean(), "{name} {p} row {l}");
                 }
-                assert_eq!(c.prompt_mean(), b.prompt_mean(), "{name} {p} row {l}");
-            }
-        });
+            });
+        }
     }
 }
 
@@ -716,6 +733,12 @@ fn layer_l_is_the_output_of_block_l_as_in_a_naive_forward_on_every_path() {
         let (states, logits) = Reference::new(spec).forward(&tokens);
         on_every_path(&mut runner(spec), |model| {
             let layers = all_layers(model);
+            // f32 keys and values keep the f32 forward's error; rounding them to f16 (2⁻¹¹
+            // relative) adds about that much.
+            let tol = match model.kv_format() {
+                KvFormat::F32 => 1e-4,
+                KvFormat::F16 => 2e-3,
+            };
 
             // Every position: prefill the first token, decode the others.
             let mut cache = model.new_cache();
@@ -728,7 +751,7 @@ fn layer_l_is_the_output_of_block_l_as_in_a_naive_forward_on_every_path() {
                 for (l, layer) in states.iter().enumerate() {
                     let e = rel_err(out.hidden(0, l).unwrap(), &layer[pos]);
                     assert!(
-                        e < 1e-4,
+                        e < tol,
                         "tied {tied}: layer {l} at {pos}: relative error {e:.2e}"
                     );
                     if l + 1 < states.len() {
@@ -743,7 +766,7 @@ fn layer_l_is_the_output_of_block_l_as_in_a_naive_forward_on_every_path() {
                 }
                 if pos + 1 == tokens.len() {
                     let e = rel_err(out.logits(0), &logits);
-                    assert!(e < 1e-4, "tied {tied}: logits: relative error {e:.2e}");
+                    assert!(e < tol, "tied {tied}: logits: relative error {e:.2e}");
                 }
             }
             // One prefill of all tokens gives the last position's states too.
@@ -751,7 +774,7 @@ fn layer_l_is_the_output_of_block_l_as_in_a_naive_forward_on_every_path() {
             let out = model.prefill(&mut cache, &tokens, layers).unwrap();
             for (l, layer) in states.iter().enumerate() {
                 let e = rel_err(out.hidden(0, l).unwrap(), layer.last().unwrap());
-                assert!(e < 1e-4, "prefill: layer {l}: relative error {e:.2e}");
+                assert!(e < tol, "prefill: layer {l}: relative error {e:.2e}");
             }
         });
     }
@@ -1184,4 +1207,31 @@ fn batch_generation_gives_each_job_its_solo_tokens_whatever_the_batch() {
             assert_eq!(other[id].states, f1.states, "job {id}: states differ");
         }
     }
+}
+
+/// The KV format is part of the numerics: F16 (the default) names the one-pass kernel, F32
+/// keeps the attention id of the kernels before it, and a step refuses a cache of the other
+/// format, changing nothing.
+#[test]
+fn the_kv_format_names_its_attention_kernel_and_a_step_refuses_another_format() {
+    let mut r = runner(FAST);
+    assert_eq!(r.model().kv_format(), KvFormat::F16);
+    let f16_id = r.kernel_id().to_string();
+    assert!(f16_id.ends_with("/attn-f16kv-online-lanes8"), "{f16_id}");
+    let mut made_f16 = r.model().new_cache();
+    r.set_kv_format(KvFormat::F32);
+    assert!(
+        r.kernel_id().ends_with("/attn-f32-lanes8"),
+        "{}",
+        r.kernel_id()
+    );
+    assert!(!same_numerics(&f16_id, r.kernel_id()));
+    let err = r
+        .model()
+        .prefill(&mut made_f16, &ids(3, 1), LayerSet::NONE)
+        .unwrap_err();
+    assert!(matches!(err, LlmError::Step(_)), "{err}");
+    assert!(made_f16.is_empty());
+    assert_eq!("f32".parse::<KvFormat>(), Ok(KvFormat::F32));
+    assert!("bf16".parse::<KvFormat>().is_err());
 }

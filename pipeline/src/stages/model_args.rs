@@ -3,9 +3,9 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use trail_llm::{Device, Runner, hub};
+use trail_llm::{Device, KvFormat, Runner, hub};
 
-/// `--model`, `--device`, `--threads`.
+/// `--model`, `--device`, `--threads`, `--kv-cache`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ModelArgs {
     /// A local GGUF, or `hf:OWNER/REPO/FILE.gguf`. Default: SmolLM2-135M-Instruct Q4_1, fetched
@@ -19,6 +19,10 @@ pub struct ModelArgs {
     /// Worker threads for the matmuls (default: every core).
     #[arg(long, env = "TRAIL_THREADS")]
     pub threads: Option<usize>,
+    /// The KV cache: `f16` (one-pass attention over half the bytes), or `f32` (the numerics
+    /// before issue 23: labels made with them replay under it). Part of the kernel id.
+    #[arg(long = "kv-cache", env = "TRAIL_KV_CACHE", default_value_t = KvFormat::F16)]
+    pub kv_cache: KvFormat,
 }
 
 impl ModelArgs {
@@ -27,11 +31,14 @@ impl ModelArgs {
         Ok(hub::resolve_model(self.model.as_deref())?)
     }
 
-    /// Sets the thread pool and loads the model.
+    /// Sets the thread pool and loads the model, its caches in `--kv-cache`.
     pub fn load(&self) -> anyhow::Result<Runner> {
         init_threads(self.threads)?;
         let path = self.path()?;
-        Runner::load_on(&path, self.device).with_context(|| format!("loading {}", path.display()))
+        let mut runner = Runner::load_on(&path, self.device)
+            .with_context(|| format!("loading {}", path.display()))?;
+        runner.set_kv_format(self.kv_cache);
+        Ok(runner)
     }
 }
 

@@ -1,7 +1,10 @@
 //! `trail bench runner`: the runner's prefill and batched-decode speed, with no layer and with
 //! every layer captured, peak RSS, and a per-step timing table for the simulator's step-time
-//! model (with `--out`, also `steps.parquet`, the serving engine's step-log format). With `--vs-llama-cpp DIR`, llama.cpp's `llama-bench` and `llama-batched-bench` run
-//! on the same GGUF with the same threads in the same run, and the ratios are printed.
+//! model (with `--out`, also `steps.parquet`, the serving engine's step-log format), and the
+//! peak RSS of each decode shape. With `--vs-llama-cpp DIR`, llama.cpp's `llama-bench` and
+//! `llama-batched-bench` run on the same GGUF with the same threads in the same run, and the
+//! ratios are printed. `--prompt-tokens 512 --decode-steps 128` is the long-context shape
+//! (`llama-batched-bench -npp 512 -ntg 128`); `--kv-cache f32` runs the numerics before issue 23.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -12,7 +15,7 @@ use trail_llm::{KvCache, LayerSet, Row, Runner};
 use trail_serving_shim::StepRecord;
 
 use super::llama_cpp::{self, LlamaCpp};
-use super::{cpu_model, median, peak_rss_mib};
+use super::{cpu_model, median, peak_rss_mib, reset_peak_rss};
 use crate::manifest::GIT_COMMIT;
 use crate::stages::model_args::{ModelArgs, threads};
 
@@ -72,6 +75,10 @@ pub struct Decode {
     pub all_runs: Vec<f64>,
     /// 1 − all/none: the throughput lost to capturing every layer.
     pub capture_cost: f64,
+    /// Peak RSS of the process while this shape ran (weights, the prefilled caches and each
+    /// repetition's copy included; rows are prefilled one per step; `None` where the OS cannot
+    /// reset or report it).
+    pub peak_rss_mib: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -80,6 +87,8 @@ pub struct Report {
     pub threads: usize,
     pub model: String,
     pub kernel_id: String,
+    /// The KV cache format (`f16`, or `f32`: the numerics before issue 23).
+    pub kv_cache: String,
     pub git_commit: String,
     pub layers: usize,
     pub prefill: Prefill,
@@ -187,7 +196,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         + args
             .batches
             .iter()
-            .map(|_| 1 + 2 * (args.repeats * args.decode_steps) as u64)
+            .map(|&b| b as u64 + 2 * (args.repeats * args.decode_steps) as u64)
             .sum::<u64>();
     let bar = ProgressBar::new(work).with_style(
         ProgressStyle::with_template("{msg:>12} [{bar:30}] {pos}/{len} steps, eta {eta}")?
@@ -223,15 +232,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let prompts: Vec<Vec<u32>> = (0..b)
             .map(|r| prompt(&runner, args.prompt_tokens, r))
             .collect::<anyhow::Result<_>>()?;
+        // Each row prefilled in its own step, as the generate stage admits prompts, so the
+        // shape's peak RSS is its caches (the prefilled ones and each repetition's copy) and
+        // one prompt's activations, not a 32-prompt prefill's.
+        let reset = reset_peak_rss();
         let mut caches: Vec<KvCache> = (0..b).map(|_| runner.model().new_cache()).collect();
-        let mut rows: Vec<Row<'_>> = caches
-            .iter_mut()
-            .zip(&prompts)
-            .map(|(c, p)| Row::prefill(c, p))
-            .collect();
-        let (_, out) = timed_step(&runner, &mut rows, LayerSet::NONE, &mut steps)?;
-        bar.inc(1);
-        let first: Vec<u32> = (0..b).map(|r| out.argmax(r)).collect();
+        let mut first = Vec::with_capacity(b);
+        for (c, p) in caches.iter_mut().zip(&prompts) {
+            let (_, out) = timed_step(
+                &runner,
+                &mut [Row::prefill(c, p)],
+                LayerSet::NONE,
+                &mut steps,
+            )?;
+            first.push(out.argmax(0));
+            bar.inc(1);
+        }
         let (mut none_runs, mut all_runs) = (Vec::new(), Vec::new());
         for rep in 0..args.repeats {
             let order = if rep % 2 == 0 {
@@ -268,6 +284,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             none_runs,
             all_runs,
             capture_cost: 1.0 - with_all / none,
+            peak_rss_mib: peak_rss_mib().filter(|_| reset),
         });
     }
     bar.finish_and_clear();
@@ -277,6 +294,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         threads: threads(),
         model: super::shown_path(runner.path(), args.out.as_deref()),
         kernel_id: runner.kernel_id().to_string(),
+        kv_cache: runner.model().kv_format().to_string(),
         git_commit: GIT_COMMIT.to_string(),
         layers: cfg.num_hidden_layers,
         prefill,
@@ -328,20 +346,21 @@ pub fn markdown(r: &Report) -> String {
     let _ = writeln!(s, "# trail bench runner\n");
     let _ = writeln!(
         s,
-        "CPU: {} · threads: {} · commit {}\nmodel: {}\nkernel_id: `{}`\n",
-        r.cpu, r.threads, r.git_commit, r.model, r.kernel_id
+        "CPU: {} · threads: {} · commit {} · KV cache {}\nmodel: {}\nkernel_id: `{}`\n",
+        r.cpu, r.threads, r.git_commit, r.kv_cache, r.model, r.kernel_id
     );
     let lc = r.llama_cpp.as_ref();
     let _ = writeln!(
         s,
-        "| | no layer | all {} layers | capture cost | llama.cpp | trail (all) / llama.cpp |",
+        "| | no layer | all {} layers | capture cost | llama.cpp | trail (all) / llama.cpp | \
+         peak RSS MiB |",
         r.layers
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|");
     let ratio = |k: &str| r.ratios.get(k).map_or("–".into(), |x| format!("{x:.2}×"));
     let _ = writeln!(
         s,
-        "| prefill {} tok, tok/s | {:.0} | {:.0} | {:.1} % | {} | {} |",
+        "| prefill {} tok, tok/s | {:.0} | {:.0} | {:.1} % | {} | {} | – |",
         r.prefill.tokens,
         r.prefill.none_tok_s,
         r.prefill.all_tok_s,
@@ -362,7 +381,7 @@ pub fn markdown(r: &Report) -> String {
     for d in &r.decode {
         let _ = writeln!(
             s,
-            "| decode batch {}, tok/s | {:.0}{} | {:.0}{} | {:.1} % | {} | {} |",
+            "| decode batch {}, tok/s | {:.0}{} | {:.0}{} | {:.1} % | {} | {} | {} |",
             d.batch,
             d.none_tok_s,
             range(&d.none_runs),
@@ -372,6 +391,7 @@ pub fn markdown(r: &Report) -> String {
             lc.and_then(|l| l.decode_tok_s(d.batch))
                 .map_or("–".into(), |x| format!("{x:.0}")),
             ratio(&format!("decode_b{}", d.batch)),
+            d.peak_rss_mib.map_or("–".into(), |m| format!("{m:.0}")),
         );
     }
     if let Some(m) = r.peak_rss_mib {

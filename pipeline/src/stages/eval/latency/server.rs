@@ -153,6 +153,7 @@ fn serve_args(cx: &Launch<'_>, policy: PolicyKind, port: u16, dir: &Path) -> Vec
         push("--threads", &t.to_string());
     }
     push("--device", &cx.model.device.to_string());
+    push("--kv-cache", cx.model.kv_cache.name());
     // Profiled lengths go as the evaluation-only stop (see `HttpBackend`).
     v.push("--allow-eval-output-tokens".into());
     let mut path = |flag: &str, p: &Path| v.extend([OsString::from(flag), p.into()]);
@@ -427,6 +428,7 @@ mod tests {
             model: Some("model.gguf".into()),
             device: Default::default(),
             threads: Some(2),
+            kv_cache: Default::default(),
         };
         let cli = |extra: &[&str]| {
             #[derive(Parser)]
