@@ -83,6 +83,53 @@ pub fn predictor_table(t: &TestMetrics) -> String {
         fmt_iv(&t.ratio_bert_finetuned_over_refined, 2),
         fmt_iv(&t.ratio_bert_finetuned_conditional_over_refined, 2)
     );
+    if t.bert_finetuned_v1_bins.is_some() {
+        let _ = writeln!(
+            s,
+            "Predictor v2's bins have a \"runs to the cap\" class, so `bert_finetuned` above is \
+             BERT fine-tuned on the same bins (like for like). On v1's ten bins (the paper's \
+             comparison) fine-tuned BERT's MAE is {} and its ratio to refined {}.\n",
+            fmt_iv(&t.bert_finetuned_v1_bins, 1),
+            fmt_iv(&t.ratio_bert_finetuned_v1_bins_over_refined, 2)
+        );
+    }
+    s
+}
+
+/// Where the error is: each predictor's MAE by the request's true length and by the tokens
+/// generated ([`Details::breakdown`]), as markdown tables (predictors as columns).
+pub fn breakdown_tables(d: &Details) -> String {
+    let keys = [
+        "refined",
+        "probe_no_refine",
+        "bert_finetuned",
+        "constant_conditional",
+    ];
+    let cols: Vec<_> = d
+        .breakdown
+        .iter()
+        .filter(|(k, _)| keys.contains(&k.as_str()))
+        .collect();
+    let Some((_, first)) = cols.first() else {
+        return String::new();
+    };
+    let mut s = String::from("## Where the error is\n\n");
+    for (table, title) in [("length", "true length"), ("g", "tokens generated g")] {
+        let _ = write!(s, "| MAE by {title} | pairs |");
+        for (k, _) in &cols {
+            let _ = write!(s, " `{k}` |");
+        }
+        let _ = writeln!(s, "\n|---|---|{}", "---|".repeat(cols.len()));
+        for (t, label, _, n) in first.iter().filter(|r| r.0 == table) {
+            let _ = write!(s, "| {label} | {n} |");
+            for (_, rows) in &cols {
+                let v = rows.iter().find(|r| r.0 == *t && r.1 == *label);
+                let _ = write!(s, " {} |", v.map_or("—".into(), |r| format!("{:.1}", r.2)));
+            }
+            let _ = writeln!(s);
+        }
+        let _ = writeln!(s);
+    }
     s
 }
 
@@ -410,7 +457,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         serde_json::to_string_pretty(&metrics)?.as_bytes(),
     )?;
     let md = out.join("report.md");
-    write_atomic(&md, markdown(&run, &metrics).as_bytes())?;
+    let text = markdown(&run, &metrics) + &breakdown_tables(&details);
+    write_atomic(&md, text.as_bytes())?;
     let mut files = vec![metrics_path.clone(), md.clone()];
     files.extend(plots(&out, &metrics, &details)?);
     for f in &files {
