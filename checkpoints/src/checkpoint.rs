@@ -188,7 +188,7 @@ impl Checkpoint {
         meta.insert("probe_layers".into(), json(&m.probe_layers));
         meta.insert("prompt_layers".into(), json(&m.prompt_layers));
         meta.insert("hidden_size".into(), m.hidden_size.to_string());
-        meta.insert("bins_k".into(), m.bins.k().to_string());
+        meta.insert("bins_k".into(), m.bins.length_bins().to_string());
         meta.insert("bins_max".into(), m.bins.max().to_string());
         meta.insert("refine_interval".into(), m.refine_interval.to_string());
         meta.insert("train_data_sha256".into(), m.train_data_sha256.clone());

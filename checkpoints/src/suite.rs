@@ -83,6 +83,10 @@ pub struct SuiteConfig {
     /// validation and test untouched): the learning curve. `None`: all.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub train_requests: Option<usize>,
+    /// With the cap class, skip the fine-tuned BERT on v1's bins (the learning curve needs
+    /// only the like-for-like one).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub no_bert_v1_bins: bool,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -112,6 +116,7 @@ impl Default for SuiteConfig {
             g_input: false,
             calibrate: false,
             train_requests: None,
+            no_bert_v1_bins: false,
         }
     }
 }
@@ -834,7 +839,7 @@ impl<'a> Suite<'a> {
             }
             if let Some(tune) = &cfg.bert_tune {
                 jobs.push(Job::BertTuned(tune));
-                if cfg.cap_class {
+                if cfg.cap_class && !cfg.no_bert_v1_bins {
                     jobs.push(Job::BertTunedV1Bins(tune));
                 }
             }

@@ -85,6 +85,10 @@ pub struct Args {
     /// test untouched): a point of the learning curve.
     #[arg(long)]
     pub train_requests: Option<usize>,
+    /// v2: skip the fine-tuned BERT on v1's bins (trained by default beside the one on v2's
+    /// bins, for the paper's comparison).
+    #[arg(long)]
+    pub no_bert_v1_bins: bool,
 }
 
 /// `--predictor`.
@@ -147,6 +151,7 @@ pub fn suite_config(args: &Args) -> anyhow::Result<SuiteConfig> {
         g_input: v2 && !args.no_g_input,
         calibrate: v2 && !args.no_calibrate,
         train_requests: args.train_requests,
+        no_bert_v1_bins: args.no_bert_v1_bins,
         ..SuiteConfig::default()
     })
 }
