@@ -175,8 +175,11 @@ pub struct Details {
     /// Where the error is: per predictor, MAE of the remaining length by the request's true
     /// length (`length`, buckets of [`LENGTH_BUCKETS`], the last "ran to the cap") and by the
     /// tokens generated (`g`, buckets of [`G_BUCKETS`]): (table, bucket label, MAE, pairs).
-    pub breakdown: Vec<(String, Vec<(&'static str, String, f64, usize)>)>,
+    pub breakdown: Vec<(String, Vec<BreakdownRow>)>,
 }
+
+/// One row of [`Details::breakdown`]: (table `length` or `g`, bucket label, MAE, pairs).
+pub type BreakdownRow = (&'static str, String, f64, usize);
 
 /// Upper ends (exclusive) of the true-length buckets of [`Details::breakdown`], as fractions of
 /// the cap; a request that reached its cap is its own bucket.
@@ -911,7 +914,7 @@ pub fn score(
                     .get(i)
                     .map_or("ran to the cap".to_string(), |b| b.1.to_string())
             };
-            let mut rows: Vec<(&'static str, String, f64, usize)> = a
+            let mut rows: Vec<BreakdownRow> = a
                 .by_length
                 .iter()
                 .enumerate()

@@ -41,6 +41,80 @@ pub struct Args {
     /// --sample all`, the selected layers): scores `refined_every_token` there.
     #[arg(long)]
     pub every_token: Option<PathBuf>,
+    /// Another report to set beside this one, `LABEL=DIR` (DIR holds its `metrics.json` and
+    /// `breakdown.json`), repeatable: v1 beside v2, or the points of a learning curve.
+    #[arg(long, value_parser = parse_compare)]
+    pub compare: Vec<(String, PathBuf)>,
+}
+
+/// `LABEL=DIR`.
+fn parse_compare(s: &str) -> Result<(String, PathBuf), String> {
+    let (label, dir) = s
+        .split_once('=')
+        .ok_or_else(|| format!("--compare `{s}`: expected LABEL=DIR"))?;
+    Ok((label.to_string(), PathBuf::from(dir)))
+}
+
+/// A compared report: its label, metrics and breakdown.
+pub struct Compared {
+    pub label: String,
+    pub metrics: Metrics,
+    pub breakdown: Breakdown,
+}
+
+/// [`Details::breakdown`] as `breakdown.json` holds it.
+pub type Breakdown = Vec<(String, Vec<Row>)>;
+
+/// (table, bucket label, MAE, pairs) of a [`Breakdown`].
+pub type Row = (String, String, f64, usize);
+
+/// Reads `DIR/metrics.json` and `DIR/breakdown.json` (empty when absent: an older report).
+fn read_compared(label: &str, dir: &Path) -> anyhow::Result<Compared> {
+    let path = dir.join("metrics.json");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("--compare {label}: reading {}", path.display()))?;
+    let metrics = serde_json::from_str(&text)
+        .with_context(|| format!("--compare {label}: {}", path.display()))?;
+    let breakdown = std::fs::read_to_string(dir.join("breakdown.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    Ok(Compared {
+        label: label.to_string(),
+        metrics,
+        breakdown,
+    })
+}
+
+/// This report's headline figures beside the compared ones': one row per report.
+pub fn comparison_table(this: &Metrics, label: &str, others: &[Compared]) -> String {
+    let mut s = String::from("## Compared\n\n");
+    let _ = writeln!(
+        s,
+        "| report | refined | probe, no refine | BERT fine-tuned | BERT ÷ refined | BERT on v1's \
+         bins ÷ refined |\n|---|---|---|---|---|---|"
+    );
+    let rows =
+        std::iter::once((label, this)).chain(others.iter().map(|c| (c.label.as_str(), &c.metrics)));
+    for (name, m) in rows {
+        let t = &m.test;
+        let get = |k: &str| fmt_iv(&t.mae_remaining.get(k).cloned().flatten(), 1);
+        let _ = writeln!(
+            s,
+            "| {name} | {} | {} | {} | {} | {} |",
+            get("refined"),
+            get("probe_no_refine"),
+            get("bert_finetuned"),
+            fmt_iv(&t.ratio_bert_finetuned_over_refined, 2),
+            fmt_iv(&t.ratio_bert_finetuned_v1_bins_over_refined, 2),
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\nEach report's intervals are its own (bootstrap over its test requests); the same test \
+         requests make the rows comparable.\n"
+    );
+    s
 }
 
 fn fmt_iv(iv: &Option<Interval>, digits: usize) -> String {
@@ -96,21 +170,41 @@ pub fn predictor_table(t: &TestMetrics) -> String {
     s
 }
 
+/// [`Details::breakdown`] with owned labels (what `breakdown.json` holds).
+pub fn owned_breakdown(d: &Details) -> Breakdown {
+    d.breakdown
+        .iter()
+        .map(|(k, rows)| {
+            let rows = rows
+                .iter()
+                .map(|r| (r.0.to_string(), r.1.clone(), r.2, r.3))
+                .collect();
+            (k.clone(), rows)
+        })
+        .collect()
+}
+
 /// Where the error is: each predictor's MAE by the request's true length and by the tokens
-/// generated ([`Details::breakdown`]), as markdown tables (predictors as columns).
-pub fn breakdown_tables(d: &Details) -> String {
+/// generated ([`Details::breakdown`]), as markdown tables (predictors as columns), with each
+/// compared report's `refined` beside.
+pub fn breakdown_tables(b: &Breakdown, others: &[Compared]) -> String {
     let keys = [
         "refined",
         "probe_no_refine",
         "bert_finetuned",
         "constant_conditional",
     ];
-    let cols: Vec<_> = d
-        .breakdown
+    let mut cols: Vec<(String, &Vec<Row>)> = b
         .iter()
         .filter(|(k, _)| keys.contains(&k.as_str()))
+        .map(|(k, rows)| (k.clone(), rows))
         .collect();
-    let Some((_, first)) = cols.first() else {
+    for c in others {
+        if let Some((_, rows)) = c.breakdown.iter().find(|(k, _)| k == "refined") {
+            cols.push((format!("refined, {}", c.label), rows));
+        }
+    }
+    let Some(&(_, first)) = cols.first() else {
         return String::new();
     };
     let mut s = String::from("## Where the error is\n\n");
@@ -123,7 +217,7 @@ pub fn breakdown_tables(d: &Details) -> String {
         for (t, label, _, n) in first.iter().filter(|r| r.0 == table) {
             let _ = write!(s, "| {label} | {n} |");
             for (_, rows) in &cols {
-                let v = rows.iter().find(|r| r.0 == *t && r.1 == *label);
+                let v = rows.iter().find(|r| &r.0 == t && &r.1 == label);
                 let _ = write!(s, " {} |", v.map_or("—".into(), |r| format!("{:.1}", r.2)));
             }
             let _ = writeln!(s);
@@ -457,9 +551,24 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         serde_json::to_string_pretty(&metrics)?.as_bytes(),
     )?;
     let md = out.join("report.md");
-    let text = markdown(&run, &metrics) + &breakdown_tables(&details);
+    let compared = args
+        .compare
+        .iter()
+        .map(|(l, d)| read_compared(l, d))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let breakdown = owned_breakdown(&details);
+    let mut text = markdown(&run, &metrics);
+    if !compared.is_empty() {
+        text += &comparison_table(&metrics, "this run", &compared);
+    }
+    text += &breakdown_tables(&breakdown, &compared);
     write_atomic(&md, text.as_bytes())?;
-    let mut files = vec![metrics_path.clone(), md.clone()];
+    let breakdown_path = out.join("breakdown.json");
+    write_atomic(
+        &breakdown_path,
+        serde_json::to_string_pretty(&breakdown)?.as_bytes(),
+    )?;
+    let mut files = vec![metrics_path.clone(), md.clone(), breakdown_path];
     files.extend(plots(&out, &metrics, &details)?);
     for f in &files {
         manifest.output(f, &out)?;
