@@ -45,6 +45,10 @@ pub struct Args {
     /// `breakdown.json`), repeatable: v1 beside v2, or the points of a learning curve.
     #[arg(long, value_parser = parse_compare)]
     pub compare: Vec<(String, PathBuf)>,
+    /// This report's label beside `--compare`'s. When every label is a number (training
+    /// prompts), `learning_curve.png` plots refined, probe and fine-tuned BERT against it.
+    #[arg(long, default_value = "this run")]
+    pub label: String,
 }
 
 /// `LABEL=DIR`.
@@ -366,6 +370,51 @@ pub fn plots(out: &Path, m: &Metrics, d: &Details) -> anyhow::Result<Vec<PathBuf
     Ok(files)
 }
 
+/// `learning_curve.png`: refined, probe and fine-tuned BERT test MAE against the training
+/// prompts, when this report's label and every compared one's are numbers; `None` otherwise.
+fn learning_curve(
+    out: &Path,
+    label: &str,
+    this: &Metrics,
+    others: &[Compared],
+) -> anyhow::Result<Option<PathBuf>> {
+    let mut points: Vec<(f64, &Metrics)> = Vec::new();
+    for (l, m) in
+        std::iter::once((label, this)).chain(others.iter().map(|c| (c.label.as_str(), &c.metrics)))
+    {
+        let Ok(x) = l.parse::<f64>() else {
+            return Ok(None);
+        };
+        points.push((x, m));
+    }
+    if points.len() < 2 {
+        return Ok(None);
+    }
+    points.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let series = ["refined", "probe_no_refine", "bert_finetuned"]
+        .iter()
+        .map(|&k| {
+            let pts = points
+                .iter()
+                .filter_map(|(x, m)| Some((*x, m.test.mae_remaining.get(k)?.as_ref()?.value)))
+                .collect();
+            Series::line(display_name(k), pts).with_mark(plot::Mark::LinePoints)
+        })
+        .collect::<Vec<_>>();
+    plot::init_font()?;
+    let p = out.join("learning_curve.png");
+    plot::line_chart(
+        &p,
+        &Axes::new(
+            "Learning curve (test split)",
+            "training prompts",
+            "MAE remaining (tokens)",
+        ),
+        &series,
+    )?;
+    Ok(Some(p))
+}
+
 /// The figures of the scored split (also `trail eval mae`'s): MAE vs tokens generated per
 /// predictor, the selected probe's confusion matrix, the refined estimate's reliability.
 pub fn test_plots(out: &Path, m: &Metrics, d: &Details) -> anyhow::Result<Vec<PathBuf>> {
@@ -559,7 +608,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let breakdown = owned_breakdown(&details);
     let mut text = markdown(&run, &metrics);
     if !compared.is_empty() {
-        text += &comparison_table(&metrics, "this run", &compared);
+        text += &comparison_table(&metrics, &args.label, &compared);
     }
     text += &breakdown_tables(&breakdown, &compared);
     write_atomic(&md, text.as_bytes())?;
@@ -569,6 +618,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         serde_json::to_string_pretty(&breakdown)?.as_bytes(),
     )?;
     let mut files = vec![metrics_path.clone(), md.clone(), breakdown_path];
+    if let Some(p) = learning_curve(&out, &args.label, &metrics, &compared)? {
+        text += "![learning curve](learning_curve.png)\n";
+        write_atomic(&md, text.as_bytes())?;
+        files.push(p);
+    }
     files.extend(plots(&out, &metrics, &details)?);
     for f in &files {
         manifest.output(f, &out)?;
