@@ -1188,7 +1188,7 @@ pub fn predict_bert(
             .map(|(r, p)| (r.request_id.clone(), p.to_vec()))
             .collect()
     };
-    let k = cfg.bins_k;
+    let k = cfg.bins()?.k();
     let w = models.join("bert-finetuned.safetensors");
     let finetuned = match &cfg.bert_tune {
         Some(tune) if w.is_file() => {
