@@ -15,12 +15,24 @@ pub fn countdown(pred_total: f64, generated: u32) -> f64 {
 }
 
 /// `E[L − g | L > g]` when `L` has bin probabilities `probs` and is uniform within a bin.
-/// Zero when no mass lies above `g`.
-pub fn conditional_residual<P: Copy + Into<f64>>(bins: &Bins, probs: &[P], generated: u32) -> f64 {
+/// Zero when no mass lies above `g`. With a cap class its mass sits at `L = cap` (the
+/// request's cap).
+pub fn conditional_residual<P: Copy + Into<f64>>(
+    bins: &Bins,
+    probs: &[P],
+    generated: u32,
+    cap: u32,
+) -> f64 {
     let w = bins.width();
     let g = generated as f64;
     let (mut mass, mut moment) = (0f64, 0f64);
-    for (i, &p) in probs.iter().enumerate() {
+    if let Some(&p) = probs.get(bins.length_bins()).filter(|_| bins.cap_class())
+        && cap > generated
+    {
+        mass += p.into();
+        moment += p.into() * f64::from(cap - generated);
+    }
+    for (i, &p) in probs[..bins.length_bins()].iter().enumerate() {
         let (a, b) = (i as f64 * w, (i + 1) as f64 * w);
         let lo = a.max(g);
         if lo >= b {
@@ -101,13 +113,13 @@ mod tests {
         // k = 2 over 0..100 (width 50), probs [.5, .5].
         let b = Bins::new(2, 100).unwrap();
         // g = 0: plain expectation 25·.5 + 75·.5 = 50.
-        assert!((conditional_residual(&b, &[0.5, 0.5], 0) - 50.0).abs() < 1e-12);
+        assert!((conditional_residual(&b, &[0.5, 0.5], 0, 100) - 50.0).abs() < 1e-12);
         // g = 25: bin 0 keeps half its mass, .25, mean residual 12.5; bin 1 mass .5, mean
         // residual 75 − 25 = 50 → (.25·12.5 + .5·50)/.75 = 37.5.
-        assert!((conditional_residual(&b, &[0.5, 0.5], 25) - 37.5).abs() < 1e-12);
+        assert!((conditional_residual(&b, &[0.5, 0.5], 25, 100) - 37.5).abs() < 1e-12);
         // g = 60: only bin 1 above, uniform on 60..100 → 20.
-        assert!((conditional_residual(&b, &[0.5, 0.5], 60) - 20.0).abs() < 1e-12);
-        assert_eq!(conditional_residual(&b, &[0.5, 0.5], 100), 0.0);
+        assert!((conditional_residual(&b, &[0.5, 0.5], 60, 100) - 20.0).abs() < 1e-12);
+        assert_eq!(conditional_residual(&b, &[0.5, 0.5], 100, 100), 0.0);
         assert_eq!(countdown(40.0, 50), 0.0);
         assert_eq!(countdown(40.0, 10), 30.0);
     }

@@ -538,7 +538,10 @@ pub fn fine_tune(
             opt_body.set_learning_rate(cfg.lr * frac);
             opt_head.set_learning_rate(cfg.head_lr * frac);
             let texts: Vec<&str> = chunk.iter().map(|&i| train.texts[i]).collect();
-            let labels: Vec<u32> = chunk.iter().map(|&i| bins.label(train.target[i])).collect();
+            let labels: Vec<u32> = chunk
+                .iter()
+                .map(|&i| bins.label_at(train.target[i], bins.max()))
+                .collect();
             let (ids, types, mask) = encode_batch(&tuned.tokenizer, &texts)?;
             let logits = tuned.model.logits(&ids, &types, &mask)?;
             let y = Tensor::from_vec(labels, chunk.len(), &Device::Cpu)?;
@@ -608,12 +611,13 @@ pub fn fine_tune(
     ))
 }
 
-/// Cross-entropy and argmax accuracy of probabilities against length bins.
+/// Cross-entropy and argmax accuracy of probabilities against length bins (a total that
+/// reaches the bins' `max` is the cap class where the bins have one).
 pub fn loss_and_accuracy(bins: &Bins, probs: &[f32], target: &[u32]) -> (f64, f64) {
     let k = bins.k();
     let (mut loss, mut hits) = (0f64, 0usize);
     for (p, &t) in probs.chunks_exact(k).zip(target) {
-        let label = bins.label(t) as usize;
+        let label = bins.label_at(t, bins.max()) as usize;
         loss -= (p[label].max(1e-12) as f64).ln();
         let arg = p
             .iter()

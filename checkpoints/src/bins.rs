@@ -1,9 +1,15 @@
-//! Equal-width bins of the remaining output length.
+//! Equal-width bins of the remaining output length, optionally with a "runs to the cap" class.
 //!
 //! k bins over `0..max` (paper: k = 10, max = 512, width 51.2). A length `r` gets the label
 //! `⌊min(r, max−1)·k / max⌋` — computed in integers so the edges are exact — so every length
 //! ≥ max lands in the last bin. The point estimate is the expectation over bin midpoints,
 //! clamped to `[0, max_new − g]`.
+//!
+//! Predictor v2 adds one class after the k length bins ([`Bins::with_cap_class`]): "the answer
+//! runs to its cap". A row whose remaining length reaches its room (the request's cap minus the
+//! tokens generated) gets that label ([`Bins::label_at`]), and the class reads out exactly the
+//! room ([`Bins::readout`]): at serving time the cap the client sent, never a profiled length.
+//! [`Bins::k`] counts every class (k + 1 with the cap class); [`Bins::length_bins`] the k.
 
 use crate::{Error, Result};
 
@@ -12,12 +18,17 @@ use crate::{Error, Result};
 pub struct Bins {
     k: usize,
     max: u32,
+    cap_class: bool,
 }
 
 impl Default for Bins {
     /// The paper's bins: k = 10 over 0..512.
     fn default() -> Self {
-        Self { k: 10, max: 512 }
+        Self {
+            k: 10,
+            max: 512,
+            cap_class: false,
+        }
     }
 }
 
@@ -29,11 +40,34 @@ impl Bins {
                 "bins need 1 <= k <= max, got k={k}, max={max}"
             )));
         }
-        Ok(Self { k, max })
+        Ok(Self {
+            k,
+            max,
+            cap_class: false,
+        })
     }
 
+    /// The same length bins plus the "runs to the cap" class (index [`Bins::length_bins`]).
+    pub fn with_cap_class(self) -> Self {
+        Self {
+            cap_class: true,
+            ..self
+        }
+    }
+
+    /// Every class a predictor outputs: the length bins, plus one with the cap class.
     pub fn k(&self) -> usize {
+        self.k + usize::from(self.cap_class)
+    }
+
+    /// The equal-width length bins (k of the paper).
+    pub fn length_bins(&self) -> usize {
         self.k
+    }
+
+    /// Whether the last class is "runs to the cap".
+    pub fn cap_class(&self) -> bool {
+        self.cap_class
     }
 
     pub fn max(&self) -> u32 {
@@ -51,6 +85,16 @@ impl Bins {
         (r * self.k as u64 / self.max as u64) as u32
     }
 
+    /// The label of a remaining length with `room` tokens left before the request's cap: the
+    /// cap class when there is one and the length reaches the room, else [`Bins::label`].
+    pub fn label_at(&self, remaining: u32, room: u32) -> u32 {
+        if self.cap_class && remaining >= room {
+            self.k as u32
+        } else {
+            self.label(remaining)
+        }
+    }
+
     /// Labels of many lengths.
     pub fn labels(&self, remaining: &[u32]) -> Vec<u32> {
         remaining.iter().map(|&r| self.label(r)).collect()
@@ -62,8 +106,11 @@ impl Bins {
     }
 
     /// The remaining lengths bin `i` holds, as a label: `lo–hi` tokens, the last bin `lo+`
-    /// (every length past `max` lands there).
+    /// (every length past `max` lands there), the cap class `cap`.
     pub fn range_label(&self, i: usize) -> String {
+        if i >= self.k {
+            return "cap".into();
+        }
         let (k, max) = (self.k as u64, u64::from(self.max));
         let lo = (i as u64 * max).div_ceil(k);
         if i + 1 >= self.k {
@@ -73,25 +120,38 @@ impl Bins {
         format!("{lo}–{hi}")
     }
 
-    /// All midpoints.
+    /// All midpoints of the length bins.
     pub fn midpoints(&self) -> Vec<f64> {
         (0..self.k).map(|i| self.midpoint(i)).collect()
     }
 
-    /// `Σ_i p_i·m_i` (probabilities need not be normalized exactly; they are used as given).
-    pub fn expectation<P: Copy + Into<f64>>(&self, probs: &[P]) -> f64 {
-        debug_assert_eq!(probs.len(), self.k);
-        probs
+    /// `Σ_i p_i·m_i` over the length bins, plus the cap class's mass times `room` (the tokens
+    /// left before the request's cap). Probabilities need not be normalized exactly; they are
+    /// used as given. Without a cap class `room` is unused: the paper's readout.
+    pub fn readout<P: Copy + Into<f64>>(&self, probs: &[P], room: f64) -> f64 {
+        debug_assert_eq!(probs.len(), self.k());
+        let lengths: f64 = probs[..self.k]
             .iter()
             .enumerate()
             .map(|(i, &p)| p.into() * self.midpoint(i))
-            .sum()
+            .sum();
+        match probs.get(self.k).filter(|_| self.cap_class) {
+            Some(&p) => lengths + p.into() * room,
+            None => lengths,
+        }
+    }
+
+    /// [`Bins::readout`] with the room the bins' own `max` leaves at g = 0 (a total length
+    /// under a cap of `max`); `Σ_i p_i·m_i` without a cap class.
+    pub fn expectation<P: Copy + Into<f64>>(&self, probs: &[P]) -> f64 {
+        self.readout(probs, f64::from(self.max))
     }
 
     /// The scheduler's point estimate of the remaining length after `generated` tokens of at
-    /// most `max_new`: the expectation clamped to `[0, max_new − generated]`.
+    /// most `max_new`: the readout with room `max_new − generated`, clamped to that room.
     pub fn point<P: Copy + Into<f64>>(&self, probs: &[P], generated: u32, max_new: u32) -> f64 {
-        clamp_remaining(self.expectation(probs), generated, max_new)
+        let room = max_new.saturating_sub(generated);
+        clamp_remaining(self.readout(probs, f64::from(room)), generated, max_new)
     }
 }
 
@@ -153,6 +213,27 @@ mod tests {
         assert_eq!(b.point(&p, 0, 50), 50.0);
         assert_eq!(b.point(&p, 60, 50), 0.0);
         assert!((b.point(&p, 10, 512) - 76.8).abs() < 1e-9);
+    }
+
+    #[test]
+    fn the_cap_class_labels_rows_that_reach_their_room_and_reads_out_the_room() {
+        let b = Bins::default().with_cap_class();
+        assert_eq!((b.k(), b.length_bins()), (11, 10));
+        // 100 tokens left with 100 of room: runs to the cap; 99 of 100: bin 1.
+        assert_eq!(b.label_at(100, 100), 10);
+        assert_eq!(b.label_at(99, 100), 1);
+        // A request whose client capped it at 64: 64 left at g = 0 is the cap class.
+        assert_eq!(b.label_at(64, 64), 10);
+        // Without the class, label_at is label.
+        assert_eq!(Bins::default().label_at(100, 100), 1);
+        // Half on bin 0 (25.6), half on the cap class: the room read out exactly.
+        let mut p = [0f64; 11];
+        p[0] = 0.5;
+        p[10] = 0.5;
+        assert!((b.readout(&p, 300.0) - (12.8 + 150.0)).abs() < 1e-9);
+        // The point after 200 of a 264-token cap: room 64.
+        assert!((b.point(&p, 200, 264) - (12.8 + 32.0)).abs() < 1e-9);
+        assert_eq!(b.range_label(10), "cap");
     }
 
     #[test]

@@ -4,7 +4,20 @@
 //! Tensors (f32): `probe.{w1,b1,w2,b2,mean,std}` and, when present, `prompt.{…}`. `w1` is
 //! h×d and `w2` k×h (PyTorch `Linear` layout). Metadata keys: see [`CheckpointMeta`]; lists are
 //! JSON arrays, numbers decimal strings. `format` is `"trail-checkpoint"`, `format_version`
-//! [`FORMAT_VERSION`].
+//! 1 or [`FORMAT_VERSION`].
+//!
+//! # Versions
+//! - **1**: the paper's predictor: k length bins, the probe reads the layers' states alone,
+//!   the filter multiplies by the probe's posterior as it is.
+//! - **2** (predictor v2): adds `bins_cap_class` (a "runs to the cap" class after the length
+//!   bins, read out as the request's own cap minus the tokens generated), `g_input` (the probe
+//!   reads the tokens generated as two more inputs, [`g_features`]), and `label_prior` with
+//!   `likelihood_exponent` (the filter's calibrated likelihood,
+//!   [`crate::Filter::with_likelihood`]).
+//!
+//! A checkpoint that uses none of v2's features is written as version 1, byte for byte what
+//! a v1 build wrote; a v1 file loads and serves as before. A newer version is refused with an
+//! error naming it and how to re-export.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -17,7 +30,15 @@ use crate::probe::{Probe, Standardizer};
 use crate::{Error, Result};
 
 pub const FORMAT: &str = "trail-checkpoint";
-pub const FORMAT_VERSION: u32 = 1;
+/// The newest version this build reads and writes (see the module docs).
+pub const FORMAT_VERSION: u32 = 2;
+
+/// The probe's inputs for the tokens generated, appended after the layers' states when
+/// [`CheckpointMeta::g_input`] is set: `g / max` and `ln(1 + g)` (`max` the bins' `max`).
+pub fn g_features(g: u32, max: u32) -> [f32; 2] {
+    let g = f64::from(g);
+    [(g / f64::from(max.max(1))) as f32, g.ln_1p() as f32]
+}
 
 /// The longest refine interval a checkpoint (or `--refine-every`) may name, in tokens: longer
 /// than any context, so a larger one can only be a mistake or an attack.
@@ -47,6 +68,39 @@ pub struct CheckpointMeta {
     pub val_mae: f64,
     pub prompt_val_mae: Option<f64>,
     pub git_commit: String,
+    /// The decode probe also reads the tokens generated ([`g_features`]); version 2.
+    pub g_input: bool,
+    /// The training label frequencies the filter divides the probe's posterior by, raised to
+    /// `likelihood_exponent` (none: the paper's update); version 2.
+    pub label_prior: Option<Vec<f64>>,
+    pub likelihood_exponent: f64,
+}
+
+impl CheckpointMeta {
+    /// The decode probe's input width: the layers' states, plus two with [`g_features`].
+    pub fn probe_dim(&self) -> usize {
+        self.hidden_size * self.probe_layers.len() + if self.g_input { 2 } else { 0 }
+    }
+
+    /// Whether the checkpoint uses a feature of format version 2.
+    pub fn is_v2(&self) -> bool {
+        self.bins.cap_class() || self.g_input || self.label_prior.is_some()
+    }
+
+    /// The version [`Checkpoint::save`] writes: 1 unless a v2 feature is used.
+    pub fn format_version(&self) -> u32 {
+        if self.is_v2() { 2 } else { 1 }
+    }
+
+    /// The serving filter of this checkpoint refreshing every `interval` tokens: its bins, and
+    /// its calibrated likelihood where it has one.
+    pub fn filter(&self, interval: u32) -> crate::Filter {
+        let f = crate::Filter::new(self.bins, interval, crate::Between::CountDown);
+        match &self.label_prior {
+            Some(prior) => f.with_likelihood(prior, self.likelihood_exponent),
+            None => f,
+        }
+    }
 }
 
 /// A decode probe, an optional prompt predictor, and their metadata.
@@ -79,15 +133,31 @@ impl Checkpoint {
                 m.refine_interval
             )));
         }
-        let want = m.hidden_size * m.probe_layers.len();
+        let want = m.probe_dim();
         if self.probe.dim() != want || self.probe.k() != m.bins.k() {
             return Err(Error::Invalid(format!(
-                "probe is {}→{} but metadata says {} layers × {} hidden → {} bins",
+                "probe is {}→{} but metadata says {} layers × {} hidden{} → {} bins",
                 self.probe.dim(),
                 self.probe.k(),
                 m.probe_layers.len(),
                 m.hidden_size,
+                if m.g_input { " + 2 (g)" } else { "" },
                 m.bins.k()
+            )));
+        }
+        if let Some(p) = &m.label_prior
+            && (p.len() != m.bins.k() || p.iter().any(|x| !(x.is_finite() && *x >= 0.0)))
+        {
+            return Err(Error::Invalid(format!(
+                "label_prior has {} entries (want {}, finite and ≥ 0)",
+                p.len(),
+                m.bins.k()
+            )));
+        }
+        if !(m.likelihood_exponent.is_finite() && (0.0..=4.0).contains(&m.likelihood_exponent)) {
+            return Err(Error::Invalid(format!(
+                "likelihood_exponent {} is outside 0..=4",
+                m.likelihood_exponent
             )));
         }
         if let Some(p) = &self.prompt
@@ -112,13 +182,13 @@ impl Checkpoint {
         let mut meta: HashMap<String, String> = HashMap::new();
         let json = |v: &[usize]| serde_json::to_string(v).expect("usize list serializes");
         meta.insert("format".into(), FORMAT.into());
-        meta.insert("format_version".into(), FORMAT_VERSION.to_string());
+        meta.insert("format_version".into(), m.format_version().to_string());
         meta.insert("model_sha256".into(), m.model_sha256.clone());
         meta.insert("kernel_id".into(), m.kernel_id.clone());
         meta.insert("probe_layers".into(), json(&m.probe_layers));
         meta.insert("prompt_layers".into(), json(&m.prompt_layers));
         meta.insert("hidden_size".into(), m.hidden_size.to_string());
-        meta.insert("bins_k".into(), m.bins.k().to_string());
+        meta.insert("bins_k".into(), m.bins.length_bins().to_string());
         meta.insert("bins_max".into(), m.bins.max().to_string());
         meta.insert("refine_interval".into(), m.refine_interval.to_string());
         meta.insert("train_data_sha256".into(), m.train_data_sha256.clone());
@@ -127,6 +197,18 @@ impl Checkpoint {
             meta.insert("prompt_val_mae".into(), v.to_string());
         }
         meta.insert("git_commit".into(), m.git_commit.clone());
+        if m.is_v2() {
+            meta.insert("bins_cap_class".into(), m.bins.cap_class().to_string());
+            meta.insert("g_input".into(), m.g_input.to_string());
+            if let Some(p) = &m.label_prior {
+                let list = serde_json::to_string(p).expect("f64 list serializes");
+                meta.insert("label_prior".into(), list);
+                meta.insert(
+                    "likelihood_exponent".into(),
+                    m.likelihood_exponent.to_string(),
+                );
+            }
+        }
 
         let mut owned: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
         let mut push = |prefix: &str, p: &Probe| -> Result<()> {
@@ -211,15 +293,35 @@ impl Checkpoint {
             ));
         }
         let version = num("format_version")?;
-        if version != FORMAT_VERSION as u64 {
+        if !(1..=FORMAT_VERSION as u64).contains(&version) {
             return Err(format_err(
                 path,
-                format!("format version {version}, this build reads {FORMAT_VERSION}"),
+                format!(
+                    "checkpoint format version {version}; this build reads versions 1 to \
+                     {FORMAT_VERSION}: re-export it with this build's `trail export --run RUN \
+                     --out FILE` (or use the trail that wrote it)"
+                ),
             ));
         }
+        // A v2 key in a v1 file, or a flag that is not a boolean, is damage.
+        let flag = |k: &str| -> Result<bool> {
+            match (meta.get(k), version) {
+                (None, _) => Ok(false),
+                (Some(_), 1) => Err(format_err(
+                    path,
+                    format!("metadata `{k}` needs format version 2, the file says 1"),
+                )),
+                (Some(v), _) => v
+                    .parse()
+                    .map_err(|_| format_err(path, format!("metadata `{k}` is not true/false"))),
+            }
+        };
         let bins_max = bounded("bins_max", u32::MAX.into())? as u32;
-        let bins = Bins::new(bounded("bins_k", MAX_BINS)? as usize, bins_max)
+        let mut bins = Bins::new(bounded("bins_k", MAX_BINS)? as usize, bins_max)
             .map_err(|e| format_err(path, e))?;
+        if flag("bins_cap_class")? {
+            bins = bins.with_cap_class();
+        }
         let float = |k: &str| -> Result<f64> {
             get(k)?
                 .parse()
@@ -240,6 +342,23 @@ impl Checkpoint {
                 None => None,
             },
             git_commit: get("git_commit")?.clone(),
+            g_input: flag("g_input")?,
+            label_prior: match meta.get("label_prior") {
+                None => None,
+                Some(_) if version == 1 => {
+                    return Err(format_err(
+                        path,
+                        "metadata `label_prior` needs format version 2, the file says 1",
+                    ));
+                }
+                Some(text) => Some(serde_json::from_str(text).map_err(|_| {
+                    format_err(path, "metadata `label_prior` is not a list of numbers")
+                })?),
+            },
+            likelihood_exponent: match meta.get("likelihood_exponent") {
+                None => 0.0,
+                Some(_) => float("likelihood_exponent")?,
+            },
         };
         let tensor = |name: &str| -> Result<Tensor> {
             let v = st

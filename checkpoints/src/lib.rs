@@ -1,6 +1,8 @@
 //! trail-checkpoints: the length predictors of TRAIL and everything around them.
 //!
-//! - [`bins`]: equal-width remaining-length bins, labels and the expectation readout.
+//! - [`bins`]: equal-width remaining-length bins (and v2's "runs to the cap" class), labels and
+//!   the expectation readout.
+//! - [`calibrate`]: the filter's calibrated likelihood (v2), fitted on validation.
 //! - [`probe`]: the MLP probe (standardize → Linear(d,512) → ReLU → Linear(512,k) → softmax)
 //!   and its batched inference.
 //! - [`train`]: seeded training (AdamW, cosine schedule, early stop on validation MAE).
@@ -20,6 +22,7 @@ pub mod baseline;
 pub mod bert;
 pub mod bert_tune;
 pub mod bins;
+pub mod calibrate;
 pub mod checkpoint;
 pub mod error;
 pub mod metrics;

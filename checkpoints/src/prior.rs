@@ -57,6 +57,12 @@ impl BertPrior {
                 .map_err(|e| format(format!("metadata `{key}`: {e}")))
         };
         let bins = Bins::new(num("bins_k")?, num("bins_max")? as u32)?;
+        // Written since predictor v2; absent (false) in earlier files.
+        let bins = match meta.get("bins_cap_class").map(String::as_str) {
+            None | Some("false") => bins,
+            Some("true") => bins.with_cap_class(),
+            Some(v) => return Err(format(format!("metadata `bins_cap_class` is `{v}`"))),
+        };
         let dir = tempfile::tempdir().map_err(|source| Error::Io {
             path: std::env::temp_dir(),
             source,
@@ -88,8 +94,8 @@ impl BertPrior {
         self.bins
     }
 
-    /// Predicted total output length of each prompt (the expectation over bin midpoints),
-    /// `batch` prompts at a time.
+    /// Predicted total output length of each prompt (the expectation over bin midpoints; the
+    /// cap class, where the bins have one, read as the bins' `max`), `batch` prompts at a time.
     pub fn predict(&self, prompts: &[&str], batch: usize) -> Result<Vec<f64>> {
         let k = self.bins.k();
         let probs = self.model.predict_proba(prompts, batch)?;

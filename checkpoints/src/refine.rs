@@ -20,6 +20,15 @@
 //! as the alternative reading, the expectation under `q·Tˢ` (it decays by about `p·m` per
 //! token rather than one token per token, so it lags the count-down on long outputs).
 //!
+//! Predictor v2 changes two things, both off for a v1 checkpoint (the paper's filter exactly):
+//! - **The cap class** ([`Bins::with_cap_class`]): `T` keeps it where it is (`T[c][c] = 1`),
+//!   and the estimate reads it out as the room left before the request's cap
+//!   ([`Bins::readout`] with `cap − generated`).
+//! - **A calibrated likelihood** ([`Filter::with_likelihood`]): the classifier's posterior `c`
+//!   carries the training label prior `π` again at every refresh; the update multiplies by
+//!   `c_i · π_i^(−τ)` instead of `c_i` (τ = 1 the standard correction, posterior ÷ prior; τ
+//!   fitted on validation, [`crate::calibrate`]).
+//!
 //! `Tˢ` for `s ≤ 64` ([`CACHED_POWERS`]) is cached at construction, built by repeated products;
 //! larger `s` (an interval above 64 included) is computed by squaring, so no interval, however
 //! large, sizes the filter's memory. A [`RefineState`] is `k` f64 plus a few counters; a
@@ -52,6 +61,8 @@ pub struct Filter {
     between: Between,
     /// `powers[s]` = `Tˢ`, row-major k×k, for `s = 0..=cached`.
     powers: Vec<Vec<f64>>,
+    /// `π_i^(−τ)` per class, when the likelihood is calibrated.
+    weights: Option<Vec<f64>>,
 }
 
 impl Filter {
@@ -61,9 +72,13 @@ impl Filter {
         let p = (1.0 / bins.width()).min(1.0);
         let mut t = vec![0.0; k * k];
         t[0] = 1.0;
-        for i in 1..k {
+        for i in 1..bins.length_bins() {
             t[i * k + i] = 1.0 - p;
             t[i * k + i - 1] = p;
+        }
+        if bins.cap_class() {
+            let c = bins.length_bins();
+            t[c * k + c] = 1.0;
         }
         let interval = interval.max(1);
         let mut powers = Vec::with_capacity(CACHED_POWERS + 1);
@@ -78,7 +93,34 @@ impl Filter {
             interval,
             between,
             powers,
+            weights: None,
         }
+    }
+
+    /// The same filter with a calibrated likelihood: at a refresh the classifier's output `c_i`
+    /// is weighted by `prior_i^(−exponent)` (`prior`: the training label frequencies, one per
+    /// class, floored at [`POSTERIOR_FLOOR`]). Exponent 0 is the paper's update.
+    pub fn with_likelihood(self, prior: &[f64], exponent: f64) -> Self {
+        assert_eq!(prior.len(), self.bins.k(), "one prior per class");
+        if exponent == 0.0 {
+            return Self {
+                weights: None,
+                ..self
+            };
+        }
+        let weights = prior
+            .iter()
+            .map(|&p| p.max(POSTERIOR_FLOOR).powf(-exponent))
+            .collect();
+        Self {
+            weights: Some(weights),
+            ..self
+        }
+    }
+
+    /// `π_i^(−τ)` per class when the likelihood is calibrated.
+    pub fn likelihood_weights(&self) -> Option<&[f64]> {
+        self.weights.as_deref()
     }
 
     /// The paper's filter: 10 bins over 0..512, refresh every 8 tokens, count down between.
@@ -146,11 +188,21 @@ impl Filter {
         out
     }
 
-    /// One Bayesian update: `max(q·Tˢ ⊙ c, 1e-8)`, renormalized.
+    /// One Bayesian update: `max(q·Tˢ ⊙ c, 1e-8)`, renormalized; with a calibrated likelihood
+    /// `max(q·Tˢ ⊙ c ⊙ π^(−τ), 1e-8)`.
     pub fn posterior<C: Copy + Into<f64>>(&self, q: &[f64], s: u32, classifier: &[C]) -> Vec<f64> {
         let mut post = self.predict(q, s);
-        for (x, &c) in post.iter_mut().zip(classifier) {
-            *x = (*x * c.into()).max(POSTERIOR_FLOOR);
+        match &self.weights {
+            None => {
+                for (x, &c) in post.iter_mut().zip(classifier) {
+                    *x = (*x * c.into()).max(POSTERIOR_FLOOR);
+                }
+            }
+            Some(w) => {
+                for ((x, &c), &w) in post.iter_mut().zip(classifier).zip(w) {
+                    *x = (*x * c.into() * w).max(POSTERIOR_FLOOR);
+                }
+            }
         }
         let z: f64 = post.iter().sum();
         for x in &mut post {
@@ -185,7 +237,7 @@ impl RefineState {
         for x in &mut q {
             *x /= z;
         }
-        let estimate = filter.bins.expectation(&q);
+        let estimate = filter.bins.readout(&q, f64::from(max_new));
         Self {
             q,
             since: 0,
@@ -211,7 +263,7 @@ impl RefineState {
     pub fn refine<C: Copy + Into<f64>>(&mut self, filter: &Filter, classifier: &[C]) {
         self.q = filter.posterior(&self.q, self.since, classifier);
         self.since = 0;
-        self.estimate = filter.bins.expectation(&self.q);
+        self.estimate = filter.bins.readout(&self.q, self.room());
     }
 
     /// The current remaining-length estimate, clamped to `[0, max_new − generated]`.
@@ -220,9 +272,14 @@ impl RefineState {
             Between::CountDown => self.estimate - self.since as f64,
             Between::Propagate => filter
                 .bins
-                .expectation(&filter.predict(&self.q, self.since)),
+                .readout(&filter.predict(&self.q, self.since), self.room()),
         };
         clamp_remaining(raw, self.generated, self.max_new)
+    }
+
+    /// Tokens left before the request's cap: what the cap class reads out.
+    fn room(&self) -> f64 {
+        f64::from(self.max_new.saturating_sub(self.generated))
     }
 
     /// The first estimate of the total length, unclamped: the expectation of the distribution
@@ -337,6 +394,44 @@ mod tests {
             close(&post, &[1e-8 / z, 0.325 / z, 1e-8 / z], 1e-18),
             "{post:?}"
         );
+    }
+
+    /// The cap class stays where it is under `T` and reads out the room left before the
+    /// request's own cap: q = [0, 0, 0, 1] over k = 3 length bins (0..6) and the cap class.
+    #[test]
+    fn the_cap_class_is_kept_by_the_transition_and_reads_out_the_room() {
+        let f = Filter::new(
+            Bins::new(3, 6).unwrap().with_cap_class(),
+            2,
+            Between::CountDown,
+        );
+        let t = f.transition();
+        assert_eq!(&t[12..16], &[0.0, 0.0, 0.0, 1.0], "cap row: identity");
+        assert_eq!(
+            &t[8..12],
+            &[0.0, 0.5, 0.5, 0.0],
+            "length bins drain as before"
+        );
+        assert_eq!(
+            f.predict(&[0.0, 0.0, 0.0, 1.0], 50),
+            vec![0.0, 0.0, 0.0, 1.0]
+        );
+        // Half the mass runs to a cap of 40, half in bin 0 (midpoint 1): 20.5 at g = 0.
+        let mut st = RefineState::new(&f, &[0.5f64, 0.0, 0.0, 0.5], 40);
+        assert!((st.remaining(&f) - 20.5).abs() < 1e-6);
+        // Two tokens and a refresh that agrees: the room is 38 now.
+        st.advance(2);
+        st.refine(&f, &[1.0f64, 1.0, 1.0, 1.0]);
+        let q = st.posterior().to_vec();
+        let want = q[0] * 1.0 + q[1] * 3.0 + q[2] * 5.0 + q[3] * 38.0;
+        assert!((st.remaining(&f) - want).abs() < 1e-9);
+        assert!(
+            (q[3] - 0.5).abs() < 1e-6,
+            "the cap mass did not drain: {q:?}"
+        );
+        // Another client's cap of 10: the same distribution reads 5.5.
+        let other = RefineState::new(&f, &[0.5f64, 0.0, 0.0, 0.5], 10);
+        assert!((other.remaining(&f) - 5.5).abs() < 1e-6);
     }
 
     #[test]

@@ -33,7 +33,7 @@ use crate::baseline::{Constant, conditional_residual, countdown};
 use crate::bins::clamp_remaining;
 use crate::checkpoint::Checkpoint;
 use crate::metrics::{Bootstrap, ErrorSums, Interval, kendall_tau_b};
-use crate::refine::{Between, Filter};
+use crate::refine::Filter;
 use crate::schedule::{self, RowOutputs, probe_rows};
 use crate::suite::{
     BertRecord, LayerRecord, LayerRows, Run, concat_layers, layer_files, layer_val_maes,
@@ -91,6 +91,13 @@ pub struct TestMetrics {
     pub kendall_tau_at_start: BTreeMap<String, Option<Interval>>,
     pub ratio_bert_finetuned_over_refined: Option<Interval>,
     pub ratio_bert_finetuned_conditional_over_refined: Option<Interval>,
+    /// Predictor v2 (the cap class): fine-tuned BERT on v1's bins (the paper's comparison),
+    /// its MAE and its ratio to `refined`; `bert_finetuned` is then on v2's bins (like for
+    /// like). Absent for a v1 suite.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bert_finetuned_v1_bins: Option<Interval>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ratio_bert_finetuned_v1_bins_over_refined: Option<Interval>,
 }
 
 /// `metrics.json`'s schema: 2 since the multi-layer probe is an object (`layers`, `val_mae`)
@@ -165,6 +172,50 @@ pub struct Details {
     /// `refined` by request id: (g, estimate at row g) at each scored row, what the engine
     /// records for the same request ([`crate::schedule`]).
     pub refined: BTreeMap<String, Vec<(u32, f64)>>,
+    /// Where the error is: per predictor, MAE of the remaining length by the request's true
+    /// length (`length`, buckets of [`LENGTH_BUCKETS`], the last "ran to the cap") and by the
+    /// tokens generated (`g`, buckets of [`G_BUCKETS`]): (table, bucket label, MAE, pairs).
+    pub breakdown: Vec<(String, Vec<BreakdownRow>)>,
+}
+
+/// One row of [`Details::breakdown`]: (table `length` or `g`, bucket label, MAE, pairs).
+pub type BreakdownRow = (&'static str, String, f64, usize);
+
+/// Upper ends (exclusive) of the true-length buckets of [`Details::breakdown`], as fractions of
+/// the cap; a request that reached its cap is its own bucket.
+pub const LENGTH_BUCKETS: [(f64, &str); 4] = [
+    (0.125, "< 1/8 cap"),
+    (0.25, "1/8–1/4 cap"),
+    (0.5, "1/4–1/2 cap"),
+    (1.0, "1/2 cap – cap−1"),
+];
+
+/// Upper ends (exclusive) of the g buckets of [`Details::breakdown`], in tokens.
+pub const G_BUCKETS: [(u32, &str); 5] = [
+    (1, "0"),
+    (64, "1–63"),
+    (128, "64–127"),
+    (256, "128–255"),
+    (u32::MAX, "256+"),
+];
+
+/// The length bucket of a request of `total` tokens under `cap`.
+fn length_bucket(total: u32, cap: u32) -> usize {
+    if total >= cap {
+        return LENGTH_BUCKETS.len();
+    }
+    let f = f64::from(total) / f64::from(cap.max(1));
+    LENGTH_BUCKETS
+        .iter()
+        .position(|&(hi, _)| f < hi)
+        .unwrap_or(LENGTH_BUCKETS.len() - 1)
+}
+
+fn g_bucket(g: u32) -> usize {
+    G_BUCKETS
+        .iter()
+        .position(|&(hi, _)| g < hi)
+        .unwrap_or(G_BUCKETS.len() - 1)
 }
 
 /// Per-predictor accumulators.
@@ -174,6 +225,9 @@ struct Acc {
     /// Predicted total at g = 0 per request (NaN where not scored).
     start_pred: Vec<f64>,
     by_g: BTreeMap<u32, (f64, usize)>,
+    /// (sum, count) by [`length_bucket`] and by [`g_bucket`].
+    by_length: Vec<(f64, usize)>,
+    by_g_coarse: Vec<(f64, usize)>,
 }
 
 impl Acc {
@@ -183,11 +237,18 @@ impl Acc {
             start: ErrorSums::new(n),
             start_pred: vec![f64::NAN; n],
             by_g: BTreeMap::new(),
+            by_length: vec![(0.0, 0); LENGTH_BUCKETS.len() + 1],
+            by_g_coarse: vec![(0.0, 0); G_BUCKETS.len()],
         }
     }
 
-    fn add(&mut self, req: usize, g: u32, est: f64, truth: u32, bucket: u32) {
+    fn add(&mut self, req: usize, g: u32, est: f64, truth: u32, bucket: u32, length: usize) {
         let e = (est - truth as f64).abs();
+        self.by_length[length].0 += e;
+        self.by_length[length].1 += 1;
+        let gb = g_bucket(g);
+        self.by_g_coarse[gb].0 += e;
+        self.by_g_coarse[gb].1 += 1;
         self.remaining.add(req, e);
         if g == 0 {
             self.start.add(req, e);
@@ -239,6 +300,21 @@ fn gather(features: &[f32], dim: usize, rows: impl Iterator<Item = usize>) -> Ve
         .collect()
 }
 
+/// The decode probe's inputs for token rows `idx`: the layers' states, with the tokens
+/// generated appended when the checkpoint reads them (v2).
+fn probe_inputs(ckpt: &Checkpoint, rows: &LayerRows, idx: &[usize]) -> Vec<f32> {
+    let t = &rows.token;
+    if !ckpt.meta.g_input {
+        return gather(&t.features, t.dim, idx.iter().copied());
+    }
+    let mut x = Vec::with_capacity(idx.len() * (t.dim + 2));
+    for &r in idx {
+        x.extend_from_slice(&t.features[r * t.dim..(r + 1) * t.dim]);
+        x.extend_from_slice(&crate::checkpoint::g_features(t.g[r], ckpt.meta.bins.max()));
+    }
+    x
+}
+
 /// Probabilities of `ckpt`'s probe and prompt predictor on the test rows of `reqs`:
 /// (token probs by token row, prompt probs by request).
 fn predict(ckpt: &Checkpoint, rows: &LayerRows, reqs: &[Request]) -> Result<Probs> {
@@ -247,11 +323,7 @@ fn predict(ckpt: &Checkpoint, rows: &LayerRows, reqs: &[Request]) -> Result<Prob
         .iter()
         .flat_map(|q| q.token_rows.iter().copied())
         .collect();
-    let x = gather(
-        &rows.token.features,
-        rows.token.dim,
-        token_idx.iter().copied(),
-    );
+    let x = probe_inputs(ckpt, rows, &token_idx);
     let p = probe_rows(&ckpt.probe, &x)?;
     let token: HashMap<usize, Vec<f32>> = token_idx
         .iter()
@@ -303,6 +375,8 @@ pub struct Predictors {
     pub multi: Option<(Vec<u32>, Checkpoint)>,
     /// The BERT baselines' bin probabilities by request id.
     pub bert_finetuned: Option<BTreeMap<String, Vec<f32>>>,
+    /// Fine-tuned BERT on v1's bins, beside a v2 suite's.
+    pub bert_finetuned_v1_bins: Option<BTreeMap<String, Vec<f32>>>,
     pub bert_frozen: Option<BTreeMap<String, Vec<f32>>>,
     /// Train's lengths of the run the predictors learned from.
     pub constant: Option<Constant>,
@@ -316,6 +390,7 @@ impl Predictors {
             ckpt: Checkpoint::load(path)?,
             multi: None,
             bert_finetuned: None,
+            bert_finetuned_v1_bins: None,
             bert_frozen: None,
             constant: None,
         })
@@ -408,6 +483,10 @@ impl Trained {
                 ckpt,
                 multi,
                 bert_finetuned: bert_finetuned.as_ref().map(|b| b.predictions.clone()),
+                bert_finetuned_v1_bins: read_bert_record(
+                    &models.join("bert-finetuned-v1bins.json"),
+                )
+                .map(|b| b.predictions),
                 bert_frozen: bert_frozen.as_ref().map(|b| b.predictions.clone()),
                 constant: Some(Constant::new(&train_lengths)),
             },
@@ -597,7 +676,8 @@ pub fn score(
                 });
             if same {
                 let (tp, pp) = predict(c, &joined, &mreqs)?;
-                Some((mreqs, tp, pp, joined.token.g))
+                let f = c.meta.filter(opts.refine_interval);
+                Some((mreqs, tp, pp, joined.token.g, f, c.meta.bins))
             } else {
                 notes.push(
                     "multi-layer probe skipped: its rows differ from the best layer's".into(),
@@ -610,6 +690,7 @@ pub fn score(
 
     // BERT predictions by request id.
     let bert_ft = preds.bert_finetuned.as_ref();
+    let bert_v1 = preds.bert_finetuned_v1_bins.as_ref();
     let bert_fr = preds.bert_frozen.as_ref();
     if bert_ft.is_none() || bert_fr.is_none() {
         notes.push("a BERT baseline was not trained or not given: its keys are null".into());
@@ -619,8 +700,17 @@ pub fn score(
             .push("no train split to take the constant baselines from: their keys are null".into());
     }
 
-    let filter = Filter::new(bins, opts.refine_interval, Between::CountDown);
-    let filter_1 = Filter::new(bins, 1, Between::CountDown);
+    let filter = ckpt.meta.filter(opts.refine_interval);
+    let filter_1 = ckpt.meta.filter(1);
+    // The BERT baselines' bins: the checkpoint's, or without its cap class where the BERT was
+    // trained with v1's bins.
+    let bert_bins = |p: &[f32]| -> Bins {
+        if p.len() == bins.k() {
+            bins
+        } else {
+            Bins::new(bins.length_bins(), bins.max()).expect("the checkpoint's bins")
+        }
+    };
     let mut acc: BTreeMap<&str, Acc> = BTreeMap::new();
     let mut names: Vec<&str> = PREDICTORS
         .iter()
@@ -632,6 +722,9 @@ pub fn score(
         .collect();
     if multi.is_some() {
         names.extend(["probe_multi_layer", "refined_multi_layer"]);
+    }
+    if bert_v1.is_some() {
+        names.push("bert_finetuned_v1_bins");
     }
     for &p in &names {
         acc.insert(p, Acc::new(n));
@@ -662,29 +755,31 @@ pub fn score(
         );
         let refined_1 =
             every_position.then(|| refine_along(&filter_1, &prompt_probs[qi], &steps, max_new));
-        let prompt_total = bins.expectation(&prompt_probs[qi]);
+        let prompt_total = bins.readout(&prompt_probs[qi], f64::from(max_new));
         let ft = bert_ft.and_then(|b| b.get(&req.request_id));
+        let v1 = bert_v1.and_then(|b| b.get(&req.request_id));
         let fr = bert_fr.and_then(|b| b.get(&req.request_id));
-        let multi_est = multi.as_ref().map(|(mreqs, tp, pp, mg)| {
+        let multi_est = multi.as_ref().map(|(mreqs, tp, pp, mg, mf, mb)| {
             let msteps: Vec<(u32, &[f32])> = mreqs[qi]
                 .token_rows
                 .iter()
                 .map(|&r| (mg[r], tp[&r].as_slice()))
                 .collect();
-            let ref_m = refine_along(&filter, &pp[qi], &msteps, max_new);
+            let ref_m = refine_along(mf, &pp[qi], &msteps, max_new);
             let probe_m: Vec<f64> = msteps
                 .iter()
-                .map(|&(g, p)| bins.point(p, g, max_new))
+                .map(|&(g, p)| mb.point(p, g, max_new))
                 .collect();
             (probe_m, ref_m)
         });
         for (si, &(g, probs)) in steps.iter().enumerate() {
             let r = q.token_rows[si];
             let truth = rows.token.remaining[r];
+            let length = length_bucket(req.output_tokens, max_new);
             let clamp = |e: f64| clamp_remaining(e, g, max_new);
             let mut put = |name: &str, est: f64| {
                 if let Some(a) = acc.get_mut(name) {
-                    a.add(qi, g, est, truth, bucket);
+                    a.add(qi, g, est, truth, bucket, length);
                 }
             };
             put("refined", refined[si]);
@@ -693,15 +788,19 @@ pub fn score(
             }
             put("probe_no_refine", bins.point(probs, g, max_new));
             put("prompt_embedding", clamp(countdown(prompt_total, g)));
+            let total = |p: &[f32]| bert_bins(p).readout(p, f64::from(max_new));
             if let Some(p) = ft {
-                put("bert_finetuned", clamp(countdown(bins.expectation(p), g)));
+                put("bert_finetuned", clamp(countdown(total(p), g)));
                 put(
                     "bert_finetuned_conditional",
-                    clamp(conditional_residual(&bins, p, g)),
+                    clamp(conditional_residual(&bert_bins(p), p, g, max_new)),
                 );
             }
             if let Some(p) = fr {
-                put("bert_frozen", clamp(countdown(bins.expectation(p), g)));
+                put("bert_frozen", clamp(countdown(total(p), g)));
+            }
+            if let Some(p) = v1 {
+                put("bert_finetuned_v1_bins", clamp(countdown(total(p), g)));
             }
             if let Some(c) = &preds.constant {
                 put("constant", clamp(c.countdown(g)));
@@ -716,7 +815,7 @@ pub fn score(
                 .enumerate()
                 .fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b })
                 .0;
-            confusion[bins.label(truth) as usize][arg] += 1.0;
+            confusion[bins.label_at(truth, max_new.saturating_sub(g)) as usize][arg] += 1.0;
             rel.push((refined[si], truth as f64));
         }
     }
@@ -787,10 +886,14 @@ pub fn score(
         kendall_tau_at_start: tau,
         ratio_bert_finetuned_over_refined: ratio("bert_finetuned"),
         ratio_bert_finetuned_conditional_over_refined: ratio("bert_finetuned_conditional"),
+        bert_finetuned_v1_bins: acc
+            .get("bert_finetuned_v1_bins")
+            .and_then(|a| boot.interval(|idx| a.remaining.mae(idx))),
+        ratio_bert_finetuned_v1_bins_over_refined: ratio("bert_finetuned_v1_bins"),
     };
 
     // Reliability: bin by predicted remaining over the bins' edges.
-    let mut rb = vec![(0f64, 0f64, 0usize); k];
+    let mut rb = vec![(0f64, 0f64, 0usize); bins.length_bins()];
     for &(p, t) in &rel {
         let b = bins.label(p.round().max(0.0) as u32) as usize;
         rb[b].0 += p;
@@ -801,6 +904,32 @@ pub fn score(
         .into_iter()
         .filter(|b| b.2 > 0)
         .map(|(p, t, c)| (p / c as f64, t / c as f64, c))
+        .collect();
+    let breakdown = names
+        .iter()
+        .map(|&p| {
+            let a = &acc[p];
+            let label = |i: usize| {
+                LENGTH_BUCKETS
+                    .get(i)
+                    .map_or("ran to the cap".to_string(), |b| b.1.to_string())
+            };
+            let mut rows: Vec<BreakdownRow> = a
+                .by_length
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| c.1 > 0)
+                .map(|(i, &(s, c))| ("length", label(i), s / c as f64, c))
+                .collect();
+            rows.extend(
+                a.by_g_coarse
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, c)| c.1 > 0)
+                    .map(|(i, &(s, c))| ("g", G_BUCKETS[i].1.to_string(), s / c as f64, c)),
+            );
+            (p.to_string(), rows)
+        })
         .collect();
     let mae_by_g = names
         .iter()
@@ -822,6 +951,7 @@ pub fn score(
             reliability,
             curves: Vec::new(),
             refined: refined_by_request,
+            breakdown,
         },
         notes,
         multi_scored: multi.is_some(),

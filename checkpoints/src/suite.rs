@@ -15,6 +15,7 @@
 //! | `multi.safetensors`, `multi.json` | the multi-layer probe, same formats |
 //! | `bert-frozen.safetensors`, `bert-frozen.json` | frozen MiniLM → MLP head ([`BertRecord`]) |
 //! | `bert-finetuned.safetensors`, `bert-finetuned.json` | fine-tuned MiniLM with its head |
+//! | `bert-finetuned-v1bins.safetensors`, `.json` | with the cap class (v2): the same BERT on v1's bins (the paper's comparison) |
 //!
 //! The BERT records carry their bin probabilities for every validation and test prompt, so
 //! scoring needs no BERT forward. Training resumes: a predictor whose record holds the same
@@ -33,6 +34,7 @@ use trail_datasets::{Kind, RequestRow, Split, store};
 
 use crate::bert::BertEncoder;
 use crate::bert_tune::{self, Prompts, TuneConfig};
+use crate::calibrate;
 use crate::checkpoint::{Checkpoint, CheckpointMeta};
 use crate::probe::concat_features;
 use crate::train::{Dataset, TrainConfig, TrainReport, train_probe};
@@ -67,6 +69,28 @@ pub struct SuiteConfig {
     pub multi_layer: usize,
     /// Fewest requests with embeddings each split must hold.
     pub min_requests: usize,
+    /// Predictor v2: a "runs to the cap" class after the length bins ([`Bins::with_cap_class`]).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub cap_class: bool,
+    /// Predictor v2: the token probes also read the tokens generated
+    /// ([`crate::checkpoint::g_features`]).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub g_input: bool,
+    /// Predictor v2: fit the filter's calibrated likelihood on validation ([`crate::calibrate`]).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub calibrate: bool,
+    /// Train on at most this many training requests (a seeded subsample of the train split;
+    /// validation and test untouched): the learning curve. `None`: all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_requests: Option<usize>,
+    /// With the cap class, skip the fine-tuned BERT on v1's bins (the learning curve needs
+    /// only the like-for-like one).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub no_bert_v1_bins: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 impl Default for SuiteConfig {
@@ -88,6 +112,11 @@ impl Default for SuiteConfig {
             bert_tune: Some(TuneConfig::default()),
             multi_layer: 3,
             min_requests: 3,
+            cap_class: false,
+            g_input: false,
+            calibrate: false,
+            train_requests: None,
+            no_bert_v1_bins: false,
         }
     }
 }
@@ -98,7 +127,26 @@ fn default_prompt_batch() -> usize {
 
 impl SuiteConfig {
     pub fn bins(&self) -> Result<Bins> {
-        Bins::new(self.bins_k, self.bins_max)
+        let b = Bins::new(self.bins_k, self.bins_max)?;
+        Ok(if self.cap_class {
+            b.with_cap_class()
+        } else {
+            b
+        })
+    }
+
+    /// The predictor v2 settings, as a key part: empty for a v1 configuration, so v1 resume
+    /// keys are what they were.
+    fn v2_part(&self) -> String {
+        let v2 = self.cap_class || self.g_input || self.calibrate || self.train_requests.is_some();
+        if !v2 {
+            return String::new();
+        }
+        serde_json::json!({
+            "cap_class": self.cap_class, "g_input": self.g_input, "calibrate": self.calibrate,
+            "train_requests": self.train_requests,
+        })
+        .to_string()
     }
 
     pub fn train_config(&self) -> TrainConfig {
@@ -114,13 +162,23 @@ impl SuiteConfig {
         }
     }
 
+    /// The predictor v2 settings a BERT baseline depends on (its classes and its data).
+    fn bert_part(&self) -> String {
+        if !self.cap_class && self.train_requests.is_none() {
+            return String::new();
+        }
+        serde_json::json!({"cap_class": self.cap_class, "train_requests": self.train_requests})
+            .to_string()
+    }
+
     /// The part of the configuration a probe's weights depend on.
-    fn probe_part(&self) -> serde_json::Value {
-        serde_json::json!({
+    fn probe_part(&self) -> String {
+        let v1 = serde_json::json!({
             "bins": [self.bins_k, self.bins_max], "hidden": self.hidden, "epochs": self.epochs,
             "batch": self.batch, "prompt_batch": self.prompt_batch, "lr": self.lr, "weight_decay": self.weight_decay,
             "patience": self.patience, "seed": self.seed,
-        })
+        });
+        format!("{v1}{}", self.v2_part())
     }
 }
 
@@ -379,6 +437,9 @@ pub struct LayerRecord {
     pub token_data_sha256: String,
     pub prompt_data_sha256: String,
     pub seconds: f64,
+    /// The filter's calibrated likelihood fitted on validation (predictor v2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<calibrate::Calibration>,
 }
 
 /// What training a BERT baseline produced, with its validation and test predictions.
@@ -457,6 +518,46 @@ pub fn layer_val_maes(models: &Path, layers: &[u32]) -> Vec<(u32, f64)> {
         .collect()
 }
 
+/// The training requests `cfg` keeps: all, or its `train_requests` of them, a seeded shuffle's
+/// prefix (so a smaller subsample is part of every larger one).
+pub fn kept_train(run: &Run, cfg: &SuiteConfig) -> Vec<usize> {
+    let mut train = run.split_requests(Split::Train);
+    if let Some(n) = cfg.train_requests.filter(|&n| n < train.len()) {
+        use rand::SeedableRng;
+        use rand::seq::SliceRandom;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed);
+        train.shuffle(&mut rng);
+        train.truncate(n);
+        train.sort_unstable();
+    }
+    train
+}
+
+impl Rows {
+    /// The same rows with the tokens generated appended to each row's features
+    /// ([`crate::checkpoint::g_features`]).
+    pub fn with_g_input(&self, max: u32) -> Rows {
+        let mut features = Vec::with_capacity(self.len() * (self.dim + 2));
+        for (row, &g) in self.features.chunks_exact(self.dim.max(1)).zip(&self.g) {
+            features.extend_from_slice(row);
+            features.extend_from_slice(&crate::checkpoint::g_features(g, max));
+        }
+        Rows {
+            features,
+            dim: self.dim + 2,
+            ..self.clone()
+        }
+    }
+}
+
+/// `cfg` with v1's bins (no cap class): the paper's BERT comparison.
+fn v1_bins(cfg: &SuiteConfig) -> SuiteConfig {
+    SuiteConfig {
+        cap_class: false,
+        ..cfg.clone()
+    }
+}
+
 /// Train a token probe and a prompt predictor on `rows` and save them.
 fn train_pair(
     run: &Run,
@@ -471,6 +572,16 @@ fn train_pair(
     let bins = cfg.bins()?;
     let tc = cfg.train_config();
     let max_new = run.info.max_new_tokens;
+    let kept = kept_train(run, cfg);
+    let mut keep = vec![false; run.requests.len()];
+    for &r in &kept {
+        keep[r] = true;
+    }
+    let train_of = |r: &Rows| -> Vec<usize> {
+        (0..r.len())
+            .filter(|&i| keep[r.request[i] as usize])
+            .collect()
+    };
     let fit_with =
         |r: &Rows, tc: &TrainConfig| -> Result<(Probe, TrainReport, [usize; 2], String)> {
             let caps = r.caps(max_new);
@@ -480,11 +591,16 @@ fn train_pair(
                 target: &r.remaining,
                 cap: Some(&caps),
             };
-            let (train, val) = (r.of_split(run, Split::Train), r.of_split(run, Split::Val));
+            let (train, val) = (train_of(r), r.of_split(run, Split::Val));
             let (p, rep) = train_probe(&data, &train, &val, &bins, tc)?;
             Ok((p, rep, [train.len(), val.len()], data.sha256()))
         };
-    let (probe, token, token_rows, token_sha) = fit_with(&rows.token, &tc)?;
+    let token_rows = if cfg.g_input {
+        std::borrow::Cow::Owned(rows.token.with_g_input(bins.max()))
+    } else {
+        std::borrow::Cow::Borrowed(&rows.token)
+    };
+    let (probe, token, token_rows_n, token_sha) = fit_with(&token_rows, &tc)?;
     let (prompt, prompt_rep, prompt_rows, prompt_sha) = fit_with(
         &rows.prompt,
         &TrainConfig {
@@ -492,20 +608,40 @@ fn train_pair(
             ..tc.clone()
         },
     )?;
+    let mut meta = CheckpointMeta {
+        model_sha256: run.info.model_sha256.clone(),
+        kernel_id: run.info.kernel_id.clone(),
+        probe_layers: layers.iter().map(|&l| l as usize).collect(),
+        prompt_layers: layers.iter().map(|&l| l as usize).collect(),
+        hidden_size: rows.token.dim / layers.len().max(1),
+        bins,
+        refine_interval: 8,
+        train_data_sha256: token_sha.clone(),
+        val_mae: token.best_val_mae,
+        prompt_val_mae: Some(prompt_rep.best_val_mae),
+        git_commit: git_commit.to_string(),
+        g_input: cfg.g_input,
+        label_prior: None,
+        likelihood_exponent: 0.0,
+    };
+    let calibration = if cfg.calibrate {
+        let caps = token_rows.caps(max_new);
+        let prior = calibrate::label_frequencies(
+            &bins,
+            &token_rows.remaining,
+            &caps,
+            &train_of(&token_rows),
+        );
+        let tracks = val_tracks(run, &token_rows, &rows.prompt, &probe, &prompt, max_new)?;
+        let cal = calibrate::fit_exponent(&meta.filter(meta.refine_interval), prior, &tracks);
+        meta.label_prior = Some(cal.prior.clone());
+        meta.likelihood_exponent = cal.exponent;
+        Some(cal)
+    } else {
+        None
+    };
     let ckpt = Checkpoint {
-        meta: CheckpointMeta {
-            model_sha256: run.info.model_sha256.clone(),
-            kernel_id: run.info.kernel_id.clone(),
-            probe_layers: layers.iter().map(|&l| l as usize).collect(),
-            prompt_layers: layers.iter().map(|&l| l as usize).collect(),
-            hidden_size: rows.token.dim / layers.len().max(1),
-            bins,
-            refine_interval: 8,
-            train_data_sha256: token_sha.clone(),
-            val_mae: token.best_val_mae,
-            prompt_val_mae: Some(prompt_rep.best_val_mae),
-            git_commit: git_commit.to_string(),
-        },
+        meta,
         probe,
         prompt: Some(prompt),
     };
@@ -515,14 +651,61 @@ fn train_pair(
         layers: layers.to_vec(),
         token,
         prompt: prompt_rep,
-        token_rows,
+        token_rows: token_rows_n,
         prompt_rows,
         token_data_sha256: token_sha,
         prompt_data_sha256: prompt_sha,
         seconds: t0.elapsed().as_secs_f64(),
+        calibration,
     };
     write_json(files.1, &record)?;
     Ok(record)
+}
+
+/// The validation requests as the filter sees them: the prompt predictor's output and the
+/// probe's at each stored row, g ascending ([`calibrate::Track`]).
+fn val_tracks(
+    run: &Run,
+    token: &Rows,
+    prompt_rows: &Rows,
+    probe: &Probe,
+    prompt: &Probe,
+    max_new: u32,
+) -> Result<Vec<calibrate::Track>> {
+    let mut prompt_of: HashMap<u32, usize> = HashMap::new();
+    for r in prompt_rows.of_split(run, Split::Val) {
+        prompt_of.entry(prompt_rows.request[r]).or_insert(r);
+    }
+    let mut by_req: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+    for r in token.of_split(run, Split::Val) {
+        by_req.entry(token.request[r]).or_default().push(r);
+    }
+    let k = probe.k();
+    let mut tracks = Vec::new();
+    for (req, mut rs) in by_req {
+        let Some(&p) = prompt_of.get(&req) else {
+            continue;
+        };
+        rs.sort_by_key(|&r| token.g[r]);
+        let d = token.dim;
+        let x: Vec<f32> = rs
+            .iter()
+            .flat_map(|&r| token.features[r * d..(r + 1) * d].iter().copied())
+            .collect();
+        let probs = crate::schedule::probe_rows(probe, &x)?;
+        let pd = prompt_rows.dim;
+        let pp = crate::schedule::probe_rows(prompt, &prompt_rows.features[p * pd..(p + 1) * pd])?;
+        tracks.push(calibrate::Track {
+            prompt: pp,
+            rows: rs
+                .iter()
+                .zip(probs.chunks_exact(k))
+                .map(|(&r, c)| (token.g[r], c.to_vec(), token.remaining[r]))
+                .collect(),
+            cap: max_new,
+        });
+    }
+    Ok(tracks)
 }
 
 /// One predictor [`train_suite`] trains, in the order it trains them.
@@ -535,6 +718,9 @@ enum Job<'a> {
     BertFrozen,
     /// MiniLM fine-tuned end to end.
     BertTuned(&'a TuneConfig),
+    /// With the cap class: MiniLM fine-tuned on v1's bins too (the paper's comparison; the
+    /// like-for-like one is [`Job::BertTuned`] on the suite's bins).
+    BertTunedV1Bins(&'a TuneConfig),
 }
 
 /// A job made concrete: its name, files and resume key.
@@ -590,7 +776,7 @@ pub fn train_suite(
         bert,
         git_commit,
         models,
-        probe_cfg: cfg.probe_part().to_string(),
+        probe_cfg: cfg.probe_part(),
         layers: suite_layers(run, cfg)?,
         prompts: None,
     };
@@ -653,6 +839,9 @@ impl<'a> Suite<'a> {
             }
             if let Some(tune) = &cfg.bert_tune {
                 jobs.push(Job::BertTuned(tune));
+                if cfg.cap_class && !cfg.no_bert_v1_bins {
+                    jobs.push(Job::BertTunedV1Bins(tune));
+                }
             }
         }
         jobs
@@ -696,18 +885,28 @@ impl<'a> Suite<'a> {
                     vec![],
                 )
             }
-            Job::BertTuned(tune) => {
+            Job::BertTuned(tune) | Job::BertTunedV1Bins(tune) => {
                 let sha = self.prompts()?.sha.clone();
                 let tune_cfg =
                     serde_json::to_string(tune).map_err(|e| Error::Invalid(e.to_string()))?;
-                let bins = format!("{:?}", [self.cfg.bins_k, self.cfg.bins_max as usize]);
+                let v1 = matches!(job, Job::BertTunedV1Bins(_));
+                let cfg = if v1 {
+                    v1_bins(self.cfg)
+                } else {
+                    self.cfg.clone()
+                };
+                let bins = format!(
+                    "{:?}{}",
+                    [cfg.bins_k, cfg.bins_max as usize],
+                    cfg.bert_part()
+                );
                 let parts = [tune_cfg.as_str(), &bins, &requests, &sha, "finetuned"];
-                (
-                    "bert fine-tuned".into(),
-                    m("bert-finetuned"),
-                    key_of(&parts),
-                    vec![],
-                )
+                let (name, stem) = if v1 {
+                    ("bert fine-tuned, v1 bins", "bert-finetuned-v1bins")
+                } else {
+                    ("bert fine-tuned", "bert-finetuned")
+                };
+                (name.into(), m(stem), key_of(&parts), vec![])
             }
         };
         Ok(Planned {
@@ -736,11 +935,13 @@ impl<'a> Suite<'a> {
     fn fresh(&self, job: &Job<'a>, plan: &Planned) -> bool {
         let key = match job {
             Job::Layer(_) | Job::Multi => read_layer_record(&plan.record).map(|r| r.key),
-            Job::BertFrozen | Job::BertTuned(_) => read_bert_record(&plan.record).map(|r| r.key),
+            Job::BertFrozen | Job::BertTuned(_) | Job::BertTunedV1Bins(_) => {
+                read_bert_record(&plan.record).map(|r| r.key)
+            }
         };
         key.as_deref() == Some(plan.key.as_str())
             && match job {
-                Job::BertTuned(_) => safetensors_readable(&plan.weights),
+                Job::BertTuned(_) | Job::BertTunedV1Bins(_) => safetensors_readable(&plan.weights),
                 _ => Checkpoint::load(&plan.weights).is_ok(),
             }
     }
@@ -784,6 +985,11 @@ impl<'a> Suite<'a> {
                 let data = self.prompts()?;
                 train_bert_tuned(run, cfg, tune, data, plan, commit, progress)
             }
+            Job::BertTunedV1Bins(tune) => {
+                let v1 = v1_bins(cfg);
+                let data = self.prompts()?;
+                train_bert_tuned(run, &v1, tune, data, plan, commit, progress)
+            }
         }
     }
 
@@ -802,7 +1008,7 @@ impl<'a> Suite<'a> {
 impl<'a> BertPrompts<'a> {
     fn new(run: &'a Run, cfg: &SuiteConfig, assets: &'a BertAssets) -> Result<Self> {
         let (train, val, test) = (
-            run.split_requests(Split::Train),
+            kept_train(run, cfg),
             run.split_requests(Split::Val),
             run.split_requests(Split::Test),
         );
@@ -880,6 +1086,9 @@ fn train_bert_frozen(
             val_mae: report.best_val_mae,
             prompt_val_mae: None,
             git_commit: git_commit.to_string(),
+            g_input: false,
+            label_prior: None,
+            likelihood_exponent: 0.0,
         },
         probe,
         prompt: None,
@@ -929,6 +1138,7 @@ fn train_bert_tuned(
         ("base_model_sha256", data.sha.clone()),
         ("bins_k", cfg.bins_k.to_string()),
         ("bins_max", cfg.bins_max.to_string()),
+        ("bins_cap_class", cfg.cap_class.to_string()),
         ("head_hidden", tune.head_hidden.to_string()),
         ("max_len", tune.max_len.to_string()),
         ("val_mae", report.best_val_mae.to_string()),
@@ -978,7 +1188,7 @@ pub fn predict_bert(
             .map(|(r, p)| (r.request_id.clone(), p.to_vec()))
             .collect()
     };
-    let k = cfg.bins_k;
+    let k = cfg.bins()?.k();
     let w = models.join("bert-finetuned.safetensors");
     let finetuned = match &cfg.bert_tune {
         Some(tune) if w.is_file() => {

@@ -22,7 +22,9 @@ use crate::{Error, Result};
 
 /// Training data as plain arrays: row `r` has features `features[r·dim..(r+1)·dim]` and target
 /// length `target[r]` (remaining length for a decode probe, total length for a prompt
-/// predictor). `cap[r]`, when given, is `max_new − g`, the clamp of the point estimate.
+/// predictor). `cap[r]`, when given, is `max_new − g`, the clamp of the point estimate, and with
+/// bins that have a cap class the room that class reads out (a row whose target reaches it is
+/// labelled "runs to the cap").
 #[derive(Debug, Clone, Copy)]
 pub struct Dataset<'a> {
     pub features: &'a [f32],
@@ -252,11 +254,19 @@ fn batch(
     for (o, &r) in buf.chunks_exact_mut(d).zip(rows) {
         st.apply_into(&data.features[r * d..(r + 1) * d], o);
     }
-    let labels: Vec<u32> = rows.iter().map(|&r| bins.label(data.target[r])).collect();
+    let labels: Vec<u32> = rows.iter().map(|&r| label(data, bins, r)).collect();
     Ok((
         Tensor::from_slice(buf, (rows.len(), d), &Device::Cpu)?,
         Tensor::from_vec(labels, rows.len(), &Device::Cpu)?,
     ))
+}
+
+/// The label of row `r`: its target's bin, or the cap class where the target reaches its cap.
+fn label(data: &Dataset<'_>, bins: &Bins, r: usize) -> u32 {
+    match data.cap {
+        Some(c) => bins.label_at(data.target[r], c[r]),
+        None => bins.label(data.target[r]),
+    }
 }
 
 /// Validation metrics of a probe on `rows`.
@@ -308,10 +318,9 @@ fn eval_parts(
             .flatten_all()?
             .to_vec1()?;
         for (pr, &r) in p.chunks_exact(k).zip(chunk) {
-            let e = bins.expectation(pr);
             let e = match data.cap {
-                Some(c) => clamp_remaining(e, 0, c[r]),
-                None => e.max(0.0),
+                Some(c) => clamp_remaining(bins.readout(pr, f64::from(c[r])), 0, c[r]),
+                None => bins.expectation(pr).max(0.0),
             };
             abs += (e - data.target[r] as f64).abs();
             let arg = pr
@@ -319,7 +328,7 @@ fn eval_parts(
                 .enumerate()
                 .fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b })
                 .0;
-            hits += (arg as u32 == bins.label(data.target[r])) as usize;
+            hits += (arg as u32 == label(data, bins, r)) as usize;
         }
     }
     let n = rows.len().max(1) as f64;

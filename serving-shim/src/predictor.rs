@@ -5,8 +5,9 @@
 //! tokens, and counts down in between. When each happens is [`schedule`]'s, shared with the
 //! scorer.
 
+use trail_checkpoints::checkpoint::g_features;
 use trail_checkpoints::schedule;
-use trail_checkpoints::{Between, Checkpoint, Filter};
+use trail_checkpoints::{Checkpoint, Filter};
 use trail_llm::{KvCache, LayerSet, StepOutput};
 
 use crate::error::EngineError;
@@ -24,7 +25,9 @@ impl Predictor {
     /// `refine_interval` when `None`).
     pub fn new(ckpt: Checkpoint, refine_every: Option<u32>) -> Self {
         let interval = refine_every.unwrap_or(ckpt.meta.refine_interval).max(1);
-        let filter = Filter::new(ckpt.meta.bins, interval, Between::CountDown);
+        // Its bins (v2: with the cap class, read out as each request's own cap minus g) and
+        // its calibrated likelihood, where it has one.
+        let filter = ckpt.meta.filter(interval);
         let mut layers = LayerSet::NONE;
         for &l in ckpt
             .meta
@@ -56,13 +59,17 @@ impl Predictor {
         &self.ckpt
     }
 
-    /// The decode probe's input for `row` of a step: its probe layers concatenated.
-    pub fn decode_features(&self, out: &StepOutput, row: usize, into: &mut Vec<f32>) {
+    /// The decode probe's input for `row` of a step, the request's row `g`: its probe layers
+    /// concatenated, then (a v2 checkpoint that reads it) the tokens generated.
+    pub fn decode_features(&self, out: &StepOutput, row: usize, g: u32, into: &mut Vec<f32>) {
         for &l in &self.ckpt.meta.probe_layers {
             let h = out
                 .hidden(row, l)
                 .expect("the step captured the predictor's layers");
             into.extend_from_slice(h);
+        }
+        if self.ckpt.meta.g_input {
+            into.extend_from_slice(&g_features(g, self.ckpt.meta.bins.max()));
         }
     }
 
@@ -95,7 +102,7 @@ impl Predictor {
         schedule::probe_rows(p, features).map_err(|e| EngineError::Predictor(e.to_string()))
     }
 
-    /// Bins.
+    /// Classes the probes output (the length bins, and v2's cap class).
     pub fn k(&self) -> usize {
         self.ckpt.meta.bins.k()
     }

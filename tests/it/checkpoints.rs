@@ -149,6 +149,9 @@ fn meta(bins: Bins, hidden: usize) -> CheckpointMeta {
         val_mae: 3.5,
         prompt_val_mae: Some(7.25),
         git_commit: "0123abc".into(),
+        g_input: false,
+        label_prior: None,
+        likelihood_exponent: 0.0,
     }
 }
 
@@ -263,4 +266,110 @@ fn checkpoint_refuses_other_model_hidden_size_and_damage() {
     let mut bad = ck.clone();
     bad.meta.hidden_size = 9;
     assert!(bad.save(&dir.path().join("bad.safetensors")).is_err());
+}
+
+/// Rewrites one metadata key of a saved checkpoint (`None` removes it).
+fn patch_meta(src: &Path, dst: &Path, key: &str, value: Option<&str>) {
+    let bytes = std::fs::read(src).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let meta = header["__metadata__"].as_object_mut().unwrap();
+    match value {
+        Some(v) => meta.insert(key.into(), v.into()),
+        None => meta.remove(key),
+    };
+    let mut text = header.to_string().into_bytes();
+    while !text.len().is_multiple_of(8) {
+        text.push(b' ');
+    }
+    let mut out = (text.len() as u64).to_le_bytes().to_vec();
+    out.extend(&text);
+    out.extend(&bytes[8 + n..]);
+    std::fs::write(dst, out).unwrap();
+}
+
+/// The committed v1 checkpoint (`reports/alpaca-smollm2/predictor.safetensors`) loads as v1 and
+/// drives the paper's filter; a v1 checkpoint saved by this build is still version 1 with none
+/// of v2's keys; a v2 one round-trips with its cap class, g input and calibrated likelihood;
+/// a newer version is refused naming it and how to re-export, and a v2 key in a v1 file is
+/// damage.
+#[test]
+fn format_versions_1_and_2_load_and_a_newer_one_is_refused() {
+    let committed = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../reports/alpaca-smollm2/predictor.safetensors");
+    let v1 = Checkpoint::load(&committed).unwrap();
+    assert!(!v1.meta.is_v2());
+    assert_eq!(v1.meta.format_version(), 1);
+    assert_eq!(v1.meta.bins, Bins::default());
+    assert!(v1.meta.filter(8).likelihood_weights().is_none());
+
+    let dir = tempfile::tempdir().unwrap();
+    let (ck, s) = trained_checkpoint();
+    let p1 = dir.path().join("v1.safetensors");
+    ck.save(&p1).unwrap();
+    let bytes = std::fs::read(&p1).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let m = header["__metadata__"].as_object().unwrap();
+    assert_eq!(m["format_version"], "1");
+    for key in [
+        "bins_cap_class",
+        "g_input",
+        "label_prior",
+        "likelihood_exponent",
+    ] {
+        assert!(!m.contains_key(key), "{key} in a v1 file");
+    }
+
+    // v2: the cap class, g as input (two more probe inputs), a calibrated likelihood.
+    let bins = Bins::new(4, 64).unwrap().with_cap_class();
+    let s2 = Synthetic {
+        features: s
+            .features
+            .chunks_exact(s.dim)
+            .flat_map(|r| r.iter().copied().chain([0.5, 1.0]))
+            .collect(),
+        dim: s.dim + 2,
+        target: s.target.clone(),
+        ids: s.ids.clone(),
+    };
+    let (probe, _) = train(&s2, &bins, 1);
+    let (prompt, _) = train(&s, &bins, 2);
+    let mut meta2 = meta(bins, 8);
+    meta2.g_input = true;
+    meta2.label_prior = Some(vec![0.1, 0.2, 0.3, 0.2, 0.2]);
+    meta2.likelihood_exponent = 0.75;
+    let ck2 = Checkpoint {
+        meta: meta2,
+        probe,
+        prompt: Some(prompt),
+    };
+    let p2 = dir.path().join("v2.safetensors");
+    ck2.save(&p2).unwrap();
+    let back = Checkpoint::load(&p2).unwrap();
+    assert_eq!(back.meta, ck2.meta);
+    assert_eq!(back.meta.format_version(), 2);
+    assert_eq!(back.probe.k(), 5);
+    let w = back.meta.filter(8);
+    let w = w.likelihood_weights().unwrap();
+    assert!((w[0] - 0.1f64.powf(-0.75)).abs() < 1e-12);
+
+    // A newer version: refused, naming the version and how to re-export.
+    let p3 = dir.path().join("v3.safetensors");
+    patch_meta(&p2, &p3, "format_version", Some("3"));
+    let e = Checkpoint::load(&p3).unwrap_err().to_string();
+    assert!(e.contains("version 3") && e.contains("trail export"), "{e}");
+    assert_names(&Checkpoint::load(&p3).unwrap_err(), &p3);
+    // A v2 key in a file that says version 1.
+    let bad = dir.path().join("v1-with-cap.safetensors");
+    patch_meta(&p1, &bad, "bins_cap_class", Some("true"));
+    let e = Checkpoint::load(&bad).unwrap_err().to_string();
+    assert!(
+        e.contains("bins_cap_class") && e.contains("version 2"),
+        "{e}"
+    );
+    // A v2 file whose probe does not read g but says it does: a shape error.
+    let lie = dir.path().join("v2-no-g.safetensors");
+    patch_meta(&p2, &lie, "g_input", Some("false"));
+    assert!(Checkpoint::load(&lie).is_err());
 }

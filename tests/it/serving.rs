@@ -230,6 +230,9 @@ pub(crate) fn checkpoint_of(
             val_mae: 0.0,
             prompt_val_mae: None,
             git_commit: "test".into(),
+            g_input: false,
+            label_prior: None,
+            likelihood_exponent: 0.0,
         },
         probe: probe(decode),
         prompt: prompt.map(probe),
@@ -1097,5 +1100,90 @@ fn replay_on_the_wall_clock_is_refused_as_a_configuration_error() {
         Err(EngineError::Config(m)) => assert!(m.contains("virtual time"), "{m}"),
         Err(e) => panic!("not a configuration error: {e}"),
         Ok(_) => panic!("replay without virtual time started"),
+    }
+}
+
+/// A predictor v2 checkpoint on layer 11 whose probe and prompt predictor are sure every answer
+/// runs to its cap (the cap class's bias dominates), reading the tokens generated as inputs,
+/// with a calibrated likelihood; through the file format.
+fn cap_class_checkpoint() -> Checkpoint {
+    let d = runner().config().hidden_size;
+    let bins = Bins::default().with_cap_class();
+    let (h, k) = (4, bins.k());
+    let probe = |dim: usize| {
+        let t = |v: Vec<f32>, shape: &[usize]| Tensor::from_vec(v, shape, &Device::Cpu).unwrap();
+        let mut b2 = vec![0f32; k];
+        b2[k - 1] = 40.0;
+        Probe::new(
+            Standardizer {
+                mean: vec![0.0; dim],
+                std: vec![1.0; dim],
+            },
+            t(vec![0.0; h * dim], &[h, dim]),
+            t(vec![0.0; h], &[h]),
+            t(vec![0.0; k * h], &[k, h]),
+            t(b2, &[k]),
+        )
+        .unwrap()
+    };
+    let ck = Checkpoint {
+        meta: CheckpointMeta {
+            model_sha256: "test".into(),
+            kernel_id: runner().kernel_id().into(),
+            probe_layers: vec![11],
+            prompt_layers: vec![11],
+            hidden_size: d,
+            bins,
+            refine_interval: 4,
+            train_data_sha256: "none".into(),
+            val_mae: 0.0,
+            prompt_val_mae: None,
+            git_commit: "test".into(),
+            g_input: true,
+            label_prior: Some(vec![1.0 / k as f64; k]),
+            likelihood_exponent: 1.0,
+        },
+        probe: probe(d + 2),
+        prompt: Some(probe(d)),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v2.safetensors");
+    ck.save(&path).unwrap();
+    Checkpoint::load(&path).unwrap()
+}
+
+/// The cap class reads out each request's own cap, the one its client sent: a request capped
+/// at 12 tokens and one at 30, sure to run to their caps, are predicted 12 and 30 at prefill
+/// (the preemption limit's base) and `cap − g` at every row after.
+#[test]
+fn the_cap_class_reads_out_each_client_s_own_cap() {
+    let r = runner();
+    let ck = cap_class_checkpoint();
+    assert_eq!(ck.meta.format_version(), 2);
+    let engine = Engine::start(
+        r.clone(),
+        Some(ck),
+        EngineConfig::new(256, PolicyKind::Trail),
+    )
+    .unwrap();
+    let prompt = r.encode_chat("Tell me about cats.").unwrap();
+    let handles: Vec<_> = [12usize, 30]
+        .iter()
+        .map(|&cap| {
+            let h = engine
+                .submit_blocking(GenRequest::greedy(prompt.clone(), cap))
+                .expect("admitted");
+            (cap, h)
+        })
+        .collect();
+    for (cap, h) in handles {
+        let s = h.wait().expect("done");
+        let initial = s.initial_prediction.expect("a first prediction");
+        assert!((initial - cap as f64).abs() < 1e-6, "cap {cap}: {initial}");
+        assert!(!s.predictions.is_empty());
+        for &(g, p) in &s.predictions {
+            let want = cap as f64 - f64::from(g);
+            assert!((p - want).abs() < 1e-6, "cap {cap}, g {g}: {p} vs {want}");
+        }
     }
 }

@@ -209,6 +209,72 @@ fn train_report_export_round_trip_is_deterministic() {
     );
 }
 
+/// Predictor v2 end to end on a synthetic run: the suite trains the cap class, the g input and
+/// the calibrated likelihood into its checkpoints (format version 2, the calibration fitted on
+/// validation in the record), scores them with the filter they carry, and exports them as
+/// they were trained; a subsample of the training requests trains on fewer rows only.
+#[test]
+fn predictor_v2_trains_scores_and_exports_its_features() {
+    let tmp = tempfile::tempdir().unwrap();
+    synthetic_run(tmp.path(), 90, 15, false);
+    let run = Run::open(tmp.path()).unwrap();
+    let cfg = SuiteConfig {
+        cap_class: true,
+        g_input: true,
+        calibrate: true,
+        multi_layer: 0,
+        ..config()
+    };
+    suite::train_suite(&run, &cfg, None, "test", &mut |_| {}).unwrap();
+    let rec = suite::read_layer_record(&layer_files(&run.models_dir(), 1).1).unwrap();
+    let cal = rec.calibration.as_ref().expect("calibrated on validation");
+    assert_eq!(cal.prior.len(), 11);
+    assert!((cal.prior.iter().sum::<f64>() - 1.0).abs() < 1e-9);
+    let kept = cal
+        .val_mae
+        .iter()
+        .find(|v| v.0 == cal.exponent)
+        .expect("the kept exponent was tried");
+    assert!(cal.val_mae.iter().all(|v| v.1 >= kept.1), "{cal:?}");
+
+    let (m, details) = score_suite(&run, &opts()).unwrap();
+    assert_eq!(
+        details.confusion.len(),
+        11,
+        "ten length bins and the cap class"
+    );
+    let refined = m.test.mae_remaining["refined"].unwrap();
+    let constant = m.test.mae_remaining["constant"].unwrap();
+    assert!(
+        refined.value < constant.value,
+        "{refined:?} vs {constant:?}"
+    );
+
+    let out = tmp.path().join("v2.safetensors");
+    suite::export(&run, &out, 8, "test", None, ProbeChoice::Layer).unwrap();
+    let c = Checkpoint::load_for(&out, &"ab".repeat(32), DIM).unwrap();
+    assert_eq!(c.meta.format_version(), 2);
+    assert!(c.meta.bins.cap_class() && c.meta.g_input);
+    assert_eq!(c.probe.dim(), DIM + 2);
+    assert_eq!(c.probe.k(), 11);
+    assert_eq!(c.meta.label_prior.as_deref(), Some(&cal.prior[..]));
+    assert_eq!(c.meta.likelihood_exponent, cal.exponent);
+
+    // The learning curve's subsample: 30 of the 60 training requests, validation untouched.
+    let half = tmp.path().join("half");
+    synthetic_run(&half, 90, 15, false);
+    let run_h = Run::open(&half).unwrap();
+    let cfg_h = SuiteConfig {
+        train_requests: Some(30),
+        ..cfg.clone()
+    };
+    assert_eq!(suite::kept_train(&run_h, &cfg_h).len(), 30);
+    suite::train_suite(&run_h, &cfg_h, None, "test", &mut |_| {}).unwrap();
+    let rec_h = suite::read_layer_record(&layer_files(&run_h.models_dir(), 1).1).unwrap();
+    assert!(rec_h.token_rows[0] < rec.token_rows[0]);
+    assert_eq!(rec_h.token_rows[1], rec.token_rows[1]);
+}
+
 #[test]
 fn nan_embeddings_are_named_by_file() {
     let tmp = tempfile::tempdir().unwrap();

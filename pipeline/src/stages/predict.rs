@@ -11,7 +11,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use trail_checkpoints::Checkpoint;
-use trail_checkpoints::refine::{Between, Filter, RefineState};
+use trail_checkpoints::checkpoint::g_features;
+use trail_checkpoints::refine::RefineState;
 use trail_llm::{LayerSet, hub};
 
 use super::model_args::ModelArgs;
@@ -54,7 +55,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     for &l in m.probe_layers.iter().chain(&m.prompt_layers) {
         set = set.with(l);
     }
-    let filter = Filter::new(m.bins, m.refine_interval.max(1), Between::CountDown);
+    let filter = m.filter(m.refine_interval.max(1));
     let model = runner.model();
     let tokens = runner.encode_chat(&args.prompt)?;
     let mut cache = model.new_cache();
@@ -76,7 +77,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut estimates = Vec::new();
     let mut stdout = std::io::stdout();
     loop {
-        let x = features(&m.probe_layers, |l| out.hidden(0, l).map(<[f32]>::to_vec))?;
+        let mut x = features(&m.probe_layers, |l| out.hidden(0, l).map(<[f32]>::to_vec))?;
+        if m.g_input {
+            x.extend_from_slice(&g_features(generated.len() as u32, m.bins.max()));
+        }
         if generated.is_empty() || state.due(&filter) {
             state.refine(&filter, &ckpt.probe.predict_proba(&x)?);
             let est = state.remaining(&filter);

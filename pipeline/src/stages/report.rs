@@ -41,6 +41,84 @@ pub struct Args {
     /// --sample all`, the selected layers): scores `refined_every_token` there.
     #[arg(long)]
     pub every_token: Option<PathBuf>,
+    /// Another report to set beside this one, `LABEL=DIR` (DIR holds its `metrics.json` and
+    /// `breakdown.json`), repeatable: v1 beside v2, or the points of a learning curve.
+    #[arg(long, value_parser = parse_compare)]
+    pub compare: Vec<(String, PathBuf)>,
+    /// This report's label beside `--compare`'s. When every label is a number (training
+    /// prompts), `learning_curve.png` plots refined, probe and fine-tuned BERT against it.
+    #[arg(long, default_value = "this run")]
+    pub label: String,
+}
+
+/// `LABEL=DIR`.
+fn parse_compare(s: &str) -> Result<(String, PathBuf), String> {
+    let (label, dir) = s
+        .split_once('=')
+        .ok_or_else(|| format!("--compare `{s}`: expected LABEL=DIR"))?;
+    Ok((label.to_string(), PathBuf::from(dir)))
+}
+
+/// A compared report: its label, metrics and breakdown.
+pub struct Compared {
+    pub label: String,
+    pub metrics: Metrics,
+    pub breakdown: Breakdown,
+}
+
+/// [`Details::breakdown`] as `breakdown.json` holds it.
+pub type Breakdown = Vec<(String, Vec<Row>)>;
+
+/// (table, bucket label, MAE, pairs) of a [`Breakdown`].
+pub type Row = (String, String, f64, usize);
+
+/// Reads `DIR/metrics.json` and `DIR/breakdown.json` (empty when absent: an older report).
+fn read_compared(label: &str, dir: &Path) -> anyhow::Result<Compared> {
+    let path = dir.join("metrics.json");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("--compare {label}: reading {}", path.display()))?;
+    let metrics = serde_json::from_str(&text)
+        .with_context(|| format!("--compare {label}: {}", path.display()))?;
+    let breakdown = std::fs::read_to_string(dir.join("breakdown.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    Ok(Compared {
+        label: label.to_string(),
+        metrics,
+        breakdown,
+    })
+}
+
+/// This report's headline figures beside the compared ones': one row per report.
+pub fn comparison_table(this: &Metrics, label: &str, others: &[Compared]) -> String {
+    let mut s = String::from("## Compared\n\n");
+    let _ = writeln!(
+        s,
+        "| report | refined | probe, no refine | BERT fine-tuned | BERT ÷ refined | BERT on v1's \
+         bins ÷ refined |\n|---|---|---|---|---|---|"
+    );
+    let rows =
+        std::iter::once((label, this)).chain(others.iter().map(|c| (c.label.as_str(), &c.metrics)));
+    for (name, m) in rows {
+        let t = &m.test;
+        let get = |k: &str| fmt_iv(&t.mae_remaining.get(k).cloned().flatten(), 1);
+        let _ = writeln!(
+            s,
+            "| {name} | {} | {} | {} | {} | {} |",
+            get("refined"),
+            get("probe_no_refine"),
+            get("bert_finetuned"),
+            fmt_iv(&t.ratio_bert_finetuned_over_refined, 2),
+            fmt_iv(&t.ratio_bert_finetuned_v1_bins_over_refined, 2),
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\nEach report's intervals are its own (bootstrap over its test requests); the same test \
+         requests make the rows comparable.\n"
+    );
+    s
 }
 
 fn fmt_iv(iv: &Option<Interval>, digits: usize) -> String {
@@ -83,6 +161,73 @@ pub fn predictor_table(t: &TestMetrics) -> String {
         fmt_iv(&t.ratio_bert_finetuned_over_refined, 2),
         fmt_iv(&t.ratio_bert_finetuned_conditional_over_refined, 2)
     );
+    if t.bert_finetuned_v1_bins.is_some() {
+        let _ = writeln!(
+            s,
+            "Predictor v2's bins have a \"runs to the cap\" class, so `bert_finetuned` above is \
+             BERT fine-tuned on the same bins (like for like). On v1's ten bins (the paper's \
+             comparison) fine-tuned BERT's MAE is {} and its ratio to refined {}.\n",
+            fmt_iv(&t.bert_finetuned_v1_bins, 1),
+            fmt_iv(&t.ratio_bert_finetuned_v1_bins_over_refined, 2)
+        );
+    }
+    s
+}
+
+/// [`Details::breakdown`] with owned labels (what `breakdown.json` holds).
+pub fn owned_breakdown(d: &Details) -> Breakdown {
+    d.breakdown
+        .iter()
+        .map(|(k, rows)| {
+            let rows = rows
+                .iter()
+                .map(|r| (r.0.to_string(), r.1.clone(), r.2, r.3))
+                .collect();
+            (k.clone(), rows)
+        })
+        .collect()
+}
+
+/// Where the error is: each predictor's MAE by the request's true length and by the tokens
+/// generated ([`Details::breakdown`]), as markdown tables (predictors as columns), with each
+/// compared report's `refined` beside.
+pub fn breakdown_tables(b: &Breakdown, others: &[Compared]) -> String {
+    let keys = [
+        "refined",
+        "probe_no_refine",
+        "bert_finetuned",
+        "constant_conditional",
+    ];
+    let mut cols: Vec<(String, &Vec<Row>)> = b
+        .iter()
+        .filter(|(k, _)| keys.contains(&k.as_str()))
+        .map(|(k, rows)| (k.clone(), rows))
+        .collect();
+    for c in others {
+        if let Some((_, rows)) = c.breakdown.iter().find(|(k, _)| k == "refined") {
+            cols.push((format!("refined, {}", c.label), rows));
+        }
+    }
+    let Some(&(_, first)) = cols.first() else {
+        return String::new();
+    };
+    let mut s = String::from("## Where the error is\n\n");
+    for (table, title) in [("length", "true length"), ("g", "tokens generated g")] {
+        let _ = write!(s, "| MAE by {title} | pairs |");
+        for (k, _) in &cols {
+            let _ = write!(s, " `{k}` |");
+        }
+        let _ = writeln!(s, "\n|---|---|{}", "---|".repeat(cols.len()));
+        for (t, label, _, n) in first.iter().filter(|r| r.0 == table) {
+            let _ = write!(s, "| {label} | {n} |");
+            for (_, rows) in &cols {
+                let v = rows.iter().find(|r| &r.0 == t && &r.1 == label);
+                let _ = write!(s, " {} |", v.map_or("—".into(), |r| format!("{:.1}", r.2)));
+            }
+            let _ = writeln!(s);
+        }
+        let _ = writeln!(s);
+    }
     s
 }
 
@@ -223,6 +368,51 @@ pub fn plots(out: &Path, m: &Metrics, d: &Details) -> anyhow::Result<Vec<PathBuf
     )?;
     files.push(p);
     Ok(files)
+}
+
+/// `learning_curve.png`: refined, probe and fine-tuned BERT test MAE against the training
+/// prompts, when this report's label and every compared one's are numbers; `None` otherwise.
+fn learning_curve(
+    out: &Path,
+    label: &str,
+    this: &Metrics,
+    others: &[Compared],
+) -> anyhow::Result<Option<PathBuf>> {
+    let mut points: Vec<(f64, &Metrics)> = Vec::new();
+    for (l, m) in
+        std::iter::once((label, this)).chain(others.iter().map(|c| (c.label.as_str(), &c.metrics)))
+    {
+        let Ok(x) = l.parse::<f64>() else {
+            return Ok(None);
+        };
+        points.push((x, m));
+    }
+    if points.len() < 2 {
+        return Ok(None);
+    }
+    points.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let series = ["refined", "probe_no_refine", "bert_finetuned"]
+        .iter()
+        .map(|&k| {
+            let pts = points
+                .iter()
+                .filter_map(|(x, m)| Some((*x, m.test.mae_remaining.get(k)?.as_ref()?.value)))
+                .collect();
+            Series::line(display_name(k), pts).with_mark(plot::Mark::LinePoints)
+        })
+        .collect::<Vec<_>>();
+    plot::init_font()?;
+    let p = out.join("learning_curve.png");
+    plot::line_chart(
+        &p,
+        &Axes::new(
+            "Learning curve (test split)",
+            "training prompts",
+            "MAE remaining (tokens)",
+        ),
+        &series,
+    )?;
+    Ok(Some(p))
 }
 
 /// The figures of the scored split (also `trail eval mae`'s): MAE vs tokens generated per
@@ -410,8 +600,29 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         serde_json::to_string_pretty(&metrics)?.as_bytes(),
     )?;
     let md = out.join("report.md");
-    write_atomic(&md, markdown(&run, &metrics).as_bytes())?;
-    let mut files = vec![metrics_path.clone(), md.clone()];
+    let compared = args
+        .compare
+        .iter()
+        .map(|(l, d)| read_compared(l, d))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let breakdown = owned_breakdown(&details);
+    let mut text = markdown(&run, &metrics);
+    if !compared.is_empty() {
+        text += &comparison_table(&metrics, &args.label, &compared);
+    }
+    text += &breakdown_tables(&breakdown, &compared);
+    write_atomic(&md, text.as_bytes())?;
+    let breakdown_path = out.join("breakdown.json");
+    write_atomic(
+        &breakdown_path,
+        serde_json::to_string_pretty(&breakdown)?.as_bytes(),
+    )?;
+    let mut files = vec![metrics_path.clone(), md.clone(), breakdown_path];
+    if let Some(p) = learning_curve(&out, &args.label, &metrics, &compared)? {
+        text += "![learning curve](learning_curve.png)\n";
+        write_atomic(&md, text.as_bytes())?;
+        files.push(p);
+    }
     files.extend(plots(&out, &metrics, &details)?);
     for f in &files {
         manifest.output(f, &out)?;

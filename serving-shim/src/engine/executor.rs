@@ -315,7 +315,7 @@ fn probe(
         {
             prompt.push(r, f);
         }
-        pred.decode_features(out, j, &mut probe.values);
+        pred.decode_features(out, j, row.g, &mut probe.values);
         probe.rows.push(r);
     }
     let k = pred.k();

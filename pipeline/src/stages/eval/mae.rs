@@ -121,6 +121,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             };
             trained.predictors.bert_finetuned = ft;
             trained.predictors.bert_frozen = fr;
+            // Its predictions are the training run's prompts': not these.
+            trained.predictors.bert_finetuned_v1_bins = None;
             opts.refine_interval = args.refine_interval.unwrap_or(8);
             steps.step(format!("scoring the predictors on {}", data.dir.display()));
             let scored =
