@@ -53,7 +53,8 @@ def ratio(rounds, a, b, col, idx=None):
 def main(out):
     rounds = load(out)
     rng = np.random.default_rng(SEED)
-    boots = [{r: rng.integers(0, len(p["latency_s"]), len(p["latency_s"])) for r, p in rounds.items()}
+    n = {r: len(p[SYSTEMS[0]]["latency_s"]) for r, p in rounds.items()}
+    boots = [{r: rng.integers(0, n[r], n[r]) for r in rounds}
              for _ in range(RESAMPLES)]
     res = {"rounds": sorted(rounds), "requests_per_round": len(next(iter(rounds.values()))["trail-fcfs"]["latency_s"]),
            "bootstrap": {"resamples": RESAMPLES, "seed": SEED}, "means": {}, "ratios": {}}

@@ -37,10 +37,12 @@ start() { # system -> starts its server on $port, waits until it answers
     llama-server) "$llama" -m "$model" -np "$batch" -c $((batch * 1024)) -t "$threads" -tb "$threads" \
                     --host 127.0.0.1 --port "$port" > "$out/$1.server.log" 2>&1 & ;;
     trail-fcfs)   "$trail" serve --policy fcfs --allow-eval-output-tokens --max-running "$batch" \
+                    --served-model-name trail \
                     --threads "$threads" --model "$model" --host 127.0.0.1 --port "$port" \
                     > "$out/$1.server.log" 2>&1 & ;;
     trail-trail)  "$trail" serve --policy trail --checkpoint "$ckpt" --bert-checkpoint "$bert" \
                     --allow-eval-output-tokens --max-running "$batch" --threads "$threads" \
+                    --served-model-name trail \
                     --model "$model" --host 127.0.0.1 --port "$port" > "$out/$1.server.log" 2>&1 & ;;
   esac
   pid=$!
