@@ -97,11 +97,20 @@ impl BertPrior {
     /// Predicted total output length of each prompt (the expectation over bin midpoints; the
     /// cap class, where the bins have one, read as the bins' `max`), `batch` prompts at a time.
     pub fn predict(&self, prompts: &[&str], batch: usize) -> Result<Vec<f64>> {
+        let caps = vec![self.bins.max(); prompts.len()];
+        self.predict_capped(prompts, &caps, batch)
+    }
+
+    /// [`BertPrior::predict`] with each prompt's own cap (the `max_tokens` its client sent):
+    /// the cap class, where the bins have one, reads out that cap, never a profiled length.
+    pub fn predict_capped(&self, prompts: &[&str], caps: &[u32], batch: usize) -> Result<Vec<f64>> {
+        debug_assert_eq!(prompts.len(), caps.len());
         let k = self.bins.k();
         let probs = self.model.predict_proba(prompts, batch)?;
         Ok(probs
             .chunks_exact(k)
-            .map(|p| self.bins.expectation(p))
+            .zip(caps)
+            .map(|(p, &cap)| self.bins.readout(p, f64::from(cap)))
             .collect())
     }
 }

@@ -20,6 +20,8 @@ pub const MAX_BATCH: usize = 32;
 
 struct Job {
     text: String,
+    /// The request's `max_tokens`: what BERT's cap class (v2) reads out.
+    cap: u32,
     reply: oneshot::Sender<Result<f64, String>>,
 }
 
@@ -58,24 +60,29 @@ impl BertPredictor {
         })
     }
 
-    fn send(&self, text: String) -> Result<oneshot::Receiver<Result<f64, String>>, EngineError> {
+    fn send(
+        &self,
+        text: String,
+        cap: u32,
+    ) -> Result<oneshot::Receiver<Result<f64, String>>, EngineError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .as_ref()
-            .and_then(|tx| tx.send(Job { text, reply }).ok())
+            .and_then(|tx| tx.send(Job { text, cap, reply }).ok())
             .ok_or_else(|| EngineError::Stopped("the BERT thread is gone".into()))?;
         Ok(rx)
     }
 
-    /// The predicted total output length of the request whose user message is `text`.
-    pub async fn predict(&self, text: String) -> Result<f64, EngineError> {
-        let rx = self.send(text)?;
+    /// The predicted total output length of the request whose user message is `text` and
+    /// whose client capped it at `cap` tokens (a v2 BERT's cap class reads out that cap).
+    pub async fn predict(&self, text: String, cap: u32) -> Result<f64, EngineError> {
+        let rx = self.send(text, cap)?;
         finish(rx.await)
     }
 
     /// [`predict`](Self::predict) for callers outside an async runtime.
-    pub fn predict_blocking(&self, text: String) -> Result<f64, EngineError> {
-        let rx = self.send(text)?;
+    pub fn predict_blocking(&self, text: String, cap: u32) -> Result<f64, EngineError> {
+        let rx = self.send(text, cap)?;
         finish(rx.blocking_recv())
     }
 }
@@ -106,7 +113,8 @@ fn serve(prior: &BertPrior, rx: &std_mpsc::Receiver<Job>) {
             }
         }
         let texts: Vec<&str> = jobs.iter().map(|j| j.text.as_str()).collect();
-        match prior.predict(&texts, MAX_BATCH) {
+        let caps: Vec<u32> = jobs.iter().map(|j| j.cap).collect();
+        match prior.predict_capped(&texts, &caps, MAX_BATCH) {
             Ok(lengths) => {
                 for (j, len) in jobs.into_iter().zip(lengths) {
                     let _ = j.reply.send(Ok(len));

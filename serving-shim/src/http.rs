@@ -423,7 +423,10 @@ async fn run(
     (kind, model): (Kind, String),
 ) -> Result<Response, ApiError> {
     let initial_prediction = match &app.bert {
-        Some(bert) => Some(bert.predict(user).await?),
+        Some(bert) => {
+            let cap = u32::try_from(p.max_tokens).unwrap_or(u32::MAX);
+            Some(bert.predict(user, cap).await?)
+        }
         None => None,
     };
     let req = GenRequest {

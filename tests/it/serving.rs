@@ -820,7 +820,7 @@ fn bert_predicts_on_arrival_batched_and_sjf_bert_serves_by_it() {
     // padding's rounding.
     let alone: Vec<f64> = questions
         .iter()
-        .map(|q| bert.predict_blocking(q.to_string()).unwrap())
+        .map(|q| bert.predict_blocking(q.to_string(), 512).unwrap())
         .collect();
     assert!(alone.iter().all(|p| (0.0..=512.0).contains(p)), "{alone:?}");
     assert!(
@@ -832,7 +832,7 @@ fn bert_predicts_on_arrival_batched_and_sjf_bert_serves_by_it() {
             .iter()
             .map(|q| {
                 let b = &bert;
-                s.spawn(move || b.predict_blocking(q.to_string()).unwrap())
+                s.spawn(move || b.predict_blocking(q.to_string(), 512).unwrap())
             })
             .collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()

@@ -47,7 +47,7 @@ impl Models {
                 let prior =
                     BertPrior::load(p).with_context(|| format!("loading {}", p.display()))?;
                 Some(
-                    predict_all(&prior, &cfg.pool)
+                    predict_all(&prior, &cfg.pool, cfg.max_tokens)
                         .with_context(|| format!("predicting with {}", p.display()))?,
                 )
             }
@@ -84,10 +84,16 @@ impl Models {
     }
 }
 
-/// BERT's prediction for every prompt of `pool`, by prompt text.
-fn predict_all(prior: &BertPrior, pool: &[Prompt]) -> anyhow::Result<HashMap<String, f64>> {
+/// BERT's prediction for every prompt of `pool`, by prompt text, each capped at `cap` (the
+/// `max_tokens` every request is sent with, which a v2 BERT's cap class reads out, as the
+/// server's does).
+fn predict_all(
+    prior: &BertPrior,
+    pool: &[Prompt],
+    cap: u32,
+) -> anyhow::Result<HashMap<String, f64>> {
     let texts: Vec<&str> = pool.iter().map(|q| q.text.as_str()).collect();
-    let pred = prior.predict(&texts, 16)?;
+    let pred = prior.predict_capped(&texts, &vec![cap; texts.len()], 16)?;
     Ok(texts
         .iter()
         .zip(pred)
