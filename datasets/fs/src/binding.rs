@@ -84,14 +84,13 @@ pub fn bind_settings(path: &Path, settings: &Map<String, Value>) -> Result<(), B
     Err(BindError::Differs { dir, differences })
 }
 
-/// Whether a recorded value and a new one agree: equal, or two strings naming the same path (a
-/// record written before paths were portable may hold one relative to the working directory).
+/// Whether a recorded value and a new one agree: equal (both portable), or a recorded string
+/// that, read relative to the working directory (as records made before paths were portable
+/// hold them), names the path the new one does.
 fn same(then: &Value, now: &Value, dir: &Path) -> bool {
     match (then, now) {
         (Value::String(t), Value::String(n)) if t != n => {
-            let now = crate::portable::resolve(n, dir);
-            crate::portable::resolve(t, dir) == now
-                || crate::portable::absolute(Path::new(t)) == now
+            crate::portable::absolute(Path::new(t)) == crate::portable::resolve(n, dir)
         }
         _ => then == now,
     }
