@@ -86,7 +86,9 @@ pub struct TestMetrics {
     pub pairs: usize,
     /// Whether the test rows hold every position (then `refined_every_token` is scored).
     pub every_position: bool,
+    #[serde(rename = "mae_remaining_tokens", alias = "mae_remaining")]
     pub mae_remaining: BTreeMap<String, Option<Interval>>,
+    #[serde(rename = "mae_at_start_tokens", alias = "mae_at_start")]
     pub mae_at_start: BTreeMap<String, Option<Interval>>,
     pub kendall_tau_at_start: BTreeMap<String, Option<Interval>>,
     pub ratio_bert_finetuned_over_refined: Option<Interval>,
@@ -94,14 +96,21 @@ pub struct TestMetrics {
     /// Predictor v2 (the cap class): fine-tuned BERT on v1's bins (the paper's comparison),
     /// its MAE and its ratio to `refined`; `bert_finetuned` is then on v2's bins (like for
     /// like). Absent for a v1 suite.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        rename = "bert_finetuned_v1_bins_mae_remaining_tokens",
+        alias = "bert_finetuned_v1_bins"
+    )]
     pub bert_finetuned_v1_bins: Option<Interval>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ratio_bert_finetuned_v1_bins_over_refined: Option<Interval>,
 }
 
-/// `metrics.json`'s schema: 2 since the multi-layer probe is an object (`layers`, `val_mae`)
-/// rather than an unlabelled pair; a file without the key is version 1, read the same.
+/// `metrics.json`'s schema: 2 since the multi-layer probe is an object (`layers`,
+/// `val_mae_tokens`) rather than an unlabelled pair and every MAE key names its unit
+/// (`mae_remaining_tokens`, `per_layer_val_mae_tokens`, …); a file without the key is version
+/// 1, whose names are still read.
 pub const METRICS_SCHEMA_VERSION: u32 = 2;
 
 fn schema_v1() -> u32 {
@@ -115,7 +124,12 @@ pub struct Metrics {
     #[serde(default = "schema_v1")]
     pub schema_version: u32,
     pub best_layer: u32,
+    #[serde(rename = "per_layer_val_mae_tokens", alias = "per_layer_val_mae")]
     pub per_layer_val_mae: BTreeMap<String, f64>,
+    #[serde(
+        rename = "per_layer_prompt_val_mae_tokens",
+        alias = "per_layer_prompt_val_mae"
+    )]
     pub per_layer_prompt_val_mae: BTreeMap<String, f64>,
     /// The multi-layer probe, when trained.
     pub multi_layer: Option<MultiLayer>,
@@ -131,6 +145,7 @@ pub struct Metrics {
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct MultiLayer {
     pub layers: Vec<u32>,
+    #[serde(rename = "val_mae_tokens")]
     pub val_mae: f64,
 }
 
@@ -139,13 +154,19 @@ impl<'de> Deserialize<'de> for MultiLayer {
         #[derive(Deserialize)]
         #[serde(untagged)]
         enum Either {
-            Named { layers: Vec<u32>, val_mae: f64 },
+            Named {
+                layers: Vec<u32>,
+                #[serde(alias = "val_mae")]
+                val_mae_tokens: f64,
+            },
             Pair(Vec<u32>, f64),
         }
         Ok(match Either::deserialize(d)? {
-            Either::Named { layers, val_mae } | Either::Pair(layers, val_mae) => {
-                Self { layers, val_mae }
+            Either::Named {
+                layers,
+                val_mae_tokens: val_mae,
             }
+            | Either::Pair(layers, val_mae) => Self { layers, val_mae },
         })
     }
 }
@@ -966,12 +987,62 @@ mod schema_tests {
     #[test]
     fn the_multi_layer_probe_reads_as_an_object_or_as_schema_1_s_pair() {
         let named: MultiLayer =
+            serde_json::from_str(r#"{"layers": [3, 5], "val_mae_tokens": 40.5}"#).unwrap();
+        let old_named: MultiLayer =
             serde_json::from_str(r#"{"layers": [3, 5], "val_mae": 40.5}"#).unwrap();
         let pair: MultiLayer = serde_json::from_str("[[3, 5], 40.5]").unwrap();
         assert_eq!(named, pair);
+        assert_eq!(old_named, pair);
         assert_eq!(
             serde_json::to_value(&named).unwrap(),
-            serde_json::json!({"layers": [3, 5], "val_mae": 40.5})
+            serde_json::json!({"layers": [3, 5], "val_mae_tokens": 40.5})
         );
+    }
+
+    /// A schema-1 file (no version, MAE keys without their unit, the pair) reads, and writes
+    /// back as schema 2 with every MAE key naming tokens.
+    #[test]
+    fn schema_1_metrics_read_and_write_back_with_units_in_the_keys() {
+        let v1 = serde_json::json!({
+            "best_layer": 4,
+            "per_layer_val_mae": {"4": 50.0},
+            "per_layer_prompt_val_mae": {"4": 60.0},
+            "multi_layer": [[4, 5], 49.0],
+            "max_new_tokens": 512,
+            "refine_interval": 8,
+            "bootstrap_resamples": 10,
+            "test": {
+                "requests": 2, "pairs": 3, "every_position": false,
+                "mae_remaining": {"refined": {"value": 1.0, "lo": 0.5, "hi": 1.5}},
+                "mae_at_start": {"refined": null},
+                "kendall_tau_at_start": {},
+                "ratio_bert_finetuned_over_refined": null,
+                "ratio_bert_finetuned_conditional_over_refined": null,
+                "bert_finetuned_v1_bins": {"value": 2.0, "lo": 1.0, "hi": 3.0}
+            },
+            "notes": []
+        });
+        let m: Metrics = serde_json::from_value(v1).unwrap();
+        assert_eq!(m.schema_version, 1);
+        assert_eq!(m.per_layer_val_mae["4"], 50.0);
+        assert_eq!(m.multi_layer.as_ref().unwrap().val_mae, 49.0);
+        assert!(m.test.bert_finetuned_v1_bins.is_some());
+        let out = serde_json::to_value(&m).unwrap();
+        for key in [
+            "per_layer_val_mae_tokens",
+            "per_layer_prompt_val_mae_tokens",
+        ] {
+            assert!(out.get(key).is_some(), "{key}");
+        }
+        for key in [
+            "mae_remaining_tokens",
+            "mae_at_start_tokens",
+            "bert_finetuned_v1_bins_mae_remaining_tokens",
+        ] {
+            assert!(out["test"].get(key).is_some(), "{key}");
+        }
+        assert_eq!(out["multi_layer"]["val_mae_tokens"], 49.0);
+        let back: Metrics = serde_json::from_value(out).unwrap();
+        assert_eq!(back, m);
     }
 }

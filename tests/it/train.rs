@@ -131,8 +131,12 @@ fn train_report_export_round_trip_is_deterministic() {
     // Every fixed key of metrics.json is there (BERT's null: trained without it).
     let v = serde_json::to_value(&m).unwrap();
     assert!(v["best_layer"].is_u64());
-    assert_eq!(v["per_layer_val_mae"].as_object().unwrap().len(), 3);
-    for table in ["mae_remaining", "mae_at_start", "kendall_tau_at_start"] {
+    assert_eq!(v["per_layer_val_mae_tokens"].as_object().unwrap().len(), 3);
+    for table in [
+        "mae_remaining_tokens",
+        "mae_at_start_tokens",
+        "kendall_tau_at_start",
+    ] {
         for p in PREDICTORS {
             assert!(
                 v["test"][table].get(p).is_some(),
@@ -142,8 +146,8 @@ fn train_report_export_round_trip_is_deterministic() {
         }
     }
     assert!(v["test"].get("ratio_bert_finetuned_over_refined").is_some());
-    assert!(v["test"]["mae_remaining"]["bert_finetuned"].is_null());
-    assert!(v["test"]["mae_remaining"]["refined_every_token"].is_null());
+    assert!(v["test"]["mae_remaining_tokens"]["bert_finetuned"].is_null());
+    assert!(v["test"]["mae_remaining_tokens"]["refined_every_token"].is_null());
     let mae = |p: &str| m.test.mae_remaining[p].unwrap();
     eprintln!(
         "refined {:?}, probe {:?}, prompt {:?}, constant {:?}",

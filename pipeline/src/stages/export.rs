@@ -92,7 +92,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         manifest.output(b, &base)?;
     }
     manifest.result("layers", &e.layers)?;
-    manifest.result("val_mae", e.val_mae)?;
+    manifest.result("val_mae_tokens", e.val_mae)?;
     manifest.result("hidden_size", c.meta.hidden_size)?;
     let stem = args
         .out

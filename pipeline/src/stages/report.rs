@@ -45,8 +45,9 @@ pub struct Args {
     /// `breakdown.json`), repeatable: v1 beside v2, or the points of a learning curve.
     #[arg(long, value_parser = parse_compare)]
     pub compare: Vec<(String, PathBuf)>,
-    /// This report's label beside `--compare`'s. When every label is a number (training
-    /// prompts), `learning_curve.png` plots refined, probe and fine-tuned BERT against it.
+    /// This report's label beside `--compare`'s. The reports labelled by a number (training
+    /// prompts) are the points of `learning_curve.png` (refined, probe and fine-tuned BERT
+    /// against it); the others (`v1`) are only set beside in the table.
     #[arg(long, default_value = "this run")]
     pub label: String,
 }
@@ -370,27 +371,33 @@ pub fn plots(out: &Path, m: &Metrics, d: &Details) -> anyhow::Result<Vec<PathBuf
     Ok(files)
 }
 
+/// The learning curve's points: this report and the compared ones whose label is a number
+/// (training prompts), in order; the others (`v1` beside `v2`) are not points.
+fn curve_points<'a>(
+    label: &str,
+    this: &'a Metrics,
+    others: &'a [Compared],
+) -> Vec<(f64, &'a Metrics)> {
+    let mut points: Vec<(f64, &Metrics)> = std::iter::once((label, this))
+        .chain(others.iter().map(|c| (c.label.as_str(), &c.metrics)))
+        .filter_map(|(l, m)| Some((l.parse::<f64>().ok()?, m)))
+        .collect();
+    points.sort_by(|a, b| a.0.total_cmp(&b.0));
+    points
+}
+
 /// `learning_curve.png`: refined, probe and fine-tuned BERT test MAE against the training
-/// prompts, when this report's label and every compared one's are numbers; `None` otherwise.
+/// prompts, over the reports labelled by a number ([`curve_points`]); `None` below two points.
 fn learning_curve(
     out: &Path,
     label: &str,
     this: &Metrics,
     others: &[Compared],
 ) -> anyhow::Result<Option<PathBuf>> {
-    let mut points: Vec<(f64, &Metrics)> = Vec::new();
-    for (l, m) in
-        std::iter::once((label, this)).chain(others.iter().map(|c| (c.label.as_str(), &c.metrics)))
-    {
-        let Ok(x) = l.parse::<f64>() else {
-            return Ok(None);
-        };
-        points.push((x, m));
-    }
+    let points = curve_points(label, this, others);
     if points.len() < 2 {
         return Ok(None);
     }
-    points.sort_by(|a, b| a.0.total_cmp(&b.0));
     let series = ["refined", "probe_no_refine", "bert_finetuned"]
         .iter()
         .map(|&k| {
@@ -643,4 +650,57 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     );
     eprintln!("report: {}", md.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn metrics(refined: f64) -> Metrics {
+        serde_json::from_value(serde_json::json!({
+            "best_layer": 0, "per_layer_val_mae_tokens": {}, "per_layer_prompt_val_mae_tokens": {},
+            "multi_layer": null, "max_new_tokens": 512, "refine_interval": 8,
+            "bootstrap_resamples": 0, "notes": [],
+            "test": {
+                "requests": 1, "pairs": 1, "every_position": false,
+                "mae_remaining_tokens": {"refined": {"value": refined, "lo": refined, "hi": refined}},
+                "mae_at_start_tokens": {}, "kendall_tau_at_start": {},
+                "ratio_bert_finetuned_over_refined": null,
+                "ratio_bert_finetuned_conditional_over_refined": null
+            }
+        }))
+        .unwrap()
+    }
+
+    fn compared(label: &str, refined: f64) -> Compared {
+        Compared {
+            label: label.into(),
+            metrics: metrics(refined),
+            breakdown: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_learning_curve_takes_the_numbered_reports_in_order_and_skips_the_others() {
+        let this = metrics(50.0);
+        let others = [
+            compared("2000", 52.0),
+            compared("v1", 60.0),
+            compared("500", 58.0),
+        ];
+        let refined = |pts: Vec<(f64, &Metrics)>| -> Vec<(f64, f64)> {
+            pts.into_iter()
+                .map(|(x, m)| (x, m.test.mae_remaining["refined"].unwrap().value))
+                .collect()
+        };
+        assert_eq!(
+            refined(curve_points("v2", &this, &others)),
+            [(500.0, 58.0), (2000.0, 52.0)]
+        );
+        assert_eq!(
+            refined(curve_points("2880", &this, &others)),
+            [(500.0, 58.0), (2000.0, 52.0), (2880.0, 50.0)]
+        );
+        assert!(curve_points("v2", &this, &others[1..2]).is_empty());
+    }
 }

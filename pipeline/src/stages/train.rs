@@ -230,7 +230,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let seconds = t0.elapsed().as_secs_f64();
     let rss = peak_rss_mib();
-    manifest.result("per_layer_val_mae", &maes)?;
+    manifest.result("per_layer_val_mae_tokens", &maes)?;
     manifest.result("seconds", seconds)?;
     manifest.result("peak_rss_mib", rss)?;
     manifest.result("run_info", &run.info)?;

@@ -202,7 +202,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     manifest.result("split", split_name)?;
     manifest.result("requests", metrics.test.requests)?;
     manifest.result(
-        "mae_remaining_refined",
+        "mae_remaining_refined_tokens",
         metrics.test.mae_remaining.get("refined"),
     )?;
     manifest.finish(&args.out)?;
