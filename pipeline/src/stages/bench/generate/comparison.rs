@@ -291,13 +291,18 @@ pub fn markdown(c: &Comparison, s: &mut String) {
         c.tokens_per_round,
         c.pairs.len()
     );
-    let _ = writeln!(s, "| pair | cache | kernel_id | seconds | tok/s |");
-    let _ = writeln!(s, "|---|---|---|---|---|");
+    for kv in [KvFormat::F16, KvFormat::F32] {
+        if let Some(r) = c.rounds.iter().find(|r| r.kv_cache == kv.name()) {
+            let _ = writeln!(s, "- {kv}: kernel_id `{}`", r.kernel_id);
+        }
+    }
+    let _ = writeln!(s, "\n| pair | cache | seconds | tok/s |");
+    let _ = writeln!(s, "|---|---|---|---|");
     for r in &c.rounds {
         let _ = writeln!(
             s,
-            "| {} | {} | `{}` | {:.1} | {:.1} |",
-            r.pair, r.kv_cache, r.kernel_id, r.secs, r.tok_s
+            "| {} | {} | {:.1} | {:.1} |",
+            r.pair, r.kv_cache, r.secs, r.tok_s
         );
     }
     let _ = writeln!(s, "\n| pair | order | f16 tok/s | f32 tok/s | f16 ÷ f32 |");
