@@ -52,6 +52,19 @@ pub struct Job {
     pub prompt: Vec<u32>,
     /// Seed of this job's position sampling (for [`Positions::Random`]).
     pub seed: u64,
+    /// A fixed length: the job ignores stop tokens and ends after exactly this many generated
+    /// tokens (at least 1, at most the generator's `max_new_tokens`), with
+    /// [`StopReason::MaxNewTokens`]. Greedy, its tokens begin with the free-running job's.
+    /// Benchmarks use it to compare unlike numerics on like work. `None`: stop tokens end it.
+    pub stop_at: Option<usize>,
+}
+
+impl Job {
+    /// Generated tokens after which the job ends, whatever they are.
+    fn limit(&self, max_new_tokens: usize) -> usize {
+        self.stop_at
+            .map_or(max_new_tokens, |n| n.clamp(1, max_new_tokens))
+    }
 }
 
 /// A captured state.
@@ -199,9 +212,9 @@ impl<'a> BatchGenerator<'a> {
                 }
                 let tok = argmax(out.logits(row));
                 a.tokens.push(tok);
-                let stop = if self.runner.is_stop(tok) {
+                let stop = if a.job.stop_at.is_none() && self.runner.is_stop(tok) {
                     Some(StopReason::StopToken(tok))
-                } else if a.tokens.len() >= self.max_new_tokens {
+                } else if a.tokens.len() >= a.job.limit(self.max_new_tokens) {
                     Some(StopReason::MaxNewTokens)
                 } else if a.cache.len() >= ctx {
                     Some(StopReason::ContextFull)

@@ -21,8 +21,10 @@ pub mod layers;
 pub mod linear;
 pub mod model;
 mod ops;
+mod rope;
 pub mod runner;
 pub mod sampler;
+mod scratch;
 pub mod step;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;

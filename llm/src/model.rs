@@ -31,7 +31,9 @@ use crate::error::{LlmError, Result};
 use crate::gguf::GgufFile;
 use crate::layers::LayerSet;
 use crate::linear::{QLinear, block_format};
-use crate::ops::{add, rms_norm, rope, rope_table, swiglu};
+use crate::ops::{add, rms_norm, rope, swiglu};
+use crate::rope::RopeTable;
+use crate::scratch::{Scratch, zeroed};
 use crate::step::validate;
 pub use crate::step::{Row, StepOutput};
 
@@ -62,6 +64,8 @@ pub struct Llama {
     simd: SimdPath,
     /// The format of the caches [`Llama::new_cache`] makes (and [`Llama::step`] accepts).
     kv: KvFormat,
+    /// RoPE's cos/sin per position, filled as positions are first reached.
+    rope: RopeTable,
 }
 
 fn matrix(gguf: &mut GgufFile, name: &str, out: usize, inp: usize) -> Result<QLinear> {
@@ -124,6 +128,7 @@ impl Llama {
             });
         }
         Ok(Self {
+            rope: RopeTable::new(cfg.head_dim, cfg.rope_theta),
             cfg,
             token_embd,
             blocks,
@@ -259,14 +264,23 @@ impl Llama {
     }
 
     fn forward(&self, rows: &mut [Row<'_>], layers: LayerSet) -> Result<StepOutput> {
+        validate(&self.cfg, self.kv, rows, layers)?;
+        let mut scratch = Scratch::take();
+        let out = self.forward_with(rows, layers, &mut scratch);
+        scratch.give_back();
+        Ok(out)
+    }
+
+    /// The step's forward (rows validated) on `scratch`'s buffers.
+    fn forward_with(&self, rows: &mut [Row<'_>], layers: LayerSet, s: &mut Scratch) -> StepOutput {
         let (cfg, simd) = (&self.cfg, self.simd);
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
         let (q_dim, kv_dim, ffn) = (cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size);
-        validate(cfg, self.kv, rows, layers)?;
         let toks = TokenTable::new(rows);
         let n = toks.row.len();
-        let mut x = self.embed(rows, &toks);
-        let (cos, sin) = rope_table(&toks.pos, hd, cfg.rope_theta);
+        let x = self.embed(rows, &toks, &mut s.x);
+        self.rope.gather(&toks.pos, &mut s.cos, &mut s.sin);
+        let (cos, sin) = (&s.cos, &s.sin);
         for row in rows.iter_mut() {
             row.cache.reserve(row.tokens.len());
             if row.prompt_tokens > 0 && !layers.is_empty() && row.cache.prompt.is_none() {
@@ -278,55 +292,55 @@ impl Llama {
             }
         }
 
-        let mut xn = vec![0f32; n * h];
-        let mut q = vec![0f32; n * q_dim];
-        let mut k = vec![0f32; n * kv_dim];
-        let mut v = vec![0f32; n * kv_dim];
-        let mut att = vec![0f32; n * q_dim];
-        let mut o = vec![0f32; n * h];
-        let mut gate = vec![0f32; n * ffn];
-        let mut up = vec![0f32; n * ffn];
+        let xn = zeroed(&mut s.xn, n * h);
+        let q = zeroed(&mut s.q, n * q_dim);
+        let k = zeroed(&mut s.k, n * kv_dim);
+        let v = zeroed(&mut s.v, n * kv_dim);
+        let att = zeroed(&mut s.att, n * q_dim);
+        let o = zeroed(&mut s.o, n * h);
+        let gate = zeroed(&mut s.gate, n * ffn);
+        let up = zeroed(&mut s.up, n * ffn);
         let mut hidden = vec![0f32; rows.len() * layers.len() * h];
         let eps = cfg.rms_norm_eps as f32;
 
         for (l, b) in self.blocks.iter().enumerate() {
-            rms_norm(simd, &x, &b.attn_norm, eps, &mut xn);
+            rms_norm(simd, x, &b.attn_norm, eps, xn);
             QLinear::forward_group_on(
                 simd,
-                &xn,
+                xn,
                 n,
                 &mut [
-                    (&b.attn_q, &mut q),
-                    (&b.attn_k, &mut k),
-                    (&b.attn_v, &mut v),
+                    (&b.attn_q, &mut *q),
+                    (&b.attn_k, &mut *k),
+                    (&b.attn_v, &mut *v),
                 ],
             );
-            rope(simd, &mut q, hd, &cos, &sin);
-            rope(simd, &mut k, hd, &cos, &sin);
+            rope(simd, q, hd, cos, sin);
+            rope(simd, k, hd, cos, sin);
             for (r, row) in rows.iter_mut().enumerate() {
-                let (s, e) = (toks.row_start[r], toks.row_start[r] + row.tokens.len());
-                let (ks, vs) = (&k[s * kv_dim..e * kv_dim], &v[s * kv_dim..e * kv_dim]);
+                let (a, e) = (toks.row_start[r], toks.row_start[r] + row.tokens.len());
+                let (ks, vs) = (&k[a * kv_dim..e * kv_dim], &v[a * kv_dim..e * kv_dim]);
                 row.cache.append(l, ks, vs);
             }
             let caches: Vec<LayerView<'_>> = rows.iter().map(|r| r.cache.view(l)).collect();
-            attend(simd, cfg, &q, &caches, &toks.row, &toks.pos, &mut att);
-            b.attn_output.forward_on(simd, &att, n, &mut o);
-            add(simd, &mut x, &o);
-            rms_norm(simd, &x, &b.ffn_norm, eps, &mut xn);
+            attend(simd, cfg, q, &caches, &toks.row, &toks.pos, att);
+            b.attn_output.forward_on(simd, att, n, o);
+            add(simd, x, o);
+            rms_norm(simd, x, &b.ffn_norm, eps, xn);
             QLinear::forward_group_on(
                 simd,
-                &xn,
+                xn,
                 n,
-                &mut [(&b.ffn_gate, &mut gate), (&b.ffn_up, &mut up)],
+                &mut [(&b.ffn_gate, &mut *gate), (&b.ffn_up, &mut *up)],
             );
-            swiglu(simd, &mut gate, &up);
-            b.ffn_down.forward_on(simd, &gate, n, &mut o);
-            add(simd, &mut x, &o);
+            swiglu(simd, gate, up);
+            b.ffn_down.forward_on(simd, gate, n, o);
+            add(simd, x, o);
             if let Some(slot) = layers.rank(l) {
-                capture(rows, &toks, &x, layers, slot, h, &mut hidden);
+                capture(rows, &toks, x, layers, slot, h, &mut hidden);
             }
         }
-        let logits = self.head(rows, &toks, &x);
+        let logits = self.head(rows, &toks, x);
 
         for row in rows.iter_mut() {
             row.cache.len += row.tokens.len();
@@ -336,20 +350,25 @@ impl Llama {
                 p.tokens += row.prompt_tokens;
             }
         }
-        Ok(StepOutput {
+        StepOutput {
             rows: rows.len(),
             vocab_size: cfg.vocab_size,
             hidden_size: h,
             layers,
             logits,
             hidden,
-        })
+        }
     }
 
-    /// The embedding of every new token (`n × hidden`, in [`TokenTable`] order).
-    fn embed(&self, rows: &[Row<'_>], toks: &TokenTable) -> Vec<f32> {
+    /// The embedding of every new token (`n × hidden`, in [`TokenTable`] order), in `buf`.
+    fn embed<'b>(
+        &self,
+        rows: &[Row<'_>],
+        toks: &TokenTable,
+        buf: &'b mut Vec<f32>,
+    ) -> &'b mut [f32] {
         let h = self.cfg.hidden_size;
-        let mut x = vec![0f32; toks.row.len() * h];
+        let x = zeroed(buf, toks.row.len() * h);
         for (t, xt) in x.chunks_exact_mut(h).enumerate() {
             let row = &rows[toks.row[t]];
             let id = row.tokens[toks.pos[t] - row.cache.len];

@@ -1,5 +1,6 @@
-//! The per-token f32 operations of the forward around the matmuls: RMSNorm, RoPE, the residual
-//! add, the SiLU-gated product, and the fixed-order dot product they and attention share.
+//! The per-token f32 operations of the forward around the matmuls: RMSNorm, RoPE (its cos/sin
+//! table is [`crate::rope`]), the residual add, the SiLU-gated product, and the fixed-order dot
+//! product they and attention share.
 //!
 //! Each loop is `#[inline(always)]` and compiled once per SIMD path with that path's target
 //! features ([`trail_kernels::simd_dispatch!`]), so it auto-vectorizes as wide as the CPU allows
@@ -42,22 +43,6 @@ fn rms_norm_body(_isa: Isa, x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
             *o = xv * inv * wv;
         }
     }
-}
-
-/// cos/sin per token and frequency pair, in f64 then rounded: `n × head_dim/2` each.
-pub(crate) fn rope_table(pos: &[usize], hd: usize, theta: f64) -> (Vec<f32>, Vec<f32>) {
-    let half = hd / 2;
-    let mut cos = Vec::with_capacity(pos.len() * half);
-    let mut sin = Vec::with_capacity(pos.len() * half);
-    for &p in pos {
-        for i in 0..half {
-            let freq = theta.powf(-((2 * i) as f64) / hd as f64);
-            let a = p as f64 * freq;
-            cos.push(a.cos() as f32);
-            sin.push(a.sin() as f32);
-        }
-    }
-    (cos, sin)
 }
 
 simd_dispatch! {

@@ -308,3 +308,151 @@ print(json.dumps(means))
         }
     }
 }
+
+/// `trail bench generate`'s arguments, parsed as the binary parses them.
+#[derive(Parser)]
+struct BenchCli {
+    #[command(flatten)]
+    args: trail_pipeline::stages::bench::generate::Args,
+}
+
+fn bench_args(extra: &[&str]) -> trail_pipeline::stages::bench::generate::Args {
+    let gguf = trail_tests::smollm2_gguf();
+    let argv = ["trail-bench-generate", "--model", gguf.to_str().unwrap()]
+        .into_iter()
+        .chain(extra.iter().copied());
+    BenchCli::try_parse_from(argv)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .args
+}
+
+/// `trail bench generate --kv-compare` on a tiny scale: pairs of stage rounds with the f16 and
+/// f32 caches in alternating order, every prompt at the length a free greedy f16 pass gave it
+/// (or an earlier run's, `--lengths-from`), both formats generating the same tokens; the report
+/// holds the rounds, the pairs' ratios and the goal, in JSON and markdown.
+#[test]
+fn bench_generate_compares_the_kv_caches_at_fixed_lengths() {
+    use trail_pipeline::stages::bench::generate::{comparison, markdown, measure};
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("report");
+    let args = bench_args(&[
+        "--kv-compare",
+        "--prompts",
+        "4",
+        "--max-tokens",
+        "8",
+        "--batch-size",
+        "4",
+        "--repeats",
+        "2",
+        "--seed",
+        "3",
+        "--json",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let r = measure(&args).unwrap();
+    let c = r.kv_compare.as_ref().expect("a comparison");
+    assert!(
+        c.lengths_from.contains("free greedy pass"),
+        "{}",
+        c.lengths_from
+    );
+    assert!(c.tokens_per_round > 0 && c.tokens_per_round <= 4 * 8);
+    assert_eq!(r.generated_tokens, c.tokens_per_round);
+    let order: Vec<(usize, &str)> = c
+        .rounds
+        .iter()
+        .map(|x| (x.pair, x.kv_cache.as_str()))
+        .collect();
+    assert_eq!(order, [(0, "f16"), (0, "f32"), (1, "f32"), (1, "f16")]);
+    for x in &c.rounds {
+        assert_eq!(x.generated_tokens, c.tokens_per_round, "{x:?}");
+        assert!(x.secs > 0.0);
+        assert!((x.tok_s - x.generated_tokens as f64 / x.secs).abs() < 1e-9);
+    }
+    assert_ne!(c.rounds[0].kernel_id, c.rounds[1].kernel_id);
+    assert_eq!(c.rounds[0].kernel_id, c.rounds[3].kernel_id);
+    assert_eq!(r.kernel_id, c.rounds[0].kernel_id);
+    let orders: Vec<&str> = c.pairs.iter().map(|p| p.order.as_str()).collect();
+    assert_eq!(orders, ["f16 f32", "f32 f16"]);
+    for p in &c.pairs {
+        assert!((p.ratio - p.f16_tok_s / p.f32_tok_s).abs() < 1e-12);
+    }
+    assert!(c.ratio_min <= c.ratio_median && c.ratio_median <= c.ratio_max);
+    assert_eq!(c.goal_ratio, comparison::GOAL_RATIO);
+    assert_eq!(c.goal_met, c.ratio_median >= comparison::GOAL_RATIO);
+    // The stage figures are the f16 rounds', the bare runner's its one pass.
+    assert!((r.stage_secs - c.f16_secs).abs() < 1e-12);
+    assert_eq!(r.per_layer.len(), 30);
+    let md = markdown(&r);
+    assert!(md.contains("## f16 vs f32 KV cache, interleaved"), "{md}");
+    assert!(md.contains("f16 ÷ f32: median"), "{md}");
+
+    // The report as `trail bench generate --out` writes it.
+    trail_pipeline::stages::bench::emit("generate", &r, &md, true, Some(&out)).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("generate.json")).unwrap()).unwrap();
+    assert_eq!(json["kv_compare"]["rounds"].as_array().unwrap().len(), 4);
+    assert_eq!(json["kv_compare"]["pairs"].as_array().unwrap().len(), 2);
+    assert_eq!(json["generated_tokens"], c.tokens_per_round);
+    assert!(out.join("generate.md").is_file());
+
+    // Lengths from the reference run (8 prompts of seed 3, up to 24 tokens), capped at 8.
+    let reference = reference_run();
+    let want: u64 = store::read_requests(&requests_path(reference))
+        .unwrap()
+        .iter()
+        .map(|x| u64::from(x.output_tokens.min(8)))
+        .sum();
+    let args = bench_args(&[
+        "--kv-compare",
+        "--lengths-from",
+        reference.to_str().unwrap(),
+        "--prompts",
+        "8",
+        "--max-tokens",
+        "8",
+        "--batch-size",
+        "8",
+        "--seed",
+        "3",
+        "--json",
+    ]);
+    let r = measure(&args).unwrap();
+    let c = r.kv_compare.as_ref().unwrap();
+    assert!(
+        c.lengths_from.ends_with("requests.parquet"),
+        "{}",
+        c.lengths_from
+    );
+    assert_eq!(c.tokens_per_round, want);
+    assert!(c.rounds.iter().all(|x| x.generated_tokens == want));
+    assert_eq!(r.generated_tokens, want);
+
+    // Another plan's requests are not in the reference run.
+    let args = bench_args(&[
+        "--kv-compare",
+        "--lengths-from",
+        reference.to_str().unwrap(),
+        "--prompts",
+        "8",
+        "--seed",
+        "4",
+        "--json",
+    ]);
+    let e = format!("{:#}", measure(&args).unwrap_err());
+    assert!(e.contains("no request"), "{e}");
+    // --lengths-from belongs to --kv-compare.
+    let gguf = trail_tests::smollm2_gguf();
+    assert!(
+        BenchCli::try_parse_from([
+            "x",
+            "--model",
+            gguf.to_str().unwrap(),
+            "--lengths-from",
+            "somewhere"
+        ])
+        .is_err()
+    );
+}

@@ -971,6 +971,7 @@ fn errors_name_the_file_or_the_limit() {
         id: 0,
         prompt: ids(ctx - 4, 1),
         seed: 0,
+        stop_at: None,
     };
     let e = BatchGenerator::new(&r, 2, 10)
         .run([job], |_| Ok(()), |_| {})
@@ -1164,6 +1165,7 @@ fn batch_generation_gives_each_job_its_solo_tokens_whatever_the_batch() {
             id,
             prompt: p.clone(),
             seed: id as u64,
+            stop_at: None,
         });
         let mut done = BTreeMap::new();
         let mut steps: Vec<StepStats> = Vec::new();
@@ -1206,6 +1208,95 @@ fn batch_generation_gives_each_job_its_solo_tokens_whatever_the_batch() {
         for other in &states_by_batch[1..] {
             assert_eq!(other[id].states, f1.states, "job {id}: states differ");
         }
+    }
+}
+
+/// A job with a fixed length ignores the stop token and ends after exactly that many tokens
+/// (capped at `max_new_tokens`), its tokens beginning with the free-running ones; jobs without
+/// one, in the same batch, run as they always did.
+#[test]
+fn a_fixed_length_job_runs_past_its_stop_token_to_exactly_its_length() {
+    let dir = tempfile::tempdir().unwrap();
+    let max_new = 12;
+    let prompts: Vec<Vec<u32>> = (0..8).map(|i| ids(3 + 2 * i, 200 + i as u64)).collect();
+    let plain = Runner::load(&tiny_gguf(dir.path(), FAST)).unwrap();
+    let stop = early_stop_token(&plain, &prompts, max_new);
+    let path = tiny_gguf_with(dir.path(), FAST, "eos.gguf", |m| {
+        for (k, v) in m.iter_mut() {
+            if k == "tokenizer.ggml.eos_token_id" {
+                *v = Value::U32(stop);
+            }
+        }
+    });
+    let mut r = Runner::load(&path).unwrap();
+    for kv in KV_FORMATS {
+        r.set_kv_format(kv);
+        let solo: Vec<_> = prompts
+            .iter()
+            .map(|p| r.generate(p, &greedy(max_new), |_| {}).unwrap())
+            .collect();
+        let stopped: Vec<usize> = (0..prompts.len())
+            .filter(|&i| matches!(solo[i].stop, StopReason::StopToken(_)))
+            .collect();
+        assert!(stopped.len() >= 2, "{kv}: too few jobs stop early");
+        // Two early stoppers run longer than their natural length (to the cap, or one more);
+        // of the others, some run to a length past the cap or to 1, and some are free.
+        let fixed = |id: usize| {
+            if id == stopped[0] {
+                Some(max_new)
+            } else if id == stopped[1] {
+                Some(solo[id].tokens.len() + 1)
+            } else {
+                match id % 4 {
+                    0 => Some(max_new + 5),
+                    2 => Some(1),
+                    _ => None,
+                }
+            }
+        };
+        assert!((0..prompts.len()).any(|id| fixed(id).is_none()));
+        let jobs = prompts.iter().enumerate().map(|(id, p)| Job {
+            id,
+            prompt: p.clone(),
+            seed: 0,
+            stop_at: fixed(id),
+        });
+        let mut done = BTreeMap::new();
+        BatchGenerator::new(&r, 3, max_new)
+            .run(
+                jobs,
+                |f| {
+                    assert!(done.insert(f.id, f).is_none());
+                    Ok(())
+                },
+                |_| {},
+            )
+            .unwrap();
+        let mut longer = 0;
+        for (id, g) in solo.iter().enumerate() {
+            let f = &done[&id];
+            match fixed(id) {
+                None => {
+                    assert_eq!(f.tokens, g.tokens, "{kv}: job {id}");
+                    assert_eq!(f.stop, g.stop, "{kv}: job {id}");
+                }
+                Some(n) => {
+                    let n = n.min(max_new);
+                    assert_eq!(f.tokens.len(), n, "{kv}: job {id}");
+                    assert_eq!(f.stop, StopReason::MaxNewTokens, "{kv}: job {id}");
+                    let common = n.min(g.tokens.len());
+                    assert_eq!(f.tokens[..common], g.tokens[..common], "{kv}: job {id}");
+                    if n > g.tokens.len() {
+                        assert_eq!(g.tokens.last(), Some(&stop), "{kv}: job {id}");
+                        longer += 1;
+                    }
+                }
+            }
+        }
+        assert!(
+            longer >= 2,
+            "{kv}: the early stoppers did not run past their stop"
+        );
     }
 }
 

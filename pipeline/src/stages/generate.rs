@@ -207,6 +207,9 @@ struct Binding {
     layers: Vec<u32>,
     dtype: String,
     part_size: usize,
+    /// Per-request fixed lengths ([`Prepared::fixed_lengths`]); absent in ordinary runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    fixed_lengths: Option<Vec<usize>>,
 }
 
 /// What the stage did, for the manifest and the caller.
@@ -317,6 +320,11 @@ pub struct Prepared {
     pub positions: Positions,
     /// Requests in request order with their chat-templated prompt ids.
     pub requests: Vec<(Request, Vec<u32>)>,
+    /// Per request (in request order), a fixed number of tokens to generate, stop tokens
+    /// ignored ([`Job::stop_at`]). `None` (what [`prepare`] gives): greedy until a stop token or
+    /// `--max-tokens`. Set by `trail bench generate --kv-compare` so unlike numerics do like
+    /// work; bound into the run directory.
+    pub fixed_lengths: Option<Vec<usize>>,
     too_long: Vec<TooLong>,
     secs: f64,
 }
@@ -333,6 +341,7 @@ impl Prepared {
             id: i,
             prompt: self.requests[i].1.clone(),
             seed: trail_datasets::split::hash64(args.seed, &self.requests[i].0.request_id),
+            stop_at: self.fixed_lengths.as_ref().map(|l| l[i]),
         })
     }
 }
@@ -404,6 +413,7 @@ pub fn prepare(args: &Args) -> anyhow::Result<Prepared> {
         layers,
         positions,
         requests,
+        fixed_lengths: None,
         too_long,
         secs: t0.elapsed().as_secs_f64(),
     })
@@ -481,6 +491,7 @@ pub fn write(args: &Args, prep: &Prepared) -> anyhow::Result<Summary> {
         layers: layer_set,
         positions,
         requests,
+        fixed_lengths,
         too_long,
         secs: prepare_secs,
     } = prep;
@@ -501,7 +512,16 @@ pub fn write(args: &Args, prep: &Prepared) -> anyhow::Result<Summary> {
         layers: layers.clone(),
         dtype: args.dtype.as_str().to_string(),
         part_size: args.part_size,
+        fixed_lengths: fixed_lengths.clone(),
     };
+    if let Some(l) = fixed_lengths {
+        anyhow::ensure!(
+            l.len() == requests.len(),
+            "internal: {} fixed lengths for {} requests",
+            l.len(),
+            requests.len()
+        );
+    }
     bind(&args.out, &binding)?;
     let n_parts = requests.len().div_ceil(args.part_size);
 

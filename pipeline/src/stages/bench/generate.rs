@@ -7,8 +7,13 @@
 //! directory. Both generate the same tokens (greedy, batch-invariant runner), which the
 //! benchmark checks. Reported: tok/s of each, their ratio (target ≥ 0.9×), and the bytes on
 //! disk per stored embedding row (one sampled position, or a prompt mean) for every layer.
+//!
+//! With `--kv-compare`, the stage rounds compare the f16 KV cache with the f32 one instead,
+//! interleaved, every job at a fixed length ([`comparison`]).
 
-use std::path::PathBuf;
+pub mod comparison;
+
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
@@ -47,9 +52,20 @@ pub struct Args {
     pub sample: String,
     #[arg(long, default_value = "f16")]
     pub dtype: Dtype,
-    /// Rounds of (bare runner, stage); medians are reported.
+    /// Rounds of (bare runner, stage); medians are reported. With --kv-compare: pairs of stage
+    /// rounds (f16 and f32 cache), after one bare-runner pass.
     #[arg(long, default_value_t = 1)]
     pub repeats: usize,
+    /// Compare the f16 KV cache with the f32 one: the stage path with each, interleaved
+    /// (f16 f32 / f32 f16 / …), every prompt at a fixed length (stop tokens ignored) from a free
+    /// greedy f16 pass or --lengths-from. The goal: f16 ≥ 1.3× the f32 tok/s. --kv-cache is
+    /// ignored.
+    #[arg(long)]
+    pub kv_compare: bool,
+    /// With --kv-compare: take each prompt's length from this run's `requests.parquet`
+    /// (`output_tokens`, by request id, capped at --max-tokens) instead of a free greedy pass.
+    #[arg(long, value_name = "RUN_DIR", requires = "kv_compare")]
+    pub lengths_from: Option<PathBuf>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Print the results as JSON.
@@ -106,9 +122,32 @@ pub struct Report {
     pub total_bytes: u64,
     pub per_layer: Vec<LayerBytes>,
     pub peak_rss_mib: Option<f64>,
+    /// With `--kv-compare`: the f16 vs f32 KV cache rounds. The bare-runner figures above are
+    /// then its one f16 pass, the stage figures the median of its f16 rounds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kv_compare: Option<comparison::Comparison>,
+}
+
+/// What the rounds measured.
+struct Rounds {
+    /// Bare runner: seconds per round.
+    bare: Vec<f64>,
+    /// Stage path (the default cache): seconds and bytes written per round.
+    stage: Vec<(f64, u64)>,
+    /// Tokens generated per round.
+    generated: u64,
+    kv_compare: Option<comparison::Comparison>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    let report = measure(&args)?;
+    let md = markdown(&report);
+    super::emit("generate", &report, &md, args.json, args.out.as_deref())?;
+    Ok(())
+}
+
+/// Runs the benchmark and returns its report.
+pub fn measure(args: &Args) -> anyhow::Result<Report> {
     anyhow::ensure!(args.prompts > 0, "--prompts must be at least 1");
     anyhow::ensure!(args.repeats > 0, "--repeats must be at least 1");
     let tmp = tempfile::Builder::new()
@@ -139,54 +178,27 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             eprintln!("{msg}");
         }
     };
-    let prep = generate::prepare(&stage_args)?;
+    let mut prep = generate::prepare(&stage_args)?;
     let n = prep.requests.len();
     say(format!(
         "{n} prompts of {}, batch {}, up to {} new tokens",
         prep.dataset, args.batch, args.max_new_tokens
     ));
 
-    let mut bare = Vec::new();
-    let mut stage = Vec::new();
-    let mut generated = None;
-    for round in 0..args.repeats {
-        let t = Instant::now();
-        let mut tokens = 0u64;
-        BatchGenerator::new(&prep.runner, args.batch, args.max_new_tokens).run(
-            prep.jobs(&stage_args, 0..n),
-            |f| {
-                tokens += f.tokens.len() as u64;
-                Ok(())
-            },
-            |_| {},
-        )?;
-        let secs = t.elapsed().as_secs_f64();
-        say(format!(
-            "round {round}: bare runner {tokens} tokens in {secs:.1} s"
-        ));
-        bare.push(secs);
-
-        stage_args.out = tmp.path().join(format!("run-{round}"));
-        let t = Instant::now();
-        let summary = generate::write(&stage_args, &prep)?;
-        let secs = t.elapsed().as_secs_f64();
-        say(format!(
-            "round {round}: stage {} tokens in {secs:.1} s",
-            summary.generated_tokens
-        ));
-        anyhow::ensure!(
-            summary.generated_tokens == tokens,
-            "the stage generated {} tokens and the bare runner {tokens}: the runs differ",
-            summary.generated_tokens
-        );
-        anyhow::ensure!(
-            generated.is_none_or(|g| g == tokens),
-            "round {round} generated {tokens} tokens, an earlier round {generated:?}"
-        );
-        generated = Some(tokens);
-        stage.push((secs, summary.bytes));
-    }
-    let generated = generated.expect("at least one round");
+    let rounds = if args.kv_compare {
+        let m = comparison::measure(args, &mut stage_args, &mut prep, tmp.path(), &say)?;
+        stage_args.out = m.f16_out;
+        Rounds {
+            bare: vec![m.bare_secs],
+            stage: m.f16_stage,
+            generated: m.tokens,
+            kv_compare: Some(m.comparison),
+        }
+    } else {
+        bare_and_stage(args, &mut stage_args, &prep, tmp.path(), &say)?
+    };
+    let generated = rounds.generated;
+    let (bare, stage) = (rounds.bare, rounds.stage);
 
     let mut per_layer = Vec::new();
     for l in prep.layers.iter() {
@@ -238,11 +250,66 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         total_bytes: stage.last().map_or(0, |s| s.1),
         per_layer,
         peak_rss_mib: peak_rss_mib(),
+        kv_compare: rounds.kv_compare,
     };
+    Ok(report)
+}
 
-    let md = markdown(&report);
-    super::emit("generate", &report, &md, args.json, args.out.as_deref())?;
-    Ok(())
+/// `repeats` rounds of (bare runner, stage path), checking they generate the same tokens.
+fn bare_and_stage(
+    args: &Args,
+    stage_args: &mut generate::Args,
+    prep: &generate::Prepared,
+    dir: &Path,
+    say: &dyn Fn(String),
+) -> anyhow::Result<Rounds> {
+    let n = prep.requests.len();
+    let mut bare = Vec::new();
+    let mut stage = Vec::new();
+    let mut generated = None;
+    for round in 0..args.repeats {
+        let t = Instant::now();
+        let mut tokens = 0u64;
+        BatchGenerator::new(&prep.runner, args.batch, args.max_new_tokens).run(
+            prep.jobs(stage_args, 0..n),
+            |f| {
+                tokens += f.tokens.len() as u64;
+                Ok(())
+            },
+            |_| {},
+        )?;
+        let secs = t.elapsed().as_secs_f64();
+        say(format!(
+            "round {round}: bare runner {tokens} tokens in {secs:.1} s"
+        ));
+        bare.push(secs);
+
+        stage_args.out = dir.join(format!("run-{round}"));
+        let t = Instant::now();
+        let summary = generate::write(stage_args, prep)?;
+        let secs = t.elapsed().as_secs_f64();
+        say(format!(
+            "round {round}: stage {} tokens in {secs:.1} s",
+            summary.generated_tokens
+        ));
+        anyhow::ensure!(
+            summary.generated_tokens == tokens,
+            "the stage generated {} tokens and the bare runner {tokens}: the runs differ",
+            summary.generated_tokens
+        );
+        anyhow::ensure!(
+            generated.is_none_or(|g| g == tokens),
+            "round {round} generated {tokens} tokens, an earlier round {generated:?}"
+        );
+        generated = Some(tokens);
+        stage.push((secs, summary.bytes));
+    }
+    Ok(Rounds {
+        bare,
+        stage,
+        generated: generated.expect("at least one round"),
+        kv_compare: None,
+    })
 }
 
 /// The human-readable report.
@@ -255,11 +322,17 @@ pub fn markdown(r: &Report) -> String {
         "CPU: {} · threads: {} · commit {}\nmodel: {}\nkernel_id: `{}`\n",
         r.cpu, r.threads, r.git_commit, r.model, r.kernel_id
     );
+    let rounds = match &r.kv_compare {
+        Some(_) => format!(
+            "bare runner: the one f16 pass; stage: median of the {} f16 round(s) below",
+            r.repeats
+        ),
+        None => format!("median of {} round(s)", r.repeats),
+    };
     let _ = writeln!(
         s,
-        "{} prompts of {}, batch {}, up to {} new tokens: {} tokens generated per run; median of {} \
-         round(s).\n",
-        r.prompts, r.dataset, r.batch, r.max_new_tokens, r.generated_tokens, r.repeats
+        "{} prompts of {}, batch {}, up to {} new tokens: {} tokens generated per run; {rounds}.\n",
+        r.prompts, r.dataset, r.batch, r.max_new_tokens, r.generated_tokens
     );
     let _ = writeln!(s, "| | seconds | tok/s | vs bare runner |");
     let _ = writeln!(s, "|---|---|---|---|");
@@ -295,6 +368,9 @@ pub fn markdown(r: &Report) -> String {
             "| {} | {} | {} | {:.0} |",
             l.layer, l.rows, l.bytes, l.bytes_per_row
         );
+    }
+    if let Some(c) = &r.kv_compare {
+        comparison::markdown(c, &mut s);
     }
     if let Some(m) = r.peak_rss_mib {
         let _ = writeln!(s, "\npeak RSS: {m:.0} MiB");

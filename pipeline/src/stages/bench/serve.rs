@@ -139,6 +139,7 @@ fn bare(runner: &Runner, prompts: &[Vec<u32>], a: &Args) -> anyhow::Result<Sampl
         id,
         prompt: p.clone(),
         seed: 0,
+        stop_at: None,
     });
     let t0 = Instant::now();
     generator.run(
