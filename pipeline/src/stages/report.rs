@@ -67,11 +67,25 @@ pub struct Compared {
     pub breakdown: Breakdown,
 }
 
-/// [`Details::breakdown`] as `breakdown.json` holds it.
-pub type Breakdown = Vec<(String, Vec<Row>)>;
+/// [`Details::breakdown`] as `breakdown.json` holds it: one entry per predictor.
+pub type Breakdown = Vec<BreakdownEntry>;
 
-/// (table, bucket label, MAE, pairs) of a [`Breakdown`].
-pub type Row = (String, String, f64, usize);
+/// One predictor's rows of `breakdown.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct BreakdownEntry {
+    pub predictor: String,
+    pub rows: Vec<Row>,
+}
+
+/// One bucket of a [`BreakdownEntry`]: its table (`length`, the request's true length, or `g`,
+/// the tokens generated), its label, the MAE of the remaining length there and its pairs.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct Row {
+    pub table: String,
+    pub bucket: String,
+    pub mae_tokens: f64,
+    pub pairs: usize,
+}
 
 /// Reads `DIR/metrics.json` and `DIR/breakdown.json` (empty when absent: an older report).
 fn read_compared(label: &str, dir: &Path) -> anyhow::Result<Compared> {
@@ -179,12 +193,17 @@ pub fn predictor_table(t: &TestMetrics) -> String {
 pub fn owned_breakdown(d: &Details) -> Breakdown {
     d.breakdown
         .iter()
-        .map(|(k, rows)| {
-            let rows = rows
+        .map(|(k, rows)| BreakdownEntry {
+            predictor: k.clone(),
+            rows: rows
                 .iter()
-                .map(|r| (r.0.to_string(), r.1.clone(), r.2, r.3))
-                .collect();
-            (k.clone(), rows)
+                .map(|r| Row {
+                    table: r.0.to_string(),
+                    bucket: r.1.clone(),
+                    mae_tokens: r.2,
+                    pairs: r.3,
+                })
+                .collect(),
         })
         .collect()
 }
@@ -201,12 +220,12 @@ pub fn breakdown_tables(b: &Breakdown, others: &[Compared]) -> String {
     ];
     let mut cols: Vec<(String, &Vec<Row>)> = b
         .iter()
-        .filter(|(k, _)| keys.contains(&k.as_str()))
-        .map(|(k, rows)| (k.clone(), rows))
+        .filter(|e| keys.contains(&e.predictor.as_str()))
+        .map(|e| (e.predictor.clone(), &e.rows))
         .collect();
     for c in others {
-        if let Some((_, rows)) = c.breakdown.iter().find(|(k, _)| k == "refined") {
-            cols.push((format!("refined, {}", c.label), rows));
+        if let Some(e) = c.breakdown.iter().find(|e| e.predictor == "refined") {
+            cols.push((format!("refined, {}", c.label), &e.rows));
         }
     }
     let Some(&(_, first)) = cols.first() else {
@@ -219,11 +238,17 @@ pub fn breakdown_tables(b: &Breakdown, others: &[Compared]) -> String {
             let _ = write!(s, " `{k}` |");
         }
         let _ = writeln!(s, "\n|---|---|{}", "---|".repeat(cols.len()));
-        for (t, label, _, n) in first.iter().filter(|r| r.0 == table) {
-            let _ = write!(s, "| {label} | {n} |");
+        for row in first.iter().filter(|r| r.table == table) {
+            let _ = write!(s, "| {} | {} |", row.bucket, row.pairs);
             for (_, rows) in &cols {
-                let v = rows.iter().find(|r| &r.0 == t && &r.1 == label);
-                let _ = write!(s, " {} |", v.map_or("—".into(), |r| format!("{:.1}", r.2)));
+                let v = rows
+                    .iter()
+                    .find(|r| r.table == row.table && r.bucket == row.bucket);
+                let _ = write!(
+                    s,
+                    " {} |",
+                    v.map_or("—".into(), |r| format!("{:.1}", r.mae_tokens))
+                );
             }
             let _ = writeln!(s);
         }
@@ -233,10 +258,14 @@ pub fn breakdown_tables(b: &Breakdown, others: &[Compared]) -> String {
 }
 
 /// `report.md` from the metrics.
-pub fn markdown(run: &Run, m: &Metrics) -> String {
+pub fn markdown(run: &Run, out: &Path, m: &Metrics) -> String {
     let t = &m.test;
     let mut s = String::new();
-    let _ = writeln!(s, "# Length predictors of `{}`\n", run.dir.display());
+    let _ = writeln!(
+        s,
+        "# Length predictors of `{}`\n",
+        trail_fs::portable_path(&run.dir, out)
+    );
     let _ = writeln!(
         s,
         "Model sha256 `{}`, kernel `{}`; max_new_tokens {}; positions sampled: {}.\n",
@@ -613,7 +642,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .map(|(l, d)| read_compared(l, d))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let breakdown = owned_breakdown(&details);
-    let mut text = markdown(&run, &metrics);
+    let mut text = markdown(&run, &out, &metrics);
     if !compared.is_empty() {
         text += &comparison_table(&metrics, &args.label, &compared);
     }
@@ -702,5 +731,32 @@ mod tests {
             [(500.0, 58.0), (2000.0, 52.0), (2880.0, 50.0)]
         );
         assert!(curve_points("v2", &this, &others[1..2]).is_empty());
+    }
+
+    #[test]
+    fn breakdown_json_labels_every_field_and_reads_back() {
+        let details = Details {
+            breakdown: vec![(
+                "refined".into(),
+                vec![
+                    ("length", "< 1/8 cap".into(), 12.5, 40),
+                    ("g", "0".into(), 80.0, 3),
+                ],
+            )],
+            ..Details::default()
+        };
+        let b = owned_breakdown(&details);
+        let v = serde_json::to_value(&b).unwrap();
+        assert_eq!(
+            v[0],
+            serde_json::json!({"predictor": "refined", "rows": [
+                {"table": "length", "bucket": "< 1/8 cap", "mae_tokens": 12.5, "pairs": 40},
+                {"table": "g", "bucket": "0", "mae_tokens": 80.0, "pairs": 3}
+            ]})
+        );
+        let back: Breakdown = serde_json::from_value(v).unwrap();
+        assert_eq!(back, b);
+        let md = breakdown_tables(&b, &[]);
+        assert!(md.contains("| < 1/8 cap | 40 | 12.5 |"), "{md}");
     }
 }

@@ -134,7 +134,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             }
             let source = format!(
                 "the predictors of `{}` (layer {} selected on its validation split)",
-                models.display(),
+                trail_fs::portable_path(models, &args.out),
                 trained.best_layer
             );
             let mut layers = vec![trained.best_layer];
@@ -157,10 +157,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             ));
             let scored = scoring::score(&data, split, &preds, &opts)
                 .with_context(|| format!("scoring {} on {}", path.display(), data.dir.display()))?;
-            manifest.input(path, Path::new("/"))?;
+            manifest.input(path, &args.out)?;
             let source = format!(
                 "the exported checkpoint `{}` (probe on layers {:?}, validation MAE {:.2})",
-                path.display(),
+                trail_fs::portable_path(path, &args.out),
                 preds.ckpt.meta.probe_layers,
                 preds.ckpt.meta.val_mae
             );
@@ -192,7 +192,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         &metrics_path,
         serde_json::to_string_pretty(&metrics)?.as_bytes(),
     )?;
-    let md = markdown(&source, &data, split_name, &metrics);
+    let md = markdown(&source, &data, &args.out, split_name, &metrics);
     let md_path = args.out.join("report.md");
     write_atomic(&md_path, md.as_bytes())?;
     let plots = test_plots(&args.out, &metrics, &details)?;
@@ -236,6 +236,7 @@ fn models_files(models: &Path) -> anyhow::Result<Vec<PathBuf>> {
 fn markdown(
     source: &str,
     data: &Run,
+    out: &Path,
     split: &str,
     m: &trail_checkpoints::scoring::Metrics,
 ) -> String {
@@ -245,7 +246,7 @@ fn markdown(
     let _ = writeln!(
         s,
         "# Length predictors scored on `{}`\n",
-        data.dir.display()
+        trail_fs::portable_path(&data.dir, out)
     );
     let _ = writeln!(s, "Predictors: {source}.\n");
     let _ = writeln!(
