@@ -197,6 +197,40 @@ pub struct Details {
     /// length (`length`, buckets of [`LENGTH_BUCKETS`], the last "ran to the cap") and by the
     /// tokens generated (`g`, buckets of [`G_BUCKETS`]): (table, bucket label, MAE, pairs).
     pub breakdown: Vec<(String, Vec<BreakdownRow>)>,
+    /// `refined`'s absolute errors per test request, for paired comparisons of two reports.
+    pub request_errors: Vec<RequestError>,
+}
+
+/// One test request's absolute errors of `refined` summed over its scored (request, g) pairs:
+/// what a paired comparison of two reports on the same requests resamples ([`paired_ratio`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RequestError {
+    pub request_id: String,
+    pub abs_error_sum_tokens: f64,
+    pub pairs: u32,
+}
+
+/// MAE of `num` ÷ MAE of `den` over the requests both scored, with a bootstrap interval that
+/// resamples those requests (the pair stays together); `None` without a common request.
+pub fn paired_ratio(
+    num: &[RequestError],
+    den: &[RequestError],
+    resamples: usize,
+    seed: u64,
+) -> Option<Interval> {
+    let by_id: HashMap<&str, &RequestError> =
+        den.iter().map(|e| (e.request_id.as_str(), e)).collect();
+    let common: Vec<(&RequestError, &RequestError)> = num
+        .iter()
+        .filter_map(|a| Some((a, *by_id.get(a.request_id.as_str())?)))
+        .collect();
+    let sums = |side: &[&RequestError]| ErrorSums {
+        sum: side.iter().map(|e| e.abs_error_sum_tokens).collect(),
+        count: side.iter().map(|e| e.pairs).collect(),
+    };
+    let (nums, dens): (Vec<&RequestError>, Vec<&RequestError>) = common.iter().copied().unzip();
+    let (a, b) = (sums(&nums), sums(&dens));
+    Bootstrap::new(common.len(), resamples, seed).interval(|idx| Some(a.mae(idx)? / b.mae(idx)?))
 }
 
 /// One row of [`Details::breakdown`]: (table `length` or `g`, bucket label, MAE, pairs).
@@ -963,6 +997,16 @@ pub fn score(
             (p.to_string(), pts)
         })
         .collect();
+    let refined_acc = &acc["refined"];
+    let request_errors = reqs
+        .iter()
+        .enumerate()
+        .map(|(qi, q)| RequestError {
+            request_id: run.requests[q.run_index].request_id.clone(),
+            abs_error_sum_tokens: refined_acc.remaining.sum[qi],
+            pairs: refined_acc.remaining.count[qi],
+        })
+        .collect();
     Ok(Scored {
         test,
         details: Details {
@@ -973,6 +1017,7 @@ pub fn score(
             curves: Vec::new(),
             refined: refined_by_request,
             breakdown,
+            request_errors,
         },
         notes,
         multi_scored: multi.is_some(),
@@ -1044,5 +1089,30 @@ mod schema_tests {
         assert_eq!(out["multi_layer"]["val_mae_tokens"], 49.0);
         let back: Metrics = serde_json::from_value(out).unwrap();
         assert_eq!(back, m);
+    }
+
+    #[test]
+    fn the_paired_ratio_joins_requests_by_id_and_brackets_the_ratio() {
+        let e = |id: &str, sum: f64, pairs: u32| RequestError {
+            request_id: id.into(),
+            abs_error_sum_tokens: sum,
+            pairs,
+        };
+        // Twice the error on every common request; "c" and "d" are scored by one side only.
+        let den: Vec<_> = (0..40)
+            .map(|i| e(&format!("r{i}"), 10.0 + i as f64, 2))
+            .collect();
+        let mut num: Vec<_> = den
+            .iter()
+            .rev()
+            .map(|d| e(&d.request_id, 2.0 * d.abs_error_sum_tokens, 2))
+            .collect();
+        num.push(e("c", 1e6, 1));
+        let mut den = den;
+        den.push(e("d", 1e6, 1));
+        let iv = paired_ratio(&num, &den, 200, 1).unwrap();
+        assert!((iv.value - 2.0).abs() < 1e-12, "{iv:?}");
+        assert!((iv.lo - 2.0).abs() < 1e-12 && (iv.hi - 2.0).abs() < 1e-12);
+        assert!(paired_ratio(&num[..0], &den, 200, 1).is_none());
     }
 }

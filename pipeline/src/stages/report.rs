@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use serde::Serialize;
 use trail_checkpoints::metrics::Interval;
-use trail_checkpoints::scoring::{self, Details, Metrics, PREDICTORS, ScoreOptions, TestMetrics};
+use trail_checkpoints::scoring::{
+    self, Details, Metrics, PREDICTORS, RequestError, ScoreOptions, TestMetrics,
+};
 use trail_checkpoints::suite::Run;
 use trail_plot::{self as plot, Axes, Series};
 
@@ -65,6 +67,8 @@ pub struct Compared {
     pub label: String,
     pub metrics: Metrics,
     pub breakdown: Breakdown,
+    /// Its `request_errors.json` (empty when absent: an older report).
+    pub request_errors: Vec<RequestError>,
 }
 
 /// [`Details::breakdown`] as `breakdown.json` holds it: one entry per predictor.
@@ -87,40 +91,70 @@ pub struct Row {
     pub pairs: usize,
 }
 
-/// Reads `DIR/metrics.json` and `DIR/breakdown.json` (empty when absent: an older report).
+/// Reads `DIR/metrics.json`, and `DIR/breakdown.json` and `DIR/request_errors.json` (empty when
+/// absent: an older report).
 fn read_compared(label: &str, dir: &Path) -> anyhow::Result<Compared> {
     let path = dir.join("metrics.json");
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("--compare {label}: reading {}", path.display()))?;
     let metrics = serde_json::from_str(&text)
         .with_context(|| format!("--compare {label}: {}", path.display()))?;
-    let breakdown = std::fs::read_to_string(dir.join("breakdown.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok())
-        .unwrap_or_default();
+    let breakdown = read_optional(dir, "breakdown.json", label)?.unwrap_or_default();
+    let request_errors = read_optional(dir, "request_errors.json", label)?.unwrap_or_default();
     Ok(Compared {
         label: label.to_string(),
         metrics,
         breakdown,
+        request_errors,
     })
 }
 
-/// This report's headline figures beside the compared ones': one row per report.
-pub fn comparison_table(this: &Metrics, label: &str, others: &[Compared]) -> String {
+/// `DIR/NAME` parsed, `None` when the file is absent (a report older than the file).
+fn read_optional<T: serde::de::DeserializeOwned>(
+    dir: &Path,
+    name: &str,
+    label: &str,
+) -> anyhow::Result<Option<T>> {
+    let path = dir.join(name);
+    match std::fs::read_to_string(&path) {
+        Ok(t) => serde_json::from_str(&t)
+            .map(Some)
+            .with_context(|| format!("--compare {label}: {}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("--compare {label}: reading {}", path.display())),
+    }
+}
+
+/// This report's headline figures beside the compared ones': one row per report, with each
+/// compared `refined` ÷ this one's paired over the requests both scored (`errors`: this
+/// report's [`RequestError`]s; `boot`: resamples and seed).
+pub fn comparison_table(
+    this: &Metrics,
+    label: &str,
+    errors: &[RequestError],
+    others: &[Compared],
+    boot: (usize, u64),
+) -> String {
     let mut s = String::from("## Compared\n\n");
     let _ = writeln!(
         s,
         "| report | refined | probe, no refine | BERT fine-tuned | BERT ÷ refined | BERT on v1's \
-         bins ÷ refined |\n|---|---|---|---|---|---|"
+         bins ÷ refined | refined ÷ {label}'s, paired |\n|---|---|---|---|---|---|---|"
     );
-    let rows =
-        std::iter::once((label, this)).chain(others.iter().map(|c| (c.label.as_str(), &c.metrics)));
-    for (name, m) in rows {
+    let rows = std::iter::once((label, this, None)).chain(
+        others
+            .iter()
+            .map(|c| (c.label.as_str(), &c.metrics, Some(&c.request_errors))),
+    );
+    for (name, m, theirs) in rows {
         let t = &m.test;
         let get = |k: &str| fmt_iv(&t.mae_remaining.get(k).cloned().flatten(), 1);
+        let paired = theirs.map_or("—".into(), |e| {
+            fmt_iv(&scoring::paired_ratio(e, errors, boot.0, boot.1), 2)
+        });
         let _ = writeln!(
             s,
-            "| {name} | {} | {} | {} | {} | {} |",
+            "| {name} | {} | {} | {} | {} | {} | {paired} |",
             get("refined"),
             get("probe_no_refine"),
             get("bert_finetuned"),
@@ -131,7 +165,9 @@ pub fn comparison_table(this: &Metrics, label: &str, others: &[Compared]) -> Str
     let _ = writeln!(
         s,
         "\nEach report's intervals are its own (bootstrap over its test requests); the same test \
-         requests make the rows comparable.\n"
+         requests make the rows comparable. The last column resamples the requests both reports \
+         scored, each request's errors in both together (> 1: this report's `refined` is \
+         better).\n"
     );
     s
 }
@@ -644,7 +680,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let breakdown = owned_breakdown(&details);
     let mut text = markdown(&run, &out, &metrics);
     if !compared.is_empty() {
-        text += &comparison_table(&metrics, &args.label, &compared);
+        let boot = (args.bootstrap, args.seed);
+        text += &comparison_table(
+            &metrics,
+            &args.label,
+            &details.request_errors,
+            &compared,
+            boot,
+        );
     }
     text += &breakdown_tables(&breakdown, &compared);
     write_atomic(&md, text.as_bytes())?;
@@ -653,7 +696,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         &breakdown_path,
         serde_json::to_string_pretty(&breakdown)?.as_bytes(),
     )?;
-    let mut files = vec![metrics_path.clone(), md.clone(), breakdown_path];
+    let errors_path = out.join("request_errors.json");
+    write_atomic(
+        &errors_path,
+        serde_json::to_string_pretty(&details.request_errors)?.as_bytes(),
+    )?;
+    let mut files = vec![
+        metrics_path.clone(),
+        md.clone(),
+        breakdown_path,
+        errors_path,
+    ];
     if let Some(p) = learning_curve(&out, &args.label, &metrics, &compared)? {
         text += "![learning curve](learning_curve.png)\n";
         write_atomic(&md, text.as_bytes())?;
@@ -706,6 +759,7 @@ mod tests {
             label: label.into(),
             metrics: metrics(refined),
             breakdown: Vec::new(),
+            request_errors: Vec::new(),
         }
     }
 
