@@ -288,7 +288,8 @@ fn patch_meta(src: &Path, dst: &Path, key: &str, value: Option<&str>) {
     std::fs::write(dst, out).unwrap();
 }
 
-/// The committed v1 checkpoint (`reports/alpaca-smollm2/predictor.safetensors`) loads as v1 and
+/// The committed v1 checkpoint (`reports/alpaca-smollm2/previous/predictor.safetensors`, the
+/// reference before predictor v2) loads as v1 and
 /// drives the paper's filter; a v1 checkpoint saved by this build is still version 1 with none
 /// of v2's keys; a v2 one round-trips with its cap class, g input and calibrated likelihood;
 /// a newer version is refused naming it and how to re-export, and a v2 key in a v1 file is
@@ -296,7 +297,7 @@ fn patch_meta(src: &Path, dst: &Path, key: &str, value: Option<&str>) {
 #[test]
 fn format_versions_1_and_2_load_and_a_newer_one_is_refused() {
     let committed = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../reports/alpaca-smollm2/predictor.safetensors");
+        .join("../reports/alpaca-smollm2/previous/predictor.safetensors");
     let v1 = Checkpoint::load(&committed).unwrap();
     assert!(!v1.meta.is_v2());
     assert_eq!(v1.meta.format_version(), 1);
