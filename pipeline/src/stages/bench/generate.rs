@@ -255,6 +255,27 @@ pub fn measure(args: &Args) -> anyhow::Result<Report> {
     Ok(report)
 }
 
+/// One pass of the bare runner ([`BatchGenerator`], nothing captured or written) over every
+/// planned job: its seconds and each request's generated length, in request order.
+fn bare_pass(
+    args: &Args,
+    stage_args: &generate::Args,
+    prep: &generate::Prepared,
+) -> anyhow::Result<(f64, Vec<usize>)> {
+    let n = prep.requests.len();
+    let mut lengths = vec![0; n];
+    let t = Instant::now();
+    BatchGenerator::new(&prep.runner, args.batch, args.max_new_tokens).run(
+        prep.jobs(stage_args, 0..n),
+        |f| {
+            lengths[f.id] = f.tokens.len();
+            Ok(())
+        },
+        |_| {},
+    )?;
+    Ok((t.elapsed().as_secs_f64(), lengths))
+}
+
 /// `repeats` rounds of (bare runner, stage path), checking they generate the same tokens.
 fn bare_and_stage(
     args: &Args,
@@ -263,22 +284,12 @@ fn bare_and_stage(
     dir: &Path,
     say: &dyn Fn(String),
 ) -> anyhow::Result<Rounds> {
-    let n = prep.requests.len();
     let mut bare = Vec::new();
     let mut stage = Vec::new();
     let mut generated = None;
     for round in 0..args.repeats {
-        let t = Instant::now();
-        let mut tokens = 0u64;
-        BatchGenerator::new(&prep.runner, args.batch, args.max_new_tokens).run(
-            prep.jobs(stage_args, 0..n),
-            |f| {
-                tokens += f.tokens.len() as u64;
-                Ok(())
-            },
-            |_| {},
-        )?;
-        let secs = t.elapsed().as_secs_f64();
+        let (secs, lengths) = bare_pass(args, stage_args, prep)?;
+        let tokens: u64 = lengths.iter().map(|&l| l as u64).sum();
         say(format!(
             "round {round}: bare runner {tokens} tokens in {secs:.1} s"
         ));

@@ -21,7 +21,6 @@ use anyhow::Context;
 use serde::Serialize;
 use trail_datasets::{schema, store};
 use trail_llm::KvFormat;
-use trail_llm::batch::BatchGenerator;
 
 use super::super::median;
 use crate::stages::generate::{self, Prepared};
@@ -172,18 +171,7 @@ fn fix_lengths(
         None => None,
     };
     prep.fixed_lengths = given.clone();
-    let n = prep.requests.len();
-    let mut lengths = vec![0; n];
-    let t = Instant::now();
-    BatchGenerator::new(&prep.runner, args.batch, args.max_new_tokens).run(
-        prep.jobs(stage_args, 0..n),
-        |f| {
-            lengths[f.id] = f.tokens.len();
-            Ok(())
-        },
-        |_| {},
-    )?;
-    let secs = t.elapsed().as_secs_f64();
+    let (secs, lengths) = super::bare_pass(args, stage_args, prep)?;
     let from = match (&args.lengths_from, given) {
         (Some(run), Some(given)) => {
             anyhow::ensure!(
