@@ -347,7 +347,7 @@ fn every_request_is_accounted_for_on_the_real_engine() {
 }
 
 /// `--backend virtual`: the engine's clock moves by the step-time model fitted to the
-/// saturation burst, so running the cells again gives the same latencies to the bit, however
+/// saturation burst (whose capacity is measured on that clock, here or from a copied model), so running the cells again gives the same latencies to the bit, however
 /// loaded the machine is; and cells that replay the recording pass give what cells that run the
 /// model give.
 #[test]
@@ -361,6 +361,29 @@ fn virtual_time_cells_repeat_to_the_bit_replayed_or_not() {
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
     eval_latency(&argv).unwrap();
     assert!(out.join("step_model.json").is_file());
+    // The saturation is measured on the clock the cells run on: the burst ran here for its step
+    // log, and its capacity is the burst replayed under the model fitted to that log.
+    let saturation = std::fs::read_to_string(out.join("saturation.json")).unwrap();
+    assert!(
+        saturation.contains(r#""source": "virtual""#),
+        "{saturation}"
+    );
+    assert!(out.join("saturation").join("steps.parquet").is_file());
+    // A fresh run holding only that step model (copied) runs no burst on this machine and
+    // finds the same capacity, on the copied model's clock.
+    let copied = tmp.path().join("copied");
+    std::fs::create_dir_all(&copied).unwrap();
+    std::fs::copy(out.join("step_model.json"), copied.join("step_model.json")).unwrap();
+    let copied_s = copied.display().to_string();
+    eval_latency(&replaced(&argv, &out.display().to_string(), &copied_s)).unwrap();
+    assert!(
+        !copied.join("saturation").exists(),
+        "no burst ran on this machine"
+    );
+    assert_eq!(
+        std::fs::read_to_string(copied.join("saturation.json")).unwrap(),
+        saturation
+    );
     let sorted = |mut rows: Vec<trail_eval::loadgen::ResultRow>| {
         rows.sort_by(|a, b| (&a.policy, a.result.index).cmp(&(&b.policy, b.result.index)));
         rows

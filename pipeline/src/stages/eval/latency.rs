@@ -241,17 +241,24 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The model of `--step-model` (which needs `--backend virtual`), its KV capacity made the
-/// engine's KV budget (see [`step_model`](crate::stages::step_model)).
+/// The model that times virtual time when one is given: `--step-model`'s (which needs
+/// `--backend virtual`), or the one already kept in the run's `step_model.json` (a previous run's,
+/// or a copied one), its KV capacity made the engine's KV budget (see
+/// [`step_model`](crate::stages::step_model)). `None`: the model is to be fitted to the saturation
+/// burst here. Either way the saturation is then measured on the clock the cells run on.
 fn given_step_model(args: &mut Args) -> anyhow::Result<Option<StepTimeModel>> {
-    let Some(path) = &args.step_model else {
-        return Ok(None);
+    let kept = args.out.join("step_model.json");
+    let path = match (&args.step_model, args.backend) {
+        (Some(path), BackendKind::Virtual) => path.clone(),
+        (Some(_), _) => {
+            anyhow::bail!(
+                "--step-model times the steps of virtual time: it needs --backend virtual"
+            )
+        }
+        (None, BackendKind::Virtual) if kept.is_file() => kept,
+        (None, _) => return Ok(None),
     };
-    anyhow::ensure!(
-        args.backend == BackendKind::Virtual,
-        "--step-model times the steps of virtual time: it needs --backend virtual"
-    );
-    let model = step_model::read(path)?;
+    let model = step_model::read(&path)?;
     args.engine = step_model::engine_for(&args.engine, &model)?;
     Ok(Some(model))
 }

@@ -141,7 +141,10 @@ fn summarize(r: &Inputs<'_>, rows: &[ResultRow], logs: &StepLogs) -> anyhow::Res
             "the virtual clock's, given ({})",
             trail_fs::portable_path(path, &r.args.out)
         ),
-        (Some(_), None) => "the virtual clock's, fitted to the saturation burst's step log".into(),
+        (Some(_), None) if r.args.out.join("saturation/steps.parquet").is_file() => {
+            "the virtual clock's, fitted to the saturation burst's step log".into()
+        }
+        (Some(_), None) => "the virtual clock's, kept in step_model.json".into(),
         (None, _) => "fitted to every cell's step log".into(),
     };
     summary.step_model = step_model(r.virtual_model, logs)?;
