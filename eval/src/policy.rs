@@ -31,6 +31,17 @@ impl Policy {
         }
     }
 
+    /// How a paper names it (plot legends).
+    pub fn label(&self) -> String {
+        match self {
+            Self::Fcfs => "FCFS".into(),
+            Self::Srpt => "SRPT".into(),
+            Self::Sprpt => "SPRPT".into(),
+            Self::SprptLimited { c } => format!("SPRPT, limited preemption (c = {c})"),
+            Self::SjfPredicted => "SJF (predicted)".into(),
+        }
+    }
+
     pub fn validate(&self) -> Result<(), Error> {
         if let Self::SprptLimited { c } = *self {
             if c.is_nan() {

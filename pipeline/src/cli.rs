@@ -50,12 +50,16 @@ pub enum Command {
     /// Evaluations (scheduling latency on the real engine, predictor error).
     #[command(subcommand)]
     Eval(stages::eval::Eval),
+    /// Rewrite records an earlier trail wrote (schema-1 summary.json / metrics.json, absolute
+    /// paths) in today's schema, values unchanged.
+    Upgrade(stages::upgrade::Args),
 }
 
 /// Runs the parsed command.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => stages::run::run(args),
+        Command::Upgrade(args) => stages::upgrade::run(args),
         Command::Fetch(args) => stages::fetch::run(args),
         Command::Chat(args) => stages::chat::run(args),
         Command::Generate(args) => stages::generate::run(args),

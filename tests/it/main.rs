@@ -31,3 +31,4 @@ mod serving;
 mod sim;
 mod step_model;
 mod train;
+mod upgrade;

@@ -17,3 +17,4 @@ pub mod serve;
 pub mod sim;
 pub mod step_model;
 pub mod train;
+pub mod upgrade;

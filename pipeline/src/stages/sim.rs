@@ -9,8 +9,10 @@
 //!   ([`trail_eval::tracesim`]): a `trace.jsonl` (or a synthetic Poisson trace) replayed through
 //!   the serving shim's scheduler on N replicas, steps timed by a model fitted to a step log.
 //!
-//! All write `summary.json`, `report.md` and `manifest.json` into `DIR` atomically; theory and
-//! des add PNG plots.
+//! All write `summary.json`, `report.md` and `manifest.json` into `DIR` atomically, and PNG
+//! plots with SVGs beside them. Times of theory and des are in units of service (a job of size x
+//! takes x at rate 1: for the Alpaca law, one output token); those of trace are in seconds
+//! (`_s` keys, schema 2).
 
 use std::path::{Path, PathBuf};
 
@@ -24,6 +26,7 @@ use trail_plot::{self as plot, Axes, Series};
 
 use crate::manifest::{Manifest, write_atomic};
 use crate::stages::engine_args::EngineArgs;
+use crate::stages::eval::latency::display_name;
 use crate::stages::step_model;
 
 /// Arguments of `trail sim`.
@@ -353,13 +356,16 @@ fn run_grid(
 }
 
 fn plots(s: &Summary, w: &Workload, out: &Path) -> anyhow::Result<Vec<PathBuf>> {
-    let names: Vec<String> = policies(w.c).iter().map(Policy::name).collect();
     let mut series = Vec::new();
-    for (k, name) in names.iter().enumerate() {
-        let rows: Vec<&Row> = s.by_load.iter().filter(|r| &r.policy == name).collect();
+    for (k, policy) in policies(w.c).iter().enumerate() {
+        let name = policy.name();
+        let rows: Vec<&Row> = s.by_load.iter().filter(|r| r.policy == name).collect();
         series.push(
-            Series::line(name, rows.iter().map(|r| (r.load, r.closed_form)).collect())
-                .with_color(k),
+            Series::line(
+                &policy.label(),
+                rows.iter().map(|r| (r.load, r.closed_form)).collect(),
+            )
+            .with_color(k),
         );
         if rows.iter().all(|r| r.simulated.is_some()) && !rows.is_empty() {
             series.push(
@@ -378,7 +384,7 @@ fn plots(s: &Summary, w: &Workload, out: &Path) -> anyhow::Result<Vec<PathBuf>> 
     let title = "Mean response time vs load (lines: closed form; points: simulation ±95 %)";
     plot::line_chart(
         &load_path,
-        &Axes::new(title, "load ρ", "mean response time").log_y(),
+        &Axes::new(title, "load ρ", "mean response time (service units)").log_y(),
         &series,
     )?;
 
@@ -409,10 +415,15 @@ fn plots(s: &Summary, w: &Workload, out: &Path) -> anyhow::Result<Vec<PathBuf>> 
     let title = format!("SPRPT with limited preemption at load {}", w.c_load);
     plot::line_chart(
         &c_path,
-        &Axes::new(&title, "preemption limit c", "mean response time"),
+        &Axes::new(
+            &title,
+            "preemption limit c",
+            "mean response time (service units)",
+        ),
         &sweep,
     )?;
-    Ok(vec![load_path, c_path])
+    let svgs = [&load_path, &c_path].map(|p| p.with_extension("svg"));
+    Ok([load_path, c_path].into_iter().chain(svgs).collect())
 }
 
 fn fmt_opt(v: Option<f64>, digits: usize) -> String {
@@ -553,19 +564,23 @@ pub struct TraceArgs {
     pub out: PathBuf,
 }
 
+/// One (policy, replicas) row of `sim trace`'s `summary.json`; times in seconds.
 #[derive(Debug, Serialize)]
 struct TraceRow {
     policy: String,
     replicas: usize,
-    mean_latency: f64,
-    p50_latency: f64,
-    p90_latency: f64,
-    p99_latency: f64,
-    mean_ttft: f64,
+    mean_latency_s: f64,
+    p50_latency_s: f64,
+    p90_latency_s: f64,
+    p99_latency_s: f64,
+    mean_ttft_s: f64,
     preemptions: u64,
     steps: u64,
-    makespan: f64,
+    makespan_s: f64,
 }
+
+/// `sim trace`'s `summary.json` schema: 2 since every time key names its unit (`_s`).
+const TRACE_SCHEMA_VERSION: u32 = 2;
 
 /// Mean and p99 latency against the number of replicas, a line per policy (log scale).
 fn replicas_plot(path: &std::path::Path, rows: &[TraceRow]) -> anyhow::Result<()> {
@@ -585,14 +600,17 @@ fn replicas_plot(path: &std::path::Path, rows: &[TraceRow]) -> anyhow::Result<()
                 .collect()
         };
         series.push(
-            Series::line(&format!("{p} p99"), of(|r| r.p99_latency))
+            Series::line(&format!("{} p99", display_name(p)), of(|r| r.p99_latency_s))
                 .with_mark(plot::Mark::LinePoints)
                 .with_color(i),
         );
         series.push(
-            Series::line(&format!("{p} mean"), of(|r| r.mean_latency))
-                .with_mark(plot::Mark::Points)
-                .with_color(i),
+            Series::line(
+                &format!("{} mean", display_name(p)),
+                of(|r| r.mean_latency_s),
+            )
+            .with_mark(plot::Mark::Points)
+            .with_color(i),
         );
     }
     plot::line_chart(
@@ -702,14 +720,14 @@ fn run_trace(a: &TraceArgs) -> anyhow::Result<()> {
             rows.push(TraceRow {
                 policy: policy.to_string(),
                 replicas,
-                mean_latency: r.mean_latency,
-                p50_latency: r.p50_latency,
-                p90_latency: r.p90_latency,
-                p99_latency: r.p99_latency,
-                mean_ttft: r.mean_ttft,
+                mean_latency_s: r.mean_latency,
+                p50_latency_s: r.p50_latency,
+                p90_latency_s: r.p90_latency,
+                p99_latency_s: r.p99_latency,
+                mean_ttft_s: r.mean_ttft,
                 preemptions: r.preemptions,
                 steps: r.steps,
-                makespan: r.makespan,
+                makespan_s: r.makespan,
             });
         }
     }
@@ -717,6 +735,7 @@ fn run_trace(a: &TraceArgs) -> anyhow::Result<()> {
     let out = &a.out;
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
     let summary = serde_json::json!({
+        "schema_version": TRACE_SCHEMA_VERSION,
         "requests": trace.len(),
         "step_model": model,
         "rows": rows,
@@ -729,14 +748,14 @@ fn run_trace(a: &TraceArgs) -> anyhow::Result<()> {
     manifest.output(&summary_path, out)?;
     let mut md = format!(
         "# Trace-driven serving simulation\n\n{} requests ({}); step time = {:.3e} + {:.3e}·decode rows \
-         + {:.3e}·prefill tokens + {:.3e}·KV tokens{} s; {}, router {:?}, c = {}.\n\n| policy | replicas | mean | p50 | p90 | p99 | mean TTFT | preemptions |\n|---|---|---|---|---|---|---|---|\n",
+         + {:.3e}·prefill tokens + {:.3e}·KV tokens{} s; {}, router {:?}, c = {}.\n\n| policy | replicas | mean (s) | p50 (s) | p90 (s) | p99 (s) | mean TTFT (s) | preemptions |\n|---|---|---|---|---|---|---|---|\n",
         trace.len(),
         match (&a.trace, &a.data) {
-            (Some(p), _) => p.display().to_string(),
+            (Some(p), _) => trail_fs::portable_path(p, out),
             (None, Some(d)) => format!(
                 "Poisson at {} requests/s, prompts and profiled lengths from the test split of {}",
                 a.rate,
-                d.display()
+                trail_fs::portable_path(d, out)
             ),
             (None, None) => format!(
                 "Poisson at {} requests/s, exponential lengths of mean {}",
@@ -761,17 +780,18 @@ fn run_trace(a: &TraceArgs) -> anyhow::Result<()> {
             "| {} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {} |\n",
             r.policy,
             r.replicas,
-            r.mean_latency,
-            r.p50_latency,
-            r.p90_latency,
-            r.p99_latency,
-            r.mean_ttft,
+            r.mean_latency_s,
+            r.p50_latency_s,
+            r.p90_latency_s,
+            r.p99_latency_s,
+            r.mean_ttft_s,
             r.preemptions
         ));
     }
     let plot_path = out.join("latency_vs_replicas.png");
     replicas_plot(&plot_path, &rows)?;
     manifest.output(&plot_path, out)?;
+    manifest.output(&plot_path.with_extension("svg"), out)?;
     md.push_str("\n![latency vs replicas](latency_vs_replicas.png)\n");
     let report_path = out.join("report.md");
     write_atomic(&report_path, md.as_bytes())?;

@@ -65,8 +65,9 @@ use trail_datasets::store::read_requests;
 use trail_eval::loadgen::workload::Prompt;
 use trail_eval::tracesim::StepTimeModel;
 
+pub use report::display_name;
 pub use server::BackendKind;
-pub use summary::{Summary, read_summary};
+pub use summary::{SUMMARY_SCHEMA_VERSION, Summary, read_summary};
 
 use cell::Cell;
 use config::Config;
