@@ -313,7 +313,7 @@ fn every_request_is_accounted_for_on_the_real_engine() {
         serde_json::from_str(&std::fs::read_to_string(sim_out.join("summary.json")).unwrap())
             .unwrap();
     assert_eq!(sim["requests"], 8, "{sim}");
-    let simulated = sim["rows"][0]["mean_latency"].as_f64().unwrap();
+    let simulated = sim["rows"][0]["mean_latency_s"].as_f64().unwrap();
     let measured: Vec<f64> = rows
         .iter()
         .filter(|r| r.policy == "fcfs" && r.seed == 1)
