@@ -1,7 +1,7 @@
 //! `trail upgrade`: schema-1 records (a latency summary from before virtual time, a `sim trace`
 //! summary, a report's metrics) rewritten in today's schema in place, every value unchanged,
-//! absolute paths made relative; a second pass changes nothing; a record it does not know is
-//! refused with its path.
+//! absolute paths made relative, caches and hidden folders left alone; a second pass changes
+//! nothing; a record it does not know is refused with its path.
 
 use std::path::Path;
 
@@ -88,7 +88,17 @@ fn schema_1_records_upgrade_in_place_with_values_unchanged() {
     write(&latency, &latency_v1(&model));
     write(&metrics, &metrics_v1());
     write(&trace, &trace_v1());
+    // Caches (`CACHEDIR.TAG`, as cargo's `target/`) and hidden folders are not searched.
+    let cached = tmp.path().join("target").join("x.json");
+    let hidden = tmp.path().join(".git").join("summary.json");
+    for path in [&cached, &hidden] {
+        write(path, &latency_v1(&model));
+    }
+    std::fs::write(tmp.path().join("target").join("CACHEDIR.TAG"), "").unwrap();
     upgrade(tmp.path()).unwrap();
+    for path in [&cached, &hidden] {
+        assert_eq!(read(path), latency_v1(&model), "{}", path.display());
+    }
 
     let s = read(&latency);
     assert_eq!(s["schema_version"], 2);

@@ -68,7 +68,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The records at `path` (a file, or a directory searched recursively), sorted.
+/// The records at `path` (a file, or a directory searched recursively as [`searched`] says),
+/// sorted.
 fn collect(path: &Path, files: &mut Vec<PathBuf>) -> anyhow::Result<()> {
     if path.is_file() {
         files.push(path.to_path_buf());
@@ -83,13 +84,19 @@ fn collect(path: &Path, files: &mut Vec<PathBuf>) -> anyhow::Result<()> {
     paths.sort();
     for p in paths {
         let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        if p.is_dir() {
+        if p.is_dir() && searched(&p, name) {
             collect(&p, files)?;
         } else if name.ends_with(".json") {
             files.push(p);
         }
     }
     Ok(())
+}
+
+/// Whether a folder met while searching is searched: not a link (a link to `runs/` in a
+/// checkout, or a loop), not hidden (`.git`), not a cache (`CACHEDIR.TAG`, as cargo's `target/`).
+fn searched(dir: &Path, name: &str) -> bool {
+    !dir.is_symlink() && !name.starts_with('.') && !dir.join("CACHEDIR.TAG").is_file()
 }
 
 /// Upgrades one record; what changed, or `None` when it is already current. A record whose
