@@ -495,6 +495,38 @@ fn a_given_step_model_times_the_cells_and_the_saturation_burst() {
     // --step-model is for virtual time only.
     let err = eval_latency(&replaced(&argv, "virtual", "inprocess")).unwrap_err();
     assert!(err.contains("--backend virtual"), "{err}");
+
+    // --burstiness: gamma gaps at the same rate, recorded (absent from a Poisson run's
+    // settings), named in the report; the trace is that arrival process of the seed.
+    assert!(settings.get("burstiness").is_none(), "{settings}");
+    let bursty = tmp.path().join("bursty");
+    let bursty_s = bursty.display().to_string();
+    let mut bursty_argv = replaced(&argv, &out.display().to_string(), &bursty_s);
+    bursty_argv.extend(["--burstiness", "0.25"]);
+    eval_latency(&bursty_argv).unwrap();
+    let settings: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(bursty.join("settings.json")).unwrap())
+            .unwrap();
+    assert_eq!(settings["burstiness"], 0.25);
+    let rate = 0.9 * sat["rps"].as_f64().unwrap();
+    let trace = read_trace(&bursty.join("traces/load=0.90/seed=1/trace.jsonl")).unwrap();
+    let times: Vec<f64> = trace.iter().map(|r| r.arrival_s).collect();
+    let expect = Arrivals::Gamma {
+        rate,
+        burstiness: 0.25,
+    }
+    .times(trace.len(), 1)
+    .unwrap();
+    for (t, e) in times.iter().zip(&expect) {
+        assert!(
+            (t - e).abs() <= 1e-9 * e.max(1.0),
+            "{times:?} vs {expect:?}"
+        );
+    }
+    let report = std::fs::read_to_string(bursty.join("report.md")).unwrap();
+    assert!(report.contains("burstiness 0.25"), "{report}");
+    let err = eval_latency(&replaced(&bursty_argv, "0.25", "0")).unwrap_err();
+    assert!(err.contains("burstiness"), "{err}");
 }
 
 /// `--base-url`: a `trail serve` front end that this test starts (for evaluation, FCFS) is

@@ -6,7 +6,7 @@ use std::io::{BufRead, Write};
 use std::path::Path;
 
 use rand::SeedableRng;
-use rand_distr::{Distribution, Exp};
+use rand_distr::{Distribution, Exp, Gamma};
 use serde::{Deserialize, Serialize};
 
 use crate::Error;
@@ -64,14 +64,35 @@ pub enum Arrivals {
     Poisson { rate: f64 },
     /// Evenly spaced arrivals, `rate` per second.
     Constant { rate: f64 },
+    /// Gamma-distributed gaps with mean `1 / rate` and shape `burstiness`, as vLLM's
+    /// `benchmark_serving.py --burstiness`: the gaps' coefficient of variation is
+    /// 1 / √burstiness, so below 1 arrivals come in bursts, above 1 more evenly than Poisson.
+    Gamma { rate: f64, burstiness: f64 },
 }
 
 impl Arrivals {
+    /// `--burstiness` at `rate`: Poisson at 1 (the same times as [`Arrivals::Poisson`], so a
+    /// Poisson trace stays what it was), gamma gaps otherwise.
+    pub fn with_burstiness(rate: f64, burstiness: f64) -> Result<Self, Error> {
+        if !burstiness.is_finite() || burstiness <= 0.0 {
+            return Err(Error::BadParameter(format!(
+                "burstiness must be a positive number (1: Poisson), got {burstiness}"
+            )));
+        }
+        Ok(if burstiness == 1.0 {
+            Arrivals::Poisson { rate }
+        } else {
+            Arrivals::Gamma { rate, burstiness }
+        })
+    }
+
     /// The first `n` arrival times, starting at the first gap after 0. Same seed, same times on
     /// any machine (ChaCha8, a portable generator).
     pub fn times(&self, n: usize, seed: u64) -> Result<Vec<f64>, Error> {
         let rate = match *self {
-            Arrivals::Poisson { rate } | Arrivals::Constant { rate } => rate,
+            Arrivals::Poisson { rate }
+            | Arrivals::Constant { rate }
+            | Arrivals::Gamma { rate, .. } => rate,
         };
         if !rate.is_finite() || rate <= 0.0 {
             return Err(Error::BadParameter(format!(
@@ -91,6 +112,18 @@ impl Arrivals {
                     .collect()
             }
             Arrivals::Constant { rate } => (1..=n).map(|i| i as f64 / rate).collect(),
+            Arrivals::Gamma { rate, burstiness } => {
+                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+                let gamma = Gamma::new(burstiness, 1.0 / (rate * burstiness))
+                    .map_err(|e| Error::BadParameter(format!("burstiness {burstiness}: {e}")))?;
+                let mut t = 0.0;
+                (0..n)
+                    .map(|_| {
+                        t += gamma.sample(&mut rng);
+                        t
+                    })
+                    .collect()
+            }
         })
     }
 }
@@ -152,6 +185,44 @@ pub fn read_trace(path: &Path) -> Result<Vec<TraceRequest>, Error> {
 #[allow(clippy::disallowed_methods)]
 mod tests {
     use super::*;
+
+    /// Gamma gaps keep the rate and have the coefficient of variation 1 / √burstiness; at 1 the
+    /// times are exactly Poisson's; a non-positive burstiness is refused.
+    #[test]
+    fn burstiness_sets_the_gaps_variation_at_the_same_rate() {
+        let (n, rate) = (40_000, 2.0);
+        for burstiness in [0.25, 4.0] {
+            let t = Arrivals::with_burstiness(rate, burstiness)
+                .unwrap()
+                .times(n, 3)
+                .unwrap();
+            let gaps: Vec<f64> = std::iter::once(t[0])
+                .chain(t.windows(2).map(|w| w[1] - w[0]))
+                .collect();
+            let mean = gaps.iter().sum::<f64>() / n as f64;
+            let var = gaps.iter().map(|g| (g - mean).powi(2)).sum::<f64>() / n as f64;
+            let cv = var.sqrt() / mean;
+            assert!(
+                (mean * rate - 1.0).abs() < 0.03,
+                "{burstiness}: mean gap {mean}"
+            );
+            let want = 1.0 / burstiness.sqrt();
+            assert!(
+                (cv / want - 1.0).abs() < 0.05,
+                "{burstiness}: cv {cv}, want {want}"
+            );
+        }
+        assert_eq!(
+            Arrivals::with_burstiness(rate, 1.0)
+                .unwrap()
+                .times(50, 7)
+                .unwrap(),
+            Arrivals::Poisson { rate }.times(50, 7).unwrap()
+        );
+        for bad in [0.0, -1.0, f64::NAN] {
+            assert!(Arrivals::with_burstiness(rate, bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn poisson_times_follow_the_exponential_law() {

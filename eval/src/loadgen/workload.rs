@@ -2,7 +2,8 @@
 //! split) turned into seeded traces, the requests a latency run replays.
 //!
 //! A trace of `n` requests at `rate` with `seed` takes its arrival times from
-//! [`Arrivals::Poisson`] with that seed, and its prompts from a seeded permutation of the pool
+//! [`Arrivals::Poisson`] with that seed (or gamma gaps, [`Arrivals::Gamma`], for a bursty
+//! workload), and its prompts from a seeded permutation of the pool
 //! (cycled when `n` exceeds the pool; the `k`-th repeat of a request gets the id `ID#k`). The
 //! prompts depend on the seed only, never on the rate, so every load of one seed replays the
 //! same requests and the arrivals of two loads are the same process rescaled.
@@ -63,7 +64,7 @@ pub fn sample(pool: &[Prompt], n: usize, seed: u64) -> Result<Vec<Prompt>, Error
         .collect())
 }
 
-/// A trace of `n` requests with Poisson arrivals at `rate` requests per second.
+/// A trace of `n` requests with Poisson arrivals at `rate` requests per second,
 /// and `max_tokens` the client's cap.
 pub fn poisson_trace(
     pool: &[Prompt],
@@ -73,7 +74,26 @@ pub fn poisson_trace(
     lengths: Lengths,
     max_tokens: u32,
 ) -> Result<Vec<TraceRequest>, Error> {
-    let times = Arrivals::Poisson { rate }.times(n, seed)?;
+    arrivals_trace(
+        pool,
+        n,
+        Arrivals::Poisson { rate },
+        seed,
+        lengths,
+        max_tokens,
+    )
+}
+
+/// A trace of `n` requests arriving as `arrivals` says (seeded by `seed`, like the prompts).
+pub fn arrivals_trace(
+    pool: &[Prompt],
+    n: usize,
+    arrivals: Arrivals,
+    seed: u64,
+    lengths: Lengths,
+    max_tokens: u32,
+) -> Result<Vec<TraceRequest>, Error> {
+    let times = arrivals.times(n, seed)?;
     requests(pool, &times, seed, lengths, max_tokens)
 }
 

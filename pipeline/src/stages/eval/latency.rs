@@ -109,6 +109,11 @@ pub struct Args {
     /// Seeds of the arrivals and of the prompt samples.
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
     pub seeds: Vec<u64>,
+    /// Arrivals' burstiness, as `benchmark_serving.py --burstiness`: 1 is Poisson; otherwise
+    /// gamma-distributed gaps at the same rate whose coefficient of variation is 1 / √B
+    /// (0.25: bursts, gaps twice as variable as Poisson's). Recorded when not 1.
+    #[arg(long, default_value_t = 1.0)]
+    pub burstiness: f64,
     #[arg(long)]
     pub out: PathBuf,
     /// `virtual` (the default, the reference grid's): the engine in this process on virtual

@@ -59,6 +59,11 @@ impl Config {
             saturation_requests > 0,
             "--saturation-requests must be at least 1"
         );
+        anyhow::ensure!(
+            args.burstiness.is_finite() && args.burstiness > 0.0,
+            "--burstiness must be a positive number (1: Poisson), got {}",
+            args.burstiness
+        );
         Ok(Self {
             names: policies.iter().map(|p| p.as_str().to_string()).collect(),
             policies,
@@ -92,6 +97,7 @@ impl Config {
             refine_every: args.predictor.refine_every,
             saturation_requests: self.saturation_requests,
             saturation_rps: args.saturation_rps,
+            burstiness: args.burstiness,
         }
     }
 
@@ -144,6 +150,14 @@ pub struct Common {
     pub refine_every: Option<u32>,
     pub saturation_requests: usize,
     pub saturation_rps: Option<f64>,
+    /// `--burstiness`; absent at 1 (Poisson), as in every run before it.
+    #[serde(skip_serializing_if = "is_poisson")]
+    pub burstiness: f64,
+}
+
+/// Whether `--burstiness` leaves arrivals Poisson.
+fn is_poisson(burstiness: &f64) -> bool {
+    *burstiness == 1.0
 }
 
 /// `settings.json`: what every finished cell depends on.

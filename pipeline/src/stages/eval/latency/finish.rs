@@ -201,6 +201,17 @@ fn simulate(r: &Inputs<'_>, model: &StepTimeModel) -> anyhow::Result<Vec<headroo
     Ok(simulated)
 }
 
+/// How the traces' arrivals come, as the report says it.
+fn describe_arrivals(burstiness: f64) -> String {
+    if burstiness == 1.0 {
+        return "Poisson".into();
+    }
+    format!(
+        "gamma gaps, burstiness {burstiness} (their coefficient of variation {:.2}; Poisson's is 1)",
+        1.0 / burstiness.sqrt()
+    )
+}
+
 /// The report's settings section.
 fn report_settings(r: &Inputs<'_>) -> report::Settings {
     let a = r.args;
@@ -226,6 +237,7 @@ fn report_settings(r: &Inputs<'_>) -> report::Settings {
             describe_lengths(r.cfg.lengths, r.cfg.max_tokens),
         ),
         ("saturation".into(), r.sat.describe()),
+        ("arrivals".into(), describe_arrivals(a.burstiness)),
         (
             "engine".into(),
             format!(

@@ -1,5 +1,5 @@
-//! The [`Grid`] of a run: its seeds × loads × policies, and one Poisson trace per (load, seed)
-//! at `load ×` the capacity (`traces/load=L/seed=S/trace.jsonl`, the format `trail sim trace`
+//! The [`Grid`] of a run: its seeds × loads × policies, and one trace per (load, seed) at
+//! `load ×` the capacity (Poisson arrivals, or gamma gaps under `--burstiness`) (`traces/load=L/seed=S/trace.jsonl`, the format `trail sim trace`
 //! replays), shared by every policy of that pair. Cells run seed outermost, so a partial run
 //! holds every policy of the (load, seed) pairs it reached, and every other seed runs the
 //! policies in reverse (see the module doc of `latency`); they are merged in the order given.
@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use trail_eval::loadgen::workload::{self, Lengths, Prompt};
-use trail_eval::loadgen::{TraceRequest, read_trace, write_trace};
+use trail_eval::loadgen::{Arrivals, TraceRequest, read_trace, write_trace};
 use trail_serving_shim::PolicyKind;
 
 use super::Args;
@@ -48,6 +48,7 @@ impl Grid {
                     n: args.requests,
                     lengths: cfg.lengths,
                     max_tokens: cfg.max_tokens,
+                    burstiness: args.burstiness,
                 };
                 let t = spec.trace_for(&args.out, (load, seed), sat)?;
                 traces.insert((seed, load_key(load)), t);
@@ -125,6 +126,8 @@ struct TraceSpec<'a> {
     n: usize,
     lengths: Lengths,
     max_tokens: u32,
+    /// `--burstiness` (1: Poisson).
+    burstiness: f64,
 }
 
 impl TraceSpec<'_> {
@@ -137,9 +140,16 @@ impl TraceSpec<'_> {
         sat: &Saturation,
     ) -> anyhow::Result<Trace> {
         let rate = load * sat.rps;
-        let trace =
-            workload::poisson_trace(self.pool, self.n, rate, seed, self.lengths, self.max_tokens)
-                .with_context(|| format!("load {load}, seed {seed}"))?;
+        let arrivals = Arrivals::with_burstiness(rate, self.burstiness)?;
+        let trace = workload::arrivals_trace(
+            self.pool,
+            self.n,
+            arrivals,
+            seed,
+            self.lengths,
+            self.max_tokens,
+        )
+        .with_context(|| format!("load {load}, seed {seed}"))?;
         let path = trace_path(out, &load_key(load), seed);
         if path.is_file() {
             let old = read_trace(&path)?;

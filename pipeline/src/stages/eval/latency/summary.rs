@@ -530,6 +530,7 @@ mod tests {
                 refine_every: None,
                 saturation_requests: 64,
                 saturation_rps: None,
+                burstiness: 1.0,
             },
             data_requests_sha256: "00".into(),
             checkpoint_sha256: None,
