@@ -23,7 +23,10 @@ use std::path::{Path, PathBuf};
 pub use atomic::{AtomicFile, write_atomic};
 pub use binding::{BindError, Difference, bind_settings};
 pub use hash::{sha256_file, sha256_file_len};
-pub use portable::{portable_json, portable_path, portable_recorded_json, resolve, trail_home};
+pub use portable::{
+    portable_json, portable_path, portable_recorded_json, recorded_absolute_paths, resolve,
+    trail_home,
+};
 
 /// An I/O error and the path it happened on.
 #[derive(Debug, thiserror::Error)]

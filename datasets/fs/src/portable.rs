@@ -9,7 +9,8 @@
 //! - [`portable_json`]: the same for every string of a freshly made JSON value that names a path:
 //!   an absolute path, or a relative one (from the working directory) with a `/` that exists.
 //!   [`portable_recorded_json`] rewrites only the absolute ones of a value read back from disk
-//!   (its relative paths are already relative to the record).
+//!   (its relative paths are already relative to the record); [`recorded_absolute_paths`]
+//!   lists them with their replacements.
 //! - [`resolve`]: a recorded path read back (`$TRAIL_HOME/…` expanded, a relative one joined to
 //!   the base).
 
@@ -57,9 +58,32 @@ pub fn portable_json(value: &mut Value, base: &Path) {
 /// Rewrites, in place, the absolute paths of a `value` read back from a record in `base` (one
 /// written before paths were portable); its relative paths are left as they are.
 pub fn portable_recorded_json(value: &mut Value, base: &Path) {
-    rewrite(value, base, &|s| {
-        !s.contains("://") && Path::new(s).is_absolute()
-    });
+    rewrite(value, base, &recorded_absolute);
+}
+
+/// What [`portable_recorded_json`] would rewrite in `value`: each absolute path among its
+/// strings with what replaces it, sorted, once each (to edit a record's text in place).
+pub fn recorded_absolute_paths(value: &Value, base: &Path) -> Vec<(String, String)> {
+    fn walk(v: &Value, base: &Path, out: &mut Vec<(String, String)>) {
+        match v {
+            Value::String(s) if recorded_absolute(s) => {
+                out.push((s.clone(), portable_path(Path::new(s), base)));
+            }
+            Value::Array(items) => items.iter().for_each(|v| walk(v, base, out)),
+            Value::Object(map) => map.values().for_each(|v| walk(v, base, out)),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    walk(value, base, &mut out);
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Whether a string read back from a record is an absolute path (and no URL).
+fn recorded_absolute(s: &str) -> bool {
+    !s.contains("://") && Path::new(s).is_absolute()
 }
 
 fn rewrite(value: &mut Value, base: &Path, is_path: &dyn Fn(&str) -> bool) {

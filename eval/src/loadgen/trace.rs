@@ -101,31 +101,28 @@ impl Arrivals {
         }
         Ok(match *self {
             Arrivals::Poisson { rate } => {
-                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-                let exp = Exp::new(rate).expect("checked positive");
-                let mut t = 0.0;
-                (0..n)
-                    .map(|_| {
-                        t += exp.sample(&mut rng);
-                        t
-                    })
-                    .collect()
+                cumulative(Exp::new(rate).expect("checked positive"), n, seed)
             }
             Arrivals::Constant { rate } => (1..=n).map(|i| i as f64 / rate).collect(),
             Arrivals::Gamma { rate, burstiness } => {
-                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
                 let gamma = Gamma::new(burstiness, 1.0 / (rate * burstiness))
                     .map_err(|e| Error::BadParameter(format!("burstiness {burstiness}: {e}")))?;
-                let mut t = 0.0;
-                (0..n)
-                    .map(|_| {
-                        t += gamma.sample(&mut rng);
-                        t
-                    })
-                    .collect()
+                cumulative(gamma, n, seed)
             }
         })
     }
+}
+
+/// `n` arrival times whose gaps are drawn from `gaps` with the seed's ChaCha8 stream.
+fn cumulative(gaps: impl Distribution<f64>, n: usize, seed: u64) -> Vec<f64> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut t = 0.0;
+    (0..n)
+        .map(|_| {
+            t += gaps.sample(&mut rng);
+            t
+        })
+        .collect()
 }
 
 /// Writes a trace atomically (`trail_fs`).

@@ -123,7 +123,7 @@ fn upgrade_file(path: &Path, dry_run: bool) -> anyhow::Result<Option<String>> {
         }
         out
     };
-    let moved = absolute_paths(&value, path.parent().unwrap_or(Path::new(".")));
+    let moved = trail_fs::recorded_absolute_paths(&value, path.parent().unwrap_or(Path::new(".")));
     for (old, new) in &moved {
         out = out.replace(
             &Value::from(old.as_str()).to_string(),
@@ -149,26 +149,6 @@ fn pretty(name: &str, value: &Value) -> anyhow::Result<String> {
     } else {
         serde_json::to_string_pretty(value)?
     })
-}
-
-/// Each absolute path among the strings of `value` (URLs aside), with what a record in `base`
-/// writes instead ([`trail_fs::portable_path`]).
-fn absolute_paths(value: &Value, base: &Path) -> Vec<(String, String)> {
-    fn walk(v: &Value, base: &Path, out: &mut Vec<(String, String)>) {
-        match v {
-            Value::String(s) if !s.contains("://") && Path::new(s).is_absolute() => {
-                out.push((s.clone(), trail_fs::portable_path(Path::new(s), base)));
-            }
-            Value::Array(a) => a.iter().for_each(|x| walk(x, base, out)),
-            Value::Object(m) => m.values().for_each(|x| walk(x, base, out)),
-            _ => {}
-        }
-    }
-    let mut out = Vec::new();
-    walk(value, base, &mut out);
-    out.sort();
-    out.dedup();
-    out
 }
 
 /// A `summary.json` of `eval latency` or `sim trace`, by its keys.

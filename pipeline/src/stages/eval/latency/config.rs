@@ -11,6 +11,7 @@ use anyhow::Context;
 use serde::Serialize;
 use serde_json::Value;
 use trail_datasets::schema::requests_path;
+use trail_eval::loadgen::Arrivals;
 use trail_eval::loadgen::workload::{Lengths, Prompt};
 use trail_serving_shim::PolicyKind;
 
@@ -59,11 +60,8 @@ impl Config {
             saturation_requests > 0,
             "--saturation-requests must be at least 1"
         );
-        anyhow::ensure!(
-            args.burstiness.is_finite() && args.burstiness > 0.0,
-            "--burstiness must be a positive number (1: Poisson), got {}",
-            args.burstiness
-        );
+        // The arrivals' own check, before any burst runs.
+        Arrivals::with_burstiness(1.0, args.burstiness).context("--burstiness")?;
         Ok(Self {
             names: policies.iter().map(|p| p.as_str().to_string()).collect(),
             policies,
